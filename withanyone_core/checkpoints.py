@@ -1,0 +1,347 @@
+"""Safe checkpoint loading and key maps.
+
+- Only safetensors are read: pickled ``.pt``/``.bin``/``.ckpt`` files can run code
+  when loaded and are refused with a message saying how to convert them.
+- The identity adapter is recognised in the official key layout (``ipa_arc.N.*``,
+  ``ipa_sig.N.*``, ``arcface_in_arc.*``, ``arcface_in_sig.*``, ``siglip_in_sig.*``);
+  its size is inferred from the tensor shapes.
+- FLUX checkpoints in Black Forest Labs' layout (``double_blocks.N.img_attn.qkv``...)
+  are mapped to diffusers' ``FluxTransformer2DModel`` names for any hidden size
+  (diffusers' own single-file converter assumes 3072).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .adapter import ARC_TOKENS, AdapterConfig, IdentityAdapter
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_PREFIXES = ("ipa_arc.", "ipa_sig.", "arcface_in_arc.", "arcface_in_sig.", "siglip_in_sig.")
+_WRAPPER_PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "_orig_mod.")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message saying what to do."""
+
+
+# --------------------------------------------------------------------------- reading
+def _check_safetensors_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path.name}: pickled checkpoints ({path.suffix}) can execute code when loaded and are not read. "
+            "Convert it once in a trusted environment, e.g. "
+            "`safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`, "
+            "and load the .safetensors file instead."
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    # a safetensors file starts with an 8-byte little-endian header length and then '{'
+    if len(head) < 9 or head[8:9] != b"{":
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{path.name} is a pickled torch checkpoint with a .safetensors name; it is not read. "
+                "Convert it to real safetensors (safetensors.torch.save_file) first."
+            )
+        raise CheckpointError(f"{path.name} is not a safetensors file (bad header); re-download or re-export it")
+    return path
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file into a dict of tensors (never unpickles)."""
+    from safetensors.torch import load_file
+
+    path = _check_safetensors_path(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path.name} could not be read as safetensors ({exc}); the file may be truncated") from exc
+
+
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file without loading its data."""
+    from safetensors import safe_open
+
+    path = _check_safetensors_path(path)
+    with safe_open(str(path), framework="pt") as fh:
+        return {name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()}
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` (DDP), ``model.diffusion_model.`` (ComfyUI) and similar prefixes."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- adapter
+def adapter_keys(state: Mapping[str, object]) -> dict[str, object]:
+    """The adapter's entries of a state dict (which may also hold FLUX weights)."""
+    return {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIXES)}
+
+
+def infer_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> AdapterConfig:
+    """Infer an :class:`AdapterConfig` from adapter tensor shapes (official key layout).
+
+    The split between double and single blocks is not visible in the weights; it is
+    taken from the standard FLUX ratio (19 + 38 = 57 blocks) when the count matches,
+    else it must be given by the caller via ``num_double_blocks``.
+    """
+    shapes = {k: tuple(v) for k, v in shapes.items()}
+    if "ipa_arc.0.to_q.weight" not in shapes:
+        found = ", ".join(sorted(shapes)[:5]) or "no tensors"
+        raise CheckpointError(
+            "this is not a WithAnyone adapter: it has no 'ipa_arc.0.to_q.weight' "
+            f"(first keys: {found}). Load withanyone.safetensors from the WithAnyone release."
+        )
+    inner, hidden = shapes["ipa_arc.0.to_q.weight"]
+    block_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"ipa_arc\.(\d+)\.", k))}
+    num_blocks = max(block_ids) + 1
+    head_dim = 64
+    if inner % head_dim:
+        raise CheckpointError(f"adapter inner size {inner} is not a multiple of the head size {head_dim}")
+    num_double = 19 if num_blocks == 57 else None
+    arc_out = shapes.get("arcface_in_arc.3.weight", (ARC_TOKENS * hidden,))[0]
+    return AdapterConfig(
+        hidden_size=hidden,
+        num_heads=inner // head_dim,
+        num_double_blocks=num_double if num_double is not None else num_blocks,
+        num_single_blocks=num_blocks - num_double if num_double is not None else 0,
+        head_dim=head_dim,
+        arcface_dim=shapes.get("arcface_in_arc.0.weight", (0, 512))[1],
+        siglip_dim=shapes.get("siglip_in_sig.0.weight", (0, 768))[1],
+        arc_tokens=arc_out // hidden,
+    )
+
+
+def _describe_flux(config: AdapterConfig) -> str:
+    if config.hidden_size == 3072 and config.num_blocks == 57:
+        return "FLUX.1 (dev/schnell)"
+    return f"a FLUX model with hidden size {config.hidden_size} and {config.num_blocks} blocks"
+
+
+def check_adapter_state(state: Mapping[str, object], adapter: IdentityAdapter, source: str = "checkpoint") -> None:
+    """Raise a :class:`CheckpointError` naming missing/unexpected keys and wrong shapes."""
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    if wrong:
+        details = ", ".join(f"{k} {got[k]} (expected {expected[k]})" for k in wrong[:4])
+        problems.append(f"{len(wrong)} tensors with the wrong shape: {details}")
+    if problems:
+        try:
+            made_for = _describe_flux(infer_adapter_config(got))
+        except CheckpointError:
+            made_for = "an unknown model"
+        raise CheckpointError(
+            f"{source} does not fit this adapter ({adapter.config.describe()}, i.e. "
+            f"{_describe_flux(adapter.config)}): " + "; ".join(problems)
+            + f". The file looks made for {made_for}; use the adapter that matches your FLUX model."
+        )
+
+
+def load_adapter(
+    path_or_state: str | os.PathLike | Mapping[str, torch.Tensor],
+    config: AdapterConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    num_double_blocks: int | None = None,
+) -> IdentityAdapter:
+    """Build an :class:`IdentityAdapter` from a safetensors file (or a state dict).
+
+    The config is inferred from the shapes unless given; ``num_double_blocks`` sets
+    the double/single split for non-standard sizes (FLUX.1 is recognised).
+    Files that also hold FLUX weights (as the reference saves them) are accepted.
+    """
+    if isinstance(path_or_state, Mapping):
+        state, source = dict(path_or_state), "state dict"
+    else:
+        state, source = load_safetensors(path_or_state), Path(path_or_state).name
+    state = adapter_keys(strip_wrapper_prefixes(state))
+    if config is None:
+        config = infer_adapter_config({k: tuple(v.shape) for k, v in state.items()})
+        if num_double_blocks is not None:
+            config = AdapterConfig(
+                **{
+                    **config.to_dict(),
+                    "num_double_blocks": num_double_blocks,
+                    "num_single_blocks": config.num_blocks - num_double_blocks,
+                }
+            )
+    with torch.device("meta"):
+        adapter = IdentityAdapter(config)
+    check_adapter_state(state, adapter, source)
+    adapter.load_state_dict(state, strict=True, assign=True)
+    adapter = adapter.to(device=device, dtype=dtype) if dtype is not None else adapter.to(device)
+    logger.info("loaded WithAnyone adapter from %s (%s)", source, config.describe())
+    return adapter
+
+
+def save_adapter(adapter: IdentityAdapter, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Save in the official key layout (loadable by :func:`load_adapter` and the ComfyUI loader)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    meta = {"format": "withanyone-adapter", "num_double_blocks": str(adapter.config.num_double_blocks)}
+    meta.update(metadata or {})
+    save_file(state, str(path), metadata=meta)
+
+
+# ----------------------------------------------------------------- BFL -> diffusers
+_DOUBLE_SIMPLE = {
+    "img_mod.lin": "norm1.linear",
+    "txt_mod.lin": "norm1_context.linear",
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+_SINGLE_SIMPLE = {
+    "modulation.lin": "norm.linear",
+    "linear2": "proj_out",
+    "norm.query_norm.scale": "attn.norm_q.weight",
+    "norm.key_norm.scale": "attn.norm_k.weight",
+}
+_TOP_SIMPLE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+
+
+def _map_simple(name: str, table: Mapping[str, str]) -> str | None:
+    for src, dst in table.items():
+        if name == src + ".weight" or name == src + ".bias":
+            return dst + name[len(src):]
+        if name == src:  # RMSNorm scales carry no .weight suffix in BFL files
+            return dst
+    return None
+
+
+def is_bfl_flux(state: Mapping[str, object]) -> bool:
+    return any(k.startswith("double_blocks.") for k in state) and "img_in.weight" in state
+
+
+def bfl_flux_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """diffusers ``FluxTransformer2DModel`` config for a BFL-layout FLUX state dict.
+
+    The head count is not stored in the weights: FLUX uses heads of 128, found from
+    the RMSNorm scale size of the query norm.
+    """
+    hidden = state["img_in.weight"].shape[0]
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("double_blocks."))
+    single = [int(k.split(".")[1]) for k in state if k.startswith("single_blocks.")]
+    return {
+        "patch_size": 1,
+        "in_channels": state["img_in.weight"].shape[1],
+        "num_layers": depth,
+        "num_single_layers": 1 + max(single) if single else 0,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": state["txt_in.weight"].shape[1],
+        "pooled_projection_dim": state["vector_in.in_layer.weight"].shape[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in state,
+    }
+
+
+def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a BFL-layout FLUX state dict to diffusers' ``FluxTransformer2DModel`` keys.
+
+    Size-aware: fused qkv is split by the hidden size read from the weights, single
+    block ``linear1`` into q, k, v and the MLP input; the final AdaLN's (shift, scale)
+    halves are swapped to diffusers' (scale, shift). Non-FLUX keys (e.g. adapter
+    weights in the same file) are ignored.
+    """
+    state = strip_wrapper_prefixes(state)
+    if not is_bfl_flux(state):
+        raise CheckpointError(
+            "not a FLUX checkpoint in Black Forest Labs layout (no 'double_blocks.*' / 'img_in.weight'); "
+            "use the original flux1-dev.safetensors or a diffusers folder"
+        )
+    hidden = state["img_in.weight"].shape[0]
+    out: dict[str, torch.Tensor] = {}
+    unused = []
+    for key, value in state.items():
+        if key.startswith(ADAPTER_PREFIXES):
+            continue
+        m = re.match(r"(double|single)_blocks\.(\d+)\.(.+)$", key)
+        if m:
+            kind, idx, rest = m.groups()
+            if kind == "double":
+                base = f"transformer_blocks.{idx}."
+                qkv = re.match(r"(img|txt)_attn\.qkv\.(weight|bias)$", rest)
+                if qkv:
+                    names = ("to_q", "to_k", "to_v") if qkv.group(1) == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
+                    for name, part in zip(names, torch.split(value, hidden, dim=0)):
+                        out[f"{base}attn.{name}.{qkv.group(2)}"] = part
+                    continue
+                mapped = _map_simple(rest, _DOUBLE_SIMPLE)
+            else:
+                base = f"single_transformer_blocks.{idx}."
+                lin1 = re.match(r"linear1\.(weight|bias)$", rest)
+                if lin1:
+                    mlp = value.shape[0] - 3 * hidden
+                    parts = torch.split(value, [hidden, hidden, hidden, mlp], dim=0)
+                    for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
+                        out[f"{base}{name}.{lin1.group(1)}"] = part
+                    continue
+                mapped = _map_simple(rest, _SINGLE_SIMPLE)
+            if mapped is None:
+                unused.append(key)
+                continue
+            out[base + mapped] = value
+            continue
+        ada = re.match(r"final_layer\.adaLN_modulation\.1\.(weight|bias)$", key)
+        if ada:
+            shift, scale = value.chunk(2, dim=0)
+            out[f"norm_out.linear.{ada.group(1)}"] = torch.cat([scale, shift], dim=0)
+            continue
+        mapped = _map_simple(key, _TOP_SIMPLE)
+        if mapped is None:
+            unused.append(key)
+            continue
+        out[mapped] = value
+    if unused:
+        raise CheckpointError(f"unrecognised FLUX keys (not mapped to diffusers): {', '.join(sorted(unused)[:8])}")
+    return out

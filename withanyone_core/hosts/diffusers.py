@@ -1,0 +1,143 @@
+"""Run the identity adapter inside diffusers' ``FluxTransformer2DModel``.
+
+The adapter is attached with forward hooks on every double and single block: after
+block i the hook adds the adapter's identity residual to the image tokens (diffusers'
+blocks return ``(encoder_hidden_states, hidden_states)`` with the image part separate,
+so single blocks need no text-length bookkeeping). Identities, layout and weights are
+given per call::
+
+    handle = attach_adapter(transformer, adapter)
+    with handle.conditioning(arcface, siglip, height=512, width=512, boxes=[[box1, box2]]):
+        velocity = transformer(hidden_states=..., ...).sample
+    handle.detach()  # the base model is untouched afterwards
+
+Gradients flow through the hooks (training uses this host), also under diffusers'
+gradient checkpointing, where the hooks run again on recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapter import BlockInputs, IdentityAdapter
+from ..layout import BatchBoxes, TokenGrid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _BlockHook:
+    handle: "AdapterHandle"
+    block_index: int
+
+    def __call__(self, module: nn.Module, args, kwargs, output):
+        inputs = self.handle.active
+        if inputs is None:
+            return output
+        encoder_hidden_states, hidden_states = output
+        residual = self.handle.adapter.block_residual(self.block_index, hidden_states, inputs)
+        return encoder_hidden_states, hidden_states + residual
+
+
+class AdapterHandle:
+    """An adapter attached to one diffusers FLUX transformer."""
+
+    def __init__(self, transformer: nn.Module, adapter: IdentityAdapter):
+        double = list(getattr(transformer, "transformer_blocks", []))
+        single = list(getattr(transformer, "single_transformer_blocks", []))
+        if not double:
+            raise TypeError(
+                f"{type(transformer).__name__} is not a diffusers FluxTransformer2DModel (no transformer_blocks)"
+            )
+        if len(double) + len(single) != adapter.config.num_blocks:
+            raise ValueError(
+                f"the adapter has {adapter.config.num_blocks} blocks but the FLUX model has "
+                f"{len(double)} double + {len(single)} single = {len(double) + len(single)}: "
+                "the adapter was made for a different FLUX model"
+            )
+        if transformer.config.num_attention_heads * transformer.config.attention_head_dim != adapter.config.hidden_size:
+            raise ValueError(
+                f"the adapter is for hidden size {adapter.config.hidden_size} but the FLUX model has "
+                f"{transformer.config.num_attention_heads * transformer.config.attention_head_dim}"
+            )
+        self.transformer = transformer
+        self.adapter = adapter
+        self.active: BlockInputs | None = None
+        self._hooks = [
+            block.register_forward_hook(_BlockHook(self, index), with_kwargs=True)
+            for index, block in enumerate(double + single)
+        ]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def detach(self) -> None:
+        """Remove every hook: the transformer behaves exactly as before attaching."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.active = None
+
+    @contextlib.contextmanager
+    def conditioning(
+        self,
+        arcface: torch.Tensor,
+        siglip: torch.Tensor,
+        height: int,
+        width: int,
+        boxes: BatchBoxes | None = None,
+        id_weight: float = 1.0,
+        siglip_weight: float = 1.0,
+    ) -> Iterator[BlockInputs]:
+        """Within the block, forwards of the transformer carry these identities.
+
+        arcface ``[B, n, 512]`` (raw insightface embeddings), siglip ``[B, n, 256, 768]``,
+        the output size in pixels, and per batch item the n face boxes in pixels (or
+        None: every token attends to every person).
+        """
+        if not self.attached:
+            raise RuntimeError("the adapter was detached from this transformer; attach it again")
+        inputs = self.adapter.prepare(
+            arcface, siglip, TokenGrid.for_pixels(height, width), boxes, id_weight, siglip_weight
+        )
+        previous, self.active = self.active, inputs
+        try:
+            yield inputs
+        finally:
+            self.active = previous
+
+
+def attach_adapter(transformer: nn.Module, adapter: IdentityAdapter) -> AdapterHandle:
+    """Attach ``adapter`` to a diffusers ``FluxTransformer2DModel`` (see module docs)."""
+    return AdapterHandle(transformer, adapter)
+
+
+def flux_from_bfl_state(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, **config_overrides):
+    """Build a diffusers ``FluxTransformer2DModel`` from a BFL-layout state dict (any size)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ..checkpoints import bfl_flux_config, bfl_to_diffusers, strip_wrapper_prefixes
+
+    state = strip_wrapper_prefixes(state)
+    config = {**bfl_flux_config(state), **config_overrides}
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    mapped = bfl_to_diffusers(state)
+    missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(
+            f"FLUX checkpoint does not match diffusers' FluxTransformer2DModel: missing {sorted(missing)[:6]}, "
+            f"unexpected {sorted(unexpected)[:6]}"
+        )
+    # non-persistent buffers (none today) would stay on meta; fail loudly if so
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise ValueError(f"buffer {name} was not initialised")
+    return model.to(dtype)
