@@ -47,7 +47,7 @@ def test_mask_matches_reference(gset, mask_name):
     spec = gset.spec["masks"][mask_name]
     expected = load_safetensors(gset.cases_path)[f"{mask_name}.mask"]
     boxes = spec["bboxes"]
-    layout = build_layout([boxes], TokenGrid.for_pixels(spec["height"], spec["width"]), len(boxes), 1)
+    layout = build_layout([boxes], TokenGrid.for_pixels(spec["height"], spec["width"], padded=False), len(boxes), 1)
     mask = layout.token_mask(spec["id_len"])[0]
     assert mask.shape == expected.shape
     assert torch.equal(mask, expected.bool()), f"{int((mask != expected.bool()).sum())} entries differ"

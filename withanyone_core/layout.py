@@ -37,15 +37,21 @@ class TokenGrid:
         return self.rows * self.cols
 
     @classmethod
-    def for_pixels(cls, height: int, width: int) -> "TokenGrid":
+    def for_pixels(cls, height: int, width: int, padded: bool = True) -> "TokenGrid":
         """Grid for an image of ``height x width`` pixels.
 
-        Sizes that are not multiples of 16 are padded up, as ComfyUI pads odd latents
-        to the patch size; for multiples of 16 this equals the reference's grid.
+        For sizes that are not multiples of 16, ``padded=True`` rounds up as ComfyUI
+        does (it pads odd latents to the patch size); ``padded=False`` rounds down as
+        the reference and diffusers' FLUX pipeline do (they crop). Multiples of 16 give
+        the same grid either way.
         """
         if height <= 0 or width <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")
-        return cls(math.ceil(height / PIXELS_PER_TOKEN), math.ceil(width / PIXELS_PER_TOKEN))
+        if padded:
+            return cls(math.ceil(height / PIXELS_PER_TOKEN), math.ceil(width / PIXELS_PER_TOKEN))
+        if height < PIXELS_PER_TOKEN or width < PIXELS_PER_TOKEN:
+            raise ValueError(f"image {width}x{height} is smaller than one 16x16 token")
+        return cls(height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
 
     @classmethod
     def for_latent(cls, latent_height: int, latent_width: int, patch_size: int = 2) -> "TokenGrid":

@@ -99,13 +99,14 @@ class AdapterHandle:
         """Within the block, forwards of the transformer carry these identities.
 
         arcface ``[B, n, 512]`` (raw insightface embeddings), siglip ``[B, n, 256, 768]``,
-        the output size in pixels, and per batch item the n face boxes in pixels (or
-        None: every token attends to every person).
+        the output size in pixels (the token grid is ``height // 16 x width // 16``, as
+        diffusers' FLUX pipeline packs latents), and per batch item the n face boxes in
+        pixels (or None: every token attends to every person).
         """
         if not self.attached:
             raise RuntimeError("the adapter was detached from this transformer; attach it again")
         inputs = self.adapter.prepare(
-            arcface, siglip, TokenGrid.for_pixels(height, width), boxes, id_weight, siglip_weight
+            arcface, siglip, TokenGrid.for_pixels(height, width, padded=False), boxes, id_weight, siglip_weight
         )
         previous, self.active = self.active, inputs
         try:

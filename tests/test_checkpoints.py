@@ -1,0 +1,117 @@
+"""Safe loading of the adapter (official layout) and the size-aware BFL -> diffusers map."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from golden import DEFAULT_GOLDEN_DIR
+from make_golden import UNSEEN_CONFIG, bfl_shapes, random_model
+from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+from withanyone_core.checkpoints import (
+    CheckpointError,
+    bfl_to_diffusers,
+    check_adapter_state,
+    infer_adapter_config,
+    load_adapter,
+    save_adapter,
+)
+
+OFFICIAL_KEYS = DEFAULT_GOLDEN_DIR / "withanyone_official_keys.json"
+SMALL = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2)
+
+
+def test_official_release_layout_is_accepted_exactly():
+    spec = json.loads(OFFICIAL_KEYS.read_text())
+    shapes = {k: tuple(v) for k, v in spec["tensors"].items()}
+    assert len(shapes) == spec["num_tensors"] == 816
+    config = infer_adapter_config(shapes)
+    assert config == AdapterConfig()  # FLUX.1-dev: 3072, 24 heads, 19 + 38 blocks
+    with torch.device("meta"):
+        adapter = IdentityAdapter(config)
+        state = {k: torch.empty(s) for k, s in shapes.items()}
+    assert {k: tuple(v.shape) for k, v in adapter.state_dict().items()} == shapes
+    assert sum(p.numel() for p in adapter.parameters()) == spec["num_params"]
+    check_adapter_state(state, adapter, "withanyone.safetensors")
+    loaded = load_adapter(state, device="meta")
+    assert loaded.config.num_double_blocks == 19 and loaded.config.inner_dim == 1536
+
+
+def test_round_trip_and_module_prefix(tmp_path):
+    adapter = IdentityAdapter(SMALL)
+    path = tmp_path / "a.safetensors"
+    save_adapter(adapter, path)
+    loaded = load_adapter(path, num_double_blocks=2)
+    for k, v in adapter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    ddp = {"module." + k: v for k, v in adapter.state_dict().items()}
+    assert load_adapter(ddp).config.hidden_size == 128
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt", ".pth"])
+def test_pickles_are_refused(tmp_path, suffix):
+    path = tmp_path / f"withanyone{suffix}"
+    torch.save(IdentityAdapter(SMALL).state_dict(), path)
+    with pytest.raises(CheckpointError, match="pickled checkpoints"):
+        load_adapter(path)
+
+
+def test_pickle_renamed_to_safetensors_is_refused(tmp_path):
+    path = tmp_path / "withanyone.safetensors"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="pickled|not a safetensors"):
+        load_adapter(path)
+
+
+def test_missing_unexpected_and_shapes_named(tmp_path):
+    state = IdentityAdapter(SMALL).state_dict()
+    del state["ipa_sig.3.to_out.weight"]
+    state["ipa_arc.9.to_q.bias"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        load_adapter(state, config=SMALL)
+    msg = str(err.value)
+    assert "ipa_sig.3.to_out.weight" in msg and "ipa_arc.9.to_q.bias" in msg
+
+    big = IdentityAdapter(AdapterConfig(hidden_size=192, num_heads=3, num_double_blocks=2, num_single_blocks=2))
+    path = tmp_path / "other.safetensors"
+    save_adapter(big, path)
+    with pytest.raises(CheckpointError, match="hidden size 192"):
+        load_adapter(path, config=SMALL)
+
+
+def test_not_an_adapter_is_explained():
+    with pytest.raises(CheckpointError, match="not a WithAnyone adapter"):
+        load_adapter({"double_blocks.0.img_in.weight": torch.zeros(2, 2)})
+
+
+def test_bfl_map_is_size_aware_and_complete():
+    from diffusers import FluxTransformer2DModel
+
+    cfg = UNSEEN_CONFIG
+    state = random_model(cfg, torch.Generator().manual_seed(0))
+    mapped = bfl_to_diffusers(state)
+    model = FluxTransformer2DModel(
+        in_channels=64, num_layers=cfg["depth"], num_single_layers=cfg["depth_single_blocks"],
+        attention_head_dim=64, num_attention_heads=3, joint_attention_dim=cfg["context_in_dim"],
+        pooled_projection_dim=cfg["vec_in_dim"], guidance_embeds=True, axes_dims_rope=(16, 24, 24),
+    )
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+    n_bfl = sum(v.numel() for k, v in state.items() if not k.startswith(("ipa_", "arcface_in", "siglip_in")))
+    assert sum(v.numel() for v in mapped.values()) == n_bfl
+    # final AdaLN halves swapped: BFL (shift, scale) -> diffusers (scale, shift)
+    shift, scale = state["final_layer.adaLN_modulation.1.weight"].chunk(2)
+    assert torch.equal(mapped["norm_out.linear.weight"], torch.cat([scale, shift]))
+
+
+def test_bfl_map_refuses_unknown_keys():
+    state = {k: torch.zeros(s) for k, s in bfl_shapes(UNSEEN_CONFIG).items()}
+    state["double_blocks.0.img_attn.mystery.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="mystery"):
+        bfl_to_diffusers(state)
+
+
+def test_comfyui_prefixed_flux_is_accepted():
+    state = {"model.diffusion_model." + k: torch.zeros(s) for k, s in bfl_shapes(UNSEEN_CONFIG).items()}
+    assert "x_embedder.weight" in bfl_to_diffusers(state)
