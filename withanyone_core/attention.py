@@ -68,6 +68,15 @@ def select_tokens(layout: RegionLayout) -> TokenSelection | None:
     return TokenSelection(order, valid, rows, allowed.shape[1])
 
 
+def _use_triton(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The fused kernel serves CUDA inference; training (autograd) stays on SDPA."""
+    if not q.is_cuda or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return False
+    from .triton_attention import supports
+
+    return supports(q, k)
+
+
 def region_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,9 +89,16 @@ def region_attention(
     q: ``[B, H, S, d]``; k, v: ``[B, H, n * tokens_per_person, d]``; allowed: ``[B, S, n]``
     bool (which persons each query token may attend to) or None (all). Every row of
     ``allowed`` must contain at least one True. Returns ``[B, H, S, d]``.
+
+    CUDA inference uses the fused Triton kernel (no ``[S, n * t]`` mask is built);
+    everything else uses PyTorch's SDPA with a boolean mask over the selected rows.
     """
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v)
+    if _use_triton(q, k):
+        from .triton_attention import region_attention_triton
+
+        return region_attention_triton(q, k, v, allowed, tokens_per_person)
     if allowed.shape[-1] == 1:  # one person: every selected token sees all keys
         return F.scaled_dot_product_attention(q, k, v)
     mask = allowed.repeat_interleave(tokens_per_person, dim=-1).unsqueeze(1)  # [B, 1, S, n*t]
