@@ -56,7 +56,7 @@ class GoldenModel:
         state = load_safetensors(gset.model_path)
         cfg = gset.spec["config"]
         self.transformer = flux_from_bfl_state(state, axes_dims_rope=tuple(cfg["axes_dim"])).eval()
-        self.adapter = load_adapter(state, num_double_blocks=cfg["depth"]).eval()
+        self.adapter = load_adapter(state).eval()  # split read from the FLUX keys
         self.handle = attach_adapter(self.transformer, self.adapter)
         self.tensors = load_safetensors(gset.cases_path)
 

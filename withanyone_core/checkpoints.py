@@ -78,6 +78,14 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...
         return {name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()}
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors header (empty if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_check_safetensors_path(path)), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove ``module.`` (DDP), ``model.diffusion_model.`` (ComfyUI) and similar prefixes."""
     out = {}
@@ -177,15 +185,21 @@ def load_adapter(
 ) -> IdentityAdapter:
     """Build an :class:`IdentityAdapter` from a safetensors file (or a state dict).
 
-    The config is inferred from the shapes unless given; ``num_double_blocks`` sets
-    the double/single split for non-standard sizes (FLUX.1 is recognised).
-    Files that also hold FLUX weights (as the reference saves them) are accepted.
+    The config is inferred from the shapes unless given. The double/single split is
+    read from the file's metadata or its FLUX keys when present, else FLUX.1's 19 + 38
+    is recognised; ``num_double_blocks`` overrides it. Files that also hold FLUX
+    weights (as the reference saves them) are accepted.
     """
+    metadata: dict[str, str] = {}
     if isinstance(path_or_state, Mapping):
         state, source = dict(path_or_state), "state dict"
     else:
         state, source = load_safetensors(path_or_state), Path(path_or_state).name
-    state = adapter_keys(strip_wrapper_prefixes(state))
+        metadata = read_safetensors_metadata(path_or_state)
+    state = strip_wrapper_prefixes(state)
+    if num_double_blocks is None:
+        num_double_blocks = _double_block_count(state, metadata)
+    state = adapter_keys(state)
     if config is None:
         config = infer_adapter_config({k: tuple(v.shape) for k, v in state.items()})
         if num_double_blocks is not None:
@@ -203,6 +217,18 @@ def load_adapter(
     adapter = adapter.to(device=device, dtype=dtype) if dtype is not None else adapter.to(device)
     logger.info("loaded WithAnyone adapter from %s (%s)", source, config.describe())
     return adapter
+
+
+def _double_block_count(state: Mapping[str, object], metadata: Mapping[str, str]) -> int | None:
+    """How many adapter blocks follow FLUX double blocks, when the file says so.
+
+    Files written by :func:`save_adapter` record it in their metadata; files that also
+    hold the FLUX weights (as the reference saves them) show it by their keys.
+    """
+    if "num_double_blocks" in metadata:
+        return int(metadata["num_double_blocks"])
+    doubles = {int(k.split(".")[1]) for k in state if k.startswith("double_blocks.")}
+    return max(doubles) + 1 if doubles else None
 
 
 def save_adapter(adapter: IdentityAdapter, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
