@@ -1,0 +1,1 @@
+"""WithAnyone trainer: python train/run.py --config FILE (see README, Training)."""

@@ -1,0 +1,240 @@
+"""Build a training manifest from a folder of photos.
+
+    python train/prepare.py --images PHOTOS --out DATA --antelopev2 MODELS_ROOT
+
+- Photos: ``*.jpg|jpeg|png|webp|bmp`` anywhere under ``--images``; a caption next to each
+  photo as ``<name>.txt`` (missing captions are counted and left empty).
+- Identities: photos in per-person subfolders (``PHOTOS/alice/*.jpg``) give their largest
+  face that person's identity; every other face is grouped by clustering the normalised
+  ArcFace embeddings (cosine >= ``--cluster-threshold``, single linkage), joining a named
+  identity when it is close enough to that person's mean embedding.
+- Output in ``--out``: ``manifest.jsonl`` (see train/data.py), ``identities.json``
+  (identity -> occurrences and the chosen reference face: the highest-scoring one),
+  ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
+  ``summary.json``.
+- Resumable: each photo's detections are appended to ``faces.partial.jsonl`` as soon as
+  they are computed (flushed and fsynced); a rerun skips photos already there, and a
+  half-written last line from an interrupted run is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.data import IdentityIndex, Manifest, NegativePool, parse_record  # noqa: E402
+
+logger = logging.getLogger("withanyone.prepare")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+PARTIAL = "faces.partial.jsonl"
+
+
+def find_photos(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_partial(path: Path) -> dict[str, dict]:
+    """Detections already done; a torn last line from a killed run is dropped."""
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                logger.info("ignoring an incomplete line in %s (interrupted run)", path.name)
+                continue
+            done[entry["image"]] = entry
+    return done
+
+
+def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int) -> dict[str, dict]:
+    from withanyone_core.faces import load_image
+
+    partial = out / PARTIAL
+    done = read_partial(partial)
+    if done:
+        logger.info("resuming: %d of %d photos already analysed", len(done), len(photos))
+    # rewrite the partial file without a torn tail before appending to it
+    with open(partial, "w", encoding="utf-8") as fh:
+        for entry in done.values():
+            fh.write(json.dumps(entry) + "\n")
+    with open(partial, "a", encoding="utf-8") as fh:
+        for number, photo in enumerate(photos, 1):
+            rel = photo.relative_to(images_root).as_posix()
+            if rel in done:
+                continue
+            entry: dict = {"image": rel, "faces": [], "error": None}
+            try:
+                image = load_image(photo)
+                entry["height"], entry["width"] = int(image.shape[0]), int(image.shape[1])
+                for face in analyzer.analyze(image, image_name=rel):
+                    w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
+                    if min(w, h) < min_face:
+                        continue
+                    entry["faces"].append({
+                        "box": [float(v) for v in face.bbox],
+                        "landmarks": [[float(x), float(y)] for x, y in face.kps],
+                        "score": float(face.score),
+                        "embedding": [float(v) for v in face.embedding],
+                    })
+            except (OSError, ValueError) as exc:
+                entry["error"] = str(exc)
+                logger.warning("skipping %s: %s", rel, exc)
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            done[rel] = entry
+            if number % 50 == 0:
+                logger.info("analysed %d / %d photos", number, len(photos))
+    return done
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[str, int], str]:
+    """(photo, face index) -> identity name."""
+    labels: dict[tuple[str, int], str] = {}
+    named: dict[str, list[np.ndarray]] = defaultdict(list)
+    rest: list[tuple[tuple[str, int], np.ndarray]] = []
+    for rel, entry in entries.items():
+        folder = Path(rel).parent.as_posix()
+        faces = entry["faces"]
+        largest = max(range(len(faces)), default=None,
+                      key=lambda i: (faces[i]["box"][2] - faces[i]["box"][0]) * (faces[i]["box"][3] - faces[i]["box"][1]))
+        for i, face in enumerate(faces):
+            emb = _normalise(np.asarray(face["embedding"], dtype=np.float32))
+            if folder != "." and i == largest:
+                labels[(rel, i)] = folder
+                named[folder].append(emb)
+            else:
+                rest.append(((rel, i), emb))
+    centroids = {name: _normalise(np.mean(embs, axis=0)) for name, embs in named.items()}
+    unlabelled = []
+    for key, emb in rest:
+        best = max(centroids.items(), key=lambda kv: float(kv[1] @ emb), default=None)
+        if best is not None and float(best[1] @ emb) >= threshold:
+            labels[key] = best[0]
+        else:
+            unlabelled.append((key, emb))
+    # single-linkage clustering of the remaining faces (union-find)
+    parent = list(range(len(unlabelled)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if unlabelled:
+        embs = np.stack([e for _, e in unlabelled])
+        sims = embs @ embs.T
+        for i, j in zip(*np.nonzero(np.triu(sims >= threshold, k=1))):
+            parent[root(i)] = root(j)
+    clusters: dict[int, str] = {}
+    for i, (key, _) in enumerate(unlabelled):
+        labels[key] = clusters.setdefault(root(i), f"person_{len(clusters) + 1:04d}")
+    return labels
+
+
+def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, threshold: float) -> dict:
+    labels = assign_identities(entries, threshold)
+    records, skipped, missing_captions = [], [], 0
+    for rel, entry in sorted(entries.items()):
+        if entry["error"]:
+            skipped.append({"image": rel, "reason": entry["error"]})
+            continue
+        if not entry["faces"]:
+            skipped.append({"image": rel, "reason": "no face found"})
+            continue
+        caption_path = (images_root / rel).with_suffix(".txt")
+        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else ""
+        missing_captions += not caption_path.is_file()
+        faces = sorted(enumerate(entry["faces"]), key=lambda f: f[1]["box"][0])  # left to right
+        raw = {
+            "image": os.path.relpath(images_root / rel, out),
+            "caption": caption,
+            "width": entry["width"],
+            "height": entry["height"],
+            "quality": round(float(np.mean([f["score"] for _, f in faces])), 4),
+            "persons": [{"identity": labels[(rel, i)], "box": f["box"], "landmarks": f["landmarks"],
+                         "embedding": f["embedding"]} for i, f in faces],
+        }
+        records.append(parse_record(raw, rel))
+    if not records:
+        raise SystemExit("no photo with a usable face was found; check --images and the antelopev2 models")
+    manifest = Manifest(records, out)
+    manifest.save(out / "manifest.jsonl")
+    index = IdentityIndex(manifest)
+    identities = {}
+    for name, occurrences in index.occurrences.items():
+        best = max(occurrences, key=lambda o: _face_area(manifest, o))
+        identities[name] = {"occurrences": occurrences, "reference": list(best)}
+    (out / "identities.json").write_text(json.dumps(identities, indent=1))
+    NegativePool.from_manifest(manifest, index).save(out / "negatives.safetensors")
+    summary = {
+        "photos": len(entries),
+        "records": len(records),
+        "faces": sum(len(r.persons) for r in records),
+        "identities": len(index),
+        "missing_captions": missing_captions,
+        "skipped": skipped,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _face_area(manifest: Manifest, occurrence: tuple[int, int]) -> float:
+    person = manifest.records[occurrence[0]].persons[occurrence[1]]
+    x1, y1, x2, y2 = person.box
+    return (x2 - x1) * (y2 - y1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, required=True, help="folder of photos (+ .txt captions)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for manifest.jsonl and friends")
+    parser.add_argument("--antelopev2", type=Path, required=True,
+                        help="insightface models root holding models/antelopev2/ (e.g. ComfyUI/models/insightface)")
+    parser.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--det-thresh", type=float, default=0.4)
+    parser.add_argument("--det-size", type=int, default=640)
+    parser.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this many pixels")
+    parser.add_argument("--cluster-threshold", type=float, default=0.5,
+                        help="cosine similarity that joins two faces into one identity")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not args.images.is_dir():
+        parser.error(f"--images {args.images} is not a folder")
+    from withanyone_core.faces import FaceAnalyzer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    photos = find_photos(args.images)
+    if not photos:
+        parser.error(f"no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.images}")
+    analyzer = FaceAnalyzer(args.antelopev2, providers=args.providers, det_thresh=args.det_thresh,
+                            det_size=args.det_size)
+    entries = detect_all(photos, args.images, args.out, analyzer, args.min_face)
+    summary = build_outputs(entries, args.images, args.out, args.cluster_threshold)
+    logger.info("done: %d photos, %d usable, %d faces, %d identities, %d skipped, %d without caption",
+                summary["photos"], summary["records"], summary["faces"], summary["identities"],
+                len(summary["skipped"]), summary["missing_captions"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
