@@ -58,8 +58,8 @@ def test_same_identity_same_embedding_different_identity_differs(analyzer):
     b, _, _ = make_face_image([(12, 9)], identities=[7], seed=2)
     c, _, _ = make_face_image([(4, 5)], identities=[8], seed=1)
     ea, eb, ec = (analyzer.analyze(x)[0].normed_embedding for x in (a, b, c))
-    assert float(ea @ eb) > 0.999
-    assert float(ea @ ec) < 0.9
+    assert float(ea @ eb) > 0.99  # the crop's edge sees a little of the background
+    assert float(ea @ ec) < 0.3
 
 
 def test_arcface_crop_is_insightface_alignment(analyzer):

@@ -162,6 +162,18 @@ class FaceAnalyzer:
         for face, feat in zip(faces, feats):
             face.embedding = np.asarray(feat, dtype=np.float32).ravel()
 
+    def extract(self, image: np.ndarray, *, index: int | None = None, min_size: float = 0.0,
+                image_name: str = "image") -> Face:
+        """The reference face of a photo (largest, or ``index``) with its embedding.
+
+        Only that face goes through the recognizer: a group photo costs one detection and
+        one recognition, not one per face.
+        """
+        image = to_rgb_uint8(image, image_name) if isinstance(image, np.ndarray) else load_image(image)
+        face = select_face(self.detect(image), index=index, image_name=image_name, min_size=min_size)
+        self.embed(image, [face])
+        return face
+
     def analyze(self, image: np.ndarray, *, image_name: str = "image", embed: bool = True) -> list[Face]:
         """Every face of an image (RGB uint8, or anything :func:`load_image` reads), largest first."""
         image = to_rgb_uint8(image, image_name) if isinstance(image, np.ndarray) else load_image(image)

@@ -33,7 +33,37 @@ _ARCFACE_DST = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.73
 LANDMARK_OFFSETS = (_ARCFACE_DST - 56.0) * (2 * BOX_HALF / 112.0)
 
 
-def _detector_model():
+def _burn_branch(nodes, inits, source: str, size: int, gflops: float, prefix: str) -> str:
+    """Conv layers costing about ``gflops`` on a ``size``-px input whose result is multiplied by 0.
+
+    Gives a stand-in model the compute of the real architecture without changing its outputs.
+    Returns the name of a [1, 1] zero tensor to add to an output.
+    """
+    from onnx import TensorProto, helper
+
+    layers, side = 4, size // 2
+    channels = max(4, int(round((gflops * 1e9 / layers / (2 * 9 * side * side)) ** 0.5)))
+    rng = np.random.default_rng(abs(hash(prefix)) % 2**32)
+
+    def weight(name, shape):
+        w = (rng.standard_normal(shape) * (2.0 / np.prod(shape[1:])) ** 0.5).astype(np.float32)
+        inits.append(helper.make_tensor(name, TensorProto.FLOAT, shape, w.ravel()))
+
+    weight(f"{prefix}_w0", [channels, 3, 3, 3])
+    nodes.append(helper.make_node("Conv", [source, f"{prefix}_w0"], [f"{prefix}_c0"], strides=[2, 2], pads=[1, 1, 1, 1]))
+    last = f"{prefix}_c0"
+    for i in range(1, layers + 1):
+        weight(f"{prefix}_w{i}", [channels, channels, 3, 3])
+        nodes.append(helper.make_node("Conv", [last, f"{prefix}_w{i}"], [f"{prefix}_c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"{prefix}_c{i}"], [f"{prefix}_r{i}"]))
+        last = f"{prefix}_r{i}"
+    nodes.append(helper.make_node("ReduceMean", [last], [f"{prefix}_mean"], keepdims=0))
+    inits.append(helper.make_tensor(f"{prefix}_zero", TensorProto.FLOAT, [], [0.0]))
+    nodes.append(helper.make_node("Mul", [f"{prefix}_mean", f"{prefix}_zero"], [f"{prefix}_out"]))
+    return f"{prefix}_out"
+
+
+def _detector_model(burn_gflops: float = 0.0):
     import onnx
     from onnx import TensorProto, helper
 
@@ -61,7 +91,12 @@ def _detector_model():
         nodes.append(helper.make_node("Reshape", [f"cells2_{s}", f"shape{s}"], [f"anchors{s}"]))
         if s == FACE_CELL:
             nodes.append(helper.make_node("Sub", [f"anchors{s}", "half"], [f"c{s}"]))
-            nodes.append(helper.make_node("Mul", [f"c{s}", "ten"], [f"l{s}"]))
+            if burn_gflops:
+                nodes.append(helper.make_node("Mul", [f"c{s}", "ten"], [f"lb{s}"]))
+                burn = _burn_branch(nodes, inits, "input.1", 640, burn_gflops, "det_burn")
+                nodes.append(helper.make_node("Add", [f"lb{s}", burn], [f"l{s}"]))
+            else:
+                nodes.append(helper.make_node("Mul", [f"c{s}", "ten"], [f"l{s}"]))
         else:  # other strides never fire
             nodes.append(helper.make_node("Mul", [f"anchors{s}", "ten"], [f"z{s}"]))
             nodes.append(helper.make_node("Mul", [f"z{s}", "ten"], [f"zz{s}"]))
@@ -93,7 +128,7 @@ def _detector_model():
 
 
 def _pooled_projection_model(name: str, size: int, pool: int, out_dim: int, seed: int, scale: float = 1.0,
-                             ignore_centre: bool = False):
+                             ignore_centre: bool = False, burn_gflops: float = 0.0):
     """input [N, 3, size, size] -> AveragePool(pool) -> flatten -> fixed random projection.
 
     ``ignore_centre`` zeroes the weights of the middle of the crop, where every painted
@@ -107,35 +142,68 @@ def _pooled_projection_model(name: str, size: int, pool: int, out_dim: int, seed
     weight = rng.standard_normal((3, side, side, out_dim)) * scale / np.sqrt(cells)
     if ignore_centre:
         lo, hi = int(side * 0.22), int(side * 0.78) + 1
-        weight[:, lo:hi, lo:hi] = 0.0
+        keep = np.ones((side, side), dtype=bool)
+        keep[lo:hi, lo:hi] = False
+        # zero-sum per channel over the kept cells: a crop's overall colour cast adds nothing,
+        # so unrelated faces give near-orthogonal embeddings
+        weight[:, keep] -= weight[:, keep].mean(axis=1, keepdims=True)
+        weight[:, ~keep] = 0.0
     weight = weight.reshape(cells, out_dim).astype(np.float32)
+    inits = [helper.make_tensor("proj", TensorProto.FLOAT, weight.shape, weight.ravel())]
     nodes = [
         helper.make_node("AveragePool", ["input.1"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool],
                          name="pool"),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1, name="flatten"),
-        helper.make_node("MatMul", ["flat", "proj"], ["out"], name="fc"),
+        helper.make_node("MatMul", ["flat", "proj"], ["out" if not burn_gflops else "projected"], name="fc"),
     ]
+    if burn_gflops:
+        burn = _burn_branch(nodes, inits, "input.1", size, burn_gflops, f"{name}_burn")
+        nodes.append(helper.make_node("Unsqueeze", [burn, "burn_axes"], ["burn_col"], name="burn_col"))
+        inits.append(helper.make_tensor("burn_axes", TensorProto.INT64, [1], [0]))
+        nodes.append(helper.make_node("Add", ["projected", "burn_col"], ["out"], name="burn_add"))
     graph = helper.make_graph(
         nodes, name,
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", out_dim])],
-        [helper.make_tensor("proj", TensorProto.FLOAT, weight.shape, weight.ravel())],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-def build_tiny_antelopev2(models_root: str | Path) -> Path:
-    """Write ``models_root/models/antelopev2/*.onnx``; returns the antelopev2 folder."""
+# Compute of the real antelopev2 models (GFLOPs per run at their input size), for
+# compute-matched stand-ins: SCRFD-10G at 640 px, glintr100 = iresnet100 at 112 px,
+# 1k3d68 (ResNet-50-class 3D landmarks at 192 px), 2d106det (MobileNet at 192 px),
+# genderage (tiny CNN at 96 px).
+ANTELOPEV2_GFLOPS = {
+    "scrfd_10g_bnkps.onnx": 10.0,
+    "glintr100.onnx": 24.2,
+    "1k3d68.onnx": 4.1,
+    "2d106det.onnx": 0.47,
+    "genderage.onnx": 0.03,
+}
+
+
+def build_tiny_antelopev2(models_root: str | Path, compute_scale: float = 0.0) -> Path:
+    """Write ``models_root/models/antelopev2/*.onnx``; returns the antelopev2 folder.
+
+    ``compute_scale > 0`` adds zero-weighted convolution branches so each model costs
+    ``compute_scale`` x the real model's GFLOPs (:data:`ANTELOPEV2_GFLOPS`) with the same outputs.
+    """
     import onnx
 
     folder = Path(models_root) / "models" / "antelopev2"
     folder.mkdir(parents=True, exist_ok=True)
+    burn = {name: compute_scale * g for name, g in ANTELOPEV2_GFLOPS.items()}
     models = {
-        "scrfd_10g_bnkps.onnx": _detector_model(),
-        "glintr100.onnx": _pooled_projection_model("tiny_glint", 112, 4, 512, seed=1, scale=8.0, ignore_centre=True),
-        "1k3d68.onnx": _pooled_projection_model("tiny_1k3d68", 192, 8, 3309, seed=2, scale=0.1),
-        "2d106det.onnx": _pooled_projection_model("tiny_2d106", 192, 8, 212, seed=3, scale=0.1),
-        "genderage.onnx": _pooled_projection_model("tiny_genderage", 96, 8, 3, seed=4, scale=0.1),
+        "scrfd_10g_bnkps.onnx": _detector_model(burn["scrfd_10g_bnkps.onnx"]),
+        "glintr100.onnx": _pooled_projection_model("tiny_glint", 112, 4, 512, seed=1, scale=8.0, ignore_centre=True,
+                                                   burn_gflops=burn["glintr100.onnx"]),
+        "1k3d68.onnx": _pooled_projection_model("tiny_1k3d68", 192, 8, 3309, seed=2, scale=0.1,
+                                                burn_gflops=burn["1k3d68.onnx"]),
+        "2d106det.onnx": _pooled_projection_model("tiny_2d106", 192, 8, 212, seed=3, scale=0.1,
+                                                  burn_gflops=burn["2d106det.onnx"]),
+        "genderage.onnx": _pooled_projection_model("tiny_genderage", 96, 8, 3, seed=4, scale=0.1,
+                                                   burn_gflops=burn["genderage.onnx"]),
     }
     for name, model in models.items():
         onnx.checker.check_model(model)
