@@ -1,0 +1,210 @@
+"""The trainer end to end on the tiny model set (CPU): smoke run, resume, crashes, modes, losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import run
+from train.checkpointing import latest_checkpoint
+from withanyone_core.checkpoints import load_adapter, load_safetensors
+from withanyone_core.testing.smoke_data import build_smoke_set
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "train" / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_set():
+    return build_smoke_set(ROOT / ".cache" / "smoke")
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def _train(out: Path, *overrides: str) -> None:
+    run.main(["--config", str(SMOKE), "--set", f"output_dir={out}", *[a for o in overrides for a in ("--set", o)]])
+
+
+@pytest.fixture(scope="session")
+def reference_run(smoke_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    _train(out)
+    return out
+
+
+def test_smoke_run_writes_checkpoints_samples_and_logs(reference_run):
+    out = reference_run
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
+    assert steps == [8, 12]  # every 4 steps, keep the last 2
+    ckpt = out / "checkpoints" / "step-12"
+    adapter = load_adapter(ckpt / "withanyone.safetensors")  # the official key layout
+    assert adapter.config.num_double_blocks == 1 and adapter.config.siglip_dim == 32
+    assert (out / "samples" / "step-000008.png").is_file()
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    phases = [row["phase"] for row in _losses(out)]
+    assert phases == ["recon-fixed-prompt"] * 3 + ["recon-captions"] * 3 + ["paired"] * 3 + ["quality"] * 3
+    paired = [row for row in _losses(out) if row["phase"] == "paired"]
+    assert all("loss/id" in row and "loss/contrastive" in row for row in paired)
+    assert not any("loss/id" in row for row in _losses(out) if row["phase"] != "paired")
+
+
+def test_resume_is_bit_identical(reference_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    shutil.rmtree(out / "checkpoints" / "step-12")  # as if killed after step 8's checkpoint
+    _train(out)
+    assert _losses(out) == _losses(reference_run)
+
+
+def test_kill_9_mid_run_and_partial_checkpoints_never_break_resume(reference_run, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE), "--set", f"output_dir={out}",
+           "--set", "checkpoint.every=1", "--set", "checkpoint.keep=3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and latest_checkpoint(out) is None:  # wait until saving has begun
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # debris of saves that never finished: a temp folder and a step folder without its marker
+    (out / "checkpoints" / ".tmp-step-99").mkdir(parents=True, exist_ok=True)
+    broken = out / "checkpoints" / "step-98"
+    broken.mkdir(exist_ok=True)
+    (broken / "withanyone.safetensors").write_bytes(b"truncated")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    assert not (out / "checkpoints" / ".tmp-step-99").exists() and not broken.exists()
+    assert _losses(out) == _losses(reference_run)  # same losses as never interrupted
+
+
+@pytest.mark.parametrize("mode", ["adapter", "lora", "full"])
+def test_each_mode_trains_exactly_its_parameters(smoke_set, tmp_path, mode):
+    from train.config import load_config
+    from train.models import load_models, set_trainable
+
+    config = load_config(SMOKE, [f"output_dir={tmp_path}", f"train.mode={mode}", "train.lora.rank=4"])
+    models = load_models(config)
+    params = set_trainable(models, mode, config.train.lora)
+    names = {n for n, p in models.denoiser.named_parameters() if p.requires_grad}
+    assert {id(p) for p in params} == {id(p) for p in models.denoiser.parameters() if p.requires_grad}
+    adapter_names = {"adapter." + n for n, _ in models.adapter.named_parameters()}
+    transformer_names = {n for n, _ in models.denoiser.named_parameters() if n.startswith("transformer.")}
+    if mode == "adapter":
+        assert names == adapter_names
+    elif mode == "lora":
+        lora = {n for n in transformer_names if ".lora_" in n}
+        assert lora and names == adapter_names | lora
+        assert any(".attn.to_q.lora_A" in n for n in lora) and any("ff.net.2.lora_B" in n for n in lora)
+    else:
+        assert names == adapter_names | transformer_names
+    assert all(not p.requires_grad for p in models.vae.parameters())
+
+
+def test_lora_checkpoint_is_comfyui_format_and_only_trainables_change(smoke_set, tmp_path):
+    out = tmp_path / "lora"
+    _train(out, "train.mode=lora", "train.lora.rank=4", "phases.0.steps=2", "phases.1.steps=1",
+           "phases.2.steps=1", "phases.3.steps=1", "checkpoint.every=5", "sample.every=0")
+    ckpt = out / "checkpoints" / "step-5"
+    lora = load_safetensors(ckpt / "lora.safetensors")
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in lora
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in lora
+    assert float(lora["transformer.transformer_blocks.0.attn.to_q.alpha"]) == 16.0
+    assert lora["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 4
+    base = load_safetensors(smoke_set / "tiny-flux" / "transformer" / "diffusion_pytorch_model.safetensors")
+    trained = load_safetensors(ckpt / "accelerate" / "model.safetensors")
+    for name, value in base.items():  # the frozen base weights are untouched
+        key = "transformer." + name
+        key = key if key in trained else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(trained[key], value), name
+
+
+def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch):
+    from train.config import load_config
+
+    config = load_config(SMOKE, [f"output_dir={tmp_path}", "tensorboard=false"])
+    trainer = run.Trainer(config)
+    with torch.no_grad():  # a trained adapter: non-zero output projections
+        for block in list(trainer.models.adapter.ipa_arc) + list(trainer.models.adapter.ipa_sig):
+            block.to_out.weight.normal_(0, 0.05)
+    trainer._enter_phase(trainer.schedule.at(6))  # the paired phase uses the ID losses
+    batch = trainer._next_batch()
+    phase = trainer.schedule.at(6).phase
+    decodes = []
+    original = trainer.models.vae.decode
+    monkeypatch.setattr(trainer.models.vae, "decode", lambda *a, **k: decodes.append(1) or original(*a, **k))
+
+    open_gate = phase.__class__(**{**phase.__dict__, "id_gate": 1.0, "loss": phase.loss.__class__(0.0, 1.0, 0.0)})
+    losses = trainer.compute_losses(batch, open_gate, torch.Generator().manual_seed(0))
+    losses["total"].backward()
+    grads = [p.grad for p in trainer.params if p.grad is not None and p.grad.abs().sum() > 0]
+    assert losses["id"] > 0 and len(grads) > 0 and decodes
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    decodes.clear()
+    closed = phase.__class__(**{**phase.__dict__, "id_gate": 0.0, "loss": phase.loss.__class__(0.0, 1.0, 1.0)})
+    losses = trainer.compute_losses(batch, closed, torch.Generator().manual_seed(0))
+    assert "id" not in losses and "contrastive" not in losses and not decodes  # no decode at all above the gate
+
+
+def test_loss_falls_on_synthetic_data(smoke_set, tmp_path):
+    out = tmp_path / "fit"
+    _train(out, "train.mode=full", "phases=[{name: fit, steps: 40, prompt_mode: fixed}]", "checkpoint.every=40",
+           "sample.every=0", "train.optimizer.lr=3.0e-4", "data.batch_size=4")
+    flow = [row["loss/flow"] for row in _losses(out)]
+    assert sum(flow[-10:]) / 10 < 0.8 * sum(flow[:10]) / 10
+
+
+def _launch(out: Path, *launch_args: str, cpu_ddp: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if cpu_ddp:
+        env["ACCELERATE_USE_CPU"] = "1"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return subprocess.run(
+        [str(accelerate), "launch", *launch_args, "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(ROOT / "train" / "run.py"), "--config", str(SMOKE),
+         "--set", f"output_dir={out}", "--set", "sample.every=0"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+def test_two_process_accelerate_run(smoke_set, reference_run, tmp_path):
+    """Two real processes, DDP over gloo on the CPU: torchrun's launcher (--multi_gpu) with
+    ACCELERATE_USE_CPU=1. (accelerate's --cpu launcher starts a single process unless MPI is
+    installed; that command is checked in test_cpu_launch_command.)"""
+    out = tmp_path / "ddp"
+    result = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = sorted((out / "checkpoints" / "step-12" / "accelerate").glob("random_states_*.pkl"))
+    assert [p.name for p in state] == ["random_states_0.pkl", "random_states_1.pkl"]  # every rank's state
+    assert any("loss/contrastive" in row for row in _losses(out))
+    assert len(_losses(out)) == 12
+    assert _losses(out) != _losses(reference_run)  # each rank saw half the batches: a different run
+    shutil.rmtree(out / "checkpoints" / "step-12")
+    resumed = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True)  # state loaded on every rank
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_cpu_launch_command(smoke_set, reference_run, tmp_path):
+    out = tmp_path / "cpu"
+    result = _launch(out, "--cpu", "--num_processes", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert latest_checkpoint(out)[0] == 12
+
+
+def test_misconfigured_multi_process_launch_is_refused(smoke_set, tmp_path):
+    result = _launch(tmp_path / "bad", "--multi_gpu", "--num_processes", "2")
+    assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr

@@ -1,0 +1,182 @@
+"""Model set-up for training: FLUX, VAE, text encoders, adapter, face models; what trains.
+
+Pixel convention (one, everywhere in train/): images are float RGB in [0, 1]. The VAE
+sees ``2 * x - 1``; the torch ArcFace takes aligned [0, 1] crops (its own
+normalisation lives inside it), so no loss ever gets [-1, 1] where [0, 255] is
+expected.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+from withanyone_core.checkpoints import load_adapter, load_safetensors
+from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
+
+from .config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), C*4], 2x2 patches, row-major (FLUX's packing)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for an image of ``height x width`` pixels."""
+    b, _, d = packed.shape
+    h, w = height // 16, width // 16
+    x = packed.view(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h * 2, w * 2)
+
+
+def position_ids(height: int, width: int, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = height // 16, width // 16
+    img = torch.zeros(rows, cols, 3, device=device)
+    img[..., 1] = torch.arange(rows, device=device)[:, None]
+    img[..., 2] = torch.arange(cols, device=device)[None, :]
+    return img.reshape(rows * cols, 3), torch.zeros(text_tokens, 3, device=device)
+
+
+class Denoiser(nn.Module):
+    """FLUX transformer + identity adapter as one module (what DDP/DeepSpeed wrap)."""
+
+    def __init__(self, transformer: nn.Module, adapter: IdentityAdapter):
+        super().__init__()
+        self.transformer = transformer
+        self.adapter = adapter
+        self.handle = attach_adapter(transformer, adapter)
+
+    def forward(self, latents, timesteps, text, pooled, guidance, arcface, siglip, boxes, height, width,
+                id_weight: float = 1.0, siglip_weight: float = 1.0):
+        img_ids, txt_ids = position_ids(height, width, text.shape[1], latents.device)
+        with self.handle.conditioning(arcface, siglip, height=height, width=width, boxes=boxes,
+                                      id_weight=id_weight, siglip_weight=siglip_weight):
+            return self.transformer(
+                hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=timesteps, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+            )[0]
+
+
+class TextEncoder(nn.Module):
+    """CLIP (pooled) + T5 (sequence), frozen, as FLUX uses them."""
+
+    def __init__(self, base: Path, t5_length: int = 512):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        self.clip_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+        self.t5_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer_2")
+        self.clip = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
+        self.t5 = T5EncoderModel.from_pretrained(base / "text_encoder_2").eval().requires_grad_(False)
+        self.t5_length = min(t5_length, self.t5_tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.clip.parameters()).device
+        clip_ids = self.clip_tokenizer(captions, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids.to(device)
+        t5_ids = self.t5_tokenizer(captions, padding="max_length", max_length=self.t5_length,
+                                   truncation=True, return_tensors="pt").input_ids.to(device)
+        return self.t5(t5_ids).last_hidden_state, self.clip(clip_ids).pooler_output
+
+
+@dataclass
+class ModelSet:
+    denoiser: Denoiser
+    vae: nn.Module
+    text: TextEncoder
+    arcface: nn.Module | None
+    siglip: object | None  # withanyone_core.siglip.SiglipEncoder
+
+    @property
+    def transformer(self):
+        return self.denoiser.transformer
+
+    @property
+    def adapter(self) -> IdentityAdapter:
+        return self.denoiser.adapter
+
+
+def load_transformer(config: Config) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    if config.models.transformer:
+        return flux_from_bfl_state(load_safetensors(config.models.transformer))
+    return FluxTransformer2DModel.from_pretrained(Path(config.models.base) / "transformer")
+
+
+def build_adapter(config: Config, transformer: nn.Module, siglip_dim: int) -> IdentityAdapter:
+    n_double = len(transformer.transformer_blocks)
+    if config.models.adapter:
+        return load_adapter(config.models.adapter, num_double_blocks=n_double)
+    tc = transformer.config
+    adapter = IdentityAdapter(AdapterConfig(
+        hidden_size=tc.num_attention_heads * tc.attention_head_dim, num_heads=tc.num_attention_heads,
+        num_double_blocks=n_double, num_single_blocks=len(transformer.single_transformer_blocks),
+        siglip_dim=siglip_dim,
+    ))
+    # a fresh adapter starts as identity: zero output projections leave FLUX unchanged
+    for branch in (adapter.ipa_arc, adapter.ipa_sig):
+        for block in branch:
+            nn.init.zeros_(block.to_out.weight)
+    return adapter
+
+
+def load_models(config: Config) -> ModelSet:
+    from diffusers import AutoencoderKL
+
+    base = Path(config.models.base)
+    transformer = load_transformer(config)
+    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
+    text = TextEncoder(base)
+    siglip = arcface = None
+    siglip_dim = 768
+    if config.models.siglip:
+        from withanyone_core.siglip import SiglipEncoder
+
+        siglip = SiglipEncoder.load(config.models.siglip)
+        siglip.model.requires_grad_(False)
+        siglip_dim = siglip.model.config.hidden_size
+    if config.models.antelopev2:
+        from withanyone_core.faces import find_antelopev2_dir
+        from withanyone_core.faces.torch_arcface import TorchArcFace
+
+        folder = find_antelopev2_dir(config.models.antelopev2)
+        arcface = TorchArcFace.from_onnx(folder / "glintr100.onnx").eval().requires_grad_(False)
+    adapter = build_adapter(config, transformer, siglip_dim)
+    return ModelSet(Denoiser(transformer, adapter), vae, text, arcface, siglip)
+
+
+def set_trainable(models: ModelSet, mode: str, lora=None) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what ``mode`` trains; returns exactly those parameters."""
+    transformer, adapter = models.transformer, models.adapter
+    transformer.requires_grad_(False)
+    adapter.requires_grad_(True)
+    if mode == "lora":
+        from peft import LoraConfig as PeftLoraConfig
+
+        present = {name.split(".", 2)[-1] for name, _ in transformer.named_modules()}
+        targets = [t for t in lora.targets if any(n == t or n.endswith("." + t) for n in present)]
+        if not targets:
+            raise ValueError(f"none of the LoRA targets {lora.targets} exist in the FLUX transformer")
+        transformer.add_adapter(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets,
+                                               init_lora_weights="gaussian"))
+        for name, p in transformer.named_parameters():
+            p.requires_grad_("lora_" in name)
+    elif mode == "full":
+        transformer.requires_grad_(True)
+    elif mode != "adapter":
+        raise ValueError(f"unknown training mode {mode!r}")
+    params = [p for p in models.denoiser.parameters() if p.requires_grad]
+    logger.info("training %s: %.2f M parameters", mode, sum(p.numel() for p in params) / 1e6)
+    return params

@@ -1,0 +1,46 @@
+"""Sample images during training through the diffusers host (fixed seed and identities)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .losses import shift_mu
+from .models import ModelSet, pack_latents, unpack_latents
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_image(models: ModelSet, denoiser, prompt: str, arcface: torch.Tensor, siglip: torch.Tensor,
+                 boxes, width: int, height: int, steps: int, seed: int, guidance: float,
+                 id_weight: float = 1.0, siglip_weight: float = 1.0) -> np.ndarray:
+    """Euler sampling of FLUX's rectified flow with FLUX's shifted schedule; returns RGB uint8."""
+    device = next(denoiser.parameters()).device
+    text, pooled = models.text([prompt])
+    g = torch.Generator().manual_seed(seed)
+    channels = models.vae.config.latent_channels
+    latents = pack_latents(torch.randn(1, channels, height // 8, width // 8, generator=g)).to(device)
+    mu = shift_mu(latents.shape[1])
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    ts = torch.where(ts > 0, np.exp(mu) / (np.exp(mu) + (1.0 / ts.clamp(min=1e-9) - 1.0)), ts)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        t = torch.full((1,), float(t_cur), device=device)
+        v = denoiser(latents, t, text, pooled, torch.full((1,), guidance, device=device), arcface, siglip,
+                     boxes, height, width, id_weight, siglip_weight)
+        latents = latents + (float(t_next) - float(t_cur)) * v
+    vae = models.vae
+    z = unpack_latents(latents, height, width) / vae.config.scaling_factor + vae.config.shift_factor
+    image = (vae.decode(z.to(next(vae.parameters()).dtype)).sample[0].float().clamp(-1, 1) + 1) / 2
+    return (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_sample(image: np.ndarray, folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.png"
+    Image.fromarray(image).save(path)
+    return path
