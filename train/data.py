@@ -254,7 +254,7 @@ def fit_to_bucket(image: np.ndarray, width: int, height: int) -> tuple[np.ndarra
     new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
     resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
     x0, y0 = (new_w - width) // 2, (new_h - height) // 2
-    return resized[y0:y0 + height, x0:x0 + width], scale, float(x0), float(y0)
+    return np.array(resized[y0:y0 + height, x0:x0 + width]), scale, float(x0), float(y0)
 
 
 # -------------------------------------------------------------------------- dataset
