@@ -1,0 +1,21 @@
+"""ComfyUI nodes (V3 schema API). The only package that imports comfy / folder_paths / comfy_api."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from comfy_api.latest import ComfyExtension, io
+
+# ComfyUI imports the pack by file path; the shared library next to it is imported by name
+_PACK_ROOT = str(Path(__file__).resolve().parents[1])
+if _PACK_ROOT not in sys.path:
+    sys.path.append(_PACK_ROOT)
+
+
+class WithAnyoneExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from . import layout, loaders
+
+        loaders.register_model_folders()
+        return [*loaders.NODES, *layout.NODES]

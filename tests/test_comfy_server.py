@@ -1,0 +1,94 @@
+"""The pack inside a real ComfyUI server (booted once): it loads, and /object_info lists its nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from comfy_env import PACK_NAME, ROOT, comfyui_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
+        cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("ComfyUI exited during start-up:\n" + (base / "server.log").read_text()[-4000:])
+        try:
+            urllib.request.urlopen(url + "/system_stats", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-4000:])
+    yield url, base
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_object_info_lists_every_node(server):
+    url, base = server
+    info = json.load(urllib.request.urlopen(url + "/object_info", timeout=30))
+    ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
+    assert set(ours) >= {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneLayout"}, \
+        (base / "server.log").read_text()[-3000:]
+    layout = ours["WithAnyoneLayout"]
+    assert {"width", "height", "source", "people", "boxes"} <= set(layout["input"]["required"])
+    assert layout["output"] == ["WITHANYONE_LAYOUT", "IMAGE"]
+    assert "Import failed" not in (base / "server.log").read_text()
+
+
+def _run(url: str, prompt: dict, timeout: float = 120) -> dict:
+    body = json.dumps({"prompt": prompt, "client_id": "withanyone-tests"}).encode()
+    req = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        prompt_id = json.load(urllib.request.urlopen(req, timeout=30))["prompt_id"]
+    except urllib.error.HTTPError as err:  # validation errors come back as 400 with details
+        return {"validation_error": json.loads(err.read())}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = json.load(urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30))
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            return history[prompt_id]
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {prompt_id} did not finish")
+
+
+def test_layout_preview_runs_and_errors_reach_history(server):
+    url, _ = server
+    layout = {"class_type": "WithAnyoneLayout",
+              "inputs": {"width": 1024, "height": 768, "source": "preset", "people": 3, "boxes": ""}}
+    done = _run(url, {"1": layout, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
+    assert done["status"]["status_str"] == "success"
+    assert done["outputs"]["2"]["images"][0]["type"] == "temp"
+    bad = {**layout, "inputs": {**layout["inputs"], "source": "text", "boxes": "10,10,5"}}
+    failed = _run(url, {"1": bad, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
+    messages = json.dumps(failed["status"]["messages"])
+    assert failed["status"]["status_str"] == "error" and "expected 4 numbers x1,y1,x2,y2" in messages
