@@ -1,0 +1,188 @@
+"""WithAnyone patches on ComfyUI's own FLUX (real ComfyUI modules, in-process).
+
+The FLUX is one that ComfyUI's loaders accept (hidden 3072, 24 heads, 1 double + 1 single
+block, BFL layout, random weights); the same weights run in the core's diffusers host as
+the reference for the patched model's output.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from comfy_env import import_comfyui
+from withanyone_core.testing.comfy_models import FLUX_CONFIG, flux_adapter, flux_state
+
+H, W = 64, 96  # pixels: an 8 x 12 latent, 4 x 6 tokens
+BOXES = ((4.0, 4.0, 40.0, 44.0), (50.0, 10.0, 90.0, 60.0))
+
+
+@pytest.fixture(scope="module")
+def flux():
+    import_comfyui()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+
+    state = flux_state()
+    model = comfy.sd.load_diffusion_model_state_dict(dict(state), model_options={"dtype": torch.float32})
+    adapter = flux_adapter()
+    adapter_patcher = comfy.model_patcher.ModelPatcher(
+        adapter, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+    return model, adapter_patcher, state
+
+
+@pytest.fixture(scope="module")
+def identities():
+    g = torch.Generator().manual_seed(3)
+    return 20 * torch.randn(2, 512, generator=g), torch.randn(2, 256, 768, generator=g)
+
+
+def _apply(model, adapter_patcher, identities, **kw):
+    from withanyone_pack_patch import apply_withanyone
+
+    return apply_withanyone(model, adapter_patcher, *identities, (W, H), BOXES, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patch_module():
+    """nodes/patch.py imported as ComfyUI would import the pack's module."""
+    import importlib.util
+    import sys
+
+    from comfy_env import ROOT
+
+    spec = importlib.util.spec_from_file_location("withanyone_pack_patch", ROOT / "nodes" / "patch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["withanyone_pack_patch"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _forward(patcher, x, sigma, context, y, cond_or_uncond, ref_latents=None):
+    """One diffusion-model call with the options ComfyUI's sampler would pass."""
+    import comfy.patcher_extension
+
+    options = copy.deepcopy(patcher.model_options["transformer_options"])
+    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    options["cond_or_uncond"] = cond_or_uncond
+    options["sigmas"] = sigma
+    diffusion = patcher.model.diffusion_model
+    with torch.no_grad():
+        return diffusion(x, sigma, context, y=y, guidance=torch.full((x.shape[0],), 3.5),
+                         ref_latents=ref_latents, transformer_options=options)
+
+
+def _inputs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, H // 8, W // 8, generator=g), torch.full((batch,), 0.7),
+            torch.randn(batch, 7, 768, generator=g), torch.randn(batch, 768, generator=g))
+
+
+def test_patched_model_equals_diffusers_host(flux, identities):
+    from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
+    from train.models import pack_latents, position_ids
+
+    model, adapter_patcher, state = flux
+    patched = _apply(model, adapter_patcher, identities)
+    x, sigma, context, y = _inputs(2)
+    out = _forward(patched, x, sigma, context, y, cond_or_uncond=[1, 0])  # uncond first, batch of 2
+
+    transformer = flux_from_bfl_state(state, axes_dims_rope=tuple(FLUX_CONFIG["axes_dim"]))
+    handle = attach_adapter(transformer, adapter_patcher.model)
+    img_ids, txt_ids = position_ids(H, W, 7, "cpu")
+    arcface, siglip = identities
+    with torch.no_grad(), handle.conditioning(arcface[None].expand(2, -1, -1), siglip[None].expand(2, -1, -1, -1),
+                                              height=H, width=W, boxes=[list(BOXES)] * 2):
+        expected = transformer(hidden_states=pack_latents(x), encoder_hidden_states=context, pooled_projections=y,
+                               timestep=sigma, guidance=torch.full((2,), 3.5), img_ids=img_ids, txt_ids=txt_ids,
+                               return_dict=False)[0]
+    ours = pack_latents(out)
+    rel = (ours - expected).abs().max() / expected.abs().max()
+    assert rel <= 1e-4, f"relative error {rel:.2e}"
+    base = _forward(model, x, sigma, context, y, cond_or_uncond=[1, 0])
+    assert (pack_latents(base) - expected).abs().max() > 1e-3  # the identities did change the output
+
+
+def test_original_model_untouched_and_clones_share_the_adapter(flux, identities):
+    model, adapter_patcher, _ = flux
+    x, sigma, context, y = _inputs(1, seed=1)
+    before = _forward(model, x, sigma, context, y, [0])
+    patched = _apply(model, adapter_patcher, identities)
+    assert torch.equal(_forward(model, x, sigma, context, y, [0]), before)
+    assert "patches_replace" not in model.model_options["transformer_options"]
+    clones = [patched.clone() for _ in range(10)]
+    patch = patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)]
+    for clone in clones:
+        assert clone.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)] is patch
+        assert clone.additional_models["withanyone"][0].model is adapter_patcher.model  # shared, not copied
+    out_clone = _forward(clones[-1], x, sigma, context, y, [0])
+    assert torch.equal(out_clone, _forward(patched, x, sigma, context, y, [0]))
+
+
+def test_kontext_reference_tokens_are_left_alone(flux, identities, monkeypatch):
+    from withanyone_core.adapter import IdentityAdapter
+
+    model, adapter_patcher, _ = flux
+    patched = _apply(model, adapter_patcher, identities)
+    seen = []
+    original = IdentityAdapter.block_residual
+
+    def spy(self, block_index, img, inputs):
+        seen.append(img.shape[1])
+        return original(self, block_index, img, inputs)
+
+    monkeypatch.setattr(IdentityAdapter, "block_residual", spy)
+    x, sigma, context, y = _inputs(1, seed=2)
+    ref = torch.randn(1, 16, 4, 6)
+    out = _forward(patched, x, sigma, context, y, [0], ref_latents=[ref])
+    assert out.shape == x.shape
+    assert seen == [(H // 16) * (W // 16)] * 2  # only the main image tokens, in both blocks
+
+
+def test_start_end_percent_window(flux, identities):
+    model, adapter_patcher, _ = flux
+    x, _, context, y = _inputs(1, seed=3)
+    late = _apply(model, adapter_patcher, identities, start_percent=0.5, end_percent=1.0)
+    sampling = model.get_model_object("model_sampling")
+    early_sigma = torch.tensor([sampling.percent_to_sigma(0.1)])
+    assert torch.equal(_forward(late, x, early_sigma, context, y, [0]), _forward(model, x, early_sigma, context, y, [0]))
+    late_sigma = torch.tensor([sampling.percent_to_sigma(0.8)])
+    assert not torch.equal(_forward(late, x, late_sigma, context, y, [0]), _forward(model, x, late_sigma, context, y, [0]))
+
+
+def test_ksampler_end_to_end_cfg_and_batch(flux, identities):
+    import comfy.sample
+
+    model, adapter_patcher, _ = flux
+    patched = _apply(model, adapter_patcher, identities)
+    g = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    negative = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    latent = torch.zeros(2, 16, H // 8, W // 8)
+    noise = torch.randn(latent.shape, generator=g)
+    out = comfy.sample.sample(patched, noise, 2, 2.0, "euler", "simple", positive, negative, latent,
+                              disable_pbar=True, seed=5)
+    base = comfy.sample.sample(model, noise, 2, 2.0, "euler", "simple", positive, negative, latent,
+                               disable_pbar=True, seed=5)
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, base)
+
+
+def test_not_flux_and_wrong_adapter_are_refused(flux, identities):
+    import comfy.model_patcher
+
+    from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+    from withanyone_pack_patch import NotFluxError
+
+    model, adapter_patcher, _ = flux
+    other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device="cpu", offload_device="cpu")
+    with pytest.raises(NotFluxError, match="needs a FLUX.1 model"):
+        _apply(other, adapter_patcher, identities)
+    small = comfy.model_patcher.ModelPatcher(IdentityAdapter(AdapterConfig(128, 2, 1, 1)), load_device="cpu",
+                                             offload_device="cpu")
+    with pytest.raises(NotFluxError, match="hidden size 3072"):
+        _apply(model, small, identities)
