@@ -15,7 +15,7 @@ if _PACK_ROOT not in sys.path:
 
 class WithAnyoneExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from . import layout, loaders
+        from . import faces, layout, loaders, metrics, sampling
 
         loaders.register_model_folders()
-        return [*loaders.NODES, *layout.NODES]
+        return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES]

@@ -6,9 +6,10 @@ import logging
 import os
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
-from .types import ADAPTER, FACE_ANALYZER
+from .types import ADAPTER, FACE_ANALYZER, SIGLIP, SiglipModel
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,27 @@ def _register(name: str, extensions: set[str]) -> None:
 def register_model_folders() -> None:
     _register("withanyone", {".safetensors"})
     _register("insightface", set())
+    _register("siglip", {".safetensors"})
+
+
+def siglip_choices() -> list[str]:
+    """Single files and Hugging Face folders in models/siglip/, plus files in models/clip_vision/."""
+    names = list(folder_paths.get_filename_list("siglip"))
+    for root in folder_paths.get_folder_paths("siglip"):
+        if os.path.isdir(root):
+            names += sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "config.json")))
+    names += [f"clip_vision/{n}" for n in folder_paths.get_filename_list("clip_vision") if n.endswith(".safetensors")]
+    return names
+
+
+def resolve_siglip(name: str) -> str:
+    if name.startswith("clip_vision/"):
+        return folder_paths.get_full_path_or_raise("clip_vision", name[len("clip_vision/"):])
+    for root in folder_paths.get_folder_paths("siglip"):
+        candidate = os.path.join(root, name)
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    return folder_paths.get_full_path_or_raise("siglip", name)
 
 
 def _insightface_roots() -> list[str]:
@@ -98,4 +120,32 @@ class WithAnyoneFaceAnalyzerLoader(io.ComfyNode):
         raise errors[0]  # it lists the expected files and the folder to put them in
 
 
-NODES = [WithAnyoneAdapterLoader, WithAnyoneFaceAnalyzerLoader]
+class WithAnyoneSiglipLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WithAnyoneSiglipLoader",
+            display_name="Load WithAnyone SigLIP",
+            category=CATEGORY,
+            description="google/siglip-base-patch16-256-i18n: a folder or a single .safetensors in models/siglip/ "
+                        "(also read from models/clip_vision/).",
+            inputs=[io.Combo.Input("siglip_name", options=siglip_choices())],
+            outputs=[SIGLIP.Output(display_name="siglip")],
+        )
+
+    @classmethod
+    def execute(cls, siglip_name: str) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        from withanyone_core.siglip import SiglipEncoder
+
+        encoder = SiglipEncoder.load(resolve_siglip(siglip_name))
+        # a plain container: ModelPatcher sets .device, which transformers models expose as a read-only property
+        holder = torch.nn.ModuleDict({"vision": encoder.model})
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        return io.NodeOutput(SiglipModel(encoder, patcher))
+
+
+NODES = [WithAnyoneAdapterLoader, WithAnyoneFaceAnalyzerLoader, WithAnyoneSiglipLoader]

@@ -22,3 +22,45 @@ class Layout:
     @property
     def num_persons(self) -> int:
         return len(self.boxes)
+
+FACES = io.Custom("WITHANYONE_FACES")
+IDENTITIES = io.Custom("WITHANYONE_IDENTITIES")
+SIGLIP = io.Custom("WITHANYONE_SIGLIP")
+
+
+@dataclass(frozen=True)
+class FacePhoto:
+    """The reference face found in one photo."""
+
+    image_index: int
+    bbox: tuple[float, float, float, float]
+    embedding: object  # np.ndarray [512] raw ArcFace
+    siglip_crop: object  # np.ndarray 512x512x3 uint8
+
+
+@dataclass(frozen=True)
+class Faces:
+    """Reference faces of one person (one per photo of the input batch)."""
+
+    photos: tuple[FacePhoto, ...]
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Persons in order: raw ArcFace ``arcface`` [n, 512] and SigLIP ``siglip`` [n, 256, 768] (CPU float32)."""
+
+    arcface: object  # torch.Tensor
+    siglip: object  # torch.Tensor
+    photos_per_person: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return int(self.arcface.shape[0])
+
+
+@dataclass(frozen=True)
+class SiglipModel:
+    """A SigLIP encoder (preprocessing + vision tower) and the ModelPatcher ComfyUI manages it with."""
+
+    encoder: object  # withanyone_core.siglip.SiglipEncoder
+    patcher: object

@@ -186,3 +186,31 @@ def test_not_flux_and_wrong_adapter_are_refused(flux, identities):
                                              offload_device="cpu")
     with pytest.raises(NotFluxError, match="hidden size 3072"):
         _apply(model, small, identities)
+
+
+def _node_values(identities):
+    import sys
+
+    from comfy_env import import_pack
+
+    pack = sys.modules.get("withanyone_pack") or import_pack()
+    from withanyone_pack.nodes.sampling import WithAnyoneApply, WithAnyoneSampler
+    from withanyone_pack.nodes.types import Identities, Layout
+
+    ids = Identities(identities[0], identities[1], (1, 1))
+    return pack, WithAnyoneApply, WithAnyoneSampler, ids, Layout(W, H, BOXES)
+
+
+def test_apply_and_sampler_nodes(flux, identities):
+    model, adapter_patcher, _ = flux
+    _, apply_node, sampler_node, ids, layout = _node_values(identities)
+    patched = apply_node.execute(model, adapter_patcher, ids, 1.0, 1.0, 0.0, 1.0, layout=layout).result[0]
+    assert "patches_replace" in patched.model_options["transformer_options"]
+    with pytest.raises(ValueError, match="layout has 1 face boxes but 2 identities"):
+        apply_node.execute(model, adapter_patcher, ids, 1.0, 1.0, 0.0, 1.0,
+                           layout=type(layout)(W, H, BOXES[:1]))
+    g = torch.Generator().manual_seed(1)
+    cond = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    latent = sampler_node.execute(model, cond, cond, adapter_patcher, ids, layout, 3, 2, 1.0, "euler", "simple",
+                                  3.5, 2, 1.0, 1.0).result[0]
+    assert latent["samples"].shape == (2, 16, H // 8, W // 8) and torch.isfinite(latent["samples"]).all()

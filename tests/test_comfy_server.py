@@ -57,8 +57,13 @@ def test_object_info_lists_every_node(server):
     url, base = server
     info = json.load(urllib.request.urlopen(url + "/object_info", timeout=30))
     ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
-    assert set(ours) >= {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneLayout"}, \
-        (base / "server.log").read_text()[-3000:]
+    assert set(ours) == {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader",
+                         "WithAnyoneFaceExtract", "WithAnyoneIdentityEncode", "WithAnyoneLayout", "WithAnyoneApply",
+                         "WithAnyoneSampler", "WithAnyoneIdentityMetrics"}, (base / "server.log").read_text()[-3000:]
+    for node in ours.values():
+        assert node["category"].startswith("WithAnyone") and node["description"]
+    assert ours["WithAnyoneApply"]["output"] == ["MODEL"]
+    assert "layout" in ours["WithAnyoneApply"]["input"]["optional"]
     layout = ours["WithAnyoneLayout"]
     assert {"width", "height", "source", "people", "boxes"} <= set(layout["input"]["required"])
     assert layout["output"] == ["WITHANYONE_LAYOUT", "IMAGE"]

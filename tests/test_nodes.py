@@ -103,3 +103,60 @@ def test_layout_from_image(comfy):
     image = torch.from_numpy(photo.astype(np.float32) / 255)[None]
     layout = nodes["WithAnyoneLayout"].execute(1024, 512, "image", 2, "", image, analyzer).result[0]
     assert layout.num_persons == 2 and layout.boxes[0][0] < layout.boxes[1][0]
+
+
+@pytest.fixture(scope="module")
+def people(comfy):
+    """Tiny antelopev2 and SigLIP (768 wide, as the adapter expects) in the models folders."""
+    from withanyone_core.testing.faces import build_tiny_antelopev2
+    from withanyone_core.testing.siglip import build_tiny_siglip
+
+    _, nodes, models = comfy
+    build_tiny_antelopev2(models / "insightface")
+    build_tiny_siglip(models / "siglip" / "tiny-siglip", hidden_size=768)
+    analyzer = nodes["WithAnyoneFaceAnalyzerLoader"].execute("CPU", 0.4, 640).result[0]
+    siglip = nodes["WithAnyoneSiglipLoader"].execute("tiny-siglip").result[0]
+    return nodes, analyzer, siglip
+
+
+def _photos(cells_and_ids):
+    from withanyone_core.testing.faces import make_face_image
+
+    images = [make_face_image(cells, identities=ids, seed=k)[0] for k, (cells, ids) in enumerate(cells_and_ids)]
+    return torch.from_numpy(np.stack(images).astype(np.float32) / 255)
+
+
+def test_face_extract_identity_encode(people):
+    nodes, analyzer, siglip = people
+    extract, encode = nodes["WithAnyoneFaceExtract"], nodes["WithAnyoneIdentityEncode"]
+    alice, preview = extract.execute(_photos([([(5, 5)], [1]), ([(12, 9), (3, 14)], [1, 9])]), analyzer, -1, 32).result
+    assert len(alice.photos) == 2 and preview.shape == (2, 512, 512, 3)
+    bob = extract.execute(_photos([([(8, 8)], [2])]), analyzer, -1, 32).result[0]
+    identities = encode.execute(siglip, alice, bob).result[0]
+    assert identities.count == 2 and identities.photos_per_person == (2, 1)
+    assert identities.arcface.shape == (2, 512) and identities.siglip.shape == (2, 256, 768)
+    expected = np.mean([p.embedding for p in alice.photos], axis=0)  # several photos: averaged
+    assert np.allclose(identities.arcface[0].numpy(), expected, atol=1e-5)
+
+
+def test_face_extract_errors_name_the_photo(people):
+    nodes, analyzer, _ = people
+    blank = torch.full((2, 128, 128, 3), 0.4)
+    with pytest.raises(ValueError, match="no face found in photo 1 of 2"):
+        nodes["WithAnyoneFaceExtract"].execute(blank, analyzer, -1, 0)
+    with pytest.raises(ValueError, match="smaller than 200 px"):
+        nodes["WithAnyoneFaceExtract"].execute(_photos([([(5, 5)], [1])]), analyzer, -1, 200)
+
+
+def test_identity_metrics_node_copy_paste_meter(people):
+    import json
+
+    nodes, analyzer, siglip = people
+    extract, encode = nodes["WithAnyoneFaceExtract"], nodes["WithAnyoneIdentityEncode"]
+    refs = [extract.execute(_photos([([(7, 7)], [ident])]), analyzer, -1, 0).result[0] for ident in (11, 12)]
+    identities = encode.execute(siglip, *refs).result[0]
+    truth = _photos([([(4, 6), (13, 6)], [1, 2])])
+    out = nodes["WithAnyoneIdentityMetrics"].execute(truth, analyzer, identities, truth)
+    metrics = json.loads(out.result[0])
+    assert metrics["cp"] == pytest.approx(-1.0, abs=1e-3) and metrics["sim_gt"] == pytest.approx(1.0, abs=1e-4)
+    assert "CP -1.000" in json.dumps(out.ui.as_dict())
