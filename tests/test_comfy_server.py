@@ -11,6 +11,9 @@ import time
 import urllib.error
 import urllib.request
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from comfy_env import PACK_NAME, ROOT, comfyui_dir
@@ -27,6 +30,20 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image, paint_face, remove_green
+
+    build_tiny_antelopev2(base / "models" / "insightface")
+    # insightface's own group photo, with faces painted where the tiny detector sees them
+    import insightface
+    from PIL import Image
+
+    photo = Image.open(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").convert("RGB")
+    canvas = remove_green(np.asarray(photo.resize((640, 640))))
+    paint_face(canvas, 5, 6, identity=1)
+    paint_face(canvas, 14, 7, identity=2)
+    (base / "input").mkdir()
+    Image.fromarray(canvas).save(base / "input" / "group.png")
+    Image.fromarray(remove_green(np.asarray(photo))).save(base / "input" / "no_face.png")
     port = _free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
@@ -97,3 +114,26 @@ def test_layout_preview_runs_and_errors_reach_history(server):
     failed = _run(url, {"1": bad, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
     messages = json.dumps(failed["status"]["messages"])
     assert failed["status"]["status_str"] == "error" and "expected 4 numbers x1,y1,x2,y2" in messages
+
+
+def test_face_extraction_layout_and_no_face_error(server):
+    url, _ = server
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "group.png"}},
+        "2": {"class_type": "WithAnyoneFaceAnalyzerLoader",
+              "inputs": {"provider": "CPU", "detection_threshold": 0.4, "detection_size": 640}},
+        "3": {"class_type": "WithAnyoneFaceExtract",
+              "inputs": {"image": ["1", 0], "face_analyzer": ["2", 0], "face_index": 1, "min_face_size": 32}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+        "5": {"class_type": "WithAnyoneLayout",
+              "inputs": {"width": 1024, "height": 768, "source": "image", "people": 2, "boxes": "",
+                         "layout_image": ["1", 0], "face_analyzer": ["2", 0]}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
+    }
+    done = _run(url, prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    assert set(done["outputs"]) == {"4", "6"}
+    failed = _run(url, {**prompt, "1": {"class_type": "LoadImage", "inputs": {"image": "no_face.png"}}})
+    messages = json.dumps(failed["status"]["messages"])
+    assert failed["status"]["status_str"] == "error"
+    assert "no face found in photo 1 of 1" in messages and "WithAnyoneFaceExtract" in messages
