@@ -44,6 +44,7 @@ def main() -> None:
 
     spec = importlib.util.spec_from_file_location("withanyone_pack_patch", ROOT / "nodes" / "patch.py")
     patch = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = patch  # dataclasses look their module up while it executes
     spec.loader.exec_module(patch)
 
     model = comfy.sd.load_diffusion_model_state_dict(flux_state(), model_options={"dtype": torch.float32})
