@@ -214,3 +214,32 @@ def test_apply_and_sampler_nodes(flux, identities):
     latent = sampler_node.execute(model, cond, cond, adapter_patcher, ids, layout, 3, 2, 1.0, "euler", "simple",
                                   3.5, 2, 1.0, 1.0).result[0]
     assert latent["samples"].shape == (2, 16, H // 8, W // 8) and torch.isfinite(latent["samples"]).all()
+
+
+def test_trainer_lora_and_adapter_files_load_in_comfyui(flux, tmp_path):
+    """The trainer's checkpoint formats on a FLUX ComfyUI loads: every LoRA key is consumed by
+    ComfyUI's LoRA loader and patches the fused BFL weights; the adapter loads as saved."""
+    import comfy.lora
+    import comfy.lora_convert
+    from peft import LoraConfig
+
+    from train.checkpointing import lora_state_for_comfyui
+    from withanyone_core.checkpoints import load_adapter, save_adapter
+    from withanyone_core.hosts.diffusers import flux_from_bfl_state
+
+    model, adapter_patcher, state = flux
+    transformer = flux_from_bfl_state(state, axes_dims_rope=tuple(FLUX_CONFIG["axes_dim"]))
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2.0, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2",
+                                                       "proj_mlp", "proj_out"]))
+    lora = comfy.lora_convert.convert_lora(lora_state_for_comfyui(transformer, alpha=2.0))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora, key_map, log_missing=True)
+    consumed = {k for k in lora if any(k.startswith(prefix + ".") for prefix in key_map)}
+    assert consumed == set(lora)  # no key ComfyUI would ignore
+    patched_weights = {k if isinstance(k, str) else k[0] for k in patches}  # (name, slice) for fused qkv
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.weight" in patched_weights
+    assert "diffusion_model.single_blocks.0.linear1.weight" in patched_weights
+    path = tmp_path / "withanyone.safetensors"
+    save_adapter(adapter_patcher.model, path)
+    assert load_adapter(path).config == adapter_patcher.model.config
