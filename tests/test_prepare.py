@@ -64,3 +64,41 @@ def test_prepare_builds_manifest_and_resumes(tmp_path, caplog):
     assert "resuming: 2 of 9 photos already analysed" in caplog.text
     assert again == summary
     assert [r.to_json() for r in Manifest.load(out / "manifest.jsonl").records] == [r.to_json() for r in manifest.records]
+
+    # a photo removed since the analysis is left out, not resurrected from the partial file
+    (photos / "stranger_b.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        third = prepare.main(args)
+    assert "no longer under --images" in caplog.text
+    assert third["photos"] == 8 and third["records"] == 6
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def test_identity_grouping_by_folder_and_clustering(monkeypatch):
+    """Clustering on hand-made embeddings: folder names win, close faces join, row blocks agree."""
+    rng = np.random.default_rng(0)
+    centres = {name: rng.normal(size=512) for name in ("a", "b", "c")}
+
+    def face(centre, x):
+        return {"box": [x, 0.0, x + 50.0, 50.0], "embedding": _unit(centres[centre] + 0.2 * rng.normal(size=512))}
+
+    entries = {
+        "person_0001/0.png": {"faces": [face("a", 0)]},  # a folder whose name looks like a cluster name
+        "group_1.png": {"faces": [face("a", 0), face("b", 100), face("c", 200)]},
+        "group_2.png": {"faces": [face("b", 0), face("c", 100)]},
+        "solo.png": {"faces": [face("c", 0)]},
+    }
+    labels = prepare.assign_identities(entries, threshold=0.5)
+    assert labels[("group_1.png", 0)] == "person_0001"  # joined the named identity
+    b, c = labels[("group_1.png", 1)], labels[("group_1.png", 2)]
+    assert b != c and "person_0001" not in (b, c)
+    assert labels[("group_2.png", 0)] == b and labels[("group_2.png", 1)] == c == labels[("solo.png", 0)]
+    monkeypatch.setattr(prepare, "CLUSTER_BLOCK", 1)
+    assert prepare.assign_identities(entries, threshold=0.5) == labels
+    # a threshold above every similarity keeps every unnamed face alone
+    apart = prepare.assign_identities(entries, threshold=1.01)
+    assert len({v for k, v in apart.items() if k[0] != "person_0001/0.png"}) == 6

@@ -60,6 +60,17 @@ def test_manifest_round_trip(tmp_path):
         (lambda r: r["persons"][0].update(box=[10, 10, 5, 20]), "x2 > x1"),
         (lambda r: r["persons"][0].update(embedding=[0.0] * 10), "512 finite"),
         (lambda r: r.update(persons=[]), "at least one person"),
+        (lambda r: r.update(persons="ann"), "persons must be a list"),
+        (lambda r: r.update(width="wide"), "positive integers"),
+        (lambda r: r.update(height=0), "positive integers"),
+        (lambda r: r.update(quality="good"), "quality must be numbers"),
+        (lambda r: r.pop("image"), "missing \\['image'\\]"),
+        (lambda r: r["persons"][0].update(box=5), "box .* must be 4 finite"),
+        (lambda r: r["persons"][0].update(box=[1, 2, "x", 4]), "box .* must be numbers"),
+        (lambda r: r["persons"][0].update(landmarks=[[1, 2]] * 4), "landmarks .* must be 5x2"),
+        (lambda r: r["persons"][0].update(identity=""), "non-empty string"),
+        (lambda r: r["persons"][1].update(identity=r["persons"][0]["identity"]), "identity listed twice"),
+        (lambda r: r["persons"][0].pop("embedding"), "missing \\['embedding'\\]"),
     ],
 )
 def test_manifest_errors_name_the_line(tmp_path, mutate, match):
@@ -73,6 +84,36 @@ def test_manifest_errors_name_the_line(tmp_path, mutate, match):
         Manifest.load(path)
 
 
+def test_manifest_error_for_bad_json_and_missing_file(tmp_path):
+    path = _write_dataset(tmp_path)
+    path.write_text(path.read_text() + '{"image": "x.png", \n')
+    with pytest.raises(ManifestError, match="line 13: not valid JSON"):
+        Manifest.load(path)
+    with pytest.raises(ManifestError, match="prepare.py"):
+        Manifest.load(tmp_path / "absent.jsonl")
+
+
+def test_item_keys_and_types(tmp_path):
+    manifest = Manifest.load(_write_dataset(tmp_path))
+    item = WithAnyoneDataset(manifest, DataOptions(buckets=((192, 256),)), seed=0)[0]
+    assert set(item) == {"pixels", "caption", "num_persons", "boxes", "landmarks", "gt_embeddings",
+                         "ref_embeddings", "ref_siglip_crops", "identity_ids", "paired", "record_index"}
+    n = item["num_persons"]
+    assert item["pixels"].dtype == torch.float32 and item["pixels"].shape == (3, 256, 192)
+    assert item["boxes"].shape == (n, 4) and item["landmarks"].shape == (n, 5, 2)
+    assert item["gt_embeddings"].shape == (n, 512) == item["ref_embeddings"].shape
+    assert item["identity_ids"].dtype == torch.int64 and item["paired"].dtype == torch.bool
+    assert isinstance(item["record_index"], int) and isinstance(item["caption"], str)
+
+
+def _occurrence_of(manifest, embedding):
+    """(record, person) whose stored embedding is exactly ``embedding`` (all are random, so unique)."""
+    hits = [(r, p) for r, record in enumerate(manifest.records) for p, person in enumerate(record.persons)
+            if np.array_equal(person.embedding, embedding.numpy())]
+    assert len(hits) == 1
+    return hits[0]
+
+
 def test_paired_ratio_and_never_same_record(tmp_path):
     manifest = Manifest.load(_write_dataset(tmp_path))
     ds = WithAnyoneDataset(manifest, DataOptions(paired_ratio=0.5, buckets=((256, 192), (192, 256))), seed=1)
@@ -81,13 +122,39 @@ def test_paired_ratio_and_never_same_record(tmp_path):
         ds.set_epoch(epoch)
         for pos in range(len(ds)):
             item = ds[pos]
-            gt, ref = item["gt_embeddings"], item["ref_embeddings"]
+            record = manifest.records[item["record_index"]]
             for k in range(item["num_persons"]):
-                same = torch.equal(gt[k], ref[k])
-                assert same != bool(item["paired"][k])  # paired refs come from another photo
+                ref_record, ref_person = _occurrence_of(manifest, item["ref_embeddings"][k])
+                assert manifest.records[ref_record].persons[ref_person].identity == record.persons[k].identity
+                if item["paired"][k]:
+                    assert ref_record != item["record_index"]  # another photo of the same person
+                else:
+                    assert (ref_record, ref_person) == (item["record_index"], k)
                 paired += int(item["paired"][k])
                 total += 1
-    assert 0.35 < paired / total < 0.65
+    assert total == 4 * 12 * 2 and 0.35 < paired / total < 0.65
+
+
+def test_items_are_deterministic_per_seed_epoch_position(tmp_path):
+    manifest = Manifest.load(_write_dataset(tmp_path))
+    options = DataOptions(paired_ratio=0.5, text_dropout=0.3, buckets=((64, 64),))
+    a, b = WithAnyoneDataset(manifest, options, seed=7), WithAnyoneDataset(manifest, options, seed=7)
+    b.set_epoch(1)
+    choices = {}
+    for epoch in (1, 0):
+        a.set_epoch(epoch)
+        choices[epoch] = [(a[p]["paired"].tolist(), a[p]["caption"]) for p in range(6)]
+    assert choices[1] == [(b[p]["paired"].tolist(), b[p]["caption"]) for p in range(6)]
+    assert choices[0] != choices[1]
+
+
+def test_unreadable_paired_reference_is_counted(tmp_path):
+    manifest = Manifest.load(_write_dataset(tmp_path, identities=("ann", "bob"), per_identity=1))
+    (tmp_path / manifest.records[1].image).unlink()
+    ds = WithAnyoneDataset(manifest, DataOptions(paired_ratio=1.0), seed=0)
+    item = ds[ds.record_indices.index(0)]
+    assert not bool(item["paired"].any())
+    assert ds.stats["paired_reference_unreadable"] == 2
 
 
 def test_single_record_identity_falls_back_and_counts(tmp_path):
@@ -127,6 +194,14 @@ def test_negatives_exclude_batch_identities():
         assert not torch.isin(pool.identity_ids[rows], exclude).any()
     with pytest.raises(ValueError, match="no identity outside"):
         pool.sample(4, torch.arange(8), g)
+
+
+def test_negative_pool_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a negative pool"):
+        NegativePool.load(tmp_path / "other.safetensors")
 
 
 def test_negative_pool_round_trip(tmp_path):
@@ -170,7 +245,13 @@ def test_sampler_resume_is_exact(tmp_path):
     resumed = BucketBatchSampler(ds, batch_size=2, seed=3)
     resumed.load_state_dict(state)
     it = iter(resumed)
-    assert [next(it) for _ in range(8)] == reference[7:]
+    assert [next(it) for _ in range(8)] == reference[7:]  # crosses two epoch ends (6 batches each)
+    assert resumed.state_dict() == {"epoch": 2, "position": 3}
+    # every record once per epoch, and a new order each epoch
+    epoch0, epoch1 = reference[:6], reference[6:12]
+    assert sorted(p for b in epoch0 for p in b) == list(range(len(ds)))
+    assert sorted(p for b in epoch1 for p in b) == list(range(len(ds)))
+    assert epoch0 != epoch1
 
 
 def test_ranks_take_disjoint_batches(tmp_path):

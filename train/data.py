@@ -79,22 +79,32 @@ _RECORD_KEYS = {"image", "caption", "width", "height", "quality", "persons"}
 _PERSON_KEYS = {"identity", "box", "landmarks", "embedding"}
 
 
+def _finite_floats(value, shape: tuple[int, ...], what: str, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: {what} must be numbers, got {value!r:.80}") from exc
+    if array.shape != shape or not np.isfinite(array).all():
+        raise ManifestError(f"{where}: {what} must be {'x'.join(map(str, shape))} finite numbers, "
+                            f"got shape {array.shape}")
+    return array
+
+
 def _parse_person(raw: dict, where: str) -> Person:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: a person must be an object with {sorted(_PERSON_KEYS)}")
     unknown, missing = set(raw) - _PERSON_KEYS, _PERSON_KEYS - set(raw)
     if unknown or missing:
         raise ManifestError(f"{where}: person keys missing {sorted(missing)} / unknown {sorted(unknown)}")
-    box = raw["box"]
-    if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1]:
-        raise ManifestError(f"{where}: box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box}")
-    landmarks = raw["landmarks"]
-    if len(landmarks) != 5 or any(len(p) != 2 for p in landmarks):
-        raise ManifestError(f"{where}: landmarks must be 5 [x, y] points")
-    embedding = np.asarray(raw["embedding"], dtype=np.float32)
-    if embedding.shape != (EMBEDDING_DIM,) or not np.isfinite(embedding).all():
-        raise ManifestError(f"{where}: embedding must be {EMBEDDING_DIM} finite numbers, got shape {embedding.shape}")
-    return Person(str(raw["identity"]), tuple(float(v) for v in box),
+    identity = raw["identity"]
+    if not isinstance(identity, (str, int)) or isinstance(identity, bool) or not str(identity).strip():
+        raise ManifestError(f"{where}: identity must be a non-empty string id, got {identity!r}")
+    box = _finite_floats(raw["box"], (4,), "box [x1, y1, x2, y2]", where)
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise ManifestError(f"{where}: box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box.tolist()}")
+    landmarks = _finite_floats(raw["landmarks"], (5, 2), "landmarks (5 [x, y] points)", where)
+    embedding = _finite_floats(raw["embedding"], (EMBEDDING_DIM,), "embedding", where).astype(np.float32)
+    return Person(str(identity), tuple(float(v) for v in box),
                   tuple((float(x), float(y)) for x, y in landmarks), embedding)
 
 
@@ -104,11 +114,25 @@ def parse_record(raw: dict, where: str) -> Record:
     unknown, missing = set(raw) - _RECORD_KEYS, {"image", "width", "height", "persons"} - set(raw)
     if unknown or missing:
         raise ManifestError(f"{where}: record keys missing {sorted(missing)} / unknown {sorted(unknown)}")
+    if not isinstance(raw["image"], str) or not raw["image"]:
+        raise ManifestError(f"{where}: image must be a path relative to the manifest, got {raw['image']!r}")
+    if not isinstance(raw.get("caption", ""), str):
+        raise ManifestError(f"{where}: caption must be a string, got {raw['caption']!r:.80}")
+    size = [raw["width"], raw["height"]]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ManifestError(f"{where}: width and height must be positive integers (pixels), got {size}")
+    quality = _finite_floats(raw.get("quality", 1.0), (), "quality", where)
+    if not isinstance(raw["persons"], list):
+        raise ManifestError(f"{where}: persons must be a list of objects")
     persons = tuple(_parse_person(p, f"{where}, person {i + 1}") for i, p in enumerate(raw["persons"]))
     if not persons:
         raise ManifestError(f"{where}: a record needs at least one person")
-    return Record(str(raw["image"]), str(raw.get("caption", "")), int(raw["width"]), int(raw["height"]),
-                  float(raw.get("quality", 1.0)), persons)
+    names = [p.identity for p in persons]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{where}: identity listed twice in one image ({names}); "
+                            "each person of an image must be a different identity")
+    return Record(raw["image"], str(raw.get("caption", "")), int(raw["width"]), int(raw["height"]),
+                  float(quality), persons)
 
 
 class Manifest:
@@ -199,13 +223,20 @@ class NegativePool:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        save_file({"embeddings": self.embeddings.contiguous(), "identity_ids": self.identity_ids}, str(path))
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"embeddings": self.embeddings.contiguous(), "identity_ids": self.identity_ids}, str(tmp))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NegativePool":
         from withanyone_core.checkpoints import load_safetensors
 
         tensors = load_safetensors(path)
+        missing = {"embeddings", "identity_ids"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path} is not a negative pool (missing {sorted(missing)}); "
+                             "rebuild it with `python train/prepare.py`")
         return cls(tensors["embeddings"], tensors["identity_ids"])
 
     def sample(self, k: int, exclude_identities: Sequence[int] | torch.Tensor,
@@ -309,7 +340,8 @@ class WithAnyoneDataset:
         # batches hold one image size and one person count, so every tensor stacks
         self.group_of = [(self.bucket_of[k], len(manifest.records[i].persons))
                          for k, i in enumerate(self.record_indices)]
-        self.stats = {"paired": 0, "paired_fallback_single_record": 0, "unpaired": 0}
+        self.stats = {"paired": 0, "paired_fallback_single_record": 0, "paired_reference_unreadable": 0,
+                      "unpaired": 0}
 
     def __len__(self) -> int:
         return len(self.record_indices)
@@ -323,7 +355,8 @@ class WithAnyoneDataset:
         self.epoch = epoch
 
     def _rng(self, position: int) -> random.Random:
-        return random.Random(hash((self.seed, self.epoch, position)) & 0xFFFFFFFF)
+        # a string seed is hashed with SHA-512: the same in every process and Python run
+        return random.Random(f"{self.seed}:{self.epoch}:{position}")
 
     def __getitem__(self, position: int) -> dict:
         r_idx = self.record_indices[position]
@@ -354,8 +387,9 @@ class WithAnyoneDataset:
                         ref_image = load_rgb(self.manifest.image_path(other))
                         ref_person = other.persons[o_person]
                     except (OSError, ValueError) as exc:
-                        logger.warning("paired reference %s unreadable (%s); using the same image",
-                                       self.manifest.image_path(other), exc)
+                        self.stats["paired_reference_unreadable"] += 1
+                        logger.warning("paired reference %s unreadable (%s); this person takes its reference "
+                                       "from the training image itself", self.manifest.image_path(other), exc)
                 else:
                     self.stats["paired_fallback_single_record"] += 1
             is_paired = ref_person is not person

@@ -9,7 +9,7 @@
   ArcFace embeddings (cosine >= ``--cluster-threshold``, single linkage), joining a named
   identity when it is close enough to that person's mean embedding.
 - Output in ``--out``: ``manifest.jsonl`` (see train/data.py), ``identities.json``
-  (identity -> occurrences and the chosen reference face: the highest-scoring one),
+  (identity -> occurrences [record, person] and the chosen reference face: its largest one),
   ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
   ``summary.json``.
 - Resumable: each photo's detections are appended to ``faces.partial.jsonl`` as soon as
@@ -38,6 +38,7 @@ logger = logging.getLogger("withanyone.prepare")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 PARTIAL = "faces.partial.jsonl"
+CLUSTER_BLOCK = 2048
 
 
 def find_photos(root: Path) -> list[Path]:
@@ -67,10 +68,8 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
     done = read_partial(partial)
     if done:
         logger.info("resuming: %d of %d photos already analysed", len(done), len(photos))
-    # rewrite the partial file without a torn tail before appending to it
-    with open(partial, "w", encoding="utf-8") as fh:
-        for entry in done.values():
-            fh.write(json.dumps(entry) + "\n")
+    # drop a torn tail before appending; written aside and renamed so a kill here loses nothing
+    write_atomic(partial, "".join(json.dumps(entry) + "\n" for entry in done.values()))
     with open(partial, "a", encoding="utf-8") as fh:
         for number, photo in enumerate(photos, 1):
             rel = photo.relative_to(images_root).as_posix()
@@ -99,7 +98,22 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
             done[rel] = entry
             if number % 50 == 0:
                 logger.info("analysed %d / %d photos", number, len(photos))
-    return done
+    current = {photo.relative_to(images_root).as_posix() for photo in photos}
+    gone = sorted(set(done) - current)
+    if gone:
+        logger.warning("%d photo(s) analysed by an earlier run are no longer under --images and are left out "
+                       "(first: %s)", len(gone), gone[0])
+    return {rel: done[rel] for rel in sorted(current)}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file, fsync it, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -111,7 +125,7 @@ def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[
     labels: dict[tuple[str, int], str] = {}
     named: dict[str, list[np.ndarray]] = defaultdict(list)
     rest: list[tuple[tuple[str, int], np.ndarray]] = []
-    for rel, entry in entries.items():
+    for rel, entry in sorted(entries.items()):
         folder = Path(rel).parent.as_posix()
         faces = entry["faces"]
         largest = max(range(len(faces)), default=None,
@@ -142,12 +156,17 @@ def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[
 
     if unlabelled:
         embs = np.stack([e for _, e in unlabelled])
-        sims = embs @ embs.T
-        for i, j in zip(*np.nonzero(np.triu(sims >= threshold, k=1))):
-            parent[root(i)] = root(j)
+        for start in range(0, len(embs), CLUSTER_BLOCK):  # row blocks keep memory O(block x N)
+            close = embs[start:start + CLUSTER_BLOCK] @ embs.T >= threshold
+            for i, j in zip(*np.nonzero(close)):
+                if start + i < j:
+                    parent[root(start + i)] = root(j)
     clusters: dict[int, str] = {}
+    numbers = (f"person_{n:04d}" for n in range(1, len(unlabelled) + len(named) + 2))
     for i, (key, _) in enumerate(unlabelled):
-        labels[key] = clusters.setdefault(root(i), f"person_{len(clusters) + 1:04d}")
+        if root(i) not in clusters:
+            clusters[root(i)] = next(name for name in numbers if name not in named)
+        labels[key] = clusters[root(i)]
     return labels
 
 
@@ -184,7 +203,7 @@ def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, thresh
     for name, occurrences in index.occurrences.items():
         best = max(occurrences, key=lambda o: _face_area(manifest, o))
         identities[name] = {"occurrences": occurrences, "reference": list(best)}
-    (out / "identities.json").write_text(json.dumps(identities, indent=1))
+    write_atomic(out / "identities.json", json.dumps(identities, indent=1))
     NegativePool.from_manifest(manifest, index).save(out / "negatives.safetensors")
     summary = {
         "photos": len(entries),
@@ -194,7 +213,7 @@ def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, thresh
         "missing_captions": missing_captions,
         "skipped": skipped,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
