@@ -243,3 +243,70 @@ def test_trainer_lora_and_adapter_files_load_in_comfyui(flux, tmp_path):
     path = tmp_path / "withanyone.safetensors"
     save_adapter(adapter_patcher.model, path)
     assert load_adapter(path).config == adapter_patcher.model.config
+
+
+def _sample(patcher, seed=11, steps=2):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    cond = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    latent = torch.zeros(1, 16, H // 8, W // 8)
+    noise = torch.randn(latent.shape, generator=g)
+    return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", cond, cond, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def _random_lora(seed=0, rank=4):
+    """A LoRA in the kohya-style names ComfyUI maps onto FLUX (``lora_unet_*``), on attention and MLP."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, n_in, n_out in (("double_blocks_0_img_attn_proj", 3072, 3072), ("double_blocks_0_img_mlp_0", 3072, 12288),
+                              ("single_blocks_0_linear2", 15360, 3072)):
+        lora[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, n_in, generator=g) / n_in**0.5
+        lora[f"lora_unet_{name}.lora_up.weight"] = torch.randn(n_out, rank, generator=g) * 0.2
+        lora[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def test_lora_applied_after_the_apply_node(flux, identities):
+    """LoraLoaderModelOnly after Apply WithAnyone: the LoRA takes effect and the identity patches
+    survive; the order of the two nodes does not matter."""
+    import comfy.sd
+
+    model, adapter_patcher, _ = flux
+    lora = _random_lora()
+    patched = _apply(model, adapter_patcher, identities)
+    lora_after, _ = comfy.sd.load_lora_for_models(patched, None, lora, 1.0, 0.0)
+    lora_before, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    lora_first = _apply(lora_before, adapter_patcher, identities)
+    assert "patches_replace" in lora_after.model_options["transformer_options"]
+    assert not patched.patches and lora_after.patches  # the LoRA went on a clone, not the Apply output
+    out_after, out_first = _sample(lora_after), _sample(lora_first)
+    assert torch.allclose(out_after, out_first, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out_after, _sample(patched), atol=1e-3)  # the LoRA changed the result
+    assert not torch.allclose(out_after, _sample(lora_before), atol=1e-3)  # and the identities did too
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.float8_e4m3fn], ids=["fp16", "fp8_e4m3fn"])
+def test_reduced_precision_weights_and_bf16_adapter(flux, identities, weight_dtype):
+    """fp16 and fp8 FLUX weights (ComfyUI casts them per layer) with a bf16 adapter: the identity
+    residual is computed in the adapter's dtype and returned in the model's, and the result stays
+    close to the fp32 one."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+
+    model32, adapter32, state = flux
+    model = comfy.sd.load_diffusion_model_state_dict(dict(state), model_options={"dtype": weight_dtype})
+    assert model.model.diffusion_model.img_in.weight.dtype == weight_dtype
+    adapter = copy.deepcopy(adapter32.model).to(torch.bfloat16)
+    adapter_patcher = comfy.model_patcher.ModelPatcher(
+        adapter, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+    out = _sample(_apply(model, adapter_patcher, identities))
+    reference = _sample(_apply(model32, adapter32, identities))
+    base = _sample(model)
+    assert out.dtype == reference.dtype and torch.isfinite(out).all()
+    identity_effect = (reference - _sample(model32)).norm()
+    assert (out - reference).norm() < 0.25 * identity_effect  # precision loss is small next to the identities
+    assert (out - base).norm() > 0.5 * identity_effect  # and the identities still act
