@@ -133,7 +133,13 @@ def test_face_extraction_layout_and_no_face_error(server):
     done = _run(url, prompt)
     assert done["status"]["status_str"] == "success", done["status"]
     assert set(done["outputs"]) == {"4", "6"}
-    failed = _run(url, {**prompt, "1": {"class_type": "LoadImage", "inputs": {"image": "no_face.png"}}})
+    # one failing branch per run: ComfyUI's execution order between independent branches is not fixed
+    no_face = {"1": {"class_type": "LoadImage", "inputs": {"image": "no_face.png"}}}
+    failed = _run(url, {**no_face, **{k: prompt[k] for k in ("2", "3", "4")}})
     messages = json.dumps(failed["status"]["messages"])
     assert failed["status"]["status_str"] == "error"
     assert "no face found in photo 1 of 1" in messages and "WithAnyoneFaceExtract" in messages
+    failed = _run(url, {**no_face, **{k: prompt[k] for k in ("2", "5", "6")}})
+    messages = json.dumps(failed["status"]["messages"])
+    assert failed["status"]["status_str"] == "error"
+    assert "no face found in the layout image" in messages and "WithAnyoneLayout" in messages
