@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,21 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfy_env import PACK_NAME, ROOT, comfyui_dir
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from comfy_env import ROOT
+from comfy_server import ComfyServer  # tools/, put on sys.path by comfy_env
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
-    from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image, paint_face, remove_green
+    from withanyone_core.testing.faces import build_tiny_antelopev2, paint_face, remove_green
 
     build_tiny_antelopev2(base / "models" / "insightface")
     # insightface's own group photo, with faces painted where the tiny detector sees them
@@ -44,34 +34,30 @@ def server(tmp_path_factory):
     (base / "input").mkdir()
     Image.fromarray(canvas).save(base / "input" / "group.png")
     Image.fromarray(remove_green(np.asarray(photo))).save(base / "input" / "no_face.png")
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
-        cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("ComfyUI exited during start-up:\n" + (base / "server.log").read_text()[-4000:])
-        try:
-            urllib.request.urlopen(url + "/system_stats", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-4000:])
-    yield url, base
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    _workflow_placeholders(base)
+    with ComfyServer(base) as comfy:
+        yield comfy.url, base, comfy
+
+
+def _workflow_placeholders(base: Path) -> None:
+    """Empty files under the names the shipped workflows use, so the server's file lists offer them
+    (validation checks names, not contents; running these would fail at the first loader)."""
+    from build_workflows import (ADAPTER_FILE, CLIP_L_FILE, FLUX_FILE, GROUND_TRUTH_PHOTO, LAYOUT_PHOTO, LORA_FILE,
+                                 PERSON_PHOTOS, SIGLIP_NAME, T5_FILE, VAE_FILE)
+
+    files = [f"diffusion_models/{FLUX_FILE}", f"text_encoders/{CLIP_L_FILE}", f"text_encoders/{T5_FILE}",
+             f"vae/{VAE_FILE}", f"withanyone/{ADAPTER_FILE}", f"loras/{LORA_FILE}", f"siglip/{SIGLIP_NAME}/config.json"]
+    for name in files:
+        (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "models" / name).write_bytes(b"")
+    from PIL import Image
+
+    for name in [*PERSON_PHOTOS, LAYOUT_PHOTO, GROUND_TRUTH_PHOTO]:
+        Image.new("RGB", (64, 64), (90, 90, 90)).save(base / "input" / name)
 
 
 def test_object_info_lists_every_node(server):
-    url, base = server
+    url, base, _ = server
     info = json.load(urllib.request.urlopen(url + "/object_info", timeout=30))
     ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
     assert set(ours) == {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader",
@@ -104,7 +90,7 @@ def _run(url: str, prompt: dict, timeout: float = 120) -> dict:
 
 
 def test_layout_preview_runs_and_errors_reach_history(server):
-    url, _ = server
+    url, _, _ = server
     layout = {"class_type": "WithAnyoneLayout",
               "inputs": {"width": 1024, "height": 768, "source": "preset", "people": 3, "boxes": ""}}
     done = _run(url, {"1": layout, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
@@ -117,7 +103,7 @@ def test_layout_preview_runs_and_errors_reach_history(server):
 
 
 def test_face_extraction_layout_and_no_face_error(server):
-    url, _ = server
+    url, _, _ = server
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "group.png"}},
         "2": {"class_type": "WithAnyoneFaceAnalyzerLoader",
@@ -143,3 +129,41 @@ def test_face_extraction_layout_and_no_face_error(server):
     messages = json.dumps(failed["status"]["messages"])
     assert failed["status"]["status_str"] == "error"
     assert "no face found in the layout image" in messages and "WithAnyoneLayout" in messages
+
+
+WORKFLOW_NAMES = {"withanyone_single_person", "withanyone_two_people_layout_from_photo",
+                  "withanyone_four_people_manual_layout", "withanyone_with_lora", "withanyone_identity_metrics"}
+
+
+def test_shipped_workflows_are_templates_and_validate(server):
+    """Every workflow in workflows/: served as a template, identical to what its spec builds
+    against this server's /object_info, and, converted to API format, accepted by the server."""
+    from build_workflows import build_all, dumps
+    from comfy_server import PromptRejected, execution_error
+    from workflows import check_api, ui_to_api
+
+    url, base, comfy = server
+    files = {p.stem: p for p in (ROOT / "workflows").glob("*.json")}
+    assert WORKFLOW_NAMES <= set(files)
+    templates = comfy.get_json("/workflow_templates")
+    pack = next(name for name, listed in templates.items() if WORKFLOW_NAMES <= set(listed))
+    info = comfy.get_json("/object_info")
+    rebuilt = build_all(info)
+    for name, path in sorted(files.items()):
+        workflow = json.loads(path.read_text())
+        assert comfy.get_json(f"/api/workflow_templates/{pack}/{name}.json") == workflow
+        assert path.read_text() == dumps(rebuilt[name]), f"{name}: rerun python tools/build_workflows.py"
+        prompt = ui_to_api(workflow, info)
+        assert check_api(prompt, info) == [], name
+        assert any(n["class_type"].startswith("WithAnyone") for n in prompt.values())
+        entry = comfy.run(prompt, timeout=120)  # PromptRejected here would be a validation failure
+        # it validated; with empty placeholder weights and faceless photos it then fails in a node
+        assert "execution_start" in json.dumps(entry["status"]["messages"]), name
+        assert execution_error(entry) is not None
+    # the checker and the real server agree on a broken value
+    prompt = ui_to_api(json.loads(files["withanyone_single_person"].read_text()), info)
+    sampler = next(n for n in prompt.values() if n["class_type"] == "WithAnyoneSampler")
+    sampler["inputs"]["steps"] = 0
+    assert any("'steps' = 0 outside" in p for p in check_api(prompt, info))
+    with pytest.raises(PromptRejected, match="steps"):
+        comfy.queue(prompt)
