@@ -1,4 +1,6 @@
 # WithAnyone for ComfyUI — developer entry points.
+#   make demo    get ComfyUI, install the pack, run the single-person workflow (small random models
+#                when the real model files are missing; it says which files go where)
 #   make setup   create .venv/ with everything the tests, the demo and training need
 #   make test    run the whole test suite
 #   make bench   run the benchmarks (each prints its ratios; not part of the tests)
@@ -8,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup test bench train-smoke comfyui clean
+.PHONY: setup demo test bench train-smoke comfyui workflows clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,9 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
+demo: setup
+	$(PY) tools/demo.py
+
 test: setup
 	$(PY) -m pytest tests
 
@@ -25,6 +30,7 @@ bench: setup
 	$(PY) tests/bench/bench_adapter.py
 	$(PY) tests/bench/bench_faces.py
 	$(PY) tests/bench/bench_train.py
+	$(PY) tests/bench/bench_comfy.py
 
 train-smoke: setup
 	$(PY) -m withanyone_core.testing.smoke_data .cache/smoke
@@ -32,6 +38,9 @@ train-smoke: setup
 
 comfyui: setup
 	$(PY) tools/get_comfyui.py
+
+workflows: setup
+	$(PY) tools/build_workflows.py
 
 clean:
 	rm -rf .cache .pytest_cache

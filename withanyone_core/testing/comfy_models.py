@@ -44,3 +44,29 @@ def flux_adapter(seed: int = 0):
         for block in list(adapter.ipa_arc) + list(adapter.ipa_sig):
             block.to_out.weight.mul_(4.0)
     return adapter.eval()
+
+
+def clip_l_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random CLIP-L text encoder weights (transformers layout, ~123M) that ComfyUI's CLIPLoader
+    reads as an SD1-style CLIP-L: 77 tokens of width 768 plus a pooled 768 vector."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=49407, pad_token_id=1)
+    state = CLIPTextModelWithProjection(config).state_dict()
+    return {k: v.contiguous() for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def flux_vae_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the shape of FLUX.1's ``ae.safetensors`` (16 latent channels, ~84M),
+    in diffusers' layout, which ComfyUI's VAELoader converts on load."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    return {k: v.contiguous() for k, v in vae.state_dict().items()}

@@ -1,0 +1,53 @@
+"""README's first command: `make demo` (tools/demo.py) on a machine without the real model files.
+
+It must say which files go where, then run the single-person workflow's graph on small
+random-weight models in a real ComfyUI server and save an image. COMFYUI_DIR points at a
+ComfyUI whose models/ folder is empty (links to the test ComfyUI's code), as a user's
+fresh install would be.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from comfy_env import ROOT, comfyui_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def empty_comfyui(tmp_path):
+    source = comfyui_dir()
+    fresh = tmp_path / "ComfyUI"
+    fresh.mkdir()
+    for entry in source.iterdir():
+        if entry.name not in ("models", "custom_nodes", "input", "output", "user"):
+            (fresh / entry.name).symlink_to(entry)
+    (fresh / "models").mkdir()
+    return fresh
+
+
+def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, tmp_path):
+    demo_dir = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "demo.py"), "--steps", "2", "--demo-dir", str(demo_dir)],
+        env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)}, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    models = empty_comfyui / "models"
+    for line in (f"flux1-dev.safetensors (FLUX.1-dev, from black-forest-labs/FLUX.1-dev) -> {models / 'diffusion_models'}",
+                 f"withanyone.safetensors (WithAnyone release, 5.6 GB) -> {models / 'withanyone'}",
+                 f"-> {models / 'insightface' / 'models' / 'antelopev2'}", "random-weight models"):
+        assert line in log
+    assert (empty_comfyui / "custom_nodes" / "comfyui-withanyone").resolve() == ROOT  # installed into it
+    saved = sorted((demo_dir / "output" / "WithAnyone").glob("demo_random_weights_*.png"))
+    assert len(saved) == 1 and f"saved {saved[0]}" in log
+    image = Image.open(saved[0])
+    assert image.size == (256, 256)
+    assert len(set(image.convert("L").getdata())) > 16  # decoded pixels, not a blank canvas
+    assert not any(p.is_file() for p in models.rglob("*"))  # nothing written into the user's models folders
