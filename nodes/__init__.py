@@ -15,7 +15,8 @@ if _PACK_ROOT not in sys.path:
 
 class WithAnyoneExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from . import faces, layout, loaders, metrics, sampling
+        from . import faces, layout, loaders, metrics, routes, sampling
 
         loaders.register_model_folders()
+        routes.register_routes()
         return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES]

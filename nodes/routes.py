@@ -1,0 +1,83 @@
+"""Server routes for the pack's frontend extension (web/withanyone.js).
+
+``POST /withanyone/layout`` gives the face boxes the WithAnyoneLayout node would produce for its widget
+values, computed by nodes/layout.py itself (the browser draws them; it never re-implements the parsing).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .layout import COLORS, PRESETS, parse_boxes, preset_boxes
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_ROUTE = "/withanyone/layout"
+IMAGE_NOTE = "boxes come from the layout image when the graph runs"
+
+
+class LayoutRequestError(ValueError):
+    """A request the node itself would refuse; the message goes back to the browser."""
+
+
+def _integer(body: dict, name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise LayoutRequestError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def layout_response(body) -> dict:
+    """The JSON answer for one request body; raises ValueError with the node's own message."""
+    if not isinstance(body, dict):
+        raise LayoutRequestError("expected a JSON object {width, height, source, people, boxes}")
+    width, height = _integer(body, "width"), _integer(body, "height")
+    if width <= 0 or height <= 0:
+        raise LayoutRequestError(f"width and height must be positive, got {width}x{height}")
+    source = body.get("source", "preset")
+    colors = ["#%02x%02x%02x" % c for c in COLORS]
+    if source == "preset":
+        people = _integer(body, "people")
+        if people not in PRESETS:
+            raise LayoutRequestError(f"people must be 1 to {max(PRESETS)}, got {people}")
+        found = preset_boxes(people, width, height)
+    elif source == "text":
+        text = body.get("boxes", "")
+        if not isinstance(text, str):
+            raise LayoutRequestError("boxes must be a string")
+        found = parse_boxes(text, width, height)
+    elif source == "image":
+        return {"boxes": [], "width": width, "height": height, "colors": colors, "note": IMAGE_NOTE}
+    else:
+        raise LayoutRequestError(f"unknown layout source {source!r}")
+    return {"boxes": [[float(v) for v in box] for box in found], "width": width, "height": height,
+            "colors": colors}
+
+
+def register_routes() -> bool:
+    """Add the routes to the running ComfyUI server once; False where there is none (in-process tests)."""
+    # ComfyUI's main.py imports server.py and creates the PromptServer before it loads custom nodes;
+    # without one (the node tests import the pack directly) there is nothing to register with.
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    routes = instance.routes
+    if any(getattr(route, "path", None) == LAYOUT_ROUTE for route in routes):
+        return True
+    from aiohttp import web
+
+    @routes.post(LAYOUT_ROUTE)
+    async def withanyone_layout(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the request body is not JSON"}, status=400)
+        try:
+            return web.json_response(layout_response(body))
+        except ValueError as err:
+            return web.json_response({"error": str(err)}, status=400)
+
+    logger.debug("registered %s", LAYOUT_ROUTE)
+    return True
