@@ -78,25 +78,47 @@ def test_tokens_outside_boxes_unchanged_in_first_double_block(models):
     assert changed[0] > 0 and torch.count_nonzero(changed[1:]) == 0
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_flow_to_adapter(models, checkpointing):
-    transformer, adapter = models
+def _adapter_grads(transformer, adapter, checkpointing: bool) -> dict[str, torch.Tensor]:
     transformer.requires_grad_(False)
     adapter.train().requires_grad_(True)
     adapter.zero_grad()
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
     handle = attach_adapter(transformer, adapter)
+    if checkpointing:
+        handle.enable_gradient_checkpointing()
     try:
         with handle.conditioning(*_ids(), height=H, width=W, boxes=[[[0, 0, 48, 64], [40, 0, 96, 64]]] * 2):
-            transformer(**_inputs())[0].square().mean().backward()
+            loss = transformer(**_inputs())[0].square().mean()
+        loss.backward()  # after the conditioning block, as a trainer does: recomputation must keep identities
     finally:
         handle.detach()
-        if checkpointing:
-            transformer.disable_gradient_checkpointing()
-    for name, p in adapter.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+        transformer.disable_gradient_checkpointing()
+    return {name: p.grad.clone() for name, p in adapter.named_parameters()}
+
+
+def test_gradients_flow_to_adapter_also_with_checkpointing(models):
+    transformer, adapter = models
+    torch.manual_seed(0)
+    plain = _adapter_grads(transformer, adapter, checkpointing=False)
+    torch.manual_seed(0)
+    checkpointed = _adapter_grads(transformer, adapter, checkpointing=True)
+    for name, grad in plain.items():
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpointing_enabled_on_the_transformer_directly_is_refused(models):
+    transformer, adapter = models
+    transformer.enable_gradient_checkpointing()
+    handle = attach_adapter(transformer, adapter)
+    try:
+        with pytest.raises(RuntimeError, match="handle.enable_gradient_checkpointing"):
+            with handle.conditioning(*_ids(), height=H, width=W):
+                pass
+        with torch.no_grad(), handle.conditioning(*_ids(), height=H, width=W):
+            pass  # inference never checkpoints: allowed
+    finally:
+        handle.detach()
+        transformer.disable_gradient_checkpointing()
 
 
 def test_mismatched_adapter_is_refused(models):

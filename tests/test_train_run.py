@@ -208,3 +208,43 @@ def test_cpu_launch_command(smoke_set, reference_run, tmp_path):
 def test_misconfigured_multi_process_launch_is_refused(smoke_set, tmp_path):
     result = _launch(tmp_path / "bad", "--multi_gpu", "--num_processes", "2")
     assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr
+
+
+PAIRED_ONLY = ("phases=[{name: paired, steps: 3, paired_ratio: 0.5, loss: {flow: 1.0, id: 0.1, contrastive: 0.1}, "
+               "id_gate: 1.0, negatives: 8}]")
+
+
+def test_gradient_checkpointing_and_bf16(smoke_set, tmp_path, monkeypatch):
+    """Gradient checkpointing recomputes the blocks (it is really on) and changes no loss; bf16
+    autocast trains with finite losses close to fp32's. All three runs use the ID losses."""
+    import torch.utils.checkpoint
+
+    common = ("train.mode=lora", PAIRED_ONLY, "checkpoint.every=3", "sample.every=0")
+    _train(tmp_path / "plain", *common)
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    _train(tmp_path / "checkpointed", *common, "train.gradient_checkpointing=true")
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", original)
+    assert calls  # the transformer's blocks went through torch.utils.checkpoint
+    plain, checkpointed = _losses(tmp_path / "plain"), _losses(tmp_path / "checkpointed")
+    assert len(plain) == 3 and all("loss/id" in row for row in plain)
+    for a, b in zip(plain, checkpointed):
+        for key in ("loss/flow", "loss/id", "loss/contrastive"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
+
+    # accelerate fixes the precision once per process: a fresh one, as a user would run it
+    args = [a for o in (*common, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'bf16'}") for a in ("--set", o)]
+    subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE), *args], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, timeout=600)
+    bf16 = _losses(tmp_path / "bf16")
+    assert len(bf16) == 3
+    first, first_bf16 = plain[0], bf16[0]  # same weights and batch: only the precision differs
+    for key in ("loss/flow", "loss/id", "loss/contrastive"):
+        assert torch.isfinite(torch.tensor([row[key] for row in bf16])).all()
+        assert abs(first_bf16[key] - first[key]) <= 0.05 * abs(first[key]) + 1e-3, (key, first, first_bf16)

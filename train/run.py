@@ -72,7 +72,7 @@ class Trainer:
         self.models: ModelSet = load_models(config)
         self.params = set_trainable(self.models, config.train.mode, config.train.lora)
         if config.train.gradient_checkpointing:
-            self.models.transformer.enable_gradient_checkpointing()
+            self.models.denoiser.handle.enable_gradient_checkpointing()  # keeps identities on recomputation
         self.manifest = Manifest.load(config.data.manifest)
         self.index = IdentityIndex(self.manifest)
         self.pool = (NegativePool.load(config.data.negatives) if config.data.negatives

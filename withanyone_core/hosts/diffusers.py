@@ -11,8 +11,12 @@ given per call::
         velocity = transformer(hidden_states=..., ...).sample
     handle.detach()  # the base model is untouched afterwards
 
-Gradients flow through the hooks (training uses this host), also under diffusers'
-gradient checkpointing, where the hooks run again on recomputation.
+Gradients flow through the hooks (training uses this host). For gradient checkpointing
+call ``handle.enable_gradient_checkpointing()`` instead of the transformer's own method:
+blocks are recomputed during backward, usually after the ``conditioning`` block has
+exited, and the handle's checkpoint function gives each recomputation the identities of
+the forward it repeats (with diffusers' default one the recomputed block would differ
+from the original and torch's checkpoint raises).
 """
 
 from __future__ import annotations
@@ -105,14 +109,40 @@ class AdapterHandle:
         """
         if not self.attached:
             raise RuntimeError("the adapter was detached from this transformer; attach it again")
+        checkpoint_func = getattr(self.transformer, "_gradient_checkpointing_func", None)
+        if (torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False)
+                and getattr(checkpoint_func, "withanyone_handle", None) is not self):
+            raise RuntimeError("gradient checkpointing was enabled on the transformer directly; call "
+                               "handle.enable_gradient_checkpointing() so recomputed blocks keep their identities")
         inputs = self.adapter.prepare(
             arcface, siglip, TokenGrid.for_pixels(height, width, padded=False), boxes, id_weight, siglip_weight
         )
+        with self._activated(inputs):
+            yield inputs
+
+    @contextlib.contextmanager
+    def _activated(self, inputs: BlockInputs | None) -> Iterator[None]:
         previous, self.active = self.active, inputs
         try:
-            yield inputs
+            yield
         finally:
             self.active = previous
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' gradient checkpointing on the transformer, with recomputation that sees the
+        identities its forward saw (non-reentrant checkpoint with a recompute context)."""
+        from torch.utils import checkpoint
+
+        def checkpoint_block(module: nn.Module, *args):
+            active = self.active  # what this forward uses; restored when backward recomputes it
+
+            def contexts():
+                return contextlib.nullcontext(), self._activated(active)
+
+            return checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+        checkpoint_block.withanyone_handle = self
+        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_block)
 
 
 def attach_adapter(transformer: nn.Module, adapter: IdentityAdapter) -> AdapterHandle:
