@@ -19,7 +19,7 @@ copies no weights and never touches the original MODEL or other graph branches.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,9 @@ class IdentityConditioning:
     siglip_weight: float
     sigma_start: float
     sigma_end: float
+    # identity tokens and region plan per (latent size, batch, device, dtype): the projectors
+    # (~0.6 B parameters at FLUX.1 size) run once per sampling run, not once per step
+    _prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __deepcopy__(self, memo):
         return self  # immutable: sharing it keeps the 5 GB adapter from being copied
@@ -74,11 +77,19 @@ class IdentityConditioning:
         adapter = self.adapter
         param = adapter.ipa_arc[0].to_q.weight
         grid = TokenGrid.for_latent(x.shape[-2], x.shape[-1])
-        tokens = adapter.encode_identities(self.arcface[None].to(param.device), self.siglip[None].to(param.device))
-        layout = build_layout(self.boxes_for(x.shape[-2] * PIXELS_PER_LATENT, x.shape[-1] * PIXELS_PER_LATENT),
-                              grid, tokens.num_persons, 1, device=param.device)
-        inputs = IdentityAdapter.prepare_from(tokens, layout, self.id_weight, self.siglip_weight)
-        return inputs.repeat(x.shape[0]), grid.num_tokens
+        key = (x.shape[-2], x.shape[-1], x.shape[0], param.device, param.dtype)
+        inputs = self._prepared.get(key)
+        if inputs is None:
+            tokens = adapter.encode_identities(self.arcface[None].to(param.device),
+                                               self.siglip[None].to(param.device))
+            layout = build_layout(self.boxes_for(x.shape[-2] * PIXELS_PER_LATENT, x.shape[-1] * PIXELS_PER_LATENT),
+                                  grid, tokens.num_persons, 1, device=param.device)
+            inputs = IdentityAdapter.prepare_from(tokens, layout, self.id_weight, self.siglip_weight)
+            inputs = inputs.repeat(x.shape[0])
+            if len(self._prepared) >= 4:  # e.g. an offloaded adapter left entries on another device
+                self._prepared.clear()
+            self._prepared[key] = inputs
+        return inputs, grid.num_tokens
 
 
 @dataclass(frozen=True)

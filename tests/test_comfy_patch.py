@@ -310,3 +310,23 @@ def test_reduced_precision_weights_and_bf16_adapter(flux, identities, weight_dty
     identity_effect = (reference - _sample(model32)).norm()
     assert (out - reference).norm() < 0.25 * identity_effect  # precision loss is small next to the identities
     assert (out - base).norm() > 0.5 * identity_effect  # and the identities still act
+
+
+def test_identity_tokens_are_encoded_once_per_sampling_run(flux, identities, monkeypatch):
+    """The projectors (~0.6 B parameters at FLUX.1 size) do not run again at every step."""
+    from withanyone_core.adapter import IdentityAdapter
+
+    model, adapter_patcher, _ = flux
+    calls = []
+    original = IdentityAdapter.encode_identities
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IdentityAdapter, "encode_identities", counting)
+    patched = _apply(model, adapter_patcher, identities)
+    first = _sample(patched, steps=3)
+    assert len(calls) == 1
+    fresh = _apply(model, adapter_patcher, identities)  # a new Apply: nothing cached yet
+    assert torch.equal(_sample(fresh, steps=3), first) and len(calls) == 2
