@@ -123,6 +123,18 @@ def _wait_layout(page, node_id, predicate, timeout=15):
     raise AssertionError(f"node.withanyoneLayout never matched: {layout}")
 
 
+def _open_app(browser, url):
+    """The ComfyUI page with our extension registered and an empty graph; returns (page, page errors)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page_errors = []
+    page.on("pageerror", lambda err: page_errors.append(str(err)))
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    page.wait_for_function("() => window.app?.graph && window.LiteGraph && app.extensions?.length", timeout=60_000)
+    page.wait_for_function("() => app.extensions.some((e) => e.name === 'WithAnyone.Frontend')", timeout=30_000)
+    page.evaluate("() => { app.graph.clear(); app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; }")
+    return page, page_errors
+
+
 def test_frontend_extension_in_chromium(server, browser, layout_module, tmp_path):
     url, base = server
     page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -197,4 +209,58 @@ def test_frontend_extension_in_chromium(server, browser, layout_module, tmp_path
     assert layout["error"] is None
     assert not page_errors, page_errors
     assert not [m for m in ours if "error" in m.lower()], ours
+    page.close()
+
+
+COUNT_GRAPH = """() => {
+    const make = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
+    const layout = make("WithAnyoneLayout", 40, 40);
+    const encode = make("WithAnyoneIdentityEncode", 40, 520);
+    const apply = make("WithAnyoneApply", 520, 40);
+    for (const [k, x] of [[1, 400], [2, 760]]) {
+        make("WithAnyoneFaceExtract", x, 620).connect(0, encode, encode.findInputSlot(`person_${k}`));
+    }
+    encode.connect(0, apply, apply.findInputSlot("identities"));
+    layout.connect(0, apply, apply.findInputSlot("layout"));
+    return layout.id;
+}"""
+WARNING_OF = "(id) => { app.canvas.draw(true, true); return app.graph.getNodeById(id).withanyoneCountWarning; }"
+
+
+def test_box_count_checked_against_connected_people_before_the_run(server, browser, tmp_path):
+    url, _ = server
+    page, page_errors = _open_app(browser, url)
+    node_id = page.evaluate(COUNT_GRAPH)
+    page.evaluate(SET_WIDGET, [node_id, "people", 3])
+    _wait_layout(page, node_id, lambda lay: len(lay["boxes"]) == 3)
+    warning = page.evaluate(WARNING_OF, node_id)
+    assert warning and warning.startswith("3 face boxes but 2 people are connected"), warning
+    page.screenshot(path=str(tmp_path / "count_warning.png"))
+    page.evaluate(SET_WIDGET, [node_id, "people", 2])
+    _wait_layout(page, node_id, lambda lay: len(lay["boxes"]) == 2)
+    assert page.evaluate(WARNING_OF, node_id) is None
+    assert not page_errors, page_errors
+    page.close()
+
+
+def test_shipped_workflows_load_in_the_frontend_as_our_converter_reads_them(server, browser):
+    """Each workflows/*.json loads in the real frontend, and the prompt the frontend builds from it is
+    the one tools/workflows.py's ui_to_api (used by the server test and the demo) builds."""
+    from comfy_env import ROOT
+    from workflows import ui_to_api
+
+    url, _ = server
+    info = json.load(urllib.request.urlopen(url + "/object_info", timeout=60))
+    page, page_errors = _open_app(browser, url)
+    files = sorted((ROOT / "workflows").glob("*.json"))
+    assert len(files) >= 5
+    for path in files:
+        workflow = json.loads(path.read_text())
+        output = page.evaluate("""async (workflow) => {
+            await app.loadGraphData(workflow, true, true, "test");
+            return (await app.graphToPrompt()).output;
+        }""", workflow)
+        frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in output.items()}
+        assert frontend == ui_to_api(workflow, info), path.name
+    assert not page_errors, page_errors
     page.close()

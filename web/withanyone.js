@@ -4,6 +4,9 @@
 //   (debounced) whenever width/height/source/people/boxes change. The boxes come from the server route
 //   POST /withanyone/layout, which runs nodes/layout.py's own parser, so a bad line shows the node's
 //   error message (in red) before the graph is queued. The latest result is node.withanyoneLayout.
+//   When the layout feeds Apply WithAnyone / WithAnyone Sampler whose identities come from an Identity
+//   Encode node, a box count that differs from the connected people is flagged on the node before the
+//   run (node.withanyoneCountWarning); the server refuses such a run before sampling.
 // * WithAnyoneIdentityMetrics: after a run, the metric lines in a read-only text box and a small
 //   copy-paste meter coloured by the mean CP (+1: a copy of the reference, -1: the ground truth).
 import { app } from "../../scripts/app.js";
@@ -100,7 +103,34 @@ function drawMessage(ctx, text, color, x, y, w, h) {
   });
 }
 
+const LAYOUT_CONSUMERS = new Set(["WithAnyoneApply", "WithAnyoneSampler"]);
+const WARNING_COLOR = "#ffa533";
+
+function connectedPeople(consumer) {
+  const slot = consumer.findInputSlot?.("identities");
+  if (slot == null || slot < 0) return null;
+  const encoder = consumer.getInputNode?.(slot);
+  if (!encoder || encoder.type !== "WithAnyoneIdentityEncode") return null;
+  return (encoder.inputs ?? []).filter((input) => /^person_\d+$/.test(input.name) && input.link != null).length;
+}
+
+function countWarning(node) {
+  const layout = node.withanyoneLayout;
+  if (!layout || layout.error || layout.note) return null;
+  const boxes = layout.boxes.length;
+  for (const consumer of node.getOutputNodes?.(0) ?? []) {
+    if (!LAYOUT_CONSUMERS.has(consumer.type)) continue;
+    const people = connectedPeople(consumer);
+    if (people != null && people !== boxes) {
+      return `${boxes} face box${boxes === 1 ? "" : "es"} but ${people} ${people === 1 ? "person is" : "people are"} ` +
+        `connected to Identity Encode: box k is person k, give one box per person`;
+    }
+  }
+  return null;
+}
+
 function drawLayoutPreview(node, ctx) {
+  node.withanyoneCountWarning = countWarning(node);
   const spacer = widget(node, PREVIEW_WIDGET);
   if (node.flags?.collapsed || !spacer || spacer.y == null) return;
   const x = 10;
@@ -140,6 +170,12 @@ function drawLayoutPreview(node, ctx) {
       ctx.strokeRect(ox + x1 * scale, oy + y1 * scale, (x2 - x1) * scale, (y2 - y1) * scale);
       ctx.fillText(String(k + 1), ox + x1 * scale + 4, oy + y1 * scale + 3);
     });
+    if (node.withanyoneCountWarning) {
+      ctx.strokeStyle = WARNING_COLOR;
+      ctx.lineWidth = 1;
+      ctx.strokeRect(x, y, w, h);
+      drawMessage(ctx, node.withanyoneCountWarning, WARNING_COLOR, x, y, w, h);
+    }
   }
   ctx.restore();
 }
