@@ -22,6 +22,9 @@ def test_runtime_dependencies_match_and_exclude_torch():
 def test_comfy_registry_metadata():
     comfy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "WithAnyone" and comfy["Icon"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert (ROOT / project["license"]["file"]).read_text().lstrip().startswith("Apache License")
+    assert (ROOT / comfy["Icon"].split("/main/", 1)[1]).is_file()  # the icon the Registry shows is in the repo
 
 
 def test_dev_setup_pins_torch_for_tests_only():
