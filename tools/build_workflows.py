@@ -75,6 +75,14 @@ def _decode_and_save(g: Graph, latent, vae, x: float, prefix: str):
     return image
 
 
+def _sampler(g: Graph, unet, positive, negative, adapter, identities, layout, seed: int, batch_size: int = 1):
+    """The all-in-one WithAnyone Sampler with FLUX.1-dev's usual settings (28 steps, guidance 3.5, cfg 1)."""
+    return g.add("WithAnyoneSampler", (2 * COL, 0), model=unet.out(), positive=positive.out(),
+                 negative=negative.out(), adapter=adapter.out(), identities=identities.out(),
+                 layout=layout.out("layout"), seed=seed, steps=28, cfg=1.0, sampler_name="euler",
+                 scheduler="simple", guidance=3.5, batch_size=batch_size, id_weight=1.0, siglip_weight=1.0)
+
+
 def single_person(info: dict) -> dict:
     g = Graph(info)
     unet, positive, negative, vae, adapter, analyzer, siglip = _models(
@@ -83,10 +91,7 @@ def single_person(info: dict) -> dict:
     layout = g.add("WithAnyoneLayout", (3 * COL, 300), width=1024, height=1024, source="preset", people=1,
                    boxes="0.38,0.18,0.62,0.50")
     g.add("PreviewImage", (4 * COL, 300), title="Where the face goes", images=layout.out("preview"))
-    latent = g.add("WithAnyoneSampler", (2 * COL, 0), model=unet.out(), positive=positive.out(),
-                   negative=negative.out(), adapter=adapter.out(), identities=identities.out(),
-                   layout=layout.out("layout"), seed=42, steps=28, cfg=1.0, sampler_name="euler",
-                   scheduler="simple", guidance=3.5, batch_size=1, id_weight=1.0, siglip_weight=1.0)
+    latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=42)
     _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/single")
     return g.to_ui("One person. Put a photo of the person in the Load Image node; the preset places the face.")
 
@@ -135,10 +140,7 @@ def four_people_manual_layout(info: dict) -> dict:
     layout = g.add("WithAnyoneLayout", (4 * COL, 880), title="Four face boxes (pixels, one per line)",
                    width=1344, height=768, source="text", people=4, boxes=FOUR_BOXES)
     g.add("PreviewImage", (5 * COL, 880), title="Where each face goes", images=layout.out("preview"))
-    latent = g.add("WithAnyoneSampler", (2 * COL, 0), model=unet.out(), positive=positive.out(),
-                   negative=negative.out(), adapter=adapter.out(), identities=identities.out(),
-                   layout=layout.out("layout"), seed=1234, steps=28, cfg=1.0, sampler_name="euler",
-                   scheduler="simple", guidance=3.5, batch_size=1, id_weight=1.0, siglip_weight=1.0)
+    latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=1234)
     _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/four_people")
     return g.to_ui("Four people with a hand-written layout: box k is person k. Edit the numbers to move faces.")
 
@@ -165,10 +167,7 @@ def identity_metrics(info: dict) -> dict:
     identities = _people(g, 1, analyzer, siglip, x=0)
     layout = g.add("WithAnyoneLayout", (3 * COL, 300), width=1024, height=1024, source="preset", people=1,
                    boxes="0.38,0.18,0.62,0.50")
-    latent = g.add("WithAnyoneSampler", (2 * COL, 0), model=unet.out(), positive=positive.out(),
-                   negative=negative.out(), adapter=adapter.out(), identities=identities.out(),
-                   layout=layout.out("layout"), seed=3, steps=28, cfg=1.0, sampler_name="euler",
-                   scheduler="simple", guidance=3.5, batch_size=2, id_weight=1.0, siglip_weight=1.0)
+    latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=3, batch_size=2)
     image = _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/metrics")
     truth = g.add("LoadImage", (4 * COL, 880), title="Ground truth: another photo of the same person",
                   image=GROUND_TRUTH_PHOTO)
