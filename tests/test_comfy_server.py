@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
-import urllib.error
-import urllib.request
 
 from pathlib import Path
 
@@ -18,7 +14,7 @@ from comfy_server import ComfyServer  # tools/, put on sys.path by comfy_env
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory) -> ComfyServer:
     base = tmp_path_factory.mktemp("comfy")
     from withanyone_core.testing.faces import build_tiny_antelopev2, paint_face, remove_green
 
@@ -36,7 +32,7 @@ def server(tmp_path_factory):
     Image.fromarray(remove_green(np.asarray(photo))).save(base / "input" / "no_face.png")
     _workflow_placeholders(base)
     with ComfyServer(base) as comfy:
-        yield comfy.url, base, comfy
+        yield comfy
 
 
 def _workflow_placeholders(base: Path) -> None:
@@ -57,12 +53,12 @@ def _workflow_placeholders(base: Path) -> None:
 
 
 def test_object_info_lists_every_node(server):
-    url, base, _ = server
-    info = json.load(urllib.request.urlopen(url + "/object_info", timeout=30))
+    comfy = server
+    info = comfy.get_json("/object_info")
     ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
     assert set(ours) == {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader",
                          "WithAnyoneFaceExtract", "WithAnyoneIdentityEncode", "WithAnyoneLayout", "WithAnyoneApply",
-                         "WithAnyoneSampler", "WithAnyoneIdentityMetrics"}, (base / "server.log").read_text()[-3000:]
+                         "WithAnyoneSampler", "WithAnyoneIdentityMetrics"}, comfy.log_tail(100_000)[-3000:]
     for node in ours.values():
         assert node["category"].startswith("WithAnyone") and node["description"]
     assert ours["WithAnyoneApply"]["output"] == ["MODEL"]
@@ -70,40 +66,24 @@ def test_object_info_lists_every_node(server):
     layout = ours["WithAnyoneLayout"]
     assert {"width", "height", "source", "people", "boxes"} <= set(layout["input"]["required"])
     assert layout["output"] == ["WITHANYONE_LAYOUT", "IMAGE"]
-    assert "Import failed" not in (base / "server.log").read_text()
-
-
-def _run(url: str, prompt: dict, timeout: float = 120) -> dict:
-    body = json.dumps({"prompt": prompt, "client_id": "withanyone-tests"}).encode()
-    req = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-    try:
-        prompt_id = json.load(urllib.request.urlopen(req, timeout=30))["prompt_id"]
-    except urllib.error.HTTPError as err:  # validation errors come back as 400 with details
-        return {"validation_error": json.loads(err.read())}
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        history = json.load(urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30))
-        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-            return history[prompt_id]
-        time.sleep(0.3)
-    raise TimeoutError(f"prompt {prompt_id} did not finish")
+    assert "Import failed" not in comfy.log_tail(100_000)
 
 
 def test_layout_preview_runs_and_errors_reach_history(server):
-    url, _, _ = server
+    comfy = server
     layout = {"class_type": "WithAnyoneLayout",
               "inputs": {"width": 1024, "height": 768, "source": "preset", "people": 3, "boxes": ""}}
-    done = _run(url, {"1": layout, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
+    done = comfy.run({"1": layout, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
     assert done["status"]["status_str"] == "success"
     assert done["outputs"]["2"]["images"][0]["type"] == "temp"
     bad = {**layout, "inputs": {**layout["inputs"], "source": "text", "boxes": "10,10,5"}}
-    failed = _run(url, {"1": bad, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
+    failed = comfy.run({"1": bad, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
     messages = json.dumps(failed["status"]["messages"])
     assert failed["status"]["status_str"] == "error" and "expected 4 numbers x1,y1,x2,y2" in messages
 
 
 def test_face_extraction_layout_and_no_face_error(server):
-    url, _, _ = server
+    comfy = server
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "group.png"}},
         "2": {"class_type": "WithAnyoneFaceAnalyzerLoader",
@@ -116,16 +96,16 @@ def test_face_extraction_layout_and_no_face_error(server):
                          "layout_image": ["1", 0], "face_analyzer": ["2", 0]}},
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
     }
-    done = _run(url, prompt)
+    done = comfy.run(prompt)
     assert done["status"]["status_str"] == "success", done["status"]
     assert set(done["outputs"]) == {"4", "6"}
     # one failing branch per run: ComfyUI's execution order between independent branches is not fixed
     no_face = {"1": {"class_type": "LoadImage", "inputs": {"image": "no_face.png"}}}
-    failed = _run(url, {**no_face, **{k: prompt[k] for k in ("2", "3", "4")}})
+    failed = comfy.run({**no_face, **{k: prompt[k] for k in ("2", "3", "4")}})
     messages = json.dumps(failed["status"]["messages"])
     assert failed["status"]["status_str"] == "error"
     assert "no face found in photo 1 of 1" in messages and "WithAnyoneFaceExtract" in messages
-    failed = _run(url, {**no_face, **{k: prompt[k] for k in ("2", "5", "6")}})
+    failed = comfy.run({**no_face, **{k: prompt[k] for k in ("2", "5", "6")}})
     messages = json.dumps(failed["status"]["messages"])
     assert failed["status"]["status_str"] == "error"
     assert "no face found in the layout image" in messages and "WithAnyoneLayout" in messages
@@ -142,7 +122,7 @@ def test_shipped_workflows_are_templates_and_validate(server):
     from comfy_server import PromptRejected, execution_error
     from workflows import check_api, ui_to_api
 
-    url, base, comfy = server
+    comfy = server
     files = {p.stem: p for p in (ROOT / "workflows").glob("*.json")}
     assert WORKFLOW_NAMES <= set(files)
     templates = comfy.get_json("/workflow_templates")
