@@ -51,9 +51,7 @@ def install_pack(custom_nodes: Path) -> Path:
     """Link this repository into a ``custom_nodes`` folder (once); returns the link."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / PACK_NAME
-    if link.is_symlink() and link.resolve() == ROOT:
-        return link
-    if link.exists() or link.is_symlink():
+    if link.exists() or link.is_symlink():  # is_symlink: a dangling link is still in the way
         if link.resolve() != ROOT:
             raise SystemExit(f"{link} exists and is not this checkout ({ROOT}); move it away or set COMFYUI_DIR")
         return link
