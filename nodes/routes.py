@@ -6,7 +6,9 @@ values, computed by nodes/layout.py itself (the browser draws them; it never re-
 
 from __future__ import annotations
 
+import colorsys
 import logging
+import math
 import sys
 
 from .layout import COLORS, PRESETS, parse_boxes, preset_boxes
@@ -21,9 +23,32 @@ class LayoutRequestError(ValueError):
     """A request the node itself would refuse; the message goes back to the browser."""
 
 
+def box_colors(count: int) -> list[str]:
+    """One colour per box: nodes/layout.py's four COLORS first, then hues of their own for box 5 and later
+    (spread by the golden angle, so neighbours never look alike)."""
+    colors = ["#%02x%02x%02x" % c for c in COLORS]
+    for k in range(len(colors), count):
+        r, g, b = colorsys.hls_to_rgb(((k - len(COLORS)) * 0.381966 + 0.83) % 1.0, 0.6, 0.85)
+        colors.append("#%02x%02x%02x" % (round(r * 255), round(g * 255), round(b * 255)))
+    return colors
+
+
+def _finite_boxes(found) -> list[list[float]]:
+    """JSON has no NaN/inf: a box with one refuses the request instead of sending invalid JSON."""
+    boxes = []
+    for k, box in enumerate(found, 1):
+        values = [float(v) for v in box]
+        if not all(math.isfinite(v) for v in values):
+            raise LayoutRequestError(f"box {k} has a coordinate that is not a finite number ({box}): "
+                                     f"use four numbers x1,y1,x2,y2 in pixels or 0-1 fractions")
+        boxes.append(values)
+    return boxes
+
+
 def _integer(body: dict, name: str) -> int:
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value)):
         raise LayoutRequestError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
@@ -36,7 +61,6 @@ def layout_response(body) -> dict:
     if width <= 0 or height <= 0:
         raise LayoutRequestError(f"width and height must be positive, got {width}x{height}")
     source = body.get("source", "preset")
-    colors = ["#%02x%02x%02x" % c for c in COLORS]
     if source == "preset":
         people = _integer(body, "people")
         if people not in PRESETS:
@@ -48,11 +72,11 @@ def layout_response(body) -> dict:
             raise LayoutRequestError("boxes must be a string")
         found = parse_boxes(text, width, height)
     elif source == "image":
-        return {"boxes": [], "width": width, "height": height, "colors": colors, "note": IMAGE_NOTE}
+        return {"boxes": [], "width": width, "height": height, "colors": box_colors(0), "note": IMAGE_NOTE}
     else:
         raise LayoutRequestError(f"unknown layout source {source!r}")
-    return {"boxes": [[float(v) for v in box] for box in found], "width": width, "height": height,
-            "colors": colors}
+    boxes = _finite_boxes(found)
+    return {"boxes": boxes, "width": width, "height": height, "colors": box_colors(len(boxes))}
 
 
 def register_routes() -> bool:
@@ -78,6 +102,9 @@ def register_routes() -> bool:
             return web.json_response(layout_response(body))
         except ValueError as err:
             return web.json_response({"error": str(err)}, status=400)
+        except Exception as err:  # a bug here must reach the node as a message, not as an HTML error page
+            logger.exception("%s failed", LAYOUT_ROUTE)
+            return web.json_response({"error": f"layout preview failed: {type(err).__name__}: {err}"}, status=500)
 
     logger.debug("registered %s", LAYOUT_ROUTE)
     return True
