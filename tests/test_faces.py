@@ -14,13 +14,16 @@ from PIL import Image
 
 from withanyone_core.faces import (
     ANTELOPEV2_FILES,
+    Face,
     FaceAnalyzer,
+    FaceIndexError,
     FaceModelsNotFound,
     ImageReadError,
     NoFaceError,
     arcface_crop,
     find_antelopev2_dir,
     layout_boxes_from_image,
+    layout_from_photo,
     load_image,
     select_face,
     siglip_crop,
@@ -87,18 +90,52 @@ def test_siglip_crop_is_the_reference_square_crop():
     assert np.array_equal(edge, np.asarray(expected))
 
 
-def test_selection_largest_with_warning_index_and_min_size(analyzer, caplog):
-    image, boxes, _ = make_face_image([(4, 5), (13, 7)])
-    faces = analyzer.analyze(image)
+def _face(x1, y1, side, score):
+    box = np.array([x1, y1, x1 + side, y1 + side], dtype=np.float32)
+    return Face(bbox=box, kps=np.zeros((5, 2), np.float32), score=score)
+
+
+def test_selection_highest_score_by_default_largest_left_to_right_and_index(caplog):
+    small_sure, big_unsure, left = _face(300, 50, 80, 0.95), _face(150, 60, 200, 0.62), _face(10, 40, 120, 0.81)
+    faces = [big_unsure, left, small_sure]  # the detector's order (largest first) is not the choice
     with caplog.at_level(logging.WARNING):
-        chosen = select_face(faces, image_name="group.jpg")
-    assert "group.jpg has 2 faces" in caplog.text
-    assert chosen is faces[0]
-    assert select_face(faces, index=1) is faces[1]
-    with pytest.raises(NoFaceError, match="only 2 face"):
-        select_face(faces, index=2, image_name="group.jpg")
-    with pytest.raises(NoFaceError, match="smaller than 100 px"):
-        select_face(faces, min_size=100, image_name="group.jpg")
+        assert select_face(faces, image_name="group.jpg") is small_sure  # the authors' choice
+    assert "group.jpg has 3 faces; took the face with the highest detection score" in caplog.text
+    assert "score 0.95" in caplog.text and "score 0.62" in caplog.text  # the chosen one and the others
+    assert select_face(faces, choice="largest") is big_unsure
+    assert select_face(faces, choice="left to right") is left
+    assert select_face(faces, index=1) is left  # second-highest score
+    assert select_face(faces, index=2, choice="largest") is small_sure
+    assert select_face(faces, index=-1) is small_sure  # -1 from older workflows: the first
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        select_face([small_sure], image_name="solo.jpg")
+    assert caplog.text == ""  # one face: nothing to explain
+    with pytest.raises(ValueError, match="face choice must be one of highest score, largest, left to right"):
+        select_face(faces, choice="biggest")
+
+
+def test_selection_min_size_index_errors_and_singular_wording(caplog):
+    faces = [_face(0, 0, 200, 0.7), _face(300, 0, 40, 0.99)]
+    with caplog.at_level(logging.WARNING):
+        assert select_face(faces, min_size=64, image_name="a.jpg") is faces[0]  # the sure but tiny one is ignored
+    assert "a.jpg has 1 usable face (1 more under 64 px ignored)" in caplog.text
+    with pytest.raises(FaceIndexError, match=r"face index 1 requested but only 1 face is usable"):
+        select_face(faces, index=1, min_size=64, image_name="a.jpg")
+    with pytest.raises(FaceIndexError, match=r"only 2 faces are usable"):
+        select_face(faces, index=2, image_name="a.jpg")
+    with pytest.raises(NoFaceError, match=r"a.jpg: 1 face found but it is smaller than the minimum face size of 100 px"):
+        select_face(faces[1:], min_size=100, image_name="a.jpg")
+    with pytest.raises(NoFaceError, match=r"2 faces found but all are smaller than the minimum face size of 300 px"):
+        select_face(faces, min_size=300, image_name="a.jpg")
+
+
+def test_no_face_message_states_the_actual_minimum_size():
+    with pytest.raises(NoFaceError, match=r"no face found in ref\.png at detection threshold 0\.55: .* at least 96 px wide"):
+        select_face([], min_size=96, image_name="ref.png", det_thresh=0.55)
+    with pytest.raises(NoFaceError) as err:
+        select_face([], min_size=0, image_name="ref.png")
+    assert "64 px" not in str(err.value) and "px wide" not in str(err.value)
 
 
 def test_no_face_names_the_image(analyzer):
@@ -196,12 +233,31 @@ def test_layout_from_image(analyzer):
     assert len(layout) == 2 and layout[0][0] < layout[1][0]  # left to right
     for x1, y1, x2, y2 in layout:
         assert abs((x2 - x1) - (y2 - y1)) < 1e-6 and 0 <= x1 < x2 <= 1024 and 0 <= y1 < y2 <= 512
-    # a 640x320 window of the 640x640 photo, centred on the faces, scaled by 1.6
-    y0 = np.clip((boxes[:, 1].min() + boxes[:, 3].max()) / 2 - 160, 0, 320)
-    expected_left = (np.array([boxes[1][0], boxes[1][1] - y0, boxes[1][2], boxes[1][3] - y0]) * 1.6)
-    np.testing.assert_allclose(layout[0], expected_left, atol=1e-4)
+    # the authors' framing: the 640x640 photo is its own square window, scaled by 512/640 and centred
+    # horizontally in the 1024x512 output (offset 256)
+    left = boxes[np.argmin(boxes[:, 0])]
+    np.testing.assert_allclose(layout[0], left * 0.8 + np.array([256, 0, 256, 0]), atol=1e-4)
     with pytest.raises(NoFaceError, match="layout image"):
         layout_boxes_from_image(analyzer, np.full((200, 200, 3), 90, np.uint8), 512, 512)
+
+
+def test_layout_people_keeps_the_highest_scores_left_to_right(analyzer, caplog):
+    image, boxes, _ = make_face_image([(3, 5), (10, 6), (16, 5)])
+    # a dimmer marker on the middle face: the tiny detector is less sure of it
+    image[6 * 32:7 * 32, 10 * 32:11 * 32] = (95, 165, 95)
+    faces = analyzer.analyze(image, embed=False)
+    scores = sorted(f.score for f in faces)
+    assert len(faces) == 3 and scores[0] < 0.95 < scores[1]
+    with caplog.at_level(logging.WARNING):
+        placed = layout_from_photo(analyzer, image, 768, 768, max_faces=2)
+    assert [f.bbox[0] for f in placed.faces] == sorted(f.bbox[0] for f in placed.faces)  # left to right
+    assert {round(float(f.bbox[0])) for f in placed.faces} == {round(float(boxes[0][0])), round(float(boxes[2][0]))}
+    assert len(placed.dropped) == 1 and round(float(placed.dropped[0].bbox[0])) == round(float(boxes[1][0]))
+    assert "the layout image has 3 faces; kept the 2 faces with the highest detection scores (people = 2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert len(layout_from_photo(analyzer, image, 768, 768, max_faces=4).boxes) == 3
+    assert "has only 3 faces but people = 4: the layout has 3 boxes" in caplog.text
 
 
 def test_torch_arcface_matches_onnxruntime_and_has_gradients(analyzer, models_root):
@@ -225,3 +281,24 @@ def test_torch_arcface_matches_onnxruntime_and_has_gradients(analyzer, models_ro
     assert (cos >= 0.999).all()
     (1 - cos).sum().backward()
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
+def test_siglip_crop_matte_blanks_the_background_like_the_authors_paste_on_black():
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    matte = np.zeros((300, 400), np.float32)
+    matte[60:160, 110:170] = 1.0  # the person
+    matte[160:170, 110:170] = 0.5  # a soft edge
+    bbox = np.array([100.7, 50.2, 160.9, 170.5])
+    plain, matted = siglip_crop(image, bbox), siglip_crop(image, bbox, matte=matte)
+    # the authors: PIL paste of the crop onto black through the matte resized to the crop
+    alpha = PILImage.fromarray(matte[50:170, 70:190]).resize((512, 512), PILImage.BILINEAR)
+    expected = (plain.astype(np.float32) * np.clip(np.asarray(alpha), 0, 1)[..., None]).round().astype(np.uint8)
+    assert np.array_equal(matted, expected)
+    assert matted[:, :100].max() == 0  # left of the person: black
+    assert np.array_equal(matted[200:300, 250:350], plain[200:300, 250:350])  # inside: untouched
+    assert np.array_equal(siglip_crop(image, bbox, matte=np.ones((300, 400), np.float32)), plain)
+    with pytest.raises(ValueError, match="does not match the 400x300 image"):
+        siglip_crop(image, bbox, matte=np.ones((30, 40), np.float32))

@@ -6,22 +6,44 @@ The torch ArcFace for training losses lives in :mod:`withanyone_core.faces.torch
 
 from .analysis import (
     ANTELOPEV2_FILES,
+    DEFAULT_FACE_CHOICE,
     DETECTOR_FILE,
+    FACE_CHOICES,
     RECOGNIZER_FILE,
     Face,
     FaceAnalyzer,
+    FaceIndexError,
     FaceModelsNotFound,
     NoFaceError,
+    count_noun,
     find_antelopev2_dir,
+    no_face_message,
     onnx_providers,
+    rank_faces,
     select_face,
 )
 from .crops import arcface_crop, siglip_crop, square_box
 from .images import ImageReadError, load_image, to_rgb_uint8
-from .layout import fit_boxes, layout_boxes_from_image
+from .layout import (
+    FRAMINGS,
+    PhotoFraming,
+    PhotoLayout,
+    box_masks,
+    boxes_from_mask,
+    fit_boxes,
+    layout_boxes_from_image,
+    layout_from_faces,
+    layout_from_photo,
+    map_face_boxes,
+    photo_framing,
+)
 
 __all__ = [
-    "ANTELOPEV2_FILES", "DETECTOR_FILE", "RECOGNIZER_FILE", "Face", "FaceAnalyzer", "FaceModelsNotFound",
-    "ImageReadError", "NoFaceError", "arcface_crop", "find_antelopev2_dir", "fit_boxes", "layout_boxes_from_image",
-    "load_image", "onnx_providers", "select_face", "siglip_crop", "square_box", "to_rgb_uint8",
+    "ANTELOPEV2_FILES", "DEFAULT_FACE_CHOICE", "DETECTOR_FILE", "FACE_CHOICES", "FRAMINGS", "RECOGNIZER_FILE", "Face",
+    "FaceIndexError",
+    "FaceAnalyzer", "FaceModelsNotFound", "ImageReadError", "NoFaceError", "PhotoFraming", "PhotoLayout",
+    "arcface_crop", "box_masks", "boxes_from_mask", "count_noun", "find_antelopev2_dir", "fit_boxes",
+    "layout_boxes_from_image", "layout_from_faces", "layout_from_photo", "load_image", "map_face_boxes",
+    "no_face_message", "onnx_providers", "photo_framing", "rank_faces", "select_face", "siglip_crop", "square_box",
+    "to_rgb_uint8",
 ]

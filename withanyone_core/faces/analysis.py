@@ -29,6 +29,10 @@ class NoFaceError(ValueError):
     """No usable face in an image; the message names the image and what to do."""
 
 
+class FaceIndexError(NoFaceError):
+    """A face index beyond the faces of a photo: a setting to fix, not a photo to skip."""
+
+
 class FaceModelsNotFound(FileNotFoundError):
     """The antelopev2 folder is missing or incomplete; the message lists the files and place."""
 
@@ -133,7 +137,7 @@ class FaceAnalyzer:
                     self.providers[0].replace("ExecutionProvider", ""), self.det_thresh, self.det_size)
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        """Faces (box, landmarks, score) of an RGB uint8 image, largest first."""
+        """Faces (box, landmarks, score) of an RGB uint8 image, largest first (see :func:`rank_faces`)."""
         h, w = image.shape[:2]
         scale = 1.0
         work = image
@@ -162,15 +166,16 @@ class FaceAnalyzer:
         for face, feat in zip(faces, feats):
             face.embedding = np.asarray(feat, dtype=np.float32).ravel()
 
-    def extract(self, image: np.ndarray, *, index: int | None = None, min_size: float = 0.0,
+    def extract(self, image: np.ndarray, *, choice: str = "highest score", index: int = 0, min_size: float = 0.0,
                 image_name: str = "image") -> Face:
-        """The reference face of a photo (largest, or ``index``) with its embedding.
+        """The reference face of a photo (see :func:`select_face`) with its embedding.
 
         Only that face goes through the recognizer: a group photo costs one detection and
         one recognition, not one per face.
         """
         image = to_rgb_uint8(image, image_name) if isinstance(image, np.ndarray) else load_image(image)
-        face = select_face(self.detect(image), index=index, image_name=image_name, min_size=min_size)
+        face = select_face(self.detect(image), choice=choice, index=index, image_name=image_name, min_size=min_size,
+                           det_thresh=self.det_thresh)
         self.embed(image, [face])
         return face
 
@@ -183,29 +188,81 @@ class FaceAnalyzer:
         return faces
 
 
-def select_face(faces: list[Face], index: int | None = None, image_name: str = "image",
-                min_size: float = 0.0) -> Face:
-    """The reference face: the largest by default, or ``index`` (0 = largest) among faces >= ``min_size``."""
+def count_noun(count: int, singular: str, plural: str | None = None) -> str:
+    """``1 face``, ``2 faces``: the number with the noun in the right form."""
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+# How the reference face of a photo is chosen. The authors take the face with the highest
+# detection score (insightface returns faces in score order and they use the first).
+FACE_CHOICES = ("highest score", "largest", "left to right")
+DEFAULT_FACE_CHOICE = "highest score"
+
+
+def rank_faces(faces: list[Face], choice: str = DEFAULT_FACE_CHOICE) -> list[Face]:
+    """Faces in the order ``choice`` ranks them: highest detection score, largest area, or leftmost first.
+
+    Ties keep the incoming order (the sorts are stable).
+    """
+    if choice == "highest score":
+        return sorted(faces, key=lambda f: -f.score)
+    if choice == "largest":
+        return sorted(faces, key=lambda f: -f.area)
+    if choice == "left to right":
+        return sorted(faces, key=lambda f: float(f.bbox[0] + f.bbox[2]))
+    raise ValueError(f"face choice must be one of {', '.join(FACE_CHOICES)}; got {choice!r}")
+
+
+def _describe(face: Face) -> str:
+    box = ", ".join(f"{v:.0f}" for v in face.bbox)
+    return f"box [{box}], {face.width:.0f}x{face.height:.0f} px, score {face.score:.2f}"
+
+
+def no_face_message(image_name: str, min_size: float = 0.0, det_thresh: float | None = None) -> str:
+    """What to do when the detector finds nothing in ``image_name``."""
+    threshold = f" at detection threshold {det_thresh:.2f}" if det_thresh is not None else ""
+    size = (f" and at least {min_size:.0f} px wide (the minimum face size set)" if min_size > 0
+            else " and not tiny")
+    return (f"no face found in {image_name}{threshold}: use a photo where the face is clearly visible, "
+            f"frontal-ish{size}, or lower the detection threshold")
+
+
+def select_face(faces: list[Face], index: int = 0, image_name: str = "image", min_size: float = 0.0,
+                choice: str = DEFAULT_FACE_CHOICE, det_thresh: float | None = None) -> Face:
+    """The reference face among the faces at least ``min_size`` px on their shorter side.
+
+    ``choice`` ranks them (:data:`FACE_CHOICES`; default: the highest detection score, as the
+    authors do) and ``index`` picks one of that ranking (0 = the first). A photo with several
+    usable faces logs which one was taken and why.
+    """
+    if index is None or index < 0:  # older callers: None / -1 meant "the automatic choice"
+        index = 0
+    ranked = rank_faces(faces, choice)  # validates choice even when there is no face
     if not faces:
-        raise NoFaceError(
-            f"no face found in {image_name}: use a photo where the face is clearly visible, "
-            "frontal-ish and at least 64 px wide (or lower the detection threshold)"
-        )
-    usable = [f for f in faces if min(f.width, f.height) >= min_size]
+        raise NoFaceError(no_face_message(image_name, min_size, det_thresh))
+    usable = [f for f in ranked if min(f.width, f.height) >= min_size]
     if not usable:
         largest = max(faces, key=lambda f: f.area)
         raise NoFaceError(
-            f"{image_name}: {len(faces)} face(s) found but all are smaller than {min_size:.0f} px "
-            f"(largest {largest.width:.0f}x{largest.height:.0f}); use a closer photo or lower the minimum size"
+            f"{image_name}: {count_noun(len(faces), 'face')} found but "
+            f"{'it is' if len(faces) == 1 else 'all are'} smaller than the minimum face size of {min_size:.0f} px "
+            f"(largest {largest.width:.0f}x{largest.height:.0f}); use a closer photo or lower min_face_size"
         )
-    usable = sorted(usable, key=lambda f: -f.area)
-    if index is None:
-        if len(usable) > 1:
-            box = ", ".join(f"{v:.0f}" for v in usable[0].bbox)
-            logger.warning("%s has %d faces; using the largest (box %s). Choose another with a face index.",
-                           image_name, len(usable), box)
-        return usable[0]
-    if not 0 <= index < len(usable):
-        raise NoFaceError(f"{image_name}: face index {index} requested but only {len(usable)} face(s) found "
-                          "(0 = largest)")
-    return usable[index]
+    if index >= len(usable):
+        raise FaceIndexError(
+            f"{image_name}: face index {index} requested but only {count_noun(len(usable), 'face')} "
+            f"{'is' if len(usable) == 1 else 'are'} usable (index 0 = the first by {choice}; "
+            f"faces under {min_size:.0f} px are not counted)")
+    chosen = usable[index]
+    ignored = len(faces) - len(usable)
+    if len(usable) > 1 or ignored:
+        first = {"highest score": "the face with the highest detection score", "largest": "the largest face",
+                 "left to right": "the leftmost face"}[choice]
+        reason = f"face {index + 1} of {len(usable)} ranked by {choice} (face_index {index})" if index else first
+        others = "; ".join(_describe(f) for f in usable if f is not chosen)
+        logger.warning(
+            "%s has %s%s; took %s (%s)%s. Choose another with face_choice / face_index.",
+            image_name, count_noun(len(usable), "usable face" if ignored else "face"),
+            f" ({ignored} more under {min_size:.0f} px ignored)" if ignored else "", reason, _describe(chosen),
+            f"; the others: {others}" if others else "")
+    return chosen

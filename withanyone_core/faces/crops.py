@@ -35,8 +35,15 @@ def square_box(bbox, width: int, height: int) -> tuple[int, int, int, int]:
     return max(0, x1), max(0, y1), min(width, x2), min(height, y2)
 
 
-def siglip_crop(image: np.ndarray, face_or_bbox, size: int = SIGLIP_CROP_SIZE) -> np.ndarray:
-    """The reference's crop for SigLIP: the face box squared about its centre, clipped, resized (Lanczos)."""
+def siglip_crop(image: np.ndarray, face_or_bbox, size: int = SIGLIP_CROP_SIZE,
+                matte: np.ndarray | None = None) -> np.ndarray:
+    """The reference's crop for SigLIP: the face box squared about its centre, clipped, resized (Lanczos).
+
+    ``matte`` (``H x W`` in [0, 1], 1 = the person, at the image's size) blanks the background
+    as the authors' optional matting does: they run BiRefNet on the 512 px crop and paste the
+    crop onto black through the matte, i.e. ``crop * matte``. Here the matte is cropped and
+    resized with the same box, so any background-removal mask of the photo can be used.
+    """
     from PIL import Image
 
     bbox = getattr(face_or_bbox, "bbox", face_or_bbox)
@@ -45,4 +52,14 @@ def siglip_crop(image: np.ndarray, face_or_bbox, size: int = SIGLIP_CROP_SIZE) -
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"face box {list(np.asarray(bbox)[:4])} lies outside the {w}x{h} image")
     region = Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2]))
-    return np.asarray(region.resize((size, size), Image.LANCZOS))
+    crop = np.asarray(region.resize((size, size), Image.LANCZOS))
+    if matte is None:
+        return crop
+    matte = np.asarray(matte, dtype=np.float32)
+    if matte.shape != (h, w):
+        raise ValueError(f"matte of shape {matte.shape} does not match the {w}x{h} image; resize it first")
+    if not np.isfinite(matte).all():
+        raise ValueError("matte contains NaN or infinite values")
+    alpha = Image.fromarray(np.ascontiguousarray(np.clip(matte[y1:y2, x1:x2], 0.0, 1.0)))  # mode "F"
+    alpha = np.clip(np.asarray(alpha.resize((size, size), Image.BILINEAR)), 0.0, 1.0)[..., None]
+    return (crop.astype(np.float32) * alpha).round().astype(np.uint8)
