@@ -124,9 +124,9 @@ def test_selection_min_size_index_errors_and_singular_wording(caplog):
         select_face(faces, index=1, min_size=64, image_name="a.jpg")
     with pytest.raises(FaceIndexError, match=r"only 2 faces are usable"):
         select_face(faces, index=2, image_name="a.jpg")
-    with pytest.raises(NoFaceError, match=r"a.jpg: 1 face found but it is smaller than the minimum face size of 100 px"):
+    with pytest.raises(NoFaceError, match=r"a.jpg: 1 face found but it is smaller than 100 px, the minimum face size"):
         select_face(faces[1:], min_size=100, image_name="a.jpg")
-    with pytest.raises(NoFaceError, match=r"2 faces found but all are smaller than the minimum face size of 300 px"):
+    with pytest.raises(NoFaceError, match=r"2 faces found but all are smaller than 300 px, the minimum face size"):
         select_face(faces, min_size=300, image_name="a.jpg")
 
 

@@ -77,7 +77,7 @@ def test_face_analyzer_loader_and_missing_models(comfy, tmp_path):
 def test_layout_text_fractions_presets_and_errors(comfy):
     _, nodes, _ = comfy
     node = nodes["WithAnyoneLayout"]
-    layout, preview = node.execute(1024, 768, "text", 2, "100,100,300,320\n0.5,0.1,0.75,0.45", None, None).result
+    layout, preview, *_ = node.execute(1024, 768, "text", 2, "100,100,300,320\n0.5,0.1,0.75,0.45", None, None).result
     assert np.allclose(layout.boxes, [(100, 100, 300, 320), (512, 76.8, 768, 345.6)])
     assert preview.shape == (1, 384, 512, 3) and preview.dtype == torch.float32
     for people in (1, 2, 3, 4):

@@ -245,7 +245,7 @@ def select_face(faces: list[Face], index: int = 0, image_name: str = "image", mi
         largest = max(faces, key=lambda f: f.area)
         raise NoFaceError(
             f"{image_name}: {count_noun(len(faces), 'face')} found but "
-            f"{'it is' if len(faces) == 1 else 'all are'} smaller than the minimum face size of {min_size:.0f} px "
+            f"{'it is' if len(faces) == 1 else 'all are'} smaller than {min_size:.0f} px, the minimum face size "
             f"(largest {largest.width:.0f}x{largest.height:.0f}); use a closer photo or lower min_face_size"
         )
     if index >= len(usable):
