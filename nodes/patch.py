@@ -1,35 +1,43 @@
 """The ComfyUI host: WithAnyone on ComfyUI's own FLUX through supported patches.
 
+A thin adapter over the core's host contract (:mod:`withanyone_core.host`).
 ``apply_withanyone(model, ...)`` clones the MODEL and adds
 
-- a ``WrappersMP.DIFFUSION_MODEL`` wrapper that sees the real latent ``x`` of every call:
-  it derives the token grid (odd latents padded to 2, ``ceil(h/2) x ceil(w/2)``), checks
-  the sampling window (start/end percent), prepares the identity tokens and region plan
-  once for the whole forward and passes them to the blocks in ``transformer_options``;
-- one ``dit`` replace patch per double and single block, which runs the original block
-  and adds the adapter's identity residual to the main image tokens only (Kontext
-  reference tokens that follow them are left alone). The text length for single blocks
-  is read from ``txt`` in the double-block patches.
+- an ``OUTER_SAMPLE`` wrapper that opens one :class:`IdentityRun` per sampling run and
+  releases it when the run ends (identity tokens, region plans and each block's identity
+  keys/values are computed once per run and nothing is kept afterwards);
+- a ``DIFFUSION_MODEL`` wrapper that sees the real latent ``x`` of every call: it derives
+  the token grid (odd latents padded to 2, ``ceil(h/2) x ceil(w/2)``), checks the sampling
+  window (start/end percent) and hands the run's block inputs to the blocks in
+  ``transformer_options``, under a key of this Apply's own;
+- one ``dit`` replace patch per double and single block, which runs the block — or the
+  patch that was already there (another pack's, or an earlier Apply WithAnyone), so both
+  take effect, that one first — and adds the identity residual to the main image tokens
+  only (Kontext reference tokens after them are left alone).
 
-``forward_orig`` is never replaced. Patch objects are immutable and share the adapter
-on deepcopy (ModelPatcher.clone deep-copies model_options), so cloning the patched model
-copies no weights and never touches the original MODEL or other graph branches.
+Two Apply WithAnyone nodes in a row therefore both act: the second adds its people (each
+Apply's people attend within their own boxes). ``forward_orig`` is never replaced. Patch
+objects are immutable and share the adapter on deepcopy (ModelPatcher.clone deep-copies
+model_options), so cloning the patched model copies no weights and never touches the
+original MODEL or other graph branches.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 
 import torch
 
 from withanyone_core.adapter import BlockInputs, IdentityAdapter
-from withanyone_core.layout import TokenGrid, build_layout
+from withanyone_core.host import IdentityRequest, IdentityRun
+from withanyone_core.layout import TokenGrid
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "withanyone"
-WRAPPER_KEY = "withanyone"
+STATE_PREFIX = "withanyone"
+ADDITIONAL_MODELS_KEY = "withanyone"
 PIXELS_PER_LATENT = 8
 
 
@@ -42,17 +50,10 @@ class IdentityConditioning:
     """What one Apply node asks for; shared (never copied) by every clone of the patched model."""
 
     adapter_patcher: object  # comfy ModelPatcher holding the IdentityAdapter
-    arcface: torch.Tensor  # [n, 512] raw ArcFace embeddings, persons in order
-    siglip: torch.Tensor  # [n, 256, 768] SigLIP features
-    layout_size: tuple[int, int] | None  # (width, height) the boxes were drawn for
-    boxes: tuple[tuple[float, float, float, float], ...] | None
-    id_weight: float
-    siglip_weight: float
+    request: IdentityRequest
     sigma_start: float
     sigma_end: float
-    # identity tokens and region plan per (latent size, batch, device, dtype): the projectors
-    # (~0.6 B parameters at FLUX.1 size) run once per sampling run, not once per step
-    _prepared: dict = field(default_factory=dict, compare=False, repr=False)
+    key: str  # this Apply's own name in transformer_options and the wrapper lists
 
     def __deepcopy__(self, memo):
         return self  # immutable: sharing it keeps the 5 GB adapter from being copied
@@ -61,41 +62,46 @@ class IdentityConditioning:
     def adapter(self) -> IdentityAdapter:
         return self.adapter_patcher.model
 
+    @property
+    def run_key(self) -> str:
+        return self.key + ".run"
+
     def active_at(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
 
-    def boxes_for(self, height: int, width: int):
-        """Boxes in the pixels of the image being sampled (scaled if the layout was drawn at another size)."""
-        if self.boxes is None:
-            return None
-        lw, lh = self.layout_size
-        sx, sy = width / lw, height / lh
-        return [[(x1 * sx, y1 * sy, x2 * sx, y2 * sy) for x1, y1, x2, y2 in self.boxes]]
-
-    def block_inputs(self, x: torch.Tensor) -> tuple[BlockInputs, int]:
-        """Identity tokens and region plan for a latent batch ``x`` [B, C, h, w]; returns (inputs, main tokens)."""
-        adapter = self.adapter
-        param = adapter.ipa_arc[0].to_q.weight
-        grid = TokenGrid.for_latent(x.shape[-2], x.shape[-1])
-        key = (x.shape[-2], x.shape[-1], x.shape[0], param.device, param.dtype)
-        inputs = self._prepared.get(key)
-        if inputs is None:
-            tokens = adapter.encode_identities(self.arcface[None].to(param.device),
-                                               self.siglip[None].to(param.device))
-            layout = build_layout(self.boxes_for(x.shape[-2] * PIXELS_PER_LATENT, x.shape[-1] * PIXELS_PER_LATENT),
-                                  grid, tokens.num_persons, 1, device=param.device)
-            inputs = IdentityAdapter.prepare_from(tokens, layout, self.id_weight, self.siglip_weight)
-            inputs = inputs.repeat(x.shape[0])
-            if len(self._prepared) >= 4:  # e.g. an offloaded adapter left entries on another device
-                self._prepared.clear()
-            self._prepared[key] = inputs
-        return inputs, grid.num_tokens
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The MODEL's compute dtype (that of ``x``); plain torch layers must compute in their own."""
+        probe = self.adapter.ipa_arc[0].to_q
+        return x.dtype if getattr(probe, "comfy_cast_weights", False) else self.adapter.weight_dtype
 
 
 @dataclass(frozen=True)
 class _ForwardState:
+    run: IdentityRun
     inputs: BlockInputs
     main_tokens: int
+    text_tokens: int
+
+
+class OuterSampleWrapper:
+    """One identity run per sampling run, released when sampling ends (also on interrupt)."""
+
+    def __init__(self, conditioning: IdentityConditioning):
+        self.conditioning = conditioning
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        options = guider.model_options.setdefault("transformer_options", {})
+        run = IdentityRun(self.conditioning.adapter, self.conditioning.request, cache=True)
+        options[self.conditioning.run_key] = run
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            options.pop(self.conditioning.run_key, None)
+            run.release()
 
 
 class DiffusionModelWrapper:
@@ -109,63 +115,65 @@ class DiffusionModelWrapper:
 
     def __call__(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                  transformer_options=None, **kwargs):
+        cond = self.conditioning
         transformer_options = {} if transformer_options is None else transformer_options
         sigmas = transformer_options.get("sigmas", timestep)
         sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
-        if self.conditioning.active_at(sigma):
-            inputs, main_tokens = self.conditioning.block_inputs(x)
-            transformer_options[STATE_KEY] = _ForwardState(inputs, main_tokens)
+        transient = None
+        if cond.active_at(sigma):
+            run = transformer_options.get(cond.run_key)
+            if run is None:  # called outside a ComfyUI sampler (no OUTER_SAMPLE): this call only
+                run = transient = IdentityRun(cond.adapter, cond.request, cache=False)
+            grid = TokenGrid.for_latent(x.shape[-2], x.shape[-1])
+            pixels = (x.shape[-1] * PIXELS_PER_LATENT, x.shape[-2] * PIXELS_PER_LATENT)
+            inputs = run.inputs(grid, x.shape[0], x.device, cond.compute_dtype(x), pixel_size=pixels)
+            transformer_options[cond.key] = _ForwardState(run, inputs, grid.num_tokens, context.shape[1])
         else:
-            transformer_options.pop(STATE_KEY, None)
+            transformer_options.pop(cond.key, None)
         try:
             return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
         finally:
-            transformer_options.pop(STATE_KEY, None)
-            transformer_options.pop(STATE_KEY + "_txt_len", None)
+            transformer_options.pop(cond.key, None)
+            transformer_options.pop(cond.key + ".txt", None)
+            if transient is not None:
+                transient.release()
 
 
-class DoubleBlockPatch:
-    def __init__(self, conditioning: IdentityConditioning, block_index: int):
-        self.conditioning, self.block_index = conditioning, block_index
+class _BlockPatch:
+    """Runs the block (or the patch that was there before) and adds this Apply's identity residual."""
+
+    def __init__(self, conditioning: IdentityConditioning, block_index: int, previous=None):
+        self.conditioning, self.block_index, self.previous = conditioning, block_index, previous
 
     def __deepcopy__(self, memo):
         return self
 
+    def _run_block(self, args, extra):
+        return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+
+
+class DoubleBlockPatch(_BlockPatch):
     def __call__(self, args, extra):
-        out = extra["original_block"](args)
+        out = self._run_block(args, extra)
         options = args.get("transformer_options") or {}
-        state: _ForwardState | None = options.get(STATE_KEY)
+        state: _ForwardState | None = options.get(self.conditioning.key)
         if state is None:
             return out
-        options[STATE_KEY + "_txt_len"] = out["txt"].shape[1]
-        img = out["img"]
-        n = state.main_tokens
-        residual = self.conditioning.adapter.block_residual(self.block_index, img[:, :n], state.inputs)
-        out["img"] = torch.cat([img[:, :n] + residual, img[:, n:]], dim=1) if img.shape[1] > n else img + residual
+        options[self.conditioning.key + ".txt"] = out["txt"].shape[1]
+        out["img"] = state.run.add_residual(self.block_index, out["img"], state.inputs, 0, state.main_tokens)
         return out
 
 
-class SingleBlockPatch:
-    def __init__(self, conditioning: IdentityConditioning, block_index: int):
-        self.conditioning, self.block_index = conditioning, block_index
-
-    def __deepcopy__(self, memo):
-        return self
-
+class SingleBlockPatch(_BlockPatch):
     def __call__(self, args, extra):
-        out = extra["original_block"](args)
+        out = self._run_block(args, extra)
         options = args.get("transformer_options") or {}
-        state: _ForwardState | None = options.get(STATE_KEY)
+        state: _ForwardState | None = options.get(self.conditioning.key)
         if state is None:
             return out
-        txt_len = options.get(STATE_KEY + "_txt_len")
-        if txt_len is None:
-            raise RuntimeError("WithAnyone: the text length was not recorded by the double blocks; "
-                               "another patch may have replaced them")
-        img = out["img"]
-        start, end = txt_len, txt_len + state.main_tokens
-        residual = self.conditioning.adapter.block_residual(self.block_index, img[:, start:end], state.inputs)
-        out["img"] = torch.cat([img[:, :start], img[:, start:end] + residual, img[:, end:]], dim=1)
+        # the text length seen by the double blocks (a post_input patch may change it), else the context's
+        txt_len = options.get(self.conditioning.key + ".txt", state.text_tokens)
+        out["img"] = state.run.add_residual(self.block_index, out["img"], state.inputs, txt_len, state.main_tokens)
         return out
 
 
@@ -183,10 +191,19 @@ def flux_blocks(model) -> tuple[int, int, int]:
     return diffusion.hidden_size, len(diffusion.double_blocks), len(diffusion.single_blocks)
 
 
-def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torch.Tensor,
+def _existing_dit_patch(model, kind: str, index: int):
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}).get(
+        (kind, index))
+
+
+def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torch.Tensor | None,
                      layout_size: tuple[int, int] | None, boxes, id_weight: float = 1.0,
-                     siglip_weight: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0):
-    """A clone of ``model`` carrying the identities; the original is never modified."""
+                     siglip_weight: float = 0.0, start_percent: float = 0.0, end_percent: float = 1.0):
+    """A clone of ``model`` carrying the identities; the original is never modified.
+
+    ``boxes`` are in the pixels of ``layout_size`` ``(w, h)``; when the sampled image has
+    another size they are mapped with one uniform scale and centring (as the authors).
+    """
     hidden, n_double, n_single = flux_blocks(model)
     adapter: IdentityAdapter = adapter_patcher.model
     cfg = adapter.config
@@ -198,21 +215,38 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1")
     sampling = model.get_model_object("model_sampling")
-    conditioning = IdentityConditioning(
-        adapter_patcher, arcface.detach().float().cpu(), siglip.detach().float().cpu(),
-        layout_size, tuple(tuple(float(v) for v in b) for b in boxes) if boxes is not None else None,
+    request = IdentityRequest(
+        arcface.detach().float().cpu(),
+        None if siglip is None else siglip.detach().float().cpu(),
+        tuple(tuple(float(v) for v in b) for b in boxes) if boxes is not None else None,
+        tuple(layout_size) if layout_size is not None else None,
         float(id_weight), float(siglip_weight),
-        sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
+    )
+    conditioning = IdentityConditioning(
+        adapter_patcher, request, sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
+        key=f"{STATE_PREFIX}.{uuid.uuid4().hex[:12]}",
     )
     import comfy.patcher_extension
 
     patched = model.clone()
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, conditioning.key,
+                                 OuterSampleWrapper(conditioning))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, conditioning.key,
                                  DiffusionModelWrapper(conditioning))
+    wrapped = 0
     for i in range(n_double):
-        patched.set_model_patch_replace(DoubleBlockPatch(conditioning, i), "dit", "double_block", i)
+        previous = _existing_dit_patch(patched, "double_block", i)
+        wrapped += previous is not None
+        patched.set_model_patch_replace(DoubleBlockPatch(conditioning, i, previous), "dit", "double_block", i)
     for j in range(n_single):
-        patched.set_model_patch_replace(SingleBlockPatch(conditioning, n_double + j), "dit", "single_block", j)
-    patched.set_additional_models(WRAPPER_KEY, [adapter_patcher])  # loaded/offloaded with the MODEL
+        previous = _existing_dit_patch(patched, "single_block", j)
+        wrapped += previous is not None
+        patched.set_model_patch_replace(SingleBlockPatch(conditioning, n_double + j, previous), "dit",
+                                        "single_block", j)
+    if wrapped:
+        logger.info("WithAnyone: %d block patch(es) already on this MODEL keep running, before the identities", wrapped)
+    models = list(patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY))
+    if all(m is not adapter_patcher for m in models):
+        models.append(adapter_patcher)
+    patched.set_additional_models(ADDITIONAL_MODELS_KEY, models)  # loaded/offloaded with the MODEL
     return patched

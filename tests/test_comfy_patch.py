@@ -44,6 +44,7 @@ def identities():
 def _apply(model, adapter_patcher, identities, **kw):
     from withanyone_pack_patch import apply_withanyone
 
+    kw.setdefault("siglip_weight", 1.0)  # both branches, so each test exercises both
     return apply_withanyone(model, adapter_patcher, *identities, (W, H), BOXES, **kw)
 
 
@@ -96,7 +97,8 @@ def test_patched_model_equals_diffusers_host(flux, identities):
     img_ids, txt_ids = position_ids(H, W, 7, "cpu")
     arcface, siglip = identities
     with torch.no_grad(), handle.conditioning(arcface[None].expand(2, -1, -1), siglip[None].expand(2, -1, -1, -1),
-                                              height=H, width=W, boxes=[list(BOXES)] * 2):
+                                              height=H, width=W, boxes=[list(BOXES)] * 2,
+                                              siglip_weight=1.0):
         expected = transformer(hidden_states=pack_latents(x), encoder_hidden_states=context, pooled_projections=y,
                                timestep=sigma, guidance=torch.full((2,), 3.5), img_ids=img_ids, txt_ids=txt_ids,
                                return_dict=False)[0]
@@ -201,18 +203,23 @@ def _node_values(identities):
     return pack, WithAnyoneApply, WithAnyoneSampler, ids, Layout(W, H, BOXES)
 
 
+WEIGHTS = dict(siglip_share=0.0, weight_mode="independent", id_weight=1.0, siglip_weight=1.0)
+
+
 def test_apply_and_sampler_nodes(flux, identities):
     model, adapter_patcher, _ = flux
     _, apply_node, sampler_node, ids, layout = _node_values(identities)
-    patched = apply_node.execute(model, adapter_patcher, ids, 1.0, 1.0, 0.0, 1.0, layout=layout).result[0]
+    patched = apply_node.execute(model, adapter_patcher, ids, **WEIGHTS, start_percent=0.0, end_percent=1.0,
+                                 layout=layout).result[0]
     assert "patches_replace" in patched.model_options["transformer_options"]
-    with pytest.raises(ValueError, match="layout has 1 face boxes but 2 identities"):
-        apply_node.execute(model, adapter_patcher, ids, 1.0, 1.0, 0.0, 1.0,
+    with pytest.raises(ValueError, match="layout has 1 face box but 2 identities are connected"):
+        apply_node.execute(model, adapter_patcher, ids, **WEIGHTS, start_percent=0.0, end_percent=1.0,
                            layout=type(layout)(W, H, BOXES[:1]))
     g = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
-    latent = sampler_node.execute(model, cond, cond, adapter_patcher, ids, layout, 3, 2, 1.0, "euler", "simple",
-                                  3.5, 2, 1.0, 1.0).result[0]
+    latent = sampler_node.execute(model, cond, cond, adapter_patcher, ids, layout, seed=3, steps=2, cfg=1.0,
+                                  sampler_name="euler", schedule="withanyone (authors)", guidance=4.0,
+                                  batch_size=2, **WEIGHTS).result[0]
     assert latent["samples"].shape == (2, 16, H // 8, W // 8) and torch.isfinite(latent["samples"]).all()
 
 

@@ -12,13 +12,21 @@ Key names follow the official ``withanyone.safetensors``:
 After block i the host adds
 ``id_weight * ipa_arc[i](arc_tokens, img) + siglip_weight * ipa_sig[i](sig_tokens, img)``
 to the image tokens (see :meth:`IdentityAdapter.block_residual`).
+
+Dtypes: the layer classes come from ``operations`` (plain ``torch.nn`` by default; ComfyUI
+passes its manual-cast ops so weights can be stored in bf16/fp8, partially loaded and
+cast on use). Both LayerNorms always run in float32 on an upcast copy of their input, so
+the FLUX image stream (which exceeds fp16's range) is never cast down before its norm;
+the projections and the attention run in the run's compute dtype (the MODEL's).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import TokenSelection, region_attention, select_tokens
@@ -69,28 +77,63 @@ class AdapterConfig:
         return asdict(self)
 
 
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever its weights' or input's dtype; returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+# The layer classes the adapter is built from. A host may pass its own (ComfyUI's
+# manual-cast ops); they need ``Linear(in, out, bias=...)`` and ``LayerNorm(dim)``.
+TORCH_OPERATIONS = SimpleNamespace(Linear=nn.Linear, LayerNorm=Float32LayerNorm)
+
+
+def _norm(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Apply a LayerNorm in float32 (upcast input) and hand the result on in ``dtype``."""
+    return module(x.float()).to(dtype)
+
+
 class IdentityCrossAttention(nn.Module):
     """Cross-attention from image tokens (queries) to identity tokens (keys/values).
 
     Same parameters and maths as the reference's ``PerceiverAttentionCA``; the forward
-    works on a subset of image tokens (those inside some person's box).
+    works on a subset of image tokens (those inside some person's box). The identity
+    side (``identity_kv``) does not depend on the image and is computed once per run.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int = ADAPTER_HEAD_DIM, kv_dim: int | None = None):
+    def __init__(self, dim: int, num_heads: int, head_dim: int = ADAPTER_HEAD_DIM, kv_dim: int | None = None,
+                 operations=TORCH_OPERATIONS):
         super().__init__()
         kv_dim = dim if kv_dim is None else kv_dim
         self.num_heads = num_heads
         self.head_dim = head_dim
         inner = num_heads * head_dim
-        self.norm1 = nn.LayerNorm(kv_dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(kv_dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.norm1 = operations.LayerNorm(kv_dim)
+        self.norm2 = operations.LayerNorm(dim)
+        self.to_q = operations.Linear(dim, inner, bias=False)
+        self.to_kv = operations.Linear(kv_dim, inner * 2, bias=False)
+        self.to_out = operations.Linear(inner, dim, bias=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def identity_kv(self, id_tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """id_tokens ``[B, n*t, kv_dim]`` -> keys, values ``[B, heads, n*t, head_dim]`` in ``dtype``."""
+        k, v = self.to_kv(_norm(self.norm1, id_tokens, dtype)).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def attend(self, img: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor | None,
+               tokens_per_person: int, dtype: torch.dtype) -> torch.Tensor:
+        """img ``[B, S, dim]`` (any dtype) -> residual ``[B, S, dim]`` in ``dtype``."""
+        b, s, _ = img.shape
+        q = self._heads(self.to_q(_norm(self.norm2, img, dtype)))
+        k, v = kv
+        out = region_attention(q, k, v, allowed, tokens_per_person)
+        return self.to_out(out.transpose(1, 2).reshape(b, s, -1))
 
     def forward(
         self,
@@ -102,96 +145,130 @@ class IdentityCrossAttention(nn.Module):
         """id_tokens ``[B, n*t, kv_dim]``, img ``[B, S, dim]`` -> residual ``[B, S, dim]``.
 
         ``allowed`` ``[B, S, n]`` restricts each image token to some persons (None: all).
+        Computes in the dtype of ``to_q``'s weight.
         """
-        b, s, _ = img.shape
-        q = self._heads(self.to_q(self.norm2(img)))
-        k, v = self.to_kv(self.norm1(id_tokens)).chunk(2, dim=-1)
-        out = region_attention(q, self._heads(k), self._heads(v), allowed, tokens_per_person)
-        return self.to_out(out.transpose(1, 2).reshape(b, s, -1))
+        dtype = self.to_q.weight.dtype
+        return self.attend(img, self.identity_kv(id_tokens, dtype), allowed, tokens_per_person, dtype)
 
 
-def _token_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden, bias=True),
-        nn.GELU(),
-        nn.LayerNorm(hidden),
-        nn.Linear(hidden, out_dim, bias=True),
-    )
+class TokenProjector(nn.Sequential):
+    """Linear -> GELU -> LayerNorm -> Linear (keys ``.0``, ``.2``, ``.3`` as in the official file).
+
+    Runs its linears in the input's dtype and its LayerNorm in float32.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, operations=TORCH_OPERATIONS):
+        super().__init__(
+            operations.Linear(in_dim, hidden, bias=True),
+            nn.GELU(),
+            operations.LayerNorm(hidden),
+            operations.Linear(hidden, out_dim, bias=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = self[1](self[0](x))
+        return self[3](_norm(self[2], x, dtype))
 
 
 @dataclass(frozen=True)
 class IdentityTokens:
-    """Projected identity tokens for one batch, ready for every block.
+    """Projected identity tokens, ready for every block.
 
-    arc: ``[B, n * 8, D]`` (ArcFace branch); sig: ``[B, n * 264, D]`` (SigLIP branch,
-    per person 256 SigLIP tokens then 8 ArcFace tokens).
+    arc: ``[Bt, n * 8, D]`` (ArcFace branch); sig: ``[Bt, n * 264, D]`` (SigLIP branch,
+    per person 256 SigLIP tokens then 8 ArcFace tokens), or None when the SigLIP branch
+    is off. ``Bt`` is 1 when every image of the batch shows the same persons (ComfyUI),
+    else the batch size. ``kv_cache`` holds each block's identity keys/values once they
+    are computed without gradients, so a sampling run projects them once, not per step.
     """
 
     arc: torch.Tensor
-    sig: torch.Tensor
+    sig: torch.Tensor | None
     num_persons: int
+    kv_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.arc.shape[0]
 
+    def repeat(self, times: int) -> "IdentityTokens":
+        if times == 1:
+            return self
+        sig = None if self.sig is None else self.sig.repeat(times, 1, 1)
+        return IdentityTokens(self.arc.repeat(times, 1, 1), sig, self.num_persons)
+
 
 @dataclass(frozen=True)
 class BlockInputs:
-    """Everything a block's identity residual needs, prepared once per forward."""
+    """Everything a block's identity residual needs, prepared once per run (or forward).
+
+    ``batch_size`` is the image batch; identity tokens of batch 1 are broadcast to it.
+    ``dtype`` is the compute dtype of the projections and attention (None: the adapter's
+    weight dtype, which plain ``torch.nn`` layers require).
+    """
 
     tokens: IdentityTokens
     layout: RegionLayout
     selection: TokenSelection | None
     id_weight: float
     siglip_weight: float
+    batch_size: int = 0
+    dtype: torch.dtype | None = None
 
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.batch_size
+    def __post_init__(self):
+        if self.batch_size == 0:
+            object.__setattr__(self, "batch_size", self.tokens.batch_size)
 
     def repeat(self, times: int) -> "BlockInputs":
         """The same identities and layout for a batch ``times`` as large (e.g. cond + uncond)."""
         if times == 1:
             return self
-        tokens = IdentityTokens(
-            self.tokens.arc.repeat(times, 1, 1), self.tokens.sig.repeat(times, 1, 1), self.tokens.num_persons
-        )
+        tokens = self.tokens if self.tokens.batch_size == 1 else self.tokens.repeat(times)
         allowed = None if self.layout.allowed is None else self.layout.allowed.repeat(times, 1, 1)
         layout = RegionLayout(self.layout.grid, self.layout.num_persons, allowed)
-        return IdentityAdapter.prepare_from(tokens, layout, self.id_weight, self.siglip_weight)
+        return IdentityAdapter.prepare_from(tokens, layout, self.id_weight, self.siglip_weight,
+                                            batch_size=self.batch_size * times, dtype=self.dtype)
 
 
 class IdentityAdapter(nn.Module):
-    """WithAnyone's identity adapter for a FLUX model of any size."""
+    """WithAnyone's identity adapter for a FLUX model of any size.
 
-    def __init__(self, config: AdapterConfig | None = None, **overrides):
+    ``operations`` supplies the layer classes (see :data:`TORCH_OPERATIONS`).
+    """
+
+    def __init__(self, config: AdapterConfig | None = None, operations=None, **overrides):
         super().__init__()
         config = config or AdapterConfig()
         if overrides:
             config = AdapterConfig(**{**config.to_dict(), **overrides})
+        ops = TORCH_OPERATIONS if operations is None else operations
         self.config = config
         d = config.hidden_size
         self.ipa_arc = nn.ModuleList(
-            IdentityCrossAttention(d, config.num_heads, config.head_dim) for _ in range(config.num_blocks)
+            IdentityCrossAttention(d, config.num_heads, config.head_dim, operations=ops)
+            for _ in range(config.num_blocks)
         )
         self.ipa_sig = nn.ModuleList(
-            IdentityCrossAttention(d, config.num_heads, config.head_dim) for _ in range(config.num_blocks)
+            IdentityCrossAttention(d, config.num_heads, config.head_dim, operations=ops)
+            for _ in range(config.num_blocks)
         )
-        self.arcface_in_arc = _token_projector(config.arcface_dim, 4 * d, config.arc_tokens * d)
-        self.arcface_in_sig = _token_projector(config.arcface_dim, 4 * d, config.arc_tokens * d)
-        self.siglip_in_sig = _token_projector(config.siglip_dim, d, d)
+        self.arcface_in_arc = TokenProjector(config.arcface_dim, 4 * d, config.arc_tokens * d, ops)
+        self.arcface_in_sig = TokenProjector(config.arcface_dim, 4 * d, config.arc_tokens * d, ops)
+        self.siglip_in_sig = TokenProjector(config.siglip_dim, d, d, ops)
 
     # ------------------------------------------------------------------ tokens
     def _arc_tokens(self, projector: nn.Module, arcface: torch.Tensor) -> torch.Tensor:
         b, n, _ = arcface.shape
         return projector(arcface).view(b, n, self.config.arc_tokens, self.config.hidden_size)
 
-    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None) -> IdentityTokens:
+    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None,
+                          dtype: torch.dtype | None = None, with_siglip: bool = True) -> IdentityTokens:
         """Project per-person embeddings into identity tokens.
 
         arcface: ``[B, n, 512]`` raw insightface embeddings (not normalised);
         siglip: ``[B, n, 256, 768]`` SigLIP last_hidden_state. Persons keep their order.
+        ``dtype``: compute dtype (default: the weights'). ``with_siglip=False`` skips the
+        SigLIP branch's tokens (its weight is 0 for the whole run).
         """
         cfg = self.config
         if arcface.ndim == 2:
@@ -201,6 +278,11 @@ class IdentityAdapter(nn.Module):
                 f"ArcFace embeddings must have shape [batch, persons, {cfg.arcface_dim}], got {tuple(arcface.shape)}"
             )
         b, n, _ = arcface.shape
+        dtype = dtype or self.weight_dtype
+        arcface = arcface.to(dtype)
+        arc = self._arc_tokens(self.arcface_in_arc, arcface).reshape(b, n * cfg.arc_tokens, -1)
+        if not with_siglip:
+            return IdentityTokens(arc=arc, sig=None, num_persons=n)
         if siglip is None:
             raise ValueError("SigLIP features are required: encode each reference face with the SigLIP encoder")
         if siglip.ndim == 3:
@@ -210,9 +292,7 @@ class IdentityAdapter(nn.Module):
                 f"SigLIP features must have shape [{b}, {n}, {SIGLIP_TOKENS}, {cfg.siglip_dim}] to match the "
                 f"ArcFace embeddings, got {tuple(siglip.shape)}"
             )
-        dtype = self.arcface_in_arc[0].weight.dtype
-        arcface, siglip = arcface.to(dtype), siglip.to(dtype)
-        arc = self._arc_tokens(self.arcface_in_arc, arcface).reshape(b, n * cfg.arc_tokens, -1)
+        siglip = siglip.to(dtype)
         sig = torch.cat([self.siglip_in_sig(siglip), self._arc_tokens(self.arcface_in_sig, arcface)], dim=2)
         return IdentityTokens(arc=arc, sig=sig.reshape(b, n * cfg.sig_tokens_per_person, -1), num_persons=n)
 
@@ -227,21 +307,57 @@ class IdentityAdapter(nn.Module):
     ) -> BlockInputs:
         """Project identities and plan the region attention once for a whole forward."""
         tokens = self.encode_identities(arcface, siglip)
-        layout = build_layout(boxes, grid, tokens.num_persons, tokens.batch_size, device=tokens.arc.device)
+        layout = build_layout(boxes, grid, tokens.num_persons, tokens.batch_size)
         return self.prepare_from(tokens, layout, id_weight, siglip_weight)
 
     @staticmethod
     def prepare_from(
-        tokens: IdentityTokens, layout: RegionLayout, id_weight: float, siglip_weight: float
+        tokens: IdentityTokens, layout: RegionLayout, id_weight: float, siglip_weight: float,
+        batch_size: int | None = None, dtype: torch.dtype | None = None,
     ) -> BlockInputs:
+        """Combine tokens and a layout (built on the CPU or the tokens' device) into block inputs.
+
+        The gather plan is computed where the layout lives and then moved, so no block call
+        waits on the GPU for it.
+        """
         if layout.num_persons != tokens.num_persons:
             raise ValueError(
-                f"layout is for {layout.num_persons} persons but {tokens.num_persons} identities were given"
+                f"the layout is for {_count(layout.num_persons, 'person')} but "
+                f"{_count(tokens.num_persons, 'identity', 'identities')} were given"
             )
-        layout = layout.to(tokens.arc.device)
-        return BlockInputs(tokens, layout, select_tokens(layout), float(id_weight), float(siglip_weight))
+        if float(siglip_weight) != 0.0 and tokens.sig is None:
+            raise ValueError("these identity tokens were encoded without the SigLIP branch; "
+                             "encode them with with_siglip=True to use siglip_weight")
+        batch_size = batch_size or tokens.batch_size
+        if tokens.batch_size not in (1, batch_size):
+            raise ValueError(f"identity tokens for {tokens.batch_size} images cannot serve a batch of {batch_size}")
+        device = tokens.arc.device
+        selection = select_tokens(layout)
+        selection = None if selection is None else selection.to(device)
+        return BlockInputs(tokens, layout.to(device), selection, float(id_weight), float(siglip_weight),
+                           batch_size, dtype)
 
     # ---------------------------------------------------------------- residual
+    def _branches(self, inputs: BlockInputs):
+        cfg = self.config
+        tokens = inputs.tokens
+        yield "arc", inputs.id_weight, self.ipa_arc, tokens.arc, cfg.arc_tokens
+        yield "sig", inputs.siglip_weight, self.ipa_sig, tokens.sig, cfg.sig_tokens_per_person
+
+    def identity_kv(self, inputs: BlockInputs, branch: str, block_index: int, module: IdentityCrossAttention,
+                    id_tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's identity keys/values for the image batch; cached in the tokens when no gradient flows."""
+        cache = inputs.tokens.kv_cache
+        key = (branch, block_index, dtype)
+        kv = cache.get(key)
+        if kv is None:
+            kv = module.identity_kv(id_tokens, dtype)
+            if not torch.is_grad_enabled():
+                cache[key] = kv
+        if kv[0].shape[0] != inputs.batch_size:  # one set of persons for the whole batch
+            kv = tuple(t.expand(inputs.batch_size, -1, -1, -1) for t in kv)
+        return kv
+
     def block_residual(self, block_index: int, img: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """Identity residual for the image tokens ``img`` ``[B, L, D]`` after block ``block_index``.
 
@@ -251,11 +367,11 @@ class IdentityAdapter(nn.Module):
         cfg = self.config
         if not 0 <= block_index < cfg.num_blocks:
             raise IndexError(f"block {block_index} out of range for an adapter with {cfg.num_blocks} blocks")
-        tokens, sel = inputs.tokens, inputs.selection
+        sel = inputs.selection
         b, length, _ = img.shape
-        if b != tokens.batch_size:
+        if b != inputs.batch_size:
             raise ValueError(
-                f"image batch {b} does not match the identity batch {tokens.batch_size}: "
+                f"image batch {b} does not match the identity batch {inputs.batch_size}: "
                 "use BlockInputs.repeat() once per forward for cond/uncond batches"
             )
         if inputs.layout.allowed is not None and inputs.layout.allowed.shape[1] != length:
@@ -263,20 +379,19 @@ class IdentityAdapter(nn.Module):
                 f"layout covers {inputs.layout.allowed.shape[1]} image tokens "
                 f"({inputs.layout.grid.rows}x{inputs.layout.grid.cols}) but the block has {length}"
             )
-        dtype = self.to_q_dtype
-        x = img.to(dtype)
+        dtype = inputs.dtype or self.weight_dtype
+        x = img
         allowed = None
         if sel is not None:
             x = sel.gather(x)
             allowed = sel.allowed
         residual = None
-        for weight, branch, id_tokens, per_person in (
-            (inputs.id_weight, self.ipa_arc, tokens.arc, cfg.arc_tokens),
-            (inputs.siglip_weight, self.ipa_sig, tokens.sig, cfg.sig_tokens_per_person),
-        ):
+        for name, weight, branch, id_tokens, per_person in self._branches(inputs):
             if weight == 0.0:
                 continue
-            part = weight * branch[block_index](id_tokens, x, allowed, per_person)
+            module = branch[block_index]
+            kv = self.identity_kv(inputs, name, block_index, module, id_tokens, dtype)
+            part = weight * module.attend(x, kv, allowed, per_person, dtype)
             residual = part if residual is None else residual + part
         if residual is None:
             return torch.zeros_like(img)
@@ -285,5 +400,13 @@ class IdentityAdapter(nn.Module):
         return residual.to(img.dtype)
 
     @property
-    def to_q_dtype(self) -> torch.dtype:
+    def weight_dtype(self) -> torch.dtype:
+        """Storage dtype of the projections (the compute dtype when none is given)."""
         return self.ipa_arc[0].to_q.weight.dtype
+
+    # kept for callers of the first release
+    to_q_dtype = weight_dtype
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"

@@ -36,10 +36,15 @@ class TokenSelection:
     valid: torch.Tensor  # [B, S] bool
     allowed: torch.Tensor  # [B, S, n] bool
     num_tokens: int  # L
+    # every row of every item is a covered token (no padding): decided once when the plan
+    # is made, so block calls never read a GPU tensor back to the host
+    all_valid: bool = False
 
-    @property
-    def all_valid(self) -> bool:
-        return bool(self.valid.all())
+    def to(self, device: torch.device | str) -> "TokenSelection":
+        if self.index.device == torch.device(device):
+            return self
+        return TokenSelection(self.index.to(device), self.valid.to(device), self.allowed.to(device),
+                              self.num_tokens, self.all_valid)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, D]`` -> ``[B, S, D]`` covered tokens."""
@@ -65,7 +70,7 @@ def select_tokens(layout: RegionLayout) -> TokenSelection | None:
     valid = torch.arange(width, device=allowed.device)[None, :] < counts[:, None]
     rows = torch.gather(allowed, 1, order.unsqueeze(-1).expand(-1, -1, allowed.shape[-1]))
     rows = rows | ~valid.unsqueeze(-1)
-    return TokenSelection(order, valid, rows, allowed.shape[1])
+    return TokenSelection(order, valid, rows, allowed.shape[1], bool(valid.all()))
 
 
 def _use_triton(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -176,12 +176,52 @@ def check_adapter_state(state: Mapping[str, object], adapter: IdentityAdapter, s
         )
 
 
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, name))
+
+
+def norm_dtype_for(dtype: torch.dtype | None) -> torch.dtype | None:
+    """Storage dtype of LayerNorm weights and biases: never fp8 (they are tiny and run in float32)."""
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+
+
+class _LazyAdapterFile(Mapping):
+    """A safetensors file seen as a mapping of its (prefix-stripped) keys, read one tensor at a time."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._handle = safe_open(str(path), framework="pt")
+        self._names = {}
+        for name in self._handle.keys():
+            self._names.setdefault(strip_wrapper_prefixes({name: None}).popitem()[0], name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(self._handle.get_slice(n).get_shape()) for k, n in self._names.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(self._names[key])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _ShapeOnly:
+    """Stands in for a tensor where only its shape is needed (key checks before reading)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
 def load_adapter(
     path_or_state: str | os.PathLike | Mapping[str, torch.Tensor],
     config: AdapterConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     num_double_blocks: int | None = None,
+    operations=None,
 ) -> IdentityAdapter:
     """Build an :class:`IdentityAdapter` from a safetensors file (or a state dict).
 
@@ -189,19 +229,31 @@ def load_adapter(
     read from the file's metadata or its FLUX keys when present, else FLUX.1's 19 + 38
     is recognised; ``num_double_blocks`` overrides it. Files that also hold FLUX
     weights (as the reference saves them) are accepted.
+
+    ``dtype`` is the storage dtype of the linear layers (None: as in the file); with an
+    fp8 dtype the LayerNorms are kept in bf16. ``operations`` are the layer classes (see
+    :data:`withanyone_core.adapter.TORCH_OPERATIONS`). A file is read tensor by tensor and
+    each tensor is converted as it is read, so peak memory is about one copy of the
+    adapter, not the file plus a converted copy.
     """
     metadata: dict[str, str] = {}
     if isinstance(path_or_state, Mapping):
-        state, source = dict(path_or_state), "state dict"
+        state, source = strip_wrapper_prefixes(dict(path_or_state)), "state dict"
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
     else:
-        state, source = load_safetensors(path_or_state), Path(path_or_state).name
-        metadata = read_safetensors_metadata(path_or_state)
-    state = strip_wrapper_prefixes(state)
+        path = _check_safetensors_path(path_or_state)
+        source = path.name
+        try:
+            state = _LazyAdapterFile(path)
+            shapes = state.shapes()
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{source} could not be read as safetensors ({exc}); the file may be truncated") from exc
+        metadata = read_safetensors_metadata(path)
     if num_double_blocks is None:
-        num_double_blocks = _double_block_count(state, metadata)
-    state = adapter_keys(state)
+        num_double_blocks = _double_block_count(shapes, metadata)
+    shapes = adapter_keys(shapes)
     if config is None:
-        config = infer_adapter_config({k: tuple(v.shape) for k, v in state.items()})
+        config = infer_adapter_config(shapes)
         if num_double_blocks is not None:
             config = AdapterConfig(
                 **{
@@ -211,11 +263,21 @@ def load_adapter(
                 }
             )
     with torch.device("meta"):
-        adapter = IdentityAdapter(config)
-    check_adapter_state(state, adapter, source)
-    adapter.load_state_dict(state, strict=True, assign=True)
-    adapter = adapter.to(device=device, dtype=dtype) if dtype is not None else adapter.to(device)
-    logger.info("loaded WithAnyone adapter from %s (%s)", source, config.describe())
+        adapter = IdentityAdapter(config, operations=operations)
+    check_adapter_state({k: _ShapeOnly(v) for k, v in shapes.items()}, adapter, source)
+    norm_dtype = norm_dtype_for(dtype)
+    norm_keys = {f"{name}.{p}" for name, module in adapter.named_modules()
+                 if isinstance(module, torch.nn.LayerNorm) for p in ("weight", "bias")}
+    loaded = {}
+    for key in shapes:
+        tensor = state[key]
+        target = norm_dtype if key in norm_keys else dtype
+        loaded[key] = tensor.to(device=device, dtype=target or tensor.dtype)
+        del tensor
+    adapter.load_state_dict(loaded, strict=True, assign=True)
+    del loaded
+    logger.info("loaded WithAnyone adapter from %s (%s, weights %s)", source, config.describe(),
+                str(dtype or adapter.weight_dtype).replace("torch.", ""))
     return adapter
 
 

@@ -133,7 +133,7 @@ def bench_overhead(hidden: int, n_double: int, n_single: int, reps: int) -> tupl
         transformer(**inputs)
 
     def ours():
-        with handle.conditioning(arcface, siglip, height=SIZE, width=SIZE, boxes=[TWO_BOXES]):
+        with handle.conditioning(arcface, siglip, height=SIZE, width=SIZE, boxes=[TWO_BOXES], siglip_weight=1.0):
             transformer(**inputs)
 
     def dense():

@@ -3,8 +3,11 @@
 The adapter is attached with forward hooks on every double and single block: after
 block i the hook adds the adapter's identity residual to the image tokens (diffusers'
 blocks return ``(encoder_hidden_states, hidden_states)`` with the image part separate,
-so single blocks need no text-length bookkeeping). Identities, layout and weights are
-given per call::
+so single blocks need no text-length bookkeeping). The hook is a thin adapter over the
+core's host contract (:class:`withanyone_core.host.IdentityRun`): only the first
+``height/16 x width/16`` tokens (the main image) get the residual, so Kontext reference
+tokens that a pipeline appends to ``hidden_states`` are left alone. Identities, layout
+and weights are given per call::
 
     handle = attach_adapter(transformer, adapter)
     with handle.conditioning(arcface, siglip, height=512, width=512, boxes=[[box1, box2]]):
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from ..adapter import BlockInputs, IdentityAdapter
+from ..host import IdentityRequest, IdentityRun
 from ..layout import BatchBoxes, TokenGrid
 
 logger = logging.getLogger(__name__)
@@ -41,12 +45,12 @@ class _BlockHook:
     block_index: int
 
     def __call__(self, module: nn.Module, args, kwargs, output):
-        inputs = self.handle.active
-        if inputs is None:
+        active = self.handle.active
+        if active is None:
             return output
+        run, inputs = active
         encoder_hidden_states, hidden_states = output
-        residual = self.handle.adapter.block_residual(self.block_index, hidden_states, inputs)
-        return encoder_hidden_states, hidden_states + residual
+        return encoder_hidden_states, run.add_residual(self.block_index, hidden_states, inputs)
 
 
 class AdapterHandle:
@@ -72,7 +76,7 @@ class AdapterHandle:
             )
         self.transformer = transformer
         self.adapter = adapter
-        self.active: BlockInputs | None = None
+        self.active: tuple[IdentityRun, BlockInputs] | None = None
         self._hooks = [
             block.register_forward_hook(_BlockHook(self, index), with_kwargs=True)
             for index, block in enumerate(double + single)
@@ -98,14 +102,18 @@ class AdapterHandle:
         width: int,
         boxes: BatchBoxes | None = None,
         id_weight: float = 1.0,
-        siglip_weight: float = 1.0,
+        siglip_weight: float = 0.0,
     ) -> Iterator[BlockInputs]:
         """Within the block, forwards of the transformer carry these identities.
 
         arcface ``[B, n, 512]`` (raw insightface embeddings), siglip ``[B, n, 256, 768]``,
         the output size in pixels (the token grid is ``height // 16 x width // 16``, as
         diffusers' FLUX pipeline packs latents), and per batch item the n face boxes in
-        pixels (or None: every token attends to every person).
+        pixels (or None: every token attends to every person). The weights default to the
+        authors' recommendation (ArcFace 1, SigLIP 0). Tokens after the main
+        image's (Kontext reference latents) get no residual. Without gradients, the
+        identity keys/values are computed once for all forwards inside the block (a
+        whole sampling loop); everything is dropped when the block exits.
         """
         if not self.attached:
             raise RuntimeError("the adapter was detached from this transformer; attach it again")
@@ -114,15 +122,23 @@ class AdapterHandle:
                 and getattr(checkpoint_func, "withanyone_handle", None) is not self):
             raise RuntimeError("gradient checkpointing was enabled on the transformer directly; call "
                                "handle.enable_gradient_checkpointing() so recomputed blocks keep their identities")
-        inputs = self.adapter.prepare(
-            arcface, siglip, TokenGrid.for_pixels(height, width, padded=False), boxes, id_weight, siglip_weight
-        )
-        with self._activated(inputs):
-            yield inputs
+        if arcface.ndim == 2:
+            arcface = arcface[None]
+        if siglip is not None and siglip.ndim == 3:
+            siglip = siglip[None]
+        grid = TokenGrid.for_pixels(height, width, padded=False)
+        request = IdentityRequest(arcface, siglip, boxes, None, id_weight, siglip_weight)
+        run = IdentityRun(self.adapter, request, cache=not torch.is_grad_enabled())
+        inputs = run.inputs(grid, arcface.shape[0], arcface.device, None, pixel_size=(width, height))
+        try:
+            with self._activated((run, inputs)):
+                yield inputs
+        finally:
+            run.release()
 
     @contextlib.contextmanager
-    def _activated(self, inputs: BlockInputs | None) -> Iterator[None]:
-        previous, self.active = self.active, inputs
+    def _activated(self, active: tuple[IdentityRun, BlockInputs] | None) -> Iterator[None]:
+        previous, self.active = self.active, active
         try:
             yield
         finally:

@@ -1,0 +1,190 @@
+"""The host contract: what any FLUX host (ComfyUI, diffusers) needs to run the adapter.
+
+A host owns the FLUX blocks; after each block it asks an :class:`IdentityRun` for the
+identity residual of the main image tokens. The run prepares everything that is constant
+while sampling — identity tokens, the region plan for the token grid, and (lazily, once
+per block) the identity keys/values — and owns that cache: ``release()`` (or leaving the
+``with`` block) drops it, so nothing outlives the run or an unloaded adapter.
+
+What a host must tell the run, per model call: the token grid of the main image, the
+batch size, the device and the compute dtype (the MODEL's). Reference tokens (FLUX.1
+Kontext) that follow the main image tokens never receive a residual:
+:meth:`IdentityRun.add_residual` touches only ``img[:, start:start + main_tokens]``.
+
+A layout drawn for another image size is mapped into the sampled size the way the
+authors' demo maps its 512-px layouts: one uniform scale (the smaller of the two ratios)
+and centring, so boxes keep their shape and stay inside the image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .adapter import BlockInputs, IdentityAdapter
+from .layout import BatchBoxes, TokenGrid, build_layout
+
+logger = logging.getLogger(__name__)
+
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+def rescale_boxes(boxes: Sequence[Sequence[float]], from_size: Size, to_size: Size) -> list[list[float]]:
+    """Map boxes drawn on a ``from_size`` canvas into ``to_size`` (uniform scale, centred)."""
+    (fw, fh), (tw, th) = from_size, to_size
+    if fw <= 0 or fh <= 0:
+        raise ValueError(f"layout size must be positive, got {fw}x{fh}")
+    scale = min(tw / fw, th / fh)
+    dx, dy = (tw - fw * scale) / 2, (th - fh * scale) / 2
+    return [[x1 * scale + dx, y1 * scale + dy, x2 * scale + dx, y2 * scale + dy] for x1, y1, x2, y2 in boxes]
+
+
+@dataclass(frozen=True)
+class IdentityRequest:
+    """What one application of the adapter asks for (immutable; hosts may share it freely).
+
+    ``arcface`` ``[n, 512]`` (the same persons for every image) or ``[B, n, 512]``;
+    ``siglip`` likewise ``[.., n, 256, 768]`` (may be None when ``siglip_weight`` is 0).
+    ``boxes``: None (every token sees every person), one list of n boxes for all images,
+    or one entry per image (a list of n boxes or None). ``layout_size`` ``(w, h)``: the
+    canvas the boxes were drawn on (None: the sampled image's own pixels).
+    """
+
+    arcface: torch.Tensor
+    siglip: torch.Tensor | None
+    boxes: BatchBoxes | Sequence[Sequence[float]] | None = None
+    layout_size: Size | None = None
+    id_weight: float = 1.0
+    siglip_weight: float = 0.0
+
+    @property
+    def per_image(self) -> bool:
+        return self.arcface.ndim == 3
+
+    @property
+    def num_persons(self) -> int:
+        return int(self.arcface.shape[-2])
+
+    def boxes_for(self, size: Size) -> BatchBoxes | None:
+        """Per-image boxes in the pixels of an image of ``size`` ``(w, h)``."""
+        if self.boxes is None:
+            return None
+        items = list(self.boxes)
+        single = bool(items) and items[0] is not None and not isinstance(items[0][0], (list, tuple))
+        per_item = [items] if single else items
+        if self.layout_size is None or tuple(self.layout_size) == tuple(size):
+            return [None if item is None else [list(map(float, b)) for b in item] for item in per_item]
+        return [None if item is None else rescale_boxes(item, self.layout_size, size) for item in per_item]
+
+
+class IdentityRun:
+    """One sampling run (or one training forward) of an adapter with fixed identities.
+
+    ``cache=True`` (inference) keeps identity tokens, region plans and per-block K/V for
+    the run; with ``cache=False`` (training) nothing is kept between calls so gradients
+    flow through a fresh projection every forward.
+    """
+
+    def __init__(self, adapter: IdentityAdapter, request: IdentityRequest, cache: bool = True):
+        if request.num_persons < 1:
+            raise ValueError("at least one identity is needed")
+        self.adapter = adapter
+        self.request = request
+        self.cache = cache
+        self._tokens: dict = {}
+        self._inputs: dict = {}
+        self.encode_count = 0  # how often identity tokens were projected (tests and benchmarks read it)
+
+    # ------------------------------------------------------------------ planning
+    def _identity_tokens(self, device: torch.device, dtype: torch.dtype | None):
+        key = (str(device), dtype)
+        tokens = self._tokens.get(key)
+        if tokens is None:
+            req = self.request
+            arcface = req.arcface if req.per_image else req.arcface[None]
+            siglip = req.siglip
+            if siglip is not None and not req.per_image:
+                siglip = siglip[None]
+            with_siglip = req.siglip_weight != 0.0
+            tokens = self.adapter.encode_identities(
+                arcface.to(device), None if siglip is None or not with_siglip else siglip.to(device),
+                dtype=dtype, with_siglip=with_siglip)
+            self.encode_count += 1
+            if self.cache:
+                self._tokens[key] = tokens
+        return tokens
+
+    def inputs(self, grid: TokenGrid, batch_size: int, device: torch.device | str,
+               dtype: torch.dtype | None = None, pixel_size: Size | None = None) -> BlockInputs:
+        """Block inputs for a main image of ``grid`` tokens, ``batch_size`` images, on ``device``.
+
+        ``pixel_size`` ``(w, h)`` is the sampled image in pixels (default: 16 px per token).
+        ``dtype`` is the compute dtype (the MODEL's); None uses the adapter's weight dtype.
+        """
+        device = torch.device(device)
+        size = pixel_size or (grid.cols * 16, grid.rows * 16)
+        key = (grid, batch_size, str(device), dtype, tuple(size))
+        inputs = self._inputs.get(key)
+        if inputs is not None:
+            return inputs
+        req = self.request
+        tokens = self._identity_tokens(device, dtype)
+        if req.per_image and tokens.batch_size not in (1, batch_size):
+            if batch_size % tokens.batch_size:
+                raise ValueError(f"identities for {tokens.batch_size} images cannot serve a batch of {batch_size}")
+            tokens = tokens.repeat(batch_size // tokens.batch_size)
+        boxes = req.boxes_for(size)
+        if boxes is not None and len(boxes) not in (1, batch_size):
+            if batch_size % len(boxes):
+                raise ValueError(f"layout for {len(boxes)} images cannot serve a batch of {batch_size}")
+            boxes = list(boxes) * (batch_size // len(boxes))  # cond/uncond copies of the same images
+        layout = build_layout(boxes, grid, tokens.num_persons, batch_size)  # on the CPU: no device sync
+        inputs = IdentityAdapter.prepare_from(tokens, layout, req.id_weight, req.siglip_weight,
+                                              batch_size=batch_size, dtype=dtype)
+        if self.cache:
+            self._inputs[key] = inputs
+        return inputs
+
+    # ------------------------------------------------------------------ blocks
+    def add_residual(self, block_index: int, img: torch.Tensor, inputs: BlockInputs, start: int = 0,
+                     main_tokens: int | None = None) -> torch.Tensor:
+        """``img`` with the identity residual added to its main image tokens ``[start, start + main_tokens)``.
+
+        Tokens before ``start`` (text, in FLUX single blocks) and after the main image
+        (Kontext reference tokens) are returned unchanged. In fp16 the sum is clamped to
+        fp16's range, as ComfyUI's FLUX does with its own stream.
+        """
+        main_tokens = inputs.layout.grid.num_tokens if main_tokens is None else main_tokens
+        end = start + main_tokens
+        if img.shape[1] < end:
+            raise ValueError(f"the block has {img.shape[1]} tokens but the main image needs {start} + {main_tokens}")
+        main = img[:, start:end]
+        updated = main + self.adapter.block_residual(block_index, main, inputs)
+        if updated.dtype == torch.float16:
+            updated = torch.nan_to_num(updated, nan=0.0, posinf=65504, neginf=-65504)
+        if start == 0 and end == img.shape[1]:
+            return updated
+        return torch.cat([img[:, :start], updated, img[:, end:]], dim=1)
+
+    # ------------------------------------------------------------------ lifetime
+    def release(self) -> None:
+        """Drop every cached tensor (tokens, plans, K/V)."""
+        self._tokens.clear()
+        self._inputs.clear()
+
+    @property
+    def cached_tensors(self) -> int:
+        """How many tensors the run holds (0 after :meth:`release`)."""
+        count = 0
+        for tokens in self._tokens.values():
+            count += 1 + (tokens.sig is not None) + 2 * len(tokens.kv_cache)
+        return count + len(self._inputs)
+
+    def __enter__(self) -> "IdentityRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
