@@ -94,7 +94,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
                                      "first (-1, from older workflows, is the same as 0)"),
                 io.Int.Input("min_face_size", default=64, min=0, max=2048,
                              tooltip="ignore faces whose shorter side is below this many pixels"),
-                io.Combo.Input("face_choice", options=list(FACE_CHOICES), default=DEFAULT_FACE_CHOICE,
+                io.Combo.Input("face_choice", options=list(FACE_CHOICES), default=DEFAULT_FACE_CHOICE, optional=True,
                                tooltip="how the faces of a photo are ranked: highest score (the authors' choice: "
                                        "the detector's most confident face), largest, or left to right"),
                 io.Mask.Input("mask", optional=True,
@@ -102,7 +102,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
                                       "removal node), one per photo or one for all. The SigLIP crop's background "
                                       "is blanked to black, as the authors' BiRefNet matting does; the ArcFace "
                                       "embedding is unchanged. Recommended when the SigLIP share is above 0"),
-                io.Combo.Input("no_face", options=list(NO_FACE_POLICIES), default="error",
+                io.Combo.Input("no_face", options=list(NO_FACE_POLICIES), default="error", optional=True,
                                tooltip="a photo without a usable face: error stops the run; skip leaves it out "
                                        "(named in the log and on the node). All photos without one is an error"),
             ],

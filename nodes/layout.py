@@ -177,7 +177,8 @@ class WithAnyoneLayout(io.ComfyNode):
                 io.Mask.Input("layout_mask", optional=True,
                               tooltip="mask: one white blob per person's face (painted, or from a segmentation "
                                       "node), stretched to the output size"),
-                io.Combo.Input("image_framing", options=list(FRAMINGS), default="square", tooltip=FRAMING_TOOLTIP),
+                io.Combo.Input("image_framing", options=list(FRAMINGS), default="square", optional=True,
+                               tooltip=FRAMING_TOOLTIP),
             ],
             outputs=[
                 LAYOUT.Output(display_name="layout"),

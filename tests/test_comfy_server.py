@@ -65,7 +65,7 @@ def test_object_info_lists_every_node(server):
     assert "layout" in ours["WithAnyoneApply"]["input"]["optional"]
     layout = ours["WithAnyoneLayout"]
     assert {"width", "height", "source", "people", "boxes"} <= set(layout["input"]["required"])
-    assert layout["output"] == ["WITHANYONE_LAYOUT", "IMAGE"]
+    assert layout["output"] == ["WITHANYONE_LAYOUT", "IMAGE", "MASK", "MASK"]
     assert "Import failed" not in comfy.log_tail(100_000)
 
 
@@ -98,7 +98,8 @@ def test_face_extraction_layout_and_no_face_error(server):
     }
     done = comfy.run(prompt)
     assert done["status"]["status_str"] == "success", done["status"]
-    assert set(done["outputs"]) == {"4", "6"}
+    assert set(done["outputs"]) == {"3", "4", "6"}  # Face Extract shows its crops on the node
+    assert done["outputs"]["3"]["text"] == ["1 photo used"]
     # one failing branch per run: ComfyUI's execution order between independent branches is not fixed
     no_face = {"1": {"class_type": "LoadImage", "inputs": {"image": "no_face.png"}}}
     failed = comfy.run({**no_face, **{k: prompt[k] for k in ("2", "3", "4")}})

@@ -131,7 +131,8 @@ def test_selection_min_size_index_errors_and_singular_wording(caplog):
 
 
 def test_no_face_message_states_the_actual_minimum_size():
-    with pytest.raises(NoFaceError, match=r"no face found in ref\.png at detection threshold 0\.55: .* at least 96 px wide"):
+    expected = r"no face found in ref\.png at detection threshold 0\.55: .* at least 96 px wide"
+    with pytest.raises(NoFaceError, match=expected):
         select_face([], min_size=96, image_name="ref.png", det_thresh=0.55)
     with pytest.raises(NoFaceError) as err:
         select_face([], min_size=0, image_name="ref.png")
@@ -253,7 +254,8 @@ def test_layout_people_keeps_the_highest_scores_left_to_right(analyzer, caplog):
     assert [f.bbox[0] for f in placed.faces] == sorted(f.bbox[0] for f in placed.faces)  # left to right
     assert {round(float(f.bbox[0])) for f in placed.faces} == {round(float(boxes[0][0])), round(float(boxes[2][0]))}
     assert len(placed.dropped) == 1 and round(float(placed.dropped[0].bbox[0])) == round(float(boxes[1][0]))
-    assert "the layout image has 3 faces; kept the 2 faces with the highest detection scores (people = 2)" in caplog.text
+    kept = "the layout image has 3 faces; kept the 2 faces with the highest detection scores (people = 2)"
+    assert kept in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert len(layout_from_photo(analyzer, image, 768, 768, max_faces=4).boxes) == 3

@@ -60,6 +60,8 @@ def test_face_extract_schema_keeps_old_widgets_first(pack):
     assert widgets == ["face_index", "min_face_size", "face_choice", "no_face"]
     assert inputs["face_choice"].default == "highest score" and inputs["face_index"].min == -1
     assert inputs["no_face"].default == "error" and inputs["mask"].optional
+    # new widgets are optional: API-format prompts written before them still validate
+    assert inputs["face_choice"].optional and inputs["no_face"].optional
 
 
 def test_face_extract_takes_the_highest_score_and_says_so(pack, caplog):
@@ -183,7 +185,8 @@ def test_layout_from_a_wide_photo_with_faces_at_both_edges(pack, caplog):
         assert 0 <= x1 < x2 <= 768 and 0 <= y1 < y2 <= 768
     assert result.boxes[0][0] < result.boxes[1][0]
     # the two surest faces are kept (the pale middle one is left out), and the log says so
-    assert "the layout image has 3 faces; kept the 2 faces with the highest detection scores (people = 2)" in caplog.text
+    kept = "the layout image has 3 faces; kept the 2 faces with the highest detection scores (people = 2)"
+    assert kept in caplog.text
     assert preview.shape == (1, 512, 512, 3)
     assert person_masks.shape == (2, 768, 768) and union.shape == (1, 768, 768)
     for k, (x1, y1, x2, y2) in enumerate(result.boxes):
@@ -221,6 +224,7 @@ def test_layout_defaults_and_bad_box_text(pack):
     inputs, schema = _schema(layout.WithAnyoneLayout)
     assert inputs["width"].default == 768 and inputs["height"].default == 768  # the authors' demo size
     assert inputs["source"].options == ["preset", "text", "image", "mask"]
+    assert inputs["image_framing"].optional and inputs["image_framing"].default == "square"
     assert [o.display_name for o in schema.outputs] == ["layout", "preview", "person_masks", "mask"]
     preset = layout.WithAnyoneLayout.execute(768, 768, "preset", 2, "", None, None).result[0]
     assert preset.boxes == tuple(tuple(b) for b in layout.preset_boxes(2, 768, 768))
