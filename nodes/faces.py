@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from withanyone_core.faces.analysis import DEFAULT_FACE_CHOICE, FACE_CHOICES, FaceIndexError
+from withanyone_core.faces.analysis import DEFAULT_FACE_CHOICE, FACE_CHOICES, FaceIndexError, count_noun
 
 from .types import FACE_ANALYZER, FACES, IDENTITIES, SIGLIP, FacePhoto, Faces, Identities
 
@@ -43,8 +43,8 @@ def _mattes(mask: torch.Tensor | None, photos: int) -> list[torch.Tensor | None]
     if mask.ndim != 3:
         raise ValueError(f"mask must be a MASK [batch, height, width], got shape {tuple(mask.shape)}")
     if mask.shape[0] not in (1, photos):
-        raise ValueError(f"mask is a batch of {mask.shape[0]} but image has {photos} photos: give one mask per "
-                         "photo, or a single mask for all of them")
+        raise ValueError(f"mask is a batch of {mask.shape[0]} but image has {count_noun(photos, 'photo')}: give one "
+                         "mask per photo, or a single mask for all of them")
     return [mask[0 if mask.shape[0] == 1 else i] for i in range(photos)]
 
 
@@ -119,7 +119,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        from withanyone_core.faces import NoFaceError, count_noun, select_face, siglip_crop
+        from withanyone_core.faces import NoFaceError, select_face, siglip_crop
 
         if no_face not in NO_FACE_POLICIES:
             raise ValueError(f"no_face must be one of {', '.join(NO_FACE_POLICIES)}, got {no_face!r}")
@@ -146,7 +146,8 @@ class WithAnyoneFaceExtract(io.ComfyNode):
             face_analyzer.embed(pixels, [face])
             matte = None if mattes[i] is None else _matte_at(mattes[i], pixels.shape[0], pixels.shape[1], name)
             crop = siglip_crop(pixels, face, matte=matte)
-            photos.append(FacePhoto(i, tuple(float(v) for v in face.bbox), face.embedding, crop))
+            photos.append(FacePhoto(i, tuple(float(v) for v in face.bbox), face.embedding, crop, face.score,
+                                    matte is not None))
             tiles.append(_tile(crop, f"photo {i + 1}/{total}: {face.width:.0f} px face\n"
                                      f"score {face.score:.2f} of {count_noun(len(faces), 'face')}"
                                      + (" (masked)" if matte is not None else "")))
@@ -162,7 +163,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
         preview = torch.from_numpy(np.stack([p.siglip_crop for p in photos]).astype(np.float32) / 255.0)
         shown = torch.from_numpy(np.stack(tiles).astype(np.float32) / 255.0)
         node_ui = {**ui.PreviewImage(shown).as_dict(), "text": [summary]}
-        return io.NodeOutput(Faces(tuple(photos)), preview, ui=node_ui)
+        return io.NodeOutput(Faces(tuple(photos), tuple(i for i, _ in skipped)), preview, ui=node_ui)
 
 
 def _persons_in_order(slots: list) -> list:

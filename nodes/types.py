@@ -36,6 +36,8 @@ class FacePhoto:
     bbox: tuple[float, float, float, float]
     embedding: object  # np.ndarray [512] raw ArcFace
     siglip_crop: object  # np.ndarray 512x512x3 uint8
+    score: float | None = None  # the detector's confidence in this face
+    masked: bool = False  # the SigLIP crop's background was blanked through a mask
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Faces:
     """Reference faces of one person (one per photo of the input batch)."""
 
     photos: tuple[FacePhoto, ...]
+    skipped: tuple[int, ...] = ()  # indices of input photos left out (no usable face, no_face = skip)
 
 
 @dataclass(frozen=True)

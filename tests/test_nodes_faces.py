@@ -106,6 +106,7 @@ def test_face_extract_mask_blanks_the_siglip_background_only(pack):
     masked, preview = extract.execute(_image(a, b), analyzer, 0, 32, mask=masks).result
     for k in range(2):
         assert np.array_equal(masked.photos[k].embedding, plain.photos[k].embedding)  # ArcFace untouched
+        assert masked.photos[k].masked and not plain.photos[k].masked and masked.photos[k].score > 0.9
         crop, original = masked.photos[k].siglip_crop, plain.photos[k].siglip_crop
         assert crop[:, 300:].max() == 0  # the right half of the square crop: black
         assert np.array_equal(crop[20:490, 20:240], original[20:490, 20:240])
@@ -132,6 +133,7 @@ def test_face_extract_no_face_policy(pack, caplog):
         out = extract.execute(_image(a, blank, b), analyzer, 0, 32, no_face="skip")
     got, preview = out.result
     assert [p.image_index for p in got.photos] == [0, 2] and preview.shape == (2, 512, 512, 3)
+    assert got.skipped == (1,)
     assert out.ui["text"] == ["2 photos used; skipped (no usable face): photo 2"]
     assert len(out.ui["images"]) == 3  # the skipped photo has its own tile on the node
     assert "skipping photo 2 of 3: no face found in photo 2 of 3" in caplog.text
