@@ -176,7 +176,7 @@ class WithAnyoneSampler(io.ComfyNode):
 
         return io.Schema(
             node_id="WithAnyoneSampler",
-            display_name="WithAnyone Sampler",
+            display_name="WithAnyone Apply + Sample",
             category=CATEGORY,
             description="All in one, with the authors' recipe by default (their schedule, 25 Euler steps, "
                         "guidance 4.0, no CFG): applies WithAnyone and samples with ComfyUI's own sampling code; "
