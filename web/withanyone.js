@@ -357,6 +357,7 @@ function drawEditor(node) {
 
 function redraw(node) {
   if (!node.withanyoneEditor) return;
+  fitVueBoxesText(node);
   try {
     drawEditor(node);
   } catch (err) {
@@ -596,6 +597,27 @@ function setupEditor(node) {
   w.serialize = false;
   if (w.options) w.options.serialize = false;
   editor.widget = w;
+}
+
+/** Grow a text area so that `lines` lines fit without a scroll bar (its own font and padding decide). */
+function fitLines(textarea, lines) {
+  const style = getComputedStyle(textarea);
+  const lineHeight = parseFloat(style.lineHeight) || parseFloat(style.fontSize) * 1.25 || 15;
+  const extra = ["paddingTop", "paddingBottom", "borderTopWidth", "borderBottomWidth"]
+    .reduce((sum, key) => sum + (parseFloat(style[key]) || 0), 0);
+  const needed = Math.ceil(lines * lineHeight + extra);
+  if (textarea.clientHeight < needed - 1) textarea.style.minHeight = `${needed}px`;
+}
+
+/** The Vue renderer draws its own boxes text area: find it in the node's element once it is mounted. */
+function fitVueBoxesText(node) {
+  const editor = node.withanyoneEditor;
+  if (!editor || editor.vueTextFitted) return;
+  const element = editor.container.closest?.("[data-node-id]");
+  const textarea = element?.querySelector("textarea");
+  if (!textarea) return;
+  fitLines(textarea, 4);
+  editor.vueTextFitted = true;
 }
 
 function setupBoxesText(node) {
