@@ -9,6 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from .schema import advanced
 from .types import ADAPTER, FACE_ANALYZER, SIGLIP, SiglipModel
 
 logger = logging.getLogger(__name__)
@@ -128,11 +129,11 @@ class WithAnyoneAdapterLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("withanyone"),
                                tooltip="withanyone.safetensors from the WithAnyone release, in models/withanyone/"),
-                io.Combo.Input("weight_dtype", options=list(ADAPTER_DTYPES), default="default",
-                               tooltip="storage dtype of the adapter's weights; they are cast to the MODEL's compute "
-                                       "dtype on use. default: bf16 (fp32 on CPU). fp8_e4m3fn halves the memory "
-                                       "(2.8 GB instead of 5.6 GB) at a small precision cost",
-                               extra_dict={"advanced": True}),
+                advanced(io.Combo.Input(
+                    "weight_dtype", options=list(ADAPTER_DTYPES), default="default",
+                    tooltip="storage dtype of the adapter's weights; they are cast to the MODEL's compute dtype on "
+                            "use. default: bf16 (fp32 on CPU). fp8_e4m3fn halves the memory (2.8 GB instead of "
+                            "5.6 GB) at a small precision cost")),
             ],
             outputs=[ADAPTER.Output(display_name="adapter", tooltip="the WithAnyone identity adapter")],
         )

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from withanyone_core import recipe
 
+from .schema import advanced
 from .types import ADAPTER, IDENTITIES, LAYOUT, Identities, Layout
 
 logger = logging.getLogger(__name__)
@@ -53,20 +54,16 @@ def patch_model(model, adapter, identities: Identities, layout: Layout | None, i
                             siglip_weight, start_percent, end_percent)
 
 
-def _advanced(**extra) -> dict:
-    return {"advanced": True, **extra}
-
-
 def _weight_inputs() -> list:
     return [
         io.Float.Input("siglip_share", default=recipe.DEFAULT_SIGLIP_SHARE, min=0.0, max=1.0, step=0.05,
                        tooltip=SHARE_TIP),
-        io.Combo.Input("weight_mode", options=list(recipe.WEIGHT_MODES), default="share", tooltip=MODE_TIP,
-                       extra_dict=_advanced()),
-        io.Float.Input("id_weight", default=1.0, min=0.0, max=3.0, step=0.05, tooltip=WEIGHT_TIPS["id_weight"],
-                       extra_dict=_advanced()),
-        io.Float.Input("siglip_weight", default=0.0, min=0.0, max=3.0, step=0.05,
-                       tooltip=WEIGHT_TIPS["siglip_weight"], extra_dict=_advanced()),
+        advanced(io.Combo.Input("weight_mode", options=list(recipe.WEIGHT_MODES), default="share",
+                                tooltip=MODE_TIP)),
+        advanced(io.Float.Input("id_weight", default=1.0, min=0.0, max=3.0, step=0.05,
+                                tooltip=WEIGHT_TIPS["id_weight"])),
+        advanced(io.Float.Input("siglip_weight", default=0.0, min=0.0, max=3.0, step=0.05,
+                                tooltip=WEIGHT_TIPS["siglip_weight"])),
     ]
 
 
@@ -108,12 +105,10 @@ class WithAnyoneApply(io.ComfyNode):
                              tooltip="face boxes; without a layout every image token sees every person. A layout "
                                      "drawn for another size is scaled uniformly and centred"),
                 *_weight_inputs(),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="identities act from this point of the schedule (0 = the first step)",
-                               extra_dict=_advanced()),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="identities act until this point of the schedule (1 = the last step)",
-                               extra_dict=_advanced()),
+                advanced(io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                                        tooltip="identities act from this point of the schedule (0 = the first step)")),
+                advanced(io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                                        tooltip="identities act until this point of the schedule (1 = the last step)")),
             ],
             outputs=[io.Model.Output(tooltip="the patched clone of the MODEL")],
         )
