@@ -1,45 +1,160 @@
-"""The MultiID-Bench evaluation CLI on a folder of samples built with the tiny detector."""
+"""The MultiID-Bench evaluation CLI on folders of samples built for the tiny detector.
+
+The tiny detector (withanyone_core/testing/faces.py) fires on green 32 px cells of its 640 px
+input, so reference photos are 427 px crops of a 640 px canvas: the authors' 1.5x black
+padding makes them 640 px again, with the face back on the detector's grid.
+"""
 
 import json
+import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from withanyone_core import bench_eval
+from withanyone_core.bench.report import load_paper_points
+from withanyone_core.bench.tiny import build_random_inception, build_tiny_aesthetic, build_tiny_clip
 from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image
+
+REF_SIDE, REF_OFFSET = 427, 106  # int(427 * 1.5) = 640; (640 - 427) // 2 = 106
+
+
+def reference_photo(identity: int, seed: int) -> np.ndarray:
+    canvas = make_face_image([(9, 9)], identities=[identity], seed=seed)[0]
+    return canvas[REF_OFFSET:REF_OFFSET + REF_SIDE, REF_OFFSET:REF_OFFSET + REF_SIDE].copy()
 
 
 def _save(path, image):
-    Image.fromarray(image).save(path, quality=100) if path.suffix == ".jpg" else Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path)
 
 
-def test_cli_scores_samples_and_sanity_rows(tmp_path):
-    models = tmp_path / "insightface"
-    build_tiny_antelopev2(models)
-    bench = tmp_path / "bench"
-    # sample "gt": the output is the ground truth itself -> Sim(GT) = 1, CP = -1
-    # sample "copy": the output is the references' faces -> CP = +1
+def _sample(root, name, out, truth, refs, prompt="two people", first=1):
+    folder = root / name
+    folder.mkdir(parents=True)
+    _save(folder / "out.png", out)
+    _save(folder / "ori.png", truth)
+    for k, ref in enumerate(refs):
+        _save(folder / f"ref_{k + first}.png", ref)
+    (folder / "meta.json").write_text(json.dumps({"prompt": prompt}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_models")
+    insightface = root / "insightface"
+    ante = build_tiny_antelopev2(insightface)
+    buffalo = insightface / "models" / "buffalo_l"  # the same stand-ins under buffalo_l's file names
+    buffalo.mkdir(parents=True)
+    shutil.copy(ante / "scrfd_10g_bnkps.onnx", buffalo / "det_10g.onnx")
+    shutil.copy(ante / "glintr100.onnx", buffalo / "w600k_r50.onnx")
+    clip = build_tiny_clip(root / "clip")
+    encoder, head = build_tiny_aesthetic(root / "siglip", root / "aesthetic_predictor_v2_5.safetensors")
+    inception = build_random_inception(root / "pt_inception-2015-12-05-6726825d.safetensors")
+    return {"insightface": insightface, "clip": clip, "encoder": encoder, "head": head, "inception": inception}
+
+
+@pytest.fixture()
+def bench(tmp_path):
+    root = tmp_path / "ours"
     cells = [(5, 6), (13, 8)]
-    ground_truth = make_face_image(cells, identities=[1, 2], seed=3)[0]
-    for name, out in (("gt", ground_truth), ("copy", make_face_image(cells[::-1], identities=[12, 11], seed=4)[0])):
-        folder = bench / name
-        folder.mkdir(parents=True)
-        _save(folder / "ori.png", ground_truth)
-        _save(folder / "out.png", out)
-        for k, ident in enumerate([11, 12], 1):
-            _save(folder / f"ref_{k}.png", make_face_image([(9, 9)], identities=[ident], seed=10 + k)[0])
-        (folder / "meta.json").write_text(json.dumps({"prompt": "two people"}))
-    (bench / "broken").mkdir()
-    _save(bench / "broken" / "out.png", make_face_image([(5, 5)])[0])
-    _save(bench / "broken" / "ref_1.png", np.full((100, 100, 3), 90, np.uint8))
+    truth = make_face_image(cells, identities=[1, 2], seed=3)[0]
+    refs = [reference_photo(11, 21), reference_photo(12, 22)]
+    # "gt": the output is the ground truth itself -> Sim(GT) 1, CP -1 (faces listed in any order)
+    _sample(root, "gt", truth, truth, refs)
+    # "copy": the output shows the references' faces -> CP about +1
+    _sample(root, "copy", make_face_image(cells[::-1], identities=[12, 11], seed=4)[0], truth, refs)
+    # "swapped": the gt sample with the persons listed in the other order (0-based names, the authors')
+    _sample(root, "swapped", truth, truth, refs[::-1], first=0)
+    single_truth = make_face_image([(7, 7)], identities=[3], seed=5)[0]
+    _sample(root, "single", single_truth, single_truth, [reference_photo(13, 23)], prompt="one person")
+    _sample(root, "single_copy", make_face_image([(8, 6)], identities=[13], seed=6)[0], single_truth,
+            [reference_photo(13, 23)], prompt="one person")
+    # "broken": the reference has no face -> reported, left out of every metric
+    _sample(root, "broken", truth, truth, [np.full((100, 100, 3), 90, np.uint8)])
+    return root
 
-    summary = bench_eval.main([str(bench), "--antelopev2", str(models), "--providers", "cpu"])
-    gt = json.loads((bench / "gt" / "metrics.json").read_text())
-    copy = json.loads((bench / "copy" / "metrics.json").read_text())
-    assert gt["sim_gt"] == pytest.approx(1.0, abs=1e-4) and gt["cp"] == pytest.approx(-1.0, abs=1e-3)
+
+def _record(root, name):
+    return json.loads((root / name / "metrics.json").read_text())
+
+
+def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, caplog):
+    args = [str(bench), "--insightface", str(models["insightface"]), "--providers", "cpu", "--no-progress",
+            "--clip", str(models["clip"]), "--aesthetic-encoder", str(models["encoder"]),
+            "--aesthetic-head", str(models["head"]), "--fid-weights", str(models["inception"]), "--fid-form", "authors",
+            "--device", "cpu"]
+    report = bench_eval.main(args)
+    arc = {name: _record(bench, name)["face_models"]["arcface"] for name in ("gt", "copy", "swapped", "single")}
+    assert arc["gt"]["sim_gt"] == pytest.approx(1.0, abs=1e-4) and arc["gt"]["cp"] == pytest.approx(-1.0, abs=1e-3)
     # the copy sample's faces sit on another background, which the aligned crop partly sees
-    assert copy["sim_ref"] == pytest.approx(1.0, abs=2e-3) and copy["cp"] == pytest.approx(1.0, abs=0.05)
-    assert gt["prompt"] == "two people"
-    assert summary["scored"] == 2 and "broken" in summary["failed"] and "no face" in summary["failed"]["broken"]
-    assert json.loads((bench / "summary.json").read_text())["samples"] == 3
+    assert arc["copy"]["sim_ref"] == pytest.approx(1.0, abs=2e-3) and arc["copy"]["cp"] == pytest.approx(1.0, abs=0.05)
+    for key in ("sim_gt", "sim_ref", "cp", "off_gt", "off_ref"):  # person order does not matter
+        assert arc["swapped"][key] == pytest.approx(arc["gt"][key], abs=1e-6), key
+    assert arc["single"]["off_ref"] == 0.0 and arc["gt"]["off_ref"] is not None
+    gt = _record(bench, "gt")
+    assert gt["status"] == "ok" and gt["prompt"] == "two people" and -1 <= gt["clip_t"] <= 1
+    assert gt["clip_i"] == pytest.approx(1.0, abs=1e-5)  # CLIP-I of the ground truth with itself
+    assert np.isfinite(gt["aesthetic"])
+    broken = _record(bench, "broken")
+    assert broken["status"] == "failed" and "no face found in reference(s) [1]" in broken["error"]
+
+    summary = json.loads((bench / "summary.json").read_text())
+    multi, single = summary["subsets"]["multi"], summary["subsets"]["single"]
+    assert multi["samples"] == 3 and multi["scored"] == 3 and single["samples"] == 3 and "broken" in single["failed"]
+    assert multi["table"]["cp"] == pytest.approx(np.mean([arc[n]["cp"] for n in ("gt", "copy", "swapped")]), abs=1e-9)
+    assert single["scored"] == 2 and set(summary["subsets"]) == {"single", "multi", "multi_2"}
+    assert set(multi["fid"]) == {"authors"} and multi["table"]["fid"] == multi["fid"]["authors"]
+
+    tables = (bench / "tables.md").read_text()
+    assert "### Table 1: single person" in tables and "### Table 2: multi-person (2-4 people)" in tables
+    assert tables.count("| ours |") == 3  # single, multi, multi_2
+    csv_rows = (bench / "tables.csv").read_text().strip().splitlines()
+    assert csv_rows[0].startswith("subset,method,sim_gt,sim_ref,cp,bld") and len(csv_rows) == 4
+    with Image.open(bench / "tradeoff.png") as png:
+        assert png.size == (1500, 450) and png.format == "PNG"
+    paper = load_paper_points()["subsets"]
+    assert report["figure"]["single"] == {"paper": len(paper["single"]), "methods": 1, "curve": True}
+    assert report["figure"]["multi_2"]["methods"] == 1 and report["figure"]["multi_3_4"]["methods"] == 0
+
+    # resume: nothing changed -> every record reused; a new output -> that sample alone is scored again
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in bench.glob("*/metrics.json")}
+    os.utime(bench / "copy" / "out.png")
+    caplog.clear()
+    caplog.set_level(logging.INFO, "withanyone.bench_eval")
+    bench_eval.main(args[:6] + ["--no-progress", "--clip", str(models["clip"]), "--aesthetic-encoder",
+                                str(models["encoder"]), "--aesthetic-head", str(models["head"])])
+    # the aesthetic/CLIP settings are the same but FID is not a per-sample setting: records are reused
+    after = {p.parent.name: p.stat().st_mtime_ns for p in bench.glob("*/metrics.json")}
+    assert [n for n in stamps if after[n] != stamps[n]] == ["copy"]
+    assert "5 of 6 samples reused" in caplog.text
+
+
+def test_several_methods_are_rows_and_face_model_choice(bench, models, tmp_path):
+    other = tmp_path / "copier"
+    shutil.copytree(bench, other)
+    for name in ("gt", "swapped", "single"):  # this method copies the reference everywhere
+        shutil.copy(bench / ("copy" if name != "single" else "single_copy") / "out.png", other / name / "out.png")
+    out = tmp_path / "report"
+    bench_eval.main([str(bench), str(other), "--names", "Pack", "Copier", "--out", str(out), "--insightface",
+                     str(models["insightface"]), "--face-model", "antelopev2", "--providers", "cpu", "--no-progress"])
+    tables = (out / "tables.md").read_text()
+    single_table = tables.split("### Table 2")[0]
+    assert "| Pack |" in single_table and "| Copier |" in single_table
+    report = json.loads((out / "report.json").read_text())["methods"]
+    assert report["Pack"]["settings"]["face_model"] == "antelopev2"
+    cp = {m: report[m]["subsets"]["multi"]["table"]["cp"] for m in ("Pack", "Copier")}
+    assert cp["Copier"] > 0.9 and cp["Pack"] < cp["Copier"]
+    # the copier's CP is the lowest-ranked; ranking marks the best CP in bold among gated methods
+    pack_row = next(line for line in tables.split("### Table 2:")[1].splitlines() if line.startswith("| Pack |"))
+    assert "**" in pack_row
+
+
+def test_missing_models_say_which_file_and_where(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_eval.main([str(bench), "--insightface", str(tmp_path / "nothing"), "--providers", "cpu"])
+    err = capsys.readouterr().err
+    assert "det_10g.onnx" in err and "w600k_r50.onnx" in err and "models/buffalo_l" in err

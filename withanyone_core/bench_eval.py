@@ -1,15 +1,19 @@
-"""Score a folder of MultiID-Bench samples: ``python -m withanyone_core.bench_eval FOLDER``.
+"""Score MultiID-Bench results: ``python -m withanyone_core.bench_eval RESULTS [RESULTS ...] --insightface ROOT``.
 
-Layout (one folder per sample)::
+Each RESULTS folder holds one method's outputs in the MultiID-Bench layout (one folder per
+sample: ``out.jpg``, ``ori.jpg``, ``ref_1.jpg`` .. ``ref_4.jpg`` or the authors' 0-based
+``ref_0.jpg`` .., ``meta.json`` with ``prompt``). For every sample this writes
+``<sample>/metrics.json``; for every method ``RESULTS/summary.json``; and into ``--out``
+the paper's tables (``tables.md``, ``tables.csv``; methods as rows, single-person and
+multi-person subsets apart), ``report.json`` (every method's summary) and ``tradeoff.png``
+(Sim(GT) against CP with the paper's published points and fitted trade-off curve).
 
-    FOLDER/<sample>/out.jpg        the generated image
-    FOLDER/<sample>/ori.jpg        the ground-truth photo
-    FOLDER/<sample>/ref_1.jpg ...  ref_4.jpg  one reference photo per person, in order
-    FOLDER/<sample>/meta.json      {"prompt": ...}
-
-Writes ``<sample>/metrics.json`` for each sample and ``FOLDER/summary.json`` plus a
-summary table (Sim(GT), Sim(Ref), CP, faces missing) on the log. Persons are the
-reference photos in order; ground-truth faces are matched to them by similarity.
+Identity metrics use insightface ``buffalo_l`` (the authors' choice) or ``antelopev2``
+(``--face-model``), detection threshold 0.45, references padded onto a black square 1.5x
+their long side. CLIP-I/CLIP-T, the aesthetic score and FID run when their local weights
+are given. Aggregation follows the authors' code: 1.5 x IQR outliers dropped per metric,
+the median when more than half would go. A rerun reuses every ``metrics.json`` made with
+the same settings for an unchanged output (``--no-resume`` recomputes).
 """
 
 from __future__ import annotations
@@ -22,96 +26,272 @@ from pathlib import Path
 
 import numpy as np
 
-from .faces import FaceAnalyzer, ImageReadError, NoFaceError, load_image, select_face
-from .metrics import identity_metrics, match_faces
+from .bench.aggregate import robust_stats
+from .bench.faces import DET_THRESH, InsightFaceModel
+from .bench.samples import Sample, list_samples
+from .faces import FaceModelsNotFound, ImageReadError, load_image
+from .metrics import identity_scores
 
 logger = logging.getLogger("withanyone.bench_eval")
 
-
-def _find(sample: Path, stem: str) -> Path | None:
-    for suffix in (".jpg", ".jpeg", ".png", ".webp"):
-        if (sample / (stem + suffix)).is_file():
-            return sample / (stem + suffix)
-    return None
+SCHEMA = 2  # bump when a per-sample record changes meaning
+IDENTITY_KEYS = ("sim_gt", "sim_ref", "cp", "off_gt", "off_ref")
 
 
-def score_sample(analyzer: FaceAnalyzer, sample: Path) -> dict:
-    refs = []
-    for k in range(1, 5):
-        path = _find(sample, f"ref_{k}")
-        if path is None:
-            break
-        face = select_face(analyzer.analyze(load_image(path), image_name=path.name), image_name=f"{sample.name}/{path.name}")
-        refs.append(face.embedding)
-    if not refs:
-        raise NoFaceError(f"{sample.name}: no ref_1 image; each sample needs ref_1..ref_n")
-    out_path, gt_path = _find(sample, "out"), _find(sample, "ori")
-    if out_path is None:
-        raise ImageReadError(f"{sample.name}: out.jpg (the generated image) is missing")
-    generated = [f.embedding for f in analyzer.analyze(load_image(out_path), image_name=out_path.name)]
-    gt = None
-    if gt_path is not None:
-        gt_faces = [f.embedding for f in analyzer.analyze(load_image(gt_path), image_name=gt_path.name)]
-        pairs = dict(match_faces(np.array(gt_faces).reshape(-1, 512), np.array(refs)))  # ref person -> gt face
-        if len(pairs) == len(refs):
-            gt = np.array([gt_faces[pairs[k]] for k in range(len(refs))])
-        else:
-            logger.warning("%s: ground truth has %d faces for %d persons; Sim(GT) and CP skipped",
-                           sample.name, len(gt_faces), len(refs))
-    result = identity_metrics(np.array(generated).reshape(-1, 512), np.array(refs), gt)
-    meta = sample / "meta.json"
-    if meta.is_file():
-        result["prompt"] = json.loads(meta.read_text()).get("prompt")
-    return result
+# --------------------------------------------------------------------------- one sample
+def score_identity(face_model, output: np.ndarray, ground_truth: np.ndarray | None,
+                   references: list[np.ndarray], reference_embeddings: np.ndarray | None = None) -> dict:
+    """Identity metrics of one sample with one face model (shared by the CLI and the ComfyUI node).
+
+    ``reference_embeddings`` replaces detection on ``references`` (the node passes its identities').
+    """
+    if reference_embeddings is None:
+        refs = [face_model.reference(r) for r in references]
+        missing = [k + 1 for k, e in enumerate(refs) if e is None]
+        if missing:  # the authors' get_multi_img_embeddings: no face in any reference -> no identity metrics
+            return {"error": f"no face found in reference(s) {missing} (after padding)", "sim_ref": None,
+                    "sim_gt": None, "cp": None}
+        reference_embeddings = np.stack(refs)
+    generated = face_model.faces(output)
+    gt = face_model.faces(ground_truth) if ground_truth is not None else None
+    return identity_scores(generated, reference_embeddings, gt, multi_person=len(reference_embeddings) > 1)
 
 
-def evaluate(folder: Path, analyzer: FaceAnalyzer) -> dict:
-    samples = sorted(p for p in folder.iterdir() if p.is_dir())
-    if not samples:
-        raise SystemExit(f"{folder} holds no sample folders (expected <sample>/out.jpg, ori.jpg, ref_1.jpg, ...)")
-    rows, failed = [], {}
-    for sample in samples:
-        try:
-            result = score_sample(analyzer, sample)
-        except (NoFaceError, ImageReadError) as exc:
-            failed[sample.name] = str(exc)
-            logger.warning("%s", exc)
+class Scorer:
+    """Every metric model the run was given, and the settings a cached record must match."""
+
+    def __init__(self, face_models: list, clip=None, aesthetic=None, settings: dict | None = None):
+        self.face_models = face_models
+        self.clip = clip
+        self.aesthetic = aesthetic
+        self.settings = {"schema": SCHEMA, **(settings or {})}
+
+    def score(self, sample: Sample) -> dict:
+        record = {"sample": sample.name, "persons": sample.persons, "prompt": sample.prompt,
+                  "settings": self.settings}
+        if not sample.refs:
+            raise ImageReadError(f"{sample.name}: no reference photo (ref_1.jpg, or the authors' ref_0.jpg)")
+        if sample.output is None:
+            raise ImageReadError(f"{sample.name}: out.jpg (the generated image) is missing")
+        output = load_image(sample.output)
+        truth = load_image(sample.ground_truth) if sample.ground_truth is not None else None
+        refs = [load_image(p) for p in sample.refs]
+        record["face_models"] = {m.kind: score_identity(m, output, truth, refs) for m in self.face_models}
+        if all(r.get("sim_ref") is None for r in record["face_models"].values()):
+            # the authors drop such a sample from every metric, quality ones included
+            reasons = "; ".join(r.get("error") or "no face found in the output" for r in record["face_models"].values())
+            record.update(status="failed", error=reasons)
+            return record
+        if self.clip is not None:
+            record["clip_t"] = self.clip.clip_t(output, sample.prompt)
+            record["clip_i"] = self.clip.clip_i(truth, output) if truth is not None else None
+        if self.aesthetic is not None:
+            record["aesthetic"] = self.aesthetic(output)
+        record["status"] = "ok"
+        return record
+
+
+def _cached(sample: Sample, settings: dict) -> dict | None:
+    path = sample.folder / "metrics.json"
+    if not path.is_file() or sample.output is None:
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    fresh = path.stat().st_mtime >= sample.output.stat().st_mtime
+    return record if fresh and record.get("settings") == settings else None
+
+
+# --------------------------------------------------------------------------- one method
+SUBSETS = {"single": lambda n: n == 1, "multi": lambda n: n >= 2, "multi_2": lambda n: n == 2,
+           "multi_3_4": lambda n: n >= 3}
+
+
+def summarise(records: list[dict], fids: dict | None = None) -> dict:
+    """Per subset: counts, per-face-model statistics, the pooled 'average' model and the table values."""
+    subsets = {}
+    for subset, belongs in SUBSETS.items():
+        part = [r for r in records if belongs(r["persons"])]
+        if not part:
             continue
-        (sample / "metrics.json").write_text(json.dumps(result, indent=1))
-        rows.append((sample.name, result))
-    summary = {"samples": len(samples), "scored": len(rows), "failed": failed}
-    for key in ("sim_gt", "sim_ref", "cp"):
-        values = [r[key] for _, r in rows if key in r]
-        if values:
-            summary[key] = float(np.mean(values))
-    summary["missing_faces"] = int(sum(len(r["missing"]) for _, r in rows))
+        ok = [r for r in part if r.get("status") == "ok"]
+        entry = {"samples": len(part), "scored": len(ok),
+                 "failed": {r["sample"]: r.get("error", "") for r in part if r.get("status") != "ok"}}
+        models = sorted({m for r in ok for m in r["face_models"]})
+        per_model = {}
+        for model in models:
+            per_model[model] = {key: robust_stats([r["face_models"][model].get(key) for r in ok
+                                                   if model in r["face_models"]]) for key in IDENTITY_KEYS}
+        if len(models) > 1:  # the authors' 'average': every model's per-sample values in one pool
+            per_model["average"] = {key: robust_stats([r["face_models"][m].get(key) for r in ok for m in models
+                                                       if m in r["face_models"]]) for key in IDENTITY_KEYS}
+        entry["face_models"] = per_model
+        for key in ("clip_i", "clip_t", "aesthetic"):
+            entry[key] = robust_stats([r.get(key) for r in ok])
+        if fids and subset in fids:
+            entry["fid"] = fids[subset]
+        identity = per_model.get("average") or (per_model[models[0]] if models else {})
+
+        def mean(stats):
+            return None if not stats else stats["mean"]
+
+        entry["table"] = {"sim_gt": mean(identity.get("sim_gt")), "sim_ref": mean(identity.get("sim_ref")),
+                          "cp": mean(identity.get("cp")),
+                          "bld": mean(identity.get("off_gt")) if subset != "single" else None,
+                          "clip_i": mean(entry["clip_i"]), "clip_t": mean(entry["clip_t"]),
+                          "aesthetic": mean(entry["aesthetic"]),
+                          "fid": (fids or {}).get(subset, {}).get("authors" if "authors" in (fids or {}).get(subset, {})
+                                                                  else "standard")}
+        subsets[subset] = entry
+    return {"subsets": subsets}
+
+
+def evaluate_folder(folder: Path, scorer: Scorer, fid=None, fid_forms=("standard",), resume: bool = True,
+                    progress: bool = True) -> dict:
+    samples = list_samples(folder)
+    records = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm ships with ComfyUI and transformers; plain logging otherwise
+        def tqdm(it, **_):
+            return it
+    bar = tqdm(samples, desc=f"scoring {folder.name}", unit="sample", disable=not progress)
+    reused = 0
+    for sample in bar:
+        record = _cached(sample, scorer.settings) if resume else None
+        if record is not None:
+            reused += 1
+        else:
+            try:
+                record = scorer.score(sample)
+            except (ImageReadError, ValueError) as exc:
+                record = {"sample": sample.name, "persons": sample.persons, "settings": scorer.settings,
+                          "status": "failed", "error": str(exc)}
+            if record.get("status") != "ok":
+                logger.warning("%s: %s", sample.name, record.get("error"))
+            (sample.folder / "metrics.json").write_text(json.dumps(record, indent=1))
+        records.append(record)
+    if reused:
+        logger.info("%s: %d of %d samples reused from an earlier run", folder.name, reused, len(samples))
+    fids = {}
+    if fid is not None:
+        fids = _fid_by_subset(fid, fid_forms, samples, records)
+    summary = {"method": folder.name, "settings": scorer.settings, **summarise(records, fids)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    header = f"{'sample':<24} {'Sim(GT)':>8} {'Sim(Ref)':>9} {'CP':>7} {'missing':>8}"
-    lines = [header, "-" * len(header)]
-
-    def fmt(d, key):
-        return f"{d[key]:.3f}" if key in d else "-"
-
-    for name, r in rows:
-        lines.append(f"{name:<24} {fmt(r, 'sim_gt'):>8} {fmt(r, 'sim_ref'):>9} {fmt(r, 'cp'):>7} {len(r['missing']):>8}")
-    lines.append(f"{'mean':<24} {fmt(summary, 'sim_gt'):>8} {fmt(summary, 'sim_ref'):>9} {fmt(summary, 'cp'):>7} "
-                 f"{summary['missing_faces']:>8}")
-    logger.info("\n%s", "\n".join(lines))
     return summary
 
 
+def _fid_by_subset(fid, forms, samples: list[Sample], records: list[dict]) -> dict:
+    """FID of GT photos against outputs per subset (scored samples only); each image's features computed once."""
+    from .bench.quality import frechet_distance
+
+    by_name = {s.name: s for s in samples}
+    cache: dict = {}
+
+    def features(paths, form):
+        todo = [p for p in paths if (p, form) not in cache]
+        if todo:
+            for path, row in zip(todo, fid.features([load_image(p) for p in todo], form)):
+                cache[(path, form)] = row
+        return np.stack([cache[(p, form)] for p in paths])
+
+    out, seen = {}, {}
+    for subset, belongs in SUBSETS.items():
+        chosen = tuple(sorted(r["sample"] for r in records if r.get("status") == "ok" and belongs(r["persons"])
+                              and by_name[r["sample"]].ground_truth is not None))
+        if len(chosen) < 2:
+            continue
+        if chosen not in seen:  # e.g. multi_2 == multi when no sample has 3-4 people
+            real = [by_name[n].ground_truth for n in chosen]
+            generated = [by_name[n].output for n in chosen]
+            seen[chosen] = {form: frechet_distance(features(real, form), features(generated, form)) for form in forms}
+        out[subset] = seen[chosen]
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m withanyone_core.bench_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, nargs="+", help="one folder of samples per method")
+    p.add_argument("--names", nargs="+", help="method names for the tables (default: the folder names)")
+    p.add_argument("--out", type=Path, help="where tables.md/.csv, report.json and tradeoff.png go "
+                   "(default: the results folder, or ./bench_report for several)")
+    p.add_argument("--insightface", "--antelopev2", dest="insightface", type=Path, required=True,
+                   help="insightface models root holding models/buffalo_l/ or models/antelopev2/ "
+                        "(e.g. ComfyUI/models/insightface)")
+    p.add_argument("--face-model", choices=["buffalo_l", "antelopev2"], default="buffalo_l",
+                   help="buffalo_l as in the paper (default), or antelopev2 as the pack uses")
+    p.add_argument("--det-thresh", type=float, default=DET_THRESH)
+    p.add_argument("--no-ref-padding", action="store_true", help="detect on the reference photos as they are")
+    p.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--clip", type=Path, help="folder of openai/clip-vit-base-patch16 (CLIP-I, CLIP-T)")
+    p.add_argument("--aesthetic-encoder", type=Path, help="folder of google/siglip-so400m-patch14-384")
+    p.add_argument("--aesthetic-head", type=Path, help="aesthetic_predictor_v2_5.safetensors")
+    p.add_argument("--fid-weights", type=Path, help="pt_inception-2015-12-05-6726825d.safetensors (pytorch-fid) "
+                   "or torchvision's inception_v3_google-0cc3c7bd.safetensors")
+    p.add_argument("--fid-form", choices=["standard", "authors", "both"], default="both",
+                   help="FID preprocessing: standard (pytorch-fid), authors (ImageNet-normalised, then scaled again)")
+    p.add_argument("--device", default="auto", help="torch device for CLIP, aesthetic and FID")
+    p.add_argument("--paper-points", type=Path, help="JSON of published points (default: the shipped file)")
+    p.add_argument("--no-resume", action="store_true", help="recompute every sample")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--antelopev2", type=Path, required=True,
-                        help="insightface models root holding models/antelopev2/ (e.g. ComfyUI/models/insightface)")
-    parser.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--det-thresh", type=float, default=0.4)
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    if not args.folder.is_dir():
-        parser.error(f"{args.folder} is not a folder")
-    return evaluate(args.folder, FaceAnalyzer(args.antelopev2, providers=args.providers, det_thresh=args.det_thresh))
+    for folder in args.results:
+        if not folder.is_dir():
+            parser.error(f"{folder} is not a folder")
+    if args.names and len(args.names) != len(args.results):
+        parser.error(f"{len(args.names)} names for {len(args.results)} result folders")
+    if bool(args.aesthetic_encoder) != bool(args.aesthetic_head):
+        parser.error("the aesthetic score needs both --aesthetic-encoder and --aesthetic-head")
+    from .bench import quality
+    from .checkpoints import CheckpointError
+
+    try:
+        face_model = InsightFaceModel(args.insightface, args.face_model, det_thresh=args.det_thresh,
+                                      providers=args.providers, pad_references=not args.no_ref_padding)
+        clip = aesthetic = fid = None
+        if args.clip:
+            clip = quality.ClipMetric(args.clip, args.device)
+        if args.aesthetic_encoder:
+            aesthetic = quality.AestheticMetric(args.aesthetic_encoder, args.aesthetic_head, args.device)
+        if args.fid_weights:
+            fid = quality.FIDMetric(args.fid_weights, args.device)
+    except (FaceModelsNotFound, quality.MissingWeights, CheckpointError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    settings = {"face_model": args.face_model, "det_thresh": args.det_thresh, "ref_padding": not args.no_ref_padding,
+                "clip": bool(clip), "aesthetic": bool(aesthetic)}
+    scorer = Scorer([face_model], clip, aesthetic, settings)
+    forms = ("standard", "authors") if args.fid_form == "both" else (args.fid_form,)
+    names = args.names or [f.name for f in args.results]
+    methods = {}
+    for name, folder in zip(names, args.results):
+        methods[name] = evaluate_folder(folder, scorer, fid, forms, resume=not args.no_resume,
+                                        progress=not args.no_progress)
+    return write_report(methods, args.out or (args.results[0] if len(args.results) == 1 else Path("bench_report")),
+                        args.paper_points)
+
+
+def write_report(methods: dict[str, dict], out: Path, paper_points: Path | None = None) -> dict:
+    from .bench import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    tables = report.markdown_tables(methods)
+    (out / "tables.md").write_text(tables + "\n")
+    (out / "tables.csv").write_text(report.csv_table(methods))
+    combined = {"methods": methods}
+    (out / "report.json").write_text(json.dumps(combined, indent=1))
+    combined["figure"] = report.tradeoff_figure(methods, out / "tradeoff.png", report.load_paper_points(paper_points))
+    logger.info("\n%s", tables)
+    logger.info("wrote %s, %s and %s", out / "tables.md", out / "tables.csv", out / "tradeoff.png")
+    return combined
 
 
 if __name__ == "__main__":

@@ -53,20 +53,15 @@ class Sample:
 
 
 def reference_paths(folder: Path) -> list[Path]:
-    """ref_1..ref_4 in order; or the authors' 0-based ref_0..ref_3 (never a mix)."""
-    for first in (1, 0):
-        refs = []
-        for k in range(first, first + MAX_PERSONS):
-            path = find_image(folder, f"ref_{k}")
-            if path is None:
-                break
-            refs.append(path)
-        if refs:
-            if first == 1 and find_image(folder, "ref_0") is not None:
-                raise ValueError(f"{folder.name}: both ref_0 and ref_1 exist; name the references ref_1..ref_n "
-                                 "(or the authors' ref_0..ref_n-1), not both")
-            return refs
-    return []
+    """ref_1, ref_2, .. in order; the authors' 0-based ref_0, ref_1, .. when ref_0 exists."""
+    first = 0 if find_image(folder, "ref_0") is not None else 1
+    refs = []
+    for k in range(first, first + MAX_PERSONS):
+        path = find_image(folder, f"ref_{k}")
+        if path is None:
+            break
+        refs.append(path)
+    return refs
 
 
 def read_sample(folder: Path, output_stem: str = "out") -> Sample:
