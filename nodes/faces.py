@@ -16,8 +16,6 @@ logger = logging.getLogger(__name__)
 
 CATEGORY = "WithAnyone"
 MAX_PERSONS = 4
-
-
 NO_FACE_POLICIES = ("error", "skip")
 TILE_SIDE = 256  # the labelled tiles shown on the node after a run
 
