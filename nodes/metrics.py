@@ -1,14 +1,31 @@
-"""Identity metrics node: a live copy-paste meter for generated images."""
+"""Identity metrics node: a live copy-paste meter for generated images.
+
+It scores with the same function as ``python -m withanyone_core.bench_eval``
+(:func:`withanyone_core.bench_eval.score_identity`): every face of the output against the
+identities (Hungarian on cosine), every face of the ground truth likewise, CP with its own
+two matchings. The references are the identities' ArcFace embeddings; the CLI detects them
+on each reference photo padded 1.5x onto black, so for the CLI's numbers feed Face Extract
+the padded photo (``withanyone_core.bench.faces.pad_reference``) and the same face model.
+"""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
 from .types import FACE_ANALYZER, IDENTITIES, Identities
+
+
+def _rgb(image: torch.Tensor, name: str):
+    from withanyone_core.faces.images import to_rgb_uint8
+
+    return to_rgb_uint8(image.detach().cpu().float().numpy(), name)  # RGBA / grey IMAGEs as well
+
+
+def _fmt(value, signed: bool = False) -> str:
+    return "-" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
 
 
 class WithAnyoneIdentityMetrics(io.ComfyNode):
@@ -19,7 +36,7 @@ class WithAnyoneIdentityMetrics(io.ComfyNode):
             display_name="WithAnyone Identity Metrics",
             category="WithAnyone",
             description="Sim(Ref), Sim(GT) and the copy-paste score CP (+1: a copy of the reference, -1: the ground "
-                        "truth) per person, for each generated image.",
+                        "truth) per person, for each generated image, as MultiID-Bench computes them.",
             inputs=[
                 io.Image.Input("image", tooltip="generated image(s)"),
                 FACE_ANALYZER.Input("face_analyzer"),
@@ -33,32 +50,28 @@ class WithAnyoneIdentityMetrics(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, face_analyzer, identities: Identities,
                 ground_truth: torch.Tensor | None = None) -> io.NodeOutput:
-        from withanyone_core.metrics import identity_metrics, match_faces
+        from withanyone_core.bench.faces import InsightFaceModel
+        from withanyone_core.bench_eval import score_identity
 
-        refs = identities.arcface.numpy()
-        gt = None
-        if ground_truth is not None:
-            pixels = (ground_truth[0].cpu().numpy() * 255).round().astype(np.uint8)
-            gt_faces = [f.embedding for f in face_analyzer.analyze(pixels, image_name="ground truth")]
-            pairs = dict(match_faces(np.array(gt_faces).reshape(-1, 512), refs))
-            if len(pairs) != len(refs):
-                raise ValueError(f"the ground-truth image shows {len(gt_faces)} face(s) for {len(refs)} identities: "
-                                 "use a photo with every person visible, or leave ground_truth empty")
-            gt = np.stack([gt_faces[pairs[k]] for k in range(len(refs))])
-        results = []
-        for i in range(image.shape[0]):
-            pixels = (image[i].cpu().numpy() * 255).round().astype(np.uint8)
-            faces = [f.embedding for f in face_analyzer.analyze(pixels, image_name=f"image {i + 1}")]
-            results.append(identity_metrics(np.array(faces).reshape(-1, 512), refs, gt))
+        model = InsightFaceModel.from_analyzer(face_analyzer)
+        refs = identities.arcface.detach().cpu().double().numpy()
+        truth = _rgb(ground_truth[0], "ground truth") if ground_truth is not None else None
+        results = [score_identity(model, _rgb(image[i], f"image {i + 1}"), truth, [], reference_embeddings=refs)
+                   for i in range(image.shape[0])]
         lines = []
         for i, r in enumerate(results):
+            if truth is not None and r["cp"] is None:
+                lines.append(f"image {i + 1}: CP undefined: {r['faces_generated']} face(s) generated, "
+                             f"{r['faces_ground_truth']} in the ground truth, {len(refs)} identities")
             for p in r["persons"]:
                 if p["generated_face"] is None:
                     lines.append(f"image {i + 1} person {p['person']}: no matching face found")
                     continue
-                parts = [f"Sim(Ref) {p['sim_ref']:.3f}"]
+                parts = [f"Sim(Ref) {_fmt(p['sim_ref'])}"]
                 if "sim_gt" in p:
-                    parts += [f"Sim(GT) {p['sim_gt']:.3f}", f"CP {p['cp']:+.3f}"]
+                    parts.append(f"Sim(GT) {_fmt(p['sim_gt'])}")
+                if "cp" in p:
+                    parts.append(f"CP {_fmt(p['cp'], signed=True)}")
                 lines.append(f"image {i + 1} person {p['person']}: " + ", ".join(parts))
         text = json.dumps(results if len(results) > 1 else results[0], indent=1)
         return io.NodeOutput(text, ui=ui.PreviewText("\n".join(lines)))
