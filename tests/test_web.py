@@ -226,6 +226,22 @@ BOXES_TEXTAREA = f"""(id) => {{
 }}"""
 
 
+# the node on screen, for the README's screenshots
+NODE_CLIP = """(id) => {
+    const node = app.graph.getNodeById(id);
+    const vue = document.querySelector(`[data-node-id="${id}"]`);
+    let x, y, w, h;
+    if (vue) {
+        ({x, y, width: w, height: h} = vue.getBoundingClientRect());
+    } else {
+        const r = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT;
+        [x, y] = [r.left + (node.pos[0] + ds.offset[0]) * ds.scale, r.top + (node.pos[1] - title + ds.offset[1]) * ds.scale];
+        [w, h] = [node.size[0] * ds.scale, (node.size[1] + title) * ds.scale];
+    }
+    return {x: Math.max(0, x - 12), y: Math.max(0, y - 12), width: w + 24, height: h + 24};
+}"""
+
+
 def _wait(page, script, arg, predicate, timeout=15, what="value"):
     deadline = time.time() + timeout
     value = None
@@ -343,8 +359,6 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     geometry = _assert_boxes_drawn(page, node_id)
     # the message line sits below the drawing, never over it
     assert geometry["message"][1] >= geometry["canvas"][3] - 1
-    if version == LATEST_FRONTEND:
-        page.screenshot(path=str(tmp_path / f"layout-editor-{renderer}.png"))
 
     # drag box 3 (pixels) to the right and down: its line, and only its line, changes
     x1, y1, x2, y2 = geometry["boxes"][2]
@@ -367,6 +381,24 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     prompt = page.evaluate("() => app.graphToPrompt().then((p) => p.output)")
     assert prompt[str(node_id)]["inputs"]["boxes"] == text and prompt[str(node_id)]["inputs"]["source"] == "text"
 
+    # the 16-px token grid on demand: lighter lines every 16 output pixels where no box is
+    container = f"[data-node-id='{node_id}'] " if renderer == "vue" else ""
+    page.locator(f"{container}.withanyone-layout-editor label", has_text="grid").first.click()
+    assert page.evaluate("(id) => app.graph.getNodeById(id).withanyoneEditor.gridToggle.checked", node_id)
+    geometry = page.evaluate(GEOMETRY, node_id)
+    image = _screen(page)
+    fx1, fy1, fx2, fy2 = geometry["frame"]
+    step = 16 * geometry["screenPerPixel"]
+    row = fy2 - 8 * geometry["screenPerPixel"]  # the last token row: below every box of FIVE_TEXT
+    def brightness(x, spread):  # the brightest pixel within `spread` (a 1-px line falls on one of them)
+        return max(sum(image.getpixel((round(x) + d, round(row)))) for d in range(-spread, spread + 1))
+
+    on_line = [brightness(fx1 + k * step, 1) for k in range(4, 12)]
+    between = [brightness(fx1 + (k + 0.5) * step, 0) for k in range(4, 12)]
+    assert min(on_line) > max(between) + 12, (on_line, between)
+    if version == LATEST_FRONTEND:
+        page.screenshot(path=str(tmp_path / f"layout-editor-{renderer}.png"), clip=page.evaluate(NODE_CLIP, node_id))
+
     # drag the bottom-right corner of box 1 (fractions stay fractions): it grows, its top-left stays
     geometry = page.evaluate(GEOMETRY, node_id)
     bx1, by1, bx2, by2 = geometry["boxes"][0]
@@ -379,7 +411,6 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     assert box1[3] > layout_module.parse_boxes(text, width, height)[0][3] + 10
 
     # add a box with the toolbar, then delete it again (it is selected after adding)
-    container = f"[data-node-id='{node_id}'] " if renderer == "vue" else ""
     page.locator(f"{container}.withanyone-layout-editor button", has_text="+ face").first.click()
     _wait_layout(page, node_id, lambda lay: len(lay["boxes"]) == 6)
     page.locator(f"{container}.withanyone-layout-editor button", has_text="− face").first.click()

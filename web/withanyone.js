@@ -605,19 +605,15 @@ function fitLines(textarea, lines) {
   const lineHeight = parseFloat(style.lineHeight) || parseFloat(style.fontSize) * 1.25 || 15;
   const extra = ["paddingTop", "paddingBottom", "borderTopWidth", "borderBottomWidth"]
     .reduce((sum, key) => sum + (parseFloat(style[key]) || 0), 0);
-  const needed = Math.ceil(lines * lineHeight + extra);
-  if (textarea.clientHeight < needed - 1) textarea.style.minHeight = `${needed}px`;
+  const needed = `${Math.ceil(lines * lineHeight + extra)}px`;
+  if (textarea.style.minHeight !== needed) textarea.style.minHeight = needed;
 }
 
 /** The Vue renderer draws its own boxes text area: find it in the node's element once it is mounted. */
 function fitVueBoxesText(node) {
-  const editor = node.withanyoneEditor;
-  if (!editor || editor.vueTextFitted) return;
-  const element = editor.container.closest?.("[data-node-id]");
+  const element = node.withanyoneEditor?.container.closest?.("[data-node-id]");
   const textarea = element?.querySelector("textarea");
-  if (!textarea) return;
-  fitLines(textarea, 4);
-  editor.vueTextFitted = true;
+  if (textarea) fitLines(textarea, 4);
 }
 
 function setupBoxesText(node) {
