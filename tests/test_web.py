@@ -87,11 +87,24 @@ def server(request, tmp_path_factory):
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    _write_photos(base / "input")
     extra = ("--front-end-root", str(root)) if root else ()
     with ComfyServer(base, extra_args=extra) as comfy:
         registered = json.load(urllib.request.urlopen(comfy.url + "/object_info/WithAnyoneLayout", timeout=60))
         assert registered, "the pack's nodes did not load:\n" + comfy.log_tail()
         yield comfy.url, version
+
+
+PHOTO_COLORS = {"withanyone_test_layout_photo.png": (0, 190, 200), "withanyone_test_generated.png": (220, 120, 0)}
+
+
+def _write_photos(folder: Path) -> None:
+    """Two flat-colour "photos" in the server's input/ folder: the layout photo and a generated image."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, color in PHOTO_COLORS.items():
+        Image.new("RGB", (768, 768), color).save(folder / name)
 
 
 def _post(url: str, body, path: str = "/withanyone/layout") -> tuple[int, dict]:
@@ -477,6 +490,56 @@ def test_box_count_checked_against_connected_people_before_the_run(server, brows
                   encode_id)
     warning = _wait(page, WARNING_OF, layout_id, bool, what="the warning after unplugging")
     assert warning.startswith("2 face boxes but 1 person is connected"), warning
+    assert not page_errors, page_errors
+    page.close()
+
+
+PHOTO_GRAPH = """(photo) => {
+    const make = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
+    const layout = make("WithAnyoneLayout", 420, 40);
+    const load = make("LoadImage", 40, 40);
+    load.widgets.find((w) => w.name === "image").value = photo;
+    load.connect(0, layout, layout.findInputSlot("layout_image"));
+    const preview = make("PreviewImage", 900, 40);
+    layout.connect(layout.findOutputSlot("preview"), preview, 0);
+    return [layout.id, load.id, preview.id];
+}"""
+BACKGROUND_OF = "(id) => { const e = app.graph.getNodeById(id).withanyoneEditor; return e.background ? e.backgroundUrl : null; }"
+
+
+def test_layout_photo_and_last_generated_image_behind_the_boxes(server, browser):
+    """The connected layout photo is drawn behind the boxes; without one, the last image generated
+    downstream of the layout; the photo toggle hides it."""
+    url, version = server
+    page, page_errors = _open_app(browser, url, "vue" if version == LATEST_FRONTEND else "classic")
+    photo, generated = PHOTO_COLORS
+    layout_id, load_id, preview_id = page.evaluate(PHOTO_GRAPH, photo)
+    page.evaluate(SET_WIDGET, [layout_id, "source", "text"])  # the image source has no boxes before the run
+    page.evaluate(SET_WIDGET, [layout_id, "boxes", "0.05,0.05,0.2,0.2"])
+    _wait_layout(page, layout_id, lambda lay: len(lay["boxes"]) == 1)
+
+    def frame_colour():
+        geometry = page.evaluate(GEOMETRY, layout_id)
+        fx1, fy1, fx2, fy2 = geometry["frame"]
+        return _screen(page).getpixel((round((fx1 + fx2) / 2), round((fy1 + fy2) / 2 + 10)))
+
+    def drawn_like(colour, photo_colour):  # the photo at 75 % over the dark frame
+        return all(abs(c - (0.75 * p + 0.25 * f)) < 20 for c, p, f in zip(colour, photo_colour, (40, 40, 48)))
+
+    assert photo in _wait(page, BACKGROUND_OF, layout_id, bool, what="the layout photo")
+    assert drawn_like(frame_colour(), PHOTO_COLORS[photo]), frame_colour()
+
+    # the run's image (PreviewImage downstream of the layout) replaces it once the photo is unplugged
+    page.evaluate("""([preview, name]) => window.comfyAPI.api.api.dispatchCustomEvent("executed",
+        {node: String(preview), display_node: String(preview), output: {images: [{filename: name, subfolder: "",
+         type: "input"}]}})""", [preview_id, generated])
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('layout_image')); }",
+                  layout_id)
+    assert generated in _wait(page, BACKGROUND_OF, layout_id, lambda u: u and generated in u, what="the run's image")
+    assert drawn_like(frame_colour(), PHOTO_COLORS[generated]), frame_colour()
+
+    page.evaluate("(id) => app.graph.getNodeById(id).withanyoneEditor.photoToggle.click()", layout_id)
+    assert drawn_like(frame_colour(), (40, 40, 48)), frame_colour()
     assert not page_errors, page_errors
     page.close()
 
