@@ -148,6 +148,30 @@ def test_server_log_has_no_missing_modules(server):
     assert missing <= {"torchaudio"}, f"ComfyUI's log names missing modules: {sorted(missing)}"
 
 
+def _our_nodes(url: str) -> dict:
+    """This pack's nodes as the running server lists them in /object_info."""
+    info = json.load(urllib.request.urlopen(url + "/object_info", timeout=60))
+    ours = {k: v for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_NAME}"}
+    assert ours, "no node of this pack in /object_info"
+    return ours
+
+
+def test_every_node_has_a_help_page(server):
+    """web/docs/<node id>.md is what the frontend's node help panel shows (served under /extensions/)."""
+    url, version = server
+    _pinned_only(version, "files the server serves")
+    missing = []
+    for node_id, info in _our_nodes(url).items():
+        try:
+            page = urllib.request.urlopen(f"{url}/extensions/{PACK_NAME}/docs/{node_id}.md", timeout=30).read().decode()
+        except urllib.error.HTTPError:
+            missing.append(node_id)
+            continue
+        assert page.splitlines()[0] == f"# {info['display_name']}", f"web/docs/{node_id}.md: title != display name"
+        assert len(page) > 300, f"web/docs/{node_id}.md says too little"
+    assert not missing, f"add a help page web/docs/<node id>.md for: {missing}"
+
+
 def test_layout_route(server, layout_module):
     url, version = server
     _pinned_only(version, "a server route")
