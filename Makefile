@@ -33,7 +33,7 @@ bench: setup
 	$(PY) tests/bench/bench_comfy.py
 
 train-smoke: setup
-	$(PY) -m withanyone_core.testing.smoke_data .cache/smoke
+	$(PY) -m train.smoke_data .cache/smoke
 	$(PY) train/run.py --config train/configs/smoke.yaml
 
 comfyui: setup

@@ -102,3 +102,27 @@ def test_identity_grouping_by_folder_and_clustering(monkeypatch):
     # a threshold above every similarity keeps every unnamed face alone
     apart = prepare.assign_identities(entries, threshold=1.01)
     assert len({v for k, v in apart.items() if k[0] != "person_0001/0.png"}) == 6
+
+
+def test_two_faces_of_one_photo_never_share_an_identity():
+    """Cannot-link: look-alikes in one photo stay apart, directly or through a chain of other photos."""
+    rng = np.random.default_rng(1)
+    twin = rng.normal(size=512)
+
+    def face(x, noise=0.05):
+        return {"box": [x, 0.0, x + 50.0, 50.0], "embedding": _unit(twin + noise * rng.normal(size=512))}
+
+    entries = {
+        "twins.png": {"faces": [face(0), face(100)]},  # both faces look alike
+        "solo_1.png": {"faces": [face(0)]},  # would chain the twins together under plain single linkage
+        "solo_2.png": {"faces": [face(0)]},
+        "named/0.png": {"faces": [face(0, 0.3)]},
+        "named_pair.png": {"faces": [face(0, 0.01), face(100, 0.01)]},  # both close to "named"
+    }
+    labels = prepare.assign_identities(entries, threshold=0.5)
+    for photo, entry in entries.items():
+        names = [labels[(photo, i)] for i in range(len(entry["faces"]))]
+        assert len(set(names)) == len(names), (photo, names)
+    assert "named" in {labels[("named_pair.png", 0)], labels[("named_pair.png", 1)]}
+    # the manifest builder accepts the result (it refuses an identity listed twice in one image)
+    assert labels[("solo_1.png", 0)] in {labels[("twins.png", 0)], labels[("twins.png", 1)], "named"}

@@ -16,8 +16,8 @@ import torch
 
 from train import run
 from train.checkpointing import latest_checkpoint
-from withanyone_core.checkpoints import load_adapter, load_safetensors
-from withanyone_core.testing.smoke_data import build_smoke_set
+from withanyone_core.checkpoints import load_adapter, load_safetensors, read_safetensors_metadata
+from train.smoke_data import build_smoke_set
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "train" / "configs" / "smoke.yaml"
@@ -50,13 +50,19 @@ def test_smoke_run_writes_checkpoints_samples_and_logs(reference_run):
     ckpt = out / "checkpoints" / "step-12"
     adapter = load_adapter(ckpt / "withanyone.safetensors")  # the official key layout
     assert adapter.config.num_double_blocks == 1 and adapter.config.siglip_dim == 32
+    assert read_safetensors_metadata(ckpt / "withanyone.safetensors")["branch"] == "both"
     assert (out / "samples" / "step-000008.png").is_file()
     assert any((out / "logs").rglob("events.out.tfevents.*"))
     phases = [row["phase"] for row in _losses(out)]
     assert phases == ["recon-fixed-prompt"] * 3 + ["recon-captions"] * 3 + ["paired"] * 3 + ["quality"] * 3
     paired = [row for row in _losses(out) if row["phase"] == "paired"]
     assert all("loss/id" in row and "loss/contrastive" in row for row in paired)
-    assert not any("loss/id" in row for row in _losses(out) if row["phase"] != "paired")
+    # recon-captions: faces detected on the prediction; the random tiny model draws none, so no face counts
+    detected = [row for row in _losses(out) if row["phase"] == "recon-captions"]
+    assert all(row["loss/id"] == 0.0 and row["loss/contrastive"] == 0.0 for row in detected)
+    assert not any("loss/id" in row for row in _losses(out) if row["phase"] in ("recon-fixed-prompt", "quality"))
+    # warm-up over 2 steps, then 1e-3; the quality phase's 5e-4 from its first step (step 10)
+    assert [row["lr"] for row in _losses(out)] == pytest.approx([5e-4] + [1e-3] * 8 + [5e-4] * 3)
 
 
 def test_resume_is_bit_identical(reference_run, tmp_path):
@@ -91,17 +97,22 @@ def test_kill_9_mid_run_and_partial_checkpoints_never_break_resume(reference_run
     assert _losses(out) == _losses(reference_run)  # same losses as never interrupted
 
 
-@pytest.mark.parametrize("mode", ["adapter", "lora", "full"])
-def test_each_mode_trains_exactly_its_parameters(smoke_set, tmp_path, mode):
+@pytest.mark.parametrize("mode,branch", [("adapter", "both"), ("adapter", "arcface"), ("adapter", "siglip"),
+                                         ("lora", "both"), ("full", "both")])
+def test_each_mode_trains_exactly_its_parameters(smoke_set, tmp_path, mode, branch):
     from train.config import load_config
-    from train.models import load_models, set_trainable
+    from train.models import BRANCH_PREFIXES, load_models, set_trainable
 
-    config = load_config(SMOKE, [f"output_dir={tmp_path}", f"train.mode={mode}", "train.lora.rank=4"])
+    config = load_config(SMOKE, [f"output_dir={tmp_path}", f"train.mode={mode}", "train.lora.rank=4",
+                                 f"train.branch={branch}"])
     models = load_models(config)
-    params = set_trainable(models, mode, config.train.lora)
+    params = set_trainable(models, mode, config.train.lora, branch)
     names = {n for n, p in models.denoiser.named_parameters() if p.requires_grad}
     assert {id(p) for p in params} == {id(p) for p in models.denoiser.parameters() if p.requires_grad}
-    adapter_names = {"adapter." + n for n, _ in models.adapter.named_parameters()}
+    assert all(p.dtype == torch.float32 for p in params)  # fp32 master weights
+    adapter_names = {"adapter." + n for n, _ in models.adapter.named_parameters()
+                     if n.startswith(BRANCH_PREFIXES[branch])}
+    assert (models.siglip is None) == (branch == "arcface")  # the ArcFace branch never loads SigLIP
     transformer_names = {n for n, _ in models.denoiser.named_parameters() if n.startswith("transformer.")}
     if mode == "adapter":
         assert names == adapter_names
@@ -162,13 +173,13 @@ def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch):
 
 def test_loss_falls_on_synthetic_data(smoke_set, tmp_path):
     out = tmp_path / "fit"
-    _train(out, "train.mode=full", "phases=[{name: fit, steps: 40, prompt_mode: fixed}]", "checkpoint.every=40",
+    _train(out, "train.mode=full", "phases=[{name: fit, steps: 40, prompt_mode: fixed, min_face_size: 32}]", "checkpoint.every=40",
            "sample.every=0", "train.optimizer.lr=3.0e-4", "data.batch_size=4")
     flow = [row["loss/flow"] for row in _losses(out)]
     assert sum(flow[-10:]) / 10 < 0.8 * sum(flow[:10]) / 10
 
 
-def _launch(out: Path, *launch_args: str, cpu_ddp: bool = False) -> subprocess.CompletedProcess:
+def _launch(out: Path, *launch_args: str, cpu_ddp: bool = False, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if cpu_ddp:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -176,7 +187,7 @@ def _launch(out: Path, *launch_args: str, cpu_ddp: bool = False) -> subprocess.C
     return subprocess.run(
         [str(accelerate), "launch", *launch_args, "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", str(ROOT / "train" / "run.py"), "--config", str(SMOKE),
-         "--set", f"output_dir={out}", "--set", "sample.every=0"],
+         "--set", f"output_dir={out}", "--set", "sample.every=0", *[a for o in extra for a in ("--set", o)]],
         env=env, capture_output=True, text=True, timeout=900,
     )
 
@@ -186,16 +197,24 @@ def test_two_process_accelerate_run(smoke_set, reference_run, tmp_path):
     ACCELERATE_USE_CPU=1. (accelerate's --cpu launcher starts a single process unless MPI is
     installed; that command is checked in test_cpu_launch_command.)"""
     out = tmp_path / "ddp"
-    result = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True)
+    # both ranks cache the same fixed prompts at the same steps (a shared temporary name used to collide)
+    cache = (f"data.text_cache={tmp_path / 'text-cache'}",)
+    result = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True, extra=cache)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list((tmp_path / "text-cache").glob("*.safetensors"))) >= 3 and not list(
+        (tmp_path / "text-cache").glob("*.tmp"))
+    # one scheduler step per optimizer step whatever the process count, each phase's lr from its first step
+    assert [row["lr"] for row in _losses(out)] == [row["lr"] for row in _losses(reference_run)]
     state = sorted((out / "checkpoints" / "step-12" / "accelerate").glob("random_states_*.pkl"))
     assert [p.name for p in state] == ["random_states_0.pkl", "random_states_1.pkl"]  # every rank's state
     assert any("loss/contrastive" in row for row in _losses(out))
     assert len(_losses(out)) == 12
     assert _losses(out) != _losses(reference_run)  # each rank saw half the batches: a different run
     shutil.rmtree(out / "checkpoints" / "step-12")
-    resumed = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True)  # state loaded on every rank
+    uninterrupted = _losses(out)
+    resumed = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True, extra=cache)  # every rank's state
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    assert _losses(out) == uninterrupted  # DataLoader workers on both ranks: the resumed steps are bit-identical
 
 
 def test_cpu_launch_command(smoke_set, reference_run, tmp_path):
@@ -210,8 +229,8 @@ def test_misconfigured_multi_process_launch_is_refused(smoke_set, tmp_path):
     assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr
 
 
-PAIRED_ONLY = ("phases=[{name: paired, steps: 3, paired_ratio: 0.5, loss: {flow: 1.0, id: 0.1, contrastive: 0.1}, "
-               "id_gate: 1.0, negatives: 8}]")
+PAIRED_ONLY = ("phases=[{name: paired, steps: 3, paired_ratio: 0.5, min_face_size: 32, "
+               "loss: {flow: 1.0, id: 0.1, contrastive: 0.1}, id_gate: 1.0, negatives: 8}]")
 
 
 def test_gradient_checkpointing_and_bf16(smoke_set, tmp_path, monkeypatch):
@@ -248,3 +267,41 @@ def test_gradient_checkpointing_and_bf16(smoke_set, tmp_path, monkeypatch):
     for key in ("loss/flow", "loss/id", "loss/contrastive"):
         assert torch.isfinite(torch.tensor([row[key] for row in bf16])).all()
         assert abs(first_bf16[key] - first[key]) <= 0.05 * abs(first[key]) + 1e-3, (key, first, first_bf16)
+
+
+def test_wrong_paths_fail_fast_naming_key_and_path(smoke_set, tmp_path):
+    """A missing model folder is an error naming the key and the path, never a Hugging Face hub request;
+    a smoke run before the smoke set exists says how to build it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    missing = tmp_path / "no-such-flux"
+    result = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE),
+                             "--set", f"models.base={missing}", "--set", f"output_dir={tmp_path / 'out'}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"models.base: {missing} does not exist" in result.stderr and "make train-smoke" in result.stderr
+    assert "huggingface" not in result.stderr.lower() and "connect" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_branches_train_separately_and_merge(smoke_set, tmp_path):
+    """The authors' way: the ArcFace and the SigLIP branch in separate runs, merged into one file."""
+    from train import merge
+
+    one_phase = "phases=[{name: fit, steps: 2, prompt_mode: fixed, min_face_size: 32}]"
+    for branch in ("arcface", "siglip"):
+        _train(tmp_path / branch, f"train.branch={branch}", one_phase, "checkpoint.every=1", "sample.every=0",
+               "tensorboard=false")
+    files = {b: tmp_path / b / "checkpoints" / "step-2" / "withanyone.safetensors" for b in ("arcface", "siglip")}
+    first = load_safetensors(tmp_path / "arcface" / "checkpoints" / "step-1" / "withanyone.safetensors")
+    arc, sig = load_safetensors(files["arcface"]), load_safetensors(files["siglip"])
+    assert not torch.equal(first["ipa_arc.0.to_q.weight"], arc["ipa_arc.0.to_q.weight"])  # the ArcFace branch trains
+    assert all(torch.equal(first[k], arc[k]) for k in arc if k.startswith(("ipa_sig.", "siglip_in_sig.")))
+    out = merge.main(["--arcface", str(files["arcface"]), "--siglip", str(files["siglip"]),
+                      "--out", str(tmp_path / "withanyone.safetensors"), "--dtype", "fp32"])
+    merged = load_safetensors(out)
+    assert set(merged) == set(arc)
+    for key, value in merged.items():
+        assert torch.equal(value, (arc if key.startswith(("ipa_arc.", "arcface_in_arc.")) else sig)[key]), key
+    load_adapter(out)  # loads as one adapter
+    with pytest.raises(SystemExit):  # a SigLIP-branch file passed as the ArcFace branch
+        merge.main(["--arcface", str(files["siglip"]), "--siglip", str(files["siglip"]), "--out", str(out)])

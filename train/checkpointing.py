@@ -7,7 +7,7 @@ leaves either the previous checkpoints or a temp folder that resume ignores and 
 Contents: ``withanyone.safetensors`` (the adapter, official key layout, loads in the
 ComfyUI adapter loader), ``lora.safetensors`` when LoRA trains (keys ComfyUI's LoRA
 loader applies to FLUX: ``transformer.<diffusers module>.lora_A/lora_B.weight`` and
-``.alpha``), ``accelerate/`` (model, optimizer, scheduler, RNG states of every rank)
+``.alpha``), ``accelerate/`` (model, optimizer, RNG states of every rank)
 and ``trainer.json`` (global step, phase, data position).
 """
 
@@ -82,7 +82,7 @@ def lora_state_for_comfyui(transformer: torch.nn.Module, alpha: float) -> dict[s
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, models, trainer_state: dict,
-                    lora_alpha: float | None, keep: int) -> Path | None:
+                    lora_alpha: float | None, keep: int, adapter_metadata: dict | None = None) -> Path | None:
     """Write checkpoint ``step`` atomically on every rank; returns its folder (main process)."""
     from safetensors.torch import save_file
 
@@ -98,7 +98,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, models, trai
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter = accelerator.unwrap_model(models.denoiser).adapter
-        save_adapter(adapter, tmp / "withanyone.safetensors", metadata={"step": str(step)})
+        save_adapter(adapter, tmp / "withanyone.safetensors", metadata={"step": str(step), **(adapter_metadata or {})})
         files = ["withanyone.safetensors", "accelerate", "trainer.json"]
         if lora_alpha is not None:
             transformer = accelerator.unwrap_model(models.denoiser).transformer

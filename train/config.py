@@ -39,6 +39,7 @@ class DataConfig:
     batch_size: int = 1
     buckets: list[list[int]] = field(default_factory=lambda: [[512, 512]])
     text_cache: str | None = None  # folder for cached text-encoder outputs
+    num_workers: int = 4  # DataLoader worker processes per training process (0 = load in the trainer)
 
 
 @dataclass
@@ -53,19 +54,28 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.01
+    # the authors' optimizer: AdamW, lr 1e-4, no weight decay, constant learning rate
+    lr: float = 1e-4
+    weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up over the first global steps, then each phase's lr
     max_grad_norm: float = 1.0
 
 
 @dataclass
 class TrainConfig:
     mode: str = "adapter"  # adapter | lora | full
+    # which adapter branch trains: the authors train arcface and siglip separately and merge
+    # them (train/merge.py); "both" trains them jointly
+    branch: str = "arcface"  # arcface | siglip | both
     lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     mixed_precision: str = "no"  # no | bf16
+    # dtype of the frozen FLUX, T5, CLIP and VAE; auto = bf16 with bf16 mixed precision, else fp32.
+    # Trainable weights always keep fp32 master copies.
+    frozen_dtype: str = "auto"  # auto | bf16 | fp32
+    timesteps: str = "shifted_uniform"  # shifted_uniform (authors) | logit_normal
     gradient_checkpointing: bool = False
     guidance: float = 1.0  # FLUX.1-dev distilled guidance fed to the model during training
     id_weight: float = 1.0
@@ -106,10 +116,20 @@ class PhaseConfig:
     min_quality: float | None = None
     lr: float | None = None  # None keeps optimizer.lr
     loss: LossWeights = field(default_factory=LossWeights)
-    id_gate: float = 0.5  # ID losses only for samples with t <= id_gate (t=1 is pure noise)
-    gt_aligned: bool = True  # align generated faces with the ground-truth landmarks
-    negatives: int = 32  # extended negatives per batch for the contrastive loss
-    temperature: float = 0.07
+    min_face_size: float = 100.0  # records with a face smaller than this (photo pixels) are left out
+    crop: str = "keep_faces"  # keep_faces (random crop keeping every face) | center
+    paired_candidates: int = 20  # paired reference: best of up to this many other photos of the person
+    paired_min_similarity: float = 0.6  # ... whose ArcFace cosine to the GT face reaches this
+    paired_accept_similarity: float = 0.8  # ... stopping at the first above this
+    paired_fallback: str = "skip"  # skip | self: when no candidate qualifies
+    id_gate: float = 0.6  # ID losses only for samples with t <= id_gate (t=1 is pure noise)
+    # True: generated faces aligned with the ground-truth landmarks; False (the authors'
+    # pre-training mode): faces detected on the prediction, matched to the GT boxes by IoU
+    gt_aligned: bool = True
+    contrastive_positive: str = "gt"  # gt (authors) | reference (the paper's Eq. 7 text)
+    batch_negatives: str = "gt"  # gt: the batch's other GT faces (authors) | generated: other generated faces
+    negatives: int = 4033  # extended negatives per face from the pool (the authors' 4,033)
+    temperature: float = 0.1
     reset_optimizer: bool = False
 
 
@@ -125,6 +145,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     log_every: int = 1
     tensorboard: bool = True
+    setup_hint: str | None = None  # added to "path not found" errors (e.g. how to build the data)
 
     @property
     def total_steps(self) -> int:
@@ -195,7 +216,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _apply_override(raw: dict, assignment: str) -> None:
+def _apply_override(raw: dict, assignment: str) -> str:
+    """Apply ``key.path=value`` to the raw config; returns the key path."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: use key.path=value")
     path, value = assignment.split("=", 1)
@@ -211,48 +233,134 @@ def _apply_override(raw: dict, assignment: str) -> None:
         node[int(keys[-1])] = parsed
     else:
         node[keys[-1]] = parsed
+    return ".".join(keys)
+
+
+_CHOICES = {
+    "train.mode": ("adapter", "lora", "full"),
+    "train.branch": ("arcface", "siglip", "both"),
+    "train.mixed_precision": ("no", "bf16"),
+    "train.frozen_dtype": ("auto", "bf16", "fp32"),
+    "train.timesteps": ("shifted_uniform", "logit_normal"),
+}
+_PHASE_CHOICES = {
+    "contrastive_positive": ("gt", "reference"),
+    "batch_negatives": ("gt", "generated"),
+}
+PATH_KEYS = (("models", ("base", "transformer", "adapter", "antelopev2", "siglip")),
+             ("data", ("manifest", "negatives", "text_cache")), ("", ("output_dir",)))
 
 
 def validate(config: Config) -> Config:
-    if config.train.mode not in ("adapter", "lora", "full"):
-        raise ConfigError(f"train.mode must be adapter, lora or full, got {config.train.mode!r}")
-    if config.train.mixed_precision not in ("no", "bf16"):
-        raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16', got {config.train.mixed_precision!r}")
+    from .data import DataOptions
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
     if not config.phases:
         raise ConfigError("phases: give at least one phase")
+    try:
+        DataOptions(buckets=tuple(tuple(b) for b in config.data.buckets))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data.buckets: {exc}") from exc
     for i, phase in enumerate(config.phases):
         where = f"phases[{i}] ({phase.name})"
         if phase.steps <= 0:
             raise ConfigError(f"{where}.steps must be positive")
-        if phase.prompt_mode not in ("caption", "fixed"):
-            raise ConfigError(f"{where}.prompt_mode must be 'caption' or 'fixed'")
-        for name in ("text_dropout", "paired_ratio", "id_gate"):
-            if not 0.0 <= getattr(phase, name) <= 1.0:
-                raise ConfigError(f"{where}.{name} must be in [0, 1]")
+        if not 0.0 <= phase.id_gate <= 1.0:
+            raise ConfigError(f"{where}.id_gate must be in [0, 1]")
+        if phase.temperature <= 0 or phase.negatives < 0:
+            raise ConfigError(f"{where}: temperature must be positive and negatives >= 0")
+        for name, allowed in _PHASE_CHOICES.items():
+            if getattr(phase, name) not in allowed:
+                raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}; got {getattr(phase, name)!r}")
+        try:  # the data rules live in DataOptions: checked there, once
+            DataOptions.from_phase(phase, config.data.buckets)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
     if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
-    for w, h in config.data.buckets:
-        if w % 16 or h % 16:
-            raise ConfigError(f"data.buckets: {w}x{h} is not a multiple of 16")
+    if config.data.num_workers < 0 or config.data.batch_size <= 0:
+        raise ConfigError("data.num_workers must be >= 0 and data.batch_size positive")
     return config
 
 
+def resolved_paths(config: Config) -> list[tuple[str, str]]:
+    """(key, absolute path) of every path the config sets, in a fixed order."""
+    out = []
+    for section, names in PATH_KEYS:
+        obj = getattr(config, section) if section else config
+        for name in names:
+            value = getattr(obj, name)
+            if value:
+                out.append((f"{section}.{name}" if section else name, value))
+    return out
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read, override, resolve and validate a config.
+
+    Relative paths inside the file resolve against the file's folder; relative paths given
+    with ``--set`` on the command line resolve against the current directory.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(substitute_env(path.read_text(encoding="utf-8"))) or {}
-    for assignment in overrides or []:
-        _apply_override(raw, assignment)
+    overridden = {_apply_override(raw, assignment) for assignment in overrides or []}
     config = _build(Config, raw, "")
-    # relative paths in the file are relative to the file
-    base = path.resolve().parent
+    file_base, cwd = path.resolve().parent, Path.cwd()
 
-    def resolve(p: str | None) -> str | None:
-        return p if not p else str((base / os.path.expanduser(p)).resolve())
+    def from_command_line(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:n]) in overridden for n in range(1, len(parts) + 1))
 
-    for obj, names in ((config.models, ("base", "transformer", "adapter", "antelopev2", "siglip")),
-                       (config.data, ("manifest", "negatives", "text_cache")), (config, ("output_dir",))):
+    for section, names in PATH_KEYS:
+        obj = getattr(config, section) if section else config
         for name in names:
-            setattr(obj, name, resolve(getattr(obj, name)))
+            value = getattr(obj, name)
+            if value:
+                base = cwd if from_command_line(f"{section}.{name}" if section else name) else file_base
+                setattr(obj, name, str((base / os.path.expanduser(value)).resolve()))
     return validate(config)
+
+
+FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def check_paths(config: Config) -> None:
+    """Fail fast, before any model loads, on a path that does not exist (never a hub request).
+
+    Each error names the key, the resolved path and what belongs there; the config's
+    ``setup_hint`` (e.g. how to build the data) is added to it.
+    """
+    hint = f"\n{config.setup_hint}" if config.setup_hint else ""
+
+    def fail(key: str, path: str, what: str) -> None:
+        raise ConfigError(f"{key}: {path} does not exist ({what}){hint}")
+
+    m, d = config.models, config.data
+    if not Path(m.base).is_dir():
+        fail("models.base", m.base, "a diffusers FLUX.1 folder with " + ", ".join(f"{f}/" for f in FLUX_FOLDERS))
+    for folder in FLUX_FOLDERS:
+        if folder == "transformer" and m.transformer:
+            continue
+        if not (Path(m.base) / folder).is_dir():
+            fail("models.base", str(Path(m.base) / folder), f"every diffusers FLUX.1 folder has {folder}/")
+    for key, value, what in (("models.transformer", m.transformer, "a BFL FLUX.1 .safetensors file"),
+                             ("models.adapter", m.adapter, "a withanyone.safetensors to start from"),
+                             ("models.antelopev2", m.antelopev2, "the insightface models root holding models/antelopev2/"),
+                             ("models.siglip", m.siglip, "the SigLIP folder or .safetensors"),
+                             ("data.manifest", d.manifest, "build it with `python train/prepare.py`"),
+                             ("data.negatives", d.negatives, "prepare.py writes negatives.safetensors next to the manifest")):
+        if value and not Path(value).exists():
+            fail(key, value, what)
+    uses_id_losses = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
+    if uses_id_losses and not m.antelopev2:
+        raise ConfigError("models.antelopev2 is empty but a phase uses the ID losses: set it to the insightface "
+                          "models root holding models/antelopev2/")
+    if config.train.branch != "arcface" and not m.siglip:
+        raise ConfigError(f"models.siglip is empty but train.branch={config.train.branch} trains the SigLIP branch: "
+                          "set it to the siglip-base-patch16-256-i18n folder")

@@ -1,4 +1,4 @@
-"""Losses: flow matching, the GT-aligned ID loss and the ID-contrastive loss (InfoNCE, Eq. 7).
+"""Losses: flow matching, the ID loss (GT-aligned or detected) and the ID-contrastive loss (InfoNCE, Eq. 7).
 
 Conventions: t in [0, 1] with t = 1 pure noise; ``x_t = (1 - t) * x_0 + t * noise`` and the
 model predicts the velocity ``noise - x_0`` (FLUX's rectified flow), so the predicted
@@ -7,8 +7,10 @@ clean latent is ``x_t - t * v``. Pixels are float RGB in [0, 1] (see train/model
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,11 +22,30 @@ def shift_mu(image_tokens: int, base_tokens: int = 256, max_tokens: int = 4096,
     return base_shift + slope * (image_tokens - base_tokens)
 
 
-def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """The reference's training schedule: logit-normal t, then FLUX's time shift for the size."""
-    t = torch.sigmoid(torch.randn(batch, generator=generator))
+TRAIN_SCHEDULE_STEPS = 1000  # the authors' get_schedule(999, ...): 1000 shifted values from 1 to 0
+
+
+def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """FLUX's time shift exp(mu) / (exp(mu) + 1/t - 1); t = 0 stays 0."""
+    safe = t.clamp(min=1e-12)
+    return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1.0 / safe - 1.0)), torch.zeros_like(t))
+
+
+def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator,
+                     mode: str = "shifted_uniform") -> torch.Tensor:
+    """Training timesteps t (1 = pure noise).
+
+    ``shifted_uniform`` (the authors' train.py): a uniform index into the 1000 values of
+    ``linspace(1, 0, 1000)`` shifted with mu for the image's token count.
+    ``logit_normal``: sigmoid of a standard normal, then the same shift (SD3-style).
+    """
     mu = shift_mu(image_tokens)
-    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    if mode == "shifted_uniform":
+        schedule = time_shift(mu, torch.linspace(1.0, 0.0, TRAIN_SCHEDULE_STEPS, dtype=torch.float64))
+        return schedule[torch.randint(TRAIN_SCHEDULE_STEPS, (batch,), generator=generator)].float()
+    if mode == "logit_normal":
+        return time_shift(mu, torch.sigmoid(torch.randn(batch, generator=generator)))
+    raise ValueError(f"unknown timestep sampling {mode!r}: use shifted_uniform or logit_normal")
 
 
 def flow_matching_loss(velocity: torch.Tensor, noise: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -83,31 +104,93 @@ def _common_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def contrastive_loss(anchors: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor, identity_ids: torch.Tensor,
-                     negatives: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """InfoNCE (Eq. 7): each generated face (anchor) against its reference face (positive).
+                     negatives: torch.Tensor, temperature: float = 0.1,
+                     batch_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE (Eq. 7): each generated face (anchor) against its positive.
 
-    Negatives: the extended pool (``negatives`` [K, D], sampled once per batch without the
-    batch's identities) and the generated faces of other identities in the whole batch,
-    gathered across ranks *with* gradients. ``anchors``/``positives`` ``[M, D]`` are padded
-    to the same M on every rank, ``valid`` [M] marks real rows, so every rank joins the
-    collectives even when none of its samples passed the timestep gate.
+    ``anchors``/``positives`` ``[M, D]`` (generated faces; GT or reference embeddings),
+    ``valid`` [M] marks anchors that count (passed the gate, face found and whole).
+    Negatives: the extended pool, ``[K, D]`` shared or ``[M, K, D]`` per anchor (the
+    authors': K embeddings of identities other than the anchor's), plus the batch:
+
+    - ``batch_keys`` given (``[M, D]``, the batch's GT embeddings; the authors' choice): the
+      other rows of this process's batch, except rows of the anchor's own identity;
+    - ``batch_keys`` None: the generated faces of other identities in the whole batch,
+      gathered across ranks *with* gradients. Rows are padded to the same M on every rank
+      so every rank joins the collectives even when none of its samples passed the gate.
     """
-    anchors, valid, positives, identity_ids = _common_rows(anchors, valid, positives, identity_ids)
+    per_anchor = negatives.ndim == 3
+    if batch_keys is None:
+        padded = _common_rows(anchors, valid, positives, identity_ids, *((negatives,) if per_anchor else ()))
+        anchors, valid, positives, identity_ids = padded[:4]
+        if per_anchor:
+            negatives = padded[4]
     anchors = F.normalize(anchors.float(), dim=-1)
     positives = F.normalize(positives.float(), dim=-1)
-    all_anchors = gather_with_grad(anchors)
-    all_valid = gather_with_grad(valid.float()).bool()
-    all_ids = gather_with_grad(identity_ids.float()).long()
-    # ties this rank's loss to the gathered tensor so its backward collective always runs
-    keep_graph = 0.0 * all_anchors.sum()
+    if batch_keys is None:
+        keys = gather_with_grad(anchors)
+        keys_valid = gather_with_grad(valid.float()).bool()
+        keys_ids = gather_with_grad(identity_ids.float()).long()
+        keep_graph = 0.0 * keys.sum()  # ties this rank's loss to the gathered tensor: its backward collective runs
+    else:
+        keys = F.normalize(batch_keys.float(), dim=-1)
+        keys_valid = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
+        keys_ids = identity_ids
+        keep_graph = 0.0 * anchors.sum()
     if not bool(valid.any()):
         return keep_graph
     a, p, ids = anchors[valid], positives[valid], identity_ids[valid]
     pos_logit = (a * p).sum(-1, keepdim=True)
-    batch_logits = a @ all_anchors.T
-    excluded = (ids[:, None] == all_ids[None, :]) | ~all_valid[None, :]
+    batch_logits = a @ keys.T
+    excluded = (ids[:, None] == keys_ids[None, :]) | ~keys_valid[None, :]
     batch_logits = batch_logits.masked_fill(excluded, float("-inf"))
-    pool_logits = a @ F.normalize(negatives.float().to(a.device), dim=-1).T
+    pool = F.normalize(negatives.float().to(a.device), dim=-1)
+    pool_logits = torch.einsum("ad,akd->ak", a, pool[valid]) if per_anchor else a @ pool.T
     logits = torch.cat([pos_logit, batch_logits, pool_logits], dim=1) / temperature
     target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
     return F.cross_entropy(logits, target) + keep_graph
+
+
+# ------------------------------------------------------------------ detected faces (not GT-aligned)
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` [n, 4] with every box in ``b`` [m, 4]."""
+    a, b = np.asarray(a, dtype=np.float64)[:, None, :4], np.asarray(b, dtype=np.float64)[None, :, :4]
+    w = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(min=0)
+    h = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(min=0)
+    inter = w * h
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+
+
+def match_detections(gt_boxes: np.ndarray, detected_boxes: np.ndarray) -> list[int] | None:
+    """For each GT box, the index of its detected face (total IoU maximal), or None.
+
+    The authors' non-GT-aligned ID loss needs exactly as many detected faces as persons
+    (otherwise the sample leaves the ID losses) and orders them by IoU with the GT boxes.
+    """
+    n = len(gt_boxes)
+    if len(detected_boxes) != n or n == 0:
+        return None
+    iou = box_iou(gt_boxes, detected_boxes)
+    best = max(itertools.permutations(range(n)), key=lambda perm: sum(iou[i, j] for i, j in enumerate(perm)))
+    return list(best)
+
+
+def detected_landmarks(images: torch.Tensor, gt_boxes: torch.Tensor, detector) -> tuple[torch.Tensor, torch.Tensor]:
+    """Landmarks of the faces a detector finds on each image, in the GT boxes' order.
+
+    images ``[B, 3, H, W]`` in [0, 1] (no gradient needed); ``gt_boxes`` ``[B, n, 4]``;
+    ``detector.detect(uint8 RGB) -> faces with .bbox, .kps``. Returns landmarks ``[B, n, 5, 2]``
+    and ``found`` [B] (False: the face count differed, the sample leaves the ID losses).
+    """
+    b, n = gt_boxes.shape[:2]
+    landmarks = torch.zeros(b, n, 5, 2)
+    found = torch.zeros(b, dtype=torch.bool)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(b):
+        faces = detector.detect(np.ascontiguousarray(pixels[i]))
+        order = match_detections(gt_boxes[i].cpu().numpy(), np.array([f.bbox[:4] for f in faces]).reshape(-1, 4))
+        if order is not None:
+            landmarks[i] = torch.as_tensor(np.stack([faces[j].kps for j in order]), dtype=torch.float32)
+            found[i] = True
+    return landmarks, found

@@ -4,6 +4,11 @@ Pixel convention (one, everywhere in train/): images are float RGB in [0, 1]. Th
 sees ``2 * x - 1``; the torch ArcFace takes aligned [0, 1] crops (its own
 normalisation lives inside it), so no loss ever gets [-1, 1] where [0, 255] is
 expected.
+
+Dtypes: the frozen FLUX transformer, T5, CLIP and VAE load in ``train.frozen_dtype``
+(bf16 with bf16 mixed precision); everything that trains (adapter, LoRA, the
+transformer in full mode) keeps fp32 master weights. Every file is read from local
+paths only: nothing is ever fetched from the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class Denoiser(nn.Module):
     def forward(self, latents, timesteps, text, pooled, guidance, arcface, siglip, boxes, height, width,
                 id_weight: float = 1.0, siglip_weight: float = 1.0):
         img_ids, txt_ids = position_ids(height, width, text.shape[1], latents.device)
+        dtype = self.transformer.dtype  # a frozen bf16 FLUX takes bf16 inputs (autocast or not)
+        latents, text, pooled, guidance = (x.to(dtype) for x in (latents, text, pooled, guidance))
         with self.handle.conditioning(arcface, siglip, height=height, width=width, boxes=boxes,
                                       id_weight=id_weight, siglip_weight=siglip_weight):
             return self.transformer(
@@ -70,14 +77,17 @@ class Denoiser(nn.Module):
 class TextEncoder(nn.Module):
     """CLIP (pooled) + T5 (sequence), frozen, as FLUX uses them."""
 
-    def __init__(self, base: Path, t5_length: int = 512):
+    def __init__(self, base: Path, t5_length: int = 512, dtype: torch.dtype = torch.float32):
         super().__init__()
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        self.clip_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-        self.t5_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer_2")
-        self.clip = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
-        self.t5 = T5EncoderModel.from_pretrained(base / "text_encoder_2").eval().requires_grad_(False)
+        local = {"local_files_only": True}
+        self.clip_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer", **local)
+        self.t5_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer_2", **local)
+        self.clip = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype, **local)
+        self.t5 = T5EncoderModel.from_pretrained(base / "text_encoder_2", torch_dtype=dtype, **local)
+        self.clip.eval().requires_grad_(False)
+        self.t5.eval().requires_grad_(False)
         self.t5_length = min(t5_length, self.t5_tokenizer.model_max_length)
 
     @torch.no_grad()
@@ -107,18 +117,41 @@ class ModelSet:
         return self.denoiser.adapter
 
 
+BRANCH_PREFIXES = {
+    "arcface": ("ipa_arc.", "arcface_in_arc."),
+    "siglip": ("ipa_sig.", "arcface_in_sig.", "siglip_in_sig."),
+}
+BRANCH_PREFIXES["both"] = BRANCH_PREFIXES["arcface"] + BRANCH_PREFIXES["siglip"]
+
+
+def frozen_dtype(config: Config) -> torch.dtype:
+    choice = config.train.frozen_dtype
+    if choice == "auto":
+        choice = "bf16" if config.train.mixed_precision == "bf16" else "fp32"
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+def branch_weights(config: Config) -> tuple[float, float]:
+    """(id_weight, siglip_weight) of the forward: a branch that does not train is off."""
+    branch = config.train.branch
+    return (config.train.id_weight if branch in ("arcface", "both") else 0.0,
+            config.train.siglip_weight if branch in ("siglip", "both") else 0.0)
+
+
 def load_transformer(config: Config) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
+    dtype = torch.float32 if config.train.mode == "full" else frozen_dtype(config)  # full: fp32 master weights
     if config.models.transformer:
-        return flux_from_bfl_state(load_safetensors(config.models.transformer))
-    return FluxTransformer2DModel.from_pretrained(Path(config.models.base) / "transformer")
+        return flux_from_bfl_state(load_safetensors(config.models.transformer), dtype=dtype)
+    return FluxTransformer2DModel.from_pretrained(Path(config.models.base) / "transformer", torch_dtype=dtype,
+                                                  local_files_only=True)
 
 
 def build_adapter(config: Config, transformer: nn.Module, siglip_dim: int) -> IdentityAdapter:
     n_double = len(transformer.transformer_blocks)
-    if config.models.adapter:
-        return load_adapter(config.models.adapter, num_double_blocks=n_double)
+    if config.models.adapter:  # fp32 master weights even when the file is bf16
+        return load_adapter(config.models.adapter, num_double_blocks=n_double, dtype=torch.float32)
     tc = transformer.config
     adapter = IdentityAdapter(AdapterConfig(
         hidden_size=tc.num_attention_heads * tc.attention_head_dim, num_heads=tc.num_attention_heads,
@@ -132,16 +165,29 @@ def build_adapter(config: Config, transformer: nn.Module, siglip_dim: int) -> Id
     return adapter
 
 
+def siglip_hidden_size(path: str | None) -> int:
+    """The SigLIP width the adapter's ``siglip_in_sig`` takes, read from the folder's config (768 otherwise)."""
+    import json
+
+    config = Path(path) / "config.json" if path else None
+    if config is None or not config.is_file():
+        return 768
+    raw = json.loads(config.read_text())
+    return int(raw.get("vision_config", raw).get("hidden_size", 768))
+
+
 def load_models(config: Config) -> ModelSet:
     from diffusers import AutoencoderKL
 
     base = Path(config.models.base)
+    dtype = frozen_dtype(config)
     transformer = load_transformer(config)
-    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
-    text = TextEncoder(base)
+    vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype, local_files_only=True)
+    vae.eval().requires_grad_(False)
+    text = TextEncoder(base, dtype=dtype)
     siglip = arcface = None
-    siglip_dim = 768
-    if config.models.siglip:
+    siglip_dim = siglip_hidden_size(config.models.siglip)
+    if config.models.siglip and config.train.branch != "arcface":  # the ArcFace branch never reads SigLIP
         from withanyone_core.siglip import SiglipEncoder
 
         siglip = SiglipEncoder.load(config.models.siglip)
@@ -157,11 +203,13 @@ def load_models(config: Config) -> ModelSet:
     return ModelSet(Denoiser(transformer, adapter), vae, text, arcface, siglip)
 
 
-def set_trainable(models: ModelSet, mode: str, lora=None) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze what ``mode`` trains; returns exactly those parameters."""
+def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both") -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what ``mode`` and ``branch`` train; returns exactly those parameters."""
     transformer, adapter = models.transformer, models.adapter
     transformer.requires_grad_(False)
-    adapter.requires_grad_(True)
+    prefixes = BRANCH_PREFIXES[branch]
+    for name, p in adapter.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
     if mode == "lora":
         from peft import LoraConfig as PeftLoraConfig
 
@@ -173,10 +221,13 @@ def set_trainable(models: ModelSet, mode: str, lora=None) -> list[nn.Parameter]:
                                                init_lora_weights="gaussian"))
         for name, p in transformer.named_parameters():
             p.requires_grad_("lora_" in name)
+            if "lora_" in name:
+                p.data = p.data.float()  # peft matches the (bf16) base layer: keep fp32 master weights
     elif mode == "full":
         transformer.requires_grad_(True)
     elif mode != "adapter":
         raise ValueError(f"unknown training mode {mode!r}")
     params = [p for p in models.denoiser.parameters() if p.requires_grad]
-    logger.info("training %s: %.2f M parameters", mode, sum(p.numel() for p in params) / 1e6)
+    logger.info("training %s (adapter branch %s): %.2f M parameters", mode, branch,
+                sum(p.numel() for p in params) / 1e6)
     return params

@@ -1,4 +1,4 @@
-"""The four-phase recipe as data: which phase a global step is in."""
+"""The four-phase recipe as data: which phase a global step is in, and its learning rate."""
 
 from __future__ import annotations
 
@@ -36,12 +36,19 @@ class PhaseSchedule:
         raise AssertionError("unreachable")
 
 
-def data_options(phase: PhaseConfig, buckets: list[list[int]]) -> DataOptions:
-    return DataOptions(
-        prompt_mode=phase.prompt_mode,
-        fixed_prompt=phase.fixed_prompt,
-        text_dropout=phase.text_dropout,
-        paired_ratio=phase.paired_ratio,
-        min_quality=phase.min_quality,
-        buckets=tuple((int(w), int(h)) for w, h in buckets),
-    )
+    def lr_at(self, step: int, base_lr: float, warmup_steps: int = 0) -> float:
+        """Learning rate of the optimizer update made at global step ``step`` (0-based).
+
+        A pure function of the step: the phase's ``lr`` (or ``base_lr``) from the phase's
+        first step, times a linear warm-up over the first ``warmup_steps`` global steps.
+        The same on every process and after any resume, so no scheduler state exists.
+        """
+        phase = self.at(step).phase
+        lr = phase.lr if phase.lr is not None else base_lr
+        if warmup_steps > 0:
+            lr *= min(1.0, (step + 1) / warmup_steps)
+        return lr
+
+
+def data_options(phase: PhaseConfig, buckets: list[list[int]], siglip_crops: bool = True) -> DataOptions:
+    return DataOptions.from_phase(phase, buckets, siglip_crops=siglip_crops)

@@ -7,7 +7,8 @@
 - Identities: photos in per-person subfolders (``PHOTOS/alice/*.jpg``) give their largest
   face that person's identity; every other face is grouped by clustering the normalised
   ArcFace embeddings (cosine >= ``--cluster-threshold``, single linkage), joining a named
-  identity when it is close enough to that person's mean embedding.
+  identity when it is close enough to that person's mean embedding. Two faces of one
+  photo never become one identity (cannot-link).
 - Output in ``--out``: ``manifest.jsonl`` (see train/data.py), ``identities.json``
   (identity -> occurrences [record, person] and the chosen reference face: its largest one),
   ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
@@ -32,7 +33,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.data import IdentityIndex, Manifest, NegativePool, parse_record  # noqa: E402
+from train.data import IdentityIndex, Manifest, NegativePool, load_rgb, parse_record  # noqa: E402
 
 logger = logging.getLogger("withanyone.prepare")
 
@@ -62,8 +63,6 @@ def read_partial(path: Path) -> dict[str, dict]:
 
 
 def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int) -> dict[str, dict]:
-    from withanyone_core.faces import load_image
-
     partial = out / PARTIAL
     done = read_partial(partial)
     if done:
@@ -77,7 +76,7 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
                 continue
             entry: dict = {"image": rel, "faces": [], "error": None}
             try:
-                image = load_image(photo)
+                image = load_rgb(photo)  # the reader training uses (8/16-bit alike)
                 entry["height"], entry["width"] = int(image.shape[0]), int(image.shape[1])
                 for face in analyzer.analyze(image, image_name=rel):
                     w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
@@ -121,10 +120,16 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 
 def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[str, int], str]:
-    """(photo, face index) -> identity name."""
+    """(photo, face index) -> identity name.
+
+    Cannot-link: two faces of one photo never get the same identity, neither by joining a
+    named person nor by clustering (a photo shows each person once). Faces join named
+    persons best match first; clusters merge along the most similar pairs first, and a
+    merge that would put two faces of one photo together is refused.
+    """
     labels: dict[tuple[str, int], str] = {}
     named: dict[str, list[np.ndarray]] = defaultdict(list)
-    rest: list[tuple[tuple[str, int], np.ndarray]] = []
+    pending: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for rel, entry in sorted(entries.items()):
         folder = Path(rel).parent.as_posix()
         faces = entry["faces"]
@@ -136,17 +141,21 @@ def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[
                 labels[(rel, i)] = folder
                 named[folder].append(emb)
             else:
-                rest.append(((rel, i), emb))
+                pending[rel].append((i, emb))
     centroids = {name: _normalise(np.mean(embs, axis=0)) for name, embs in named.items()}
-    unlabelled = []
-    for key, emb in rest:
-        best = max(centroids.items(), key=lambda kv: float(kv[1] @ emb), default=None)
-        if best is not None and float(best[1] @ emb) >= threshold:
-            labels[key] = best[0]
-        else:
-            unlabelled.append((key, emb))
-    # single-linkage clustering of the remaining faces (union-find)
+    unlabelled: list[tuple[tuple[str, int], np.ndarray]] = []
+    for rel in sorted(pending):
+        taken = {labels[(rel, i)] for i in range(len(entries[rel]["faces"])) if (rel, i) in labels}
+        options = sorted(((-float(c @ emb), i, name) for i, emb in pending[rel] for name, c in centroids.items()
+                          if float(c @ emb) >= threshold))
+        for _, i, name in options:  # best match first, each name once per photo
+            if (rel, i) not in labels and name not in taken:
+                labels[(rel, i)] = name
+                taken.add(name)
+        unlabelled += [((rel, i), emb) for i, emb in pending[rel] if (rel, i) not in labels]
+    # single-linkage clustering of the remaining faces (union-find) with the cannot-link rule
     parent = list(range(len(unlabelled)))
+    photos = [{key[0]} for key, _ in unlabelled]
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -156,11 +165,28 @@ def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[
 
     if unlabelled:
         embs = np.stack([e for _, e in unlabelled])
+        rows, cols, sims = [], [], []
         for start in range(0, len(embs), CLUSTER_BLOCK):  # row blocks keep memory O(block x N)
-            close = embs[start:start + CLUSTER_BLOCK] @ embs.T >= threshold
-            for i, j in zip(*np.nonzero(close)):
-                if start + i < j:
-                    parent[root(start + i)] = root(j)
+            block = embs[start:start + CLUSTER_BLOCK] @ embs.T
+            i, j = np.nonzero(block >= threshold)
+            keep = start + i < j
+            rows.append(start + i[keep])
+            cols.append(j[keep])
+            sims.append(block[i[keep], j[keep]])
+        rows, cols, sims = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+        refused = 0
+        for k in np.lexsort((cols, rows, -sims)):  # most similar pairs first, ties in a fixed order
+            a, b = root(int(rows[k])), root(int(cols[k]))
+            if a == b:
+                continue
+            if photos[a] & photos[b]:
+                refused += 1
+                continue
+            parent[a] = b
+            photos[b] |= photos[a]
+        if refused:
+            logger.info("clustering: %d merges refused that would have put two faces of one photo into one "
+                        "identity", refused)
     clusters: dict[int, str] = {}
     numbers = (f"person_{n:04d}" for n in range(1, len(unlabelled) + len(named) + 2))
     for i, (key, _) in enumerate(unlabelled):

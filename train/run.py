@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpointing import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint  # noqa: E402
-from train.config import Config, ConfigError, load_config  # noqa: E402
+from train.config import Config, ConfigError, check_paths, load_config, resolved_paths  # noqa: E402
 from train.data import (  # noqa: E402
     BucketBatchSampler,
     DataOptions,
@@ -32,9 +32,11 @@ from train.data import (  # noqa: E402
     TextEmbeddingCache,
     WithAnyoneDataset,
     collate,
+    state_after,
 )
 from train.losses import (  # noqa: E402
     contrastive_loss,
+    detected_landmarks,
     face_embeddings,
     flow_matching_loss,
     id_gate,
@@ -42,7 +44,15 @@ from train.losses import (  # noqa: E402
     predicted_clean,
     sample_timesteps,
 )
-from train.models import ModelSet, load_models, pack_latents, set_trainable, unpack_latents  # noqa: E402
+from train.models import (  # noqa: E402
+    ModelSet,
+    branch_weights,
+    frozen_dtype,
+    load_models,
+    pack_latents,
+    set_trainable,
+    unpack_latents,
+)
 from train.phases import PhaseSchedule, data_options  # noqa: E402
 
 logger = logging.getLogger("withanyone.train")
@@ -68,9 +78,15 @@ class Trainer:
                 f"{world} processes were launched but accelerate did not set up distributed training "
                 f"(it sees {acc.num_processes}). On CPU-only machines set ACCELERATE_USE_CPU=1 when launching."
             )
+        check_paths(config)  # before any model loads: a wrong path never becomes a hub request
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for key, path in resolved_paths(config):
+                logger.info("%s = %s", key, path)
         torch.manual_seed(config.seed)
         self.models: ModelSet = load_models(config)
-        self.params = set_trainable(self.models, config.train.mode, config.train.lora)
+        self.params = set_trainable(self.models, config.train.mode, config.train.lora, config.train.branch)
+        self.id_weight, self.siglip_weight = branch_weights(config)
         if config.train.gradient_checkpointing:
             self.models.denoiser.handle.enable_gradient_checkpointing()  # keeps identities on recomputation
         self.manifest = Manifest.load(config.data.manifest)
@@ -80,12 +96,18 @@ class Trainer:
         self.text_cache = TextEmbeddingCache(config.data.text_cache) if config.data.text_cache else None
         self.schedule = PhaseSchedule(config.phases)
         opt = config.train.optimizer
-        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay,
-                                           betas=tuple(opt.betas))
-        warmup = max(1, opt.warmup_steps)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.denoiser, self.optimizer, self.lr_scheduler = acc.prepare(
-            self.models.denoiser, self.optimizer, self.lr_scheduler)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.schedule.lr_at(0, opt.lr, opt.warmup_steps),
+                                           weight_decay=opt.weight_decay, betas=tuple(opt.betas), eps=opt.eps)
+        # no scheduler object: the learning rate is a function of the global step (PhaseSchedule.lr_at),
+        # set once per optimizer step, so it cannot depend on the number of processes
+        self.denoiser, self.optimizer = acc.prepare(self.models.denoiser, self.optimizer)
+        self.detector = None
+        if any(not p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in config.phases):
+            from withanyone_core.faces import FaceAnalyzer
+
+            # the authors' pre-training ID loss detects faces on the prediction (antelopev2's SCRFD)
+            self.detector = FaceAnalyzer(config.models.antelopev2, providers="cuda" if acc.device.type == "cuda"
+                                         else "cpu")
         device = acc.device
         for module in (self.models.vae, self.models.text, self.models.arcface):
             if module is not None:
@@ -97,8 +119,40 @@ class Trainer:
         self.sampler: BucketBatchSampler | None = None
         self.sampler_state: dict | None = None
         self.skipped_images = 0
+        self.data_events: dict[str, int] = {}
+        self.last_key = None
+        self.last_lr = self.schedule.lr_at(0, opt.lr, opt.warmup_steps)
+        if acc.is_main_process:
+            self._log_memory_estimate()
         if config.tensorboard:
             acc.init_trackers("withanyone")
+
+    def _log_memory_estimate(self) -> None:
+        from train.memory import estimate_training_memory, parameter_bytes
+
+        cfg, acc, models = self.config, self.accelerator, self.models
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        zero_stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
+        width, height = max((tuple(b) for b in cfg.data.buckets), key=lambda wh: wh[0] * wh[1])
+        uses_id = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in cfg.phases)
+        branches = {"arcface": ("arc",), "siglip": ("sig",), "both": ("arc", "sig")}[cfg.train.branch]
+        compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else frozen_dtype(cfg)
+        try:
+            estimate = estimate_training_memory(
+                frozen_bytes=parameter_bytes([models.denoiser, models.vae, models.text, models.arcface,
+                                              getattr(models.siglip, "model", None)], trainable=False),
+                trainable_params=sum(p.numel() for p in self.params),
+                transformer_config=models.transformer.config, vae_config=models.vae.config,
+                batch=cfg.data.batch_size, height=height, width=width, text_tokens=models.text.t5_length,
+                compute_dtype=compute, gradient_checkpointing=cfg.train.gradient_checkpointing, id_losses=uses_id,
+                adapter_config=models.adapter.config, adapter_branches=branches,
+                zero_stage=zero_stage, num_processes=acc.num_processes)
+        except Exception as exc:  # an estimate must never stop a run
+            logger.warning("memory estimate unavailable (%s: %s)", type(exc).__name__, exc)
+            return
+        logger.info("estimated memory per %s: %s at %dx%d, batch %d%s", "GPU" if acc.device.type == "cuda"
+                    else "process", estimate.describe(), width, height, cfg.data.batch_size,
+                    f", ZeRO-{zero_stage} over {acc.num_processes}" if zero_stage else "")
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
@@ -127,33 +181,44 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in lines))
 
     def _enter_phase(self, active) -> None:
+        from torch.utils.data import DataLoader
+
         phase, cfg = active.phase, self.config
         acc = self.accelerator
-        dataset = WithAnyoneDataset(self.manifest, data_options(phase, cfg.data.buckets), seed=cfg.seed + active.index,
-                                    index=self.index)
+        options = DataOptions.from_phase(phase, cfg.data.buckets, siglip_crops=self.models.siglip is not None)
+        dataset = WithAnyoneDataset(self.manifest, options, seed=cfg.seed + active.index, index=self.index)
         self.dataset = dataset
         self.sampler = BucketBatchSampler(dataset, cfg.data.batch_size, seed=cfg.seed + active.index,
                                           num_replicas=acc.num_processes, rank=acc.process_index)
         if self.sampler_state is not None and self.sampler_phase == active.index:
             self.sampler.load_state_dict(self.sampler_state)
         self.sampler_state = None
-        self.batches = iter(self.sampler)
+        self.last_key = None
+        # workers only load items: every random choice comes from the item's key, so an item is
+        # the same with or without workers, and the saved position is that of the last batch consumed
+        workers = cfg.data.num_workers
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+                                 prefetch_factor=2 if workers else None, multiprocessing_context=(
+                                     "fork" if workers and sys.platform == "linux" else None))
+        self.batches = iter(self.loader)
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
-        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate wraps it
-        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
         if phase.reset_optimizer and self.step == active.start_step and self.step > 0:
             getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
             logger.info("phase %s: optimizer state reset", phase.name)
         self.phase_index = active.index
         logger.info("phase %d/%d '%s' (steps %d-%d): prompt %s, paired ratio %.2f, losses flow %.2g id %.2g "
-                    "contrastive %.2g, lr %.2g", active.index + 1, len(self.schedule.phases), phase.name,
-                    active.start_step, active.end_step - 1, phase.prompt_mode, phase.paired_ratio,
-                    phase.loss.flow, phase.loss.id, phase.loss.contrastive, lr)
+                    "contrastive %.2g (%s), lr %.2g, %d records", active.index + 1, len(self.schedule.phases),
+                    phase.name, active.start_step, active.end_step - 1, phase.prompt_mode, phase.paired_ratio,
+                    phase.loss.flow, phase.loss.id, phase.loss.contrastive,
+                    "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, len(dataset))
 
     def _next_batch(self) -> dict:
         while True:
-            positions = next(self.batches)
-            batch = collate([self.dataset[p] for p in positions])
+            batch = next(self.batches)
+            if batch["keys"]:
+                self.last_key = batch["keys"][-1]
+            for event in batch["events"]:
+                self.data_events[event] = self.data_events.get(event, 0) + 1
             if batch["skipped"]:
                 self.skipped_images += len(batch["skipped"])
                 logger.warning("%d unreadable image(s) skipped so far", self.skipped_images)
@@ -187,26 +252,32 @@ class Trainer:
         pixels = batch["pixels"].to(device)
         b, _, height, width = pixels.shape
         vae = models.vae
+        vae_dtype = next(vae.parameters()).dtype
         with torch.no_grad():
-            dist = vae.encode(pixels * 2 - 1).latent_dist
-            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device)
+            dist = vae.encode((pixels * 2 - 1).to(vae_dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+            latents = mean + std * torch.randn(mean.shape, generator=generator).to(device)
             clean = pack_latents((latents - vae.config.shift_factor) * vae.config.scaling_factor)
         noise = torch.randn(clean.shape, generator=generator).to(device)
-        t = sample_timesteps(b, clean.shape[1], generator).to(device)
+        t = sample_timesteps(b, clean.shape[1], generator, cfg.train.timesteps).to(device)
         noisy = (1 - t.view(-1, 1, 1)) * clean + t.view(-1, 1, 1) * noise
         text, pooled = self._encode_text(batch["caption"])
-        siglip = self._siglip(batch["ref_siglip_crops"])
         arcface = batch["ref_embeddings"].to(device)
+        siglip = self._siglip(batch["ref_siglip_crops"]) if "ref_siglip_crops" in batch else self._no_siglip(arcface)
         boxes = batch["boxes"].tolist()
         with acc.autocast():
             velocity = self.denoiser(noisy, t, text, pooled, torch.full((b,), cfg.train.guidance, device=device),
-                                     arcface, siglip, boxes, height, width, cfg.train.id_weight,
-                                     cfg.train.siglip_weight)
+                                     arcface, siglip, boxes, height, width, self.id_weight, self.siglip_weight)
         losses = {"flow": flow_matching_loss(velocity, noise, clean)}
         if phase.loss.id > 0 or phase.loss.contrastive > 0:
             losses.update(self._identity_losses(batch, phase, noisy, velocity, t, height, width, generator))
         losses["total"] = sum(getattr(phase.loss, k) * v for k, v in losses.items())
         return losses
+
+    def _no_siglip(self, arcface: torch.Tensor) -> torch.Tensor:
+        """Zero SigLIP features for the ArcFace branch (its forward never uses them; the SigLIP weight is 0)."""
+        cfg = self.models.adapter.config
+        return arcface.new_zeros(*arcface.shape[:2], 256, cfg.siglip_dim)
 
     def _identity_losses(self, batch, phase, noisy, velocity, t, height, width, generator):
         acc, models = self.accelerator, self.models
@@ -215,30 +286,47 @@ class Trainer:
         gated = id_gate(t, phase.id_gate)
         n = batch["num_persons"]
         b = t.shape[0]
-        # every rank must agree on skipping, or the contrastive gather would wait forever
-        any_gated = acc.reduce(gated.any().float().reshape(1), reduction="sum").item() > 0
-        if not any_gated:
+        generated_mode = phase.batch_negatives == "generated"
+        if generated_mode:
+            # every rank must agree on skipping, or the contrastive gather would wait forever
+            if acc.reduce(gated.any().float().reshape(1), reduction="sum").item() == 0:
+                return {}
+        elif not bool(gated.any()):
             return {}
         generated = torch.zeros(b, n, 512, device=acc.device)
+        # a face counts when its sample passed the gate, the face is whole in the crop and,
+        # without GT alignment, the detector found every face on the prediction
+        valid = gated[:, None].cpu() & batch["id_valid"]
         if gated.any():
             idx = gated.nonzero().flatten()
             vae = models.vae
-            z = unpack_latents(predicted_clean(noisy[idx], velocity[idx], t[idx]), height, width)
+            z = unpack_latents(predicted_clean(noisy[idx], velocity[idx].float(), t[idx]), height, width)
             z = z / vae.config.scaling_factor + vae.config.shift_factor
             images = ((vae.decode(z.to(next(vae.parameters()).dtype)).sample.float() + 1) / 2).clamp(0, 1)
-            landmarks = batch["landmarks"][idx.cpu()].to(acc.device)
-            generated = generated.index_put((idx,), face_embeddings(images, landmarks, models.arcface).float())
+            if phase.gt_aligned:
+                landmarks = batch["landmarks"][idx.cpu()]
+            else:
+                landmarks, found = detected_landmarks(images, batch["boxes"][idx.cpu()], self.detector)
+                valid[idx.cpu()] &= found[:, None]
+                self.data_events["faces_not_detected"] = (self.data_events.get("faces_not_detected", 0)
+                                                          + int((~found).sum()))
+                images, landmarks, idx = images[found.to(images.device)], landmarks[found], idx[found.to(idx.device)]
+            if idx.numel():  # only faces that exist are embedded (no alignment on made-up landmarks)
+                generated = generated.index_put((idx,), face_embeddings(images, landmarks.to(acc.device),
+                                                                        models.arcface).float())
+        valid = valid.to(acc.device)
         out = {}
         gt = batch["gt_embeddings"].to(acc.device)
-        valid = gated[:, None].expand(b, n).reshape(-1)
         if phase.loss.id > 0:
-            out["id"] = id_loss(generated[gated], gt[gated]) if gated.any() else generated.sum() * 0.0
+            out["id"] = id_loss(generated[valid], gt[valid]) if valid.any() else generated.sum() * 0.0
         if phase.loss.contrastive > 0:
-            ids = batch["identity_ids"]
-            negatives = self.pool.sample(phase.negatives, ids.flatten(), generator)
+            ids = batch["identity_ids"].to(acc.device).reshape(-1)
+            positives = gt if phase.contrastive_positive == "gt" else batch["ref_embeddings"].to(acc.device)
+            flat_valid = valid.reshape(-1)
+            negatives = self.pool.sample_per_anchor(phase.negatives, ids.cpu(), generator).to(acc.device)
             out["contrastive"] = contrastive_loss(
-                generated.reshape(b * n, -1), valid, batch["ref_embeddings"].to(acc.device).reshape(b * n, -1),
-                ids.to(acc.device).reshape(-1), negatives, phase.temperature)
+                generated.reshape(b * n, -1), flat_valid, positives.reshape(b * n, -1), ids, negatives,
+                phase.temperature, batch_keys=None if generated_mode else gt.reshape(b * n, -1))
         return out
 
     # ------------------------------------------------------------------ loop
@@ -263,15 +351,18 @@ class Trainer:
             acc.backward(losses["total"])
             if acc.sync_gradients and cfg.train.optimizer.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, cfg.train.optimizer.max_grad_norm)
+            lr = self.schedule.lr_at(self.step, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps)
+            for group in self.optimizer.param_groups:  # once per optimizer step, from the phase's first step
+                group["lr"] = lr
+            self.last_lr = lr
             self.optimizer.step()
-            self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             values = {f"loss/{k}": acc.reduce(v.detach().reshape(1), reduction="mean").item() for k, v in losses.items()}
             self.last_losses = values
-            self._record(values, active)
+            self._record({**values, "lr": lr}, active)
             if self.step % cfg.log_every == 0 or self.step == total:
-                values.update({"lr": self.lr_scheduler.get_last_lr()[0], "phase": active.index})
+                values.update({"lr": lr, "phase": active.index})
                 if cfg.tensorboard:
                     acc.log(values, step=self.step)
                 logger.info("step %d/%d phase %s: %s", self.step, total, active.phase.name,
@@ -283,8 +374,11 @@ class Trainer:
             if cfg.sample.every and self.step % cfg.sample.every == 0:
                 self.sample()
         bar.close()
+        self.batches = self.loader = None  # stops the DataLoader workers
         logger.info("finished %d steps in %.0f s; %d unreadable images skipped", total, time.time() - started,
                     self.skipped_images)
+        if self.data_events:
+            logger.info("data: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.data_events.items())))
         acc.end_training()
 
     def _record(self, values: dict, active) -> None:
@@ -300,12 +394,15 @@ class Trainer:
             "step": self.step,
             "phase": active.index if self.step < active.end_step else active.index + 1,
             "phase_name": active.phase.name,
-            "sampler": self.sampler.state_dict() if self.step < active.end_step else {"epoch": 0, "position": 0},
+            # the batch after the last one consumed (a prefetching DataLoader has read further)
+            "sampler": ({"epoch": 0, "position": 0} if self.step >= active.end_step
+                        else state_after(self.last_key) if self.last_key is not None else self.sampler.state_dict()),
             "skipped_images": self.skipped_images,
             "losses": getattr(self, "last_losses", {}),
         }
         alpha = cfg.train.lora.alpha if cfg.train.mode == "lora" else None
-        save_checkpoint(self.accelerator, cfg.output_dir, self.step, self.models, state, alpha, cfg.checkpoint.keep)
+        save_checkpoint(self.accelerator, cfg.output_dir, self.step, self.models, state, alpha, cfg.checkpoint.keep,
+                        adapter_metadata={"branch": cfg.train.branch})
 
     def sample(self) -> None:
         from train.sampling import sample_image, save_sample
@@ -315,15 +412,17 @@ class Trainer:
             return
         s = cfg.sample
         # the same identities and layout every time: the first record, unpaired, at the sample size
-        item = WithAnyoneDataset(self.manifest, DataOptions(buckets=((s.width, s.height),)), index=self.index)[0]
+        options = DataOptions(buckets=((s.width, s.height),), crop="center", min_face_size=0.0,
+                              siglip_crops=self.models.siglip is not None)
+        item = WithAnyoneDataset(self.manifest, options, index=self.index)[0]
         if "skipped" in item:
             logger.warning("sample skipped: the first record's image is unreadable")
             return
-        siglip = self._siglip(item["ref_siglip_crops"][None])
-        image = sample_image(self.models, acc.unwrap_model(self.denoiser), s.prompt,
-                             item["ref_embeddings"][None].to(acc.device), siglip, [item["boxes"].tolist()],
-                             s.width, s.height, s.steps, s.seed, cfg.train.guidance,
-                             cfg.train.id_weight, cfg.train.siglip_weight)
+        arcface = item["ref_embeddings"][None].to(acc.device)
+        siglip = self._siglip(item["ref_siglip_crops"][None]) if "ref_siglip_crops" in item else self._no_siglip(arcface)
+        image = sample_image(self.models, acc.unwrap_model(self.denoiser), s.prompt, arcface, siglip,
+                             [item["boxes"].tolist()], s.width, s.height, s.steps, s.seed, cfg.train.guidance,
+                             self.id_weight, self.siglip_weight)
         path = save_sample(image, Path(cfg.output_dir) / "samples", self.step)
         logger.info("sample written to %s", path)
 
@@ -337,6 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.set)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
+        check_paths(config)
     except ConfigError as exc:
         parser.error(str(exc))
     Trainer(config).run()

@@ -1,6 +1,6 @@
 """Everything ``train/configs/smoke.yaml`` needs, built offline with random weights.
 
-    python -m withanyone_core.testing.smoke_data .cache/smoke
+    python -m train.smoke_data .cache/smoke      (or: make train-smoke)
 
 Writes ``tiny-flux/`` (diffusers FLUX folder), ``insightface/models/antelopev2/``,
 ``siglip/`` and ``data/`` (photos of four synthetic people, one or two per photo, with
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-from .faces import build_tiny_antelopev2, make_face_image
-from .siglip import build_tiny_siglip
-from .tiny_train import build_tiny_flux_folder
+from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image
+from withanyone_core.testing.siglip import build_tiny_siglip
+from withanyone_core.testing.tiny_train import build_tiny_flux_folder
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,6 @@ def build_smoke_set(root: str | Path) -> Path:
         build_tiny_siglip(root / "siglip")
     data = root / "data"
     if not (data / "manifest.jsonl").is_file():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from train import prepare
 
         build_photos(root / "photos")

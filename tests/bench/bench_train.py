@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference_flux import reference_mask  # noqa: E402
 from withanyone_core.attention import select_tokens  # noqa: E402
 from withanyone_core.layout import TokenGrid, build_layout  # noqa: E402
-from withanyone_core.testing.smoke_data import build_smoke_set  # noqa: E402
+from train.smoke_data import build_smoke_set  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 SMOKE = ROOT / "train" / "configs" / "smoke.yaml"
@@ -44,7 +44,7 @@ def train_speed(mode: str, steps: int) -> tuple[float, float]:
     from train.run import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        phases = f"phases=[{{name: bench, steps: {steps}, paired_ratio: 0.5}}]"
+        phases = f"phases=[{{name: bench, steps: {steps}, paired_ratio: 0.5, min_face_size: 32}}]"
         config = load_config(SMOKE, [f"output_dir={out}", f"train.mode={mode}", "train.lora.rank=16", phases,
                                      f"checkpoint.every={steps + 1}", "sample.every=0", "tensorboard=false"])
         config.checkpoint.every = steps  # one save at the end only
