@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,11 +144,15 @@ def test_lora_checkpoint_is_comfyui_format_and_only_trainables_change(smoke_set,
         assert torch.equal(trained[key], value), name
 
 
-def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch):
+def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch, caplog):
     from train.config import load_config
 
     config = load_config(SMOKE, [f"output_dir={tmp_path}", "tensorboard=false"])
-    trainer = run.Trainer(config)
+    with caplog.at_level("INFO", logger="withanyone.train"):
+        trainer = run.Trainer(config)
+    assert "estimated memory per process" in caplog.text and trainer.memory_estimate.total > 0
+    assert f"models.base = {smoke_set / 'tiny-flux'}" in caplog.text  # each resolved path, once
+    assert caplog.text.count("models.base = ") == 1
     with torch.no_grad():  # a trained adapter: non-zero output projections
         for block in list(trainer.models.adapter.ipa_arc) + list(trainer.models.adapter.ipa_sig):
             block.to_out.weight.normal_(0, 0.05)
@@ -305,3 +310,20 @@ def test_branches_train_separately_and_merge(smoke_set, tmp_path):
     load_adapter(out)  # loads as one adapter
     with pytest.raises(SystemExit):  # a SigLIP-branch file passed as the ArcFace branch
         merge.main(["--arcface", str(files["siglip"]), "--siglip", str(files["siglip"]), "--out", str(out)])
+
+
+def test_detected_faces_are_matched_to_the_gt_boxes(smoke_set):
+    """The non-GT-aligned ID loss: antelopev2's detector runs on the (decoded) image, faces are put in the
+    GT boxes' order by IoU, and an image with a face missing leaves the ID losses."""
+    from train.losses import detected_landmarks
+    from withanyone_core.faces import FaceAnalyzer
+    from withanyone_core.testing.faces import make_face_image
+
+    detector = FaceAnalyzer(smoke_set / "insightface", providers="cpu")
+    image, boxes, marks = make_face_image([(4, 6), (14, 7)], identities=[0, 1], seed=3)
+    one_face, _, _ = make_face_image([(4, 6)], identities=[0], seed=4)
+    images = torch.from_numpy(np.stack([image, one_face])).permute(0, 3, 1, 2).float() / 255
+    gt = torch.from_numpy(np.stack([boxes[::-1], boxes[::-1]]).copy()) + 3.0  # GT in the other order, a bit off
+    landmarks, found = detected_landmarks(images, gt, detector)
+    assert found.tolist() == [True, False]
+    assert torch.allclose(landmarks[0], torch.from_numpy(marks[::-1].copy()), atol=1.0)

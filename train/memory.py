@@ -93,9 +93,11 @@ def _quiet_diffusers():
 class _SavedTensors:
     """Counts the bytes autograd saves for backward (parameters excluded; attention matrices optional)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], square: int | None = None):
+    def __init__(self, params: Iterable[torch.Tensor], square: int | None = None,
+                 attention: tuple[int, int] | None = None):
         self.param_ids = {id(p) for p in params}
         self.square = square
+        self.attention = attention  # (queries, keys) of a cross-attention whose matrix flash attention drops
         self.bytes = 0
 
     def pack(self, t: torch.Tensor):
@@ -104,6 +106,8 @@ class _SavedTensors:
             return t
         if self.square and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == self.square:
             return t  # an L x L attention matrix: flash attention keeps none
+        if self.attention and t.dim() >= 2 and tuple(t.shape[-2:]) == self.attention:
+            return t
         self.bytes += t.numel() * t.element_size()
         return t
 
@@ -176,7 +180,7 @@ def _adapter_block_activations(adapter_config, branches, batch, image_tokens, pe
             block = IdentityCrossAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim).to(dtype)
         img = torch.empty(batch, image_tokens, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         ids = torch.empty(batch, persons * per_person, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
-        counter = _SavedTensors(block.parameters(), square=None)
+        counter = _SavedTensors(block.parameters(), attention=(image_tokens, persons * per_person))
         with counter:
             block(ids, img, None, per_person)
         total += counter.bytes

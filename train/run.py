@@ -87,6 +87,10 @@ class Trainer:
         self.models: ModelSet = load_models(config)
         self.params = set_trainable(self.models, config.train.mode, config.train.lora, config.train.branch)
         self.id_weight, self.siglip_weight = branch_weights(config)
+        if config.train.mixed_precision == "bf16":  # the idle branch of a one-branch run needs no fp32 copy
+            for p in self.models.adapter.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(frozen_dtype(config))
         if config.train.gradient_checkpointing:
             self.models.denoiser.handle.enable_gradient_checkpointing()  # keeps identities on recomputation
         self.manifest = Manifest.load(config.data.manifest)
@@ -122,6 +126,7 @@ class Trainer:
         self.data_events: dict[str, int] = {}
         self.last_key = None
         self.last_lr = self.schedule.lr_at(0, opt.lr, opt.warmup_steps)
+        self.memory_estimate = None
         if acc.is_main_process:
             self._log_memory_estimate()
         if config.tensorboard:
@@ -150,6 +155,7 @@ class Trainer:
         except Exception as exc:  # an estimate must never stop a run
             logger.warning("memory estimate unavailable (%s: %s)", type(exc).__name__, exc)
             return
+        self.memory_estimate = estimate
         logger.info("estimated memory per %s: %s at %dx%d, batch %d%s", "GPU" if acc.device.type == "cuda"
                     else "process", estimate.describe(), width, height, cfg.data.batch_size,
                     f", ZeRO-{zero_stage} over {acc.num_processes}" if zero_stage else "")
@@ -420,9 +426,10 @@ class Trainer:
             return
         arcface = item["ref_embeddings"][None].to(acc.device)
         siglip = self._siglip(item["ref_siglip_crops"][None]) if "ref_siglip_crops" in item else self._no_siglip(arcface)
-        image = sample_image(self.models, acc.unwrap_model(self.denoiser), s.prompt, arcface, siglip,
-                             [item["boxes"].tolist()], s.width, s.height, s.steps, s.seed, cfg.train.guidance,
-                             self.id_weight, self.siglip_weight)
+        with acc.autocast():
+            image = sample_image(self.models, acc.unwrap_model(self.denoiser), s.prompt, arcface, siglip,
+                                 [item["boxes"].tolist()], s.width, s.height, s.steps, s.seed, cfg.train.guidance,
+                                 self.id_weight, self.siglip_weight)
         path = save_sample(image, Path(cfg.output_dir) / "samples", self.step)
         logger.info("sample written to %s", path)
 

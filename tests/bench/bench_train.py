@@ -1,7 +1,11 @@
-"""Training benchmark on the smoke config, measured side by side in one run.
+"""Training benchmark: the smoke config measured side by side in one run, and memory at FLUX.1-dev size.
 
 - steps/s and peak memory (RSS growth of the process, CPU; CUDA peak allocated on a GPU)
-  for adapter-only vs adapter + LoRA training;
+  for adapter-only vs adapter + LoRA training, next to the trainer's own memory estimate;
+- per-GPU memory at FLUX.1-dev size (512 px, batch 1, bf16, gradient checkpointing) for
+  each training mode, with and without DeepSpeed ZeRO-2 over 8 ranks: parameters counted
+  from the real architectures built on the meta device, activations measured there (see
+  train/memory.py); ends with the one-line summary;
 - per-step cost of building the region masks/layout: the reference's loop-built
   ``[B, heads, L, n * id_len]`` masks for both branches vs our ``[B, L, n]`` layout +
   token selection, for the smoke batch and for a FLUX.1-dev-sized 512 px batch.
@@ -39,7 +43,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_speed(mode: str, steps: int) -> tuple[float, float]:
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return _peak_rss_mb()
+
+
+def train_speed(mode: str, steps: int) -> tuple[float, float, float]:
     from train.config import load_config
     from train.run import Trainer
 
@@ -50,12 +61,91 @@ def train_speed(mode: str, steps: int) -> tuple[float, float]:
         config.checkpoint.every = steps  # one save at the end only
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        baseline = _rss_mb()
         trainer = Trainer(config)
         start = time.perf_counter()
         trainer.run()
         elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()
-    return steps / elapsed, peak
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+                else _peak_rss_mb() - baseline)
+        estimate = trainer.memory_estimate.total / 2**20 if trainer.memory_estimate else float("nan")
+    return steps / elapsed, peak, estimate
+
+
+# FLUX.1-dev and its encoders as released (diffusers configs of black-forest-labs/FLUX.1-dev)
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.3611,
+                    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+GLINTR100_PARAMS = 65_150_000  # antelopev2's glintr100.onnx: 261 MB of fp32 weights (IResNet-100)
+
+
+def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> dict[tuple[str, int], object]:
+    """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, \
+        T5EncoderModel
+
+    from train.config import LoraConfig
+    from train.memory import estimate_training_memory, lora_parameter_count, parameter_bytes
+    from train.models import BRANCH_PREFIXES
+    from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+
+    bf16 = torch.bfloat16
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(bf16)
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                     num_heads=64, feed_forward_proj="gated-gelu")).to(bf16)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, projection_dim=768)).to(bf16)
+        vae = AutoencoderKL(**FLUX_DEV_VAE).to(bf16)
+        siglip = SiglipVisionModel(SiglipVisionConfig(image_size=256, patch_size=16))
+        adapter = IdentityAdapter(AdapterConfig())
+    encoders = parameter_bytes([t5, clip, vae]) + GLINTR100_PARAMS * 4  # ArcFace stays fp32
+    flux_bytes = parameter_bytes([flux])
+    lora_params = lora_parameter_count(flux, LoraConfig().targets, 32)
+    branch_params = {b: sum(p.numel() for n, p in adapter.named_parameters() if n.startswith(BRANCH_PREFIXES[b]))
+                     for b in ("arcface", "siglip", "both")}
+    rows = {}
+    cases = {  # label: (mode, adapter branch)
+        "adapter": ("adapter", "arcface"), "adapter, both branches": ("adapter", "both"),
+        "lora": ("lora", "arcface"), "full": ("full", "arcface"),
+    }
+    for label, (mode, branch) in cases.items():
+        trained = branch_params[branch]
+        idle_branch = branch_params["both"] - trained  # kept in bf16 while the other branch trains
+        frozen = encoders + 2 * idle_branch + (parameter_bytes([siglip]) if branch != "arcface" else 0)
+        if mode == "lora":
+            trained += lora_params
+        if mode == "full":
+            trained += sum(p.numel() for p in flux.parameters())
+        else:
+            frozen += flux_bytes
+        for zero, n in ((0, 1), (2, ranks)):
+            rows[(label, zero)] = estimate_training_memory(
+                frozen_bytes=frozen, trainable_params=trained, transformer_config=flux.config,
+                vae_config=vae.config, batch=1, height=size, width=size, text_tokens=text_tokens,
+                compute_dtype=bf16, gradient_checkpointing=True, id_losses=True, adapter_config=adapter.config,
+                adapter_branches={"arcface": ("arc",), "both": ("arc", "sig")}[branch], zero_stage=zero,
+                num_processes=n)
+    return rows
+
+
+def report_memory() -> None:
+    rows = flux_dev_memory()
+    logger.info("memory per GPU at FLUX.1-dev, 512 px, batch 1, bf16, gradient checkpointing, ID losses on "
+                "(GB: frozen weights + trainable weights + gradients + AdamW + activations = total):")
+    for (label, zero), est in rows.items():
+        where = "1 GPU           " if zero == 0 else "ZeRO-2 over 8   "
+        logger.info("  %-24s %s %5.1f + %5.1f + %5.1f + %6.1f + %4.1f = %6.1f", label, where,
+                    est.frozen_weights / 1e9, est.trainable_weights / 1e9, est.gradients / 1e9, est.optimizer / 1e9,
+                    est.activations / 1e9, est.total / 1e9)
+    logger.info("train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB per GPU",
+                rows[("adapter", 0)].total / 1e9, rows[("lora", 0)].total / 1e9, rows[("full", 2)].total / 1e9)
 
 
 def mask_cost(batch: int, height: int, width: int, persons: int, heads: int, reps: int) -> tuple[float, float]:
@@ -87,10 +177,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mode", choices=["adapter", "lora"], help=argparse.SUPPRESS)  # one child run
+    parser.add_argument("--memory-only", action="store_true", help="only the FLUX.1-dev memory table")
     args = parser.parse_args()
     if args.mode:
-        speed, peak = train_speed(args.mode, args.steps)
-        sys.stdout.write("RESULT " + json.dumps({"speed": speed, "peak": peak}) + "\n")
+        speed, peak, estimate = train_speed(args.mode, args.steps)
+        sys.stdout.write("RESULT " + json.dumps({"speed": speed, "peak": peak, "estimate": estimate}) + "\n")
+        return
+    if args.memory_only:
+        report_memory()
         return
     build_smoke_set(ROOT / ".cache" / "smoke")
     results = {}
@@ -98,10 +192,11 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True).stdout
         row = json.loads(out.split("RESULT ")[-1])
-        results[mode] = (row["speed"], row["peak"])
-    unit = "allocated on the GPU" if torch.cuda.is_available() else "process RSS"
-    for mode, (speed, peak) in results.items():
-        logger.info("%-8s %.2f steps/s, peak memory %.0f MB (%s)", mode, speed, peak, unit)
+        results[mode] = (row["speed"], row["peak"], row["estimate"])
+    unit = "allocated on the GPU" if torch.cuda.is_available() else "process RSS growth"
+    for mode, (speed, peak, estimate) in results.items():
+        logger.info("%-8s %.2f steps/s, peak memory %.0f MB (%s); the trainer's estimate %.0f MB", mode, speed,
+                    peak, unit, estimate)
     logger.info("LoRA vs adapter-only: %.2fx the step time",
                 results["adapter"][0] / results["lora"][0])
     for label, shape in (("smoke batch (2 x 128 px, 2 persons, 2 heads)", (2, 128, 128, 2, 2)),
@@ -109,6 +204,7 @@ def main() -> None:
         ref, ours = mask_cost(*shape, reps=20)
         logger.info("mask/layout per step, %s: reference %.2f ms, ours %.3f ms (%.0fx)", label, ref * 1e3,
                     ours * 1e3, ref / ours)
+    report_memory()
 
 
 if __name__ == "__main__":
