@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import PhaseConfig
-from .data import DataOptions
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,3 @@ class PhaseSchedule:
             lr *= min(1.0, (step + 1) / warmup_steps)
         return lr
 
-
-def data_options(phase: PhaseConfig, buckets: list[list[int]], siglip_crops: bool = True) -> DataOptions:
-    return DataOptions.from_phase(phase, buckets, siglip_crops=siglip_crops)

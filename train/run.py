@@ -53,7 +53,7 @@ from train.models import (  # noqa: E402
     set_trainable,
     unpack_latents,
 )
-from train.phases import PhaseSchedule, data_options  # noqa: E402
+from train.phases import PhaseSchedule  # noqa: E402
 
 logger = logging.getLogger("withanyone.train")
 

@@ -139,7 +139,7 @@ class WithAnyoneDataset:
         # a string seed is hashed with SHA-512: the same in every process and Python run
         return random.Random(f"{self.seed}:{epoch}:{position}")
 
-    def _paired_reference(self, person, r_idx: int, rng: random.Random, events: list[str]):
+    def _paired_reference(self, person, r_idx: int, rng: random.Random):
         """(record, person) of another photo of ``person`` by the authors' rule, or None with the reason."""
         opts = self.options
         others = [(o_rec, o_p) for o_rec, o_p in self.index.other_records(person.identity, r_idx)
@@ -183,7 +183,7 @@ class WithAnyoneDataset:
         for person in record.persons:
             ref_person, ref_image = person, image
             if rng.random() < opts.paired_ratio:
-                found, reason = self._paired_reference(person, r_idx, rng, events)
+                found, reason = self._paired_reference(person, r_idx, rng)
                 if found is not None:
                     other = self.manifest.records[found[0]]
                     try:
