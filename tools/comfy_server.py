@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -71,6 +72,13 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
+    @classmethod
+    def connect(cls, url: str) -> "ComfyServer":
+        """A handle on a ComfyUI that is already running at ``url``: nothing is started or stopped."""
+        server = cls(Path("."), comfy_dir=Path("."))
+        server.url = url.rstrip("/")
+        return server
+
     def __enter__(self) -> "ComfyServer":
         self.start()
         return self
@@ -119,6 +127,25 @@ class ComfyServer:
 
     def get_json(self, path: str):
         return json.load(urllib.request.urlopen(self.url + path, timeout=60))
+
+    def upload_image(self, path: Path, name: str, subfolder: str = "") -> str:
+        """Upload an image into the server's input folder (overwriting); returns the value LoadImage takes."""
+        boundary = f"withanyone{time.time_ns()}"
+        parts = []
+        for field, value in (("subfolder", subfolder), ("overwrite", "true"), ("type", "input")):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + Path(path).read_bytes() + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        req = urllib.request.Request(self.url + "/upload/image", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        answer = json.load(urllib.request.urlopen(req, timeout=60))
+        return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
+
+    def download_image(self, image: dict) -> bytes:
+        """The bytes of an image a prompt's history lists (``{filename, subfolder, type}``)."""
+        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+        return urllib.request.urlopen(f"{self.url}/view?{query}", timeout=60).read()
 
     def queue(self, prompt: dict) -> str:
         body = json.dumps({"prompt": prompt, "client_id": "withanyone"}).encode()
