@@ -105,13 +105,38 @@ class OuterSampleWrapper:
 
 
 class DiffusionModelWrapper:
-    """Sees the real input of each diffusion-model call and prepares the blocks' state."""
+    """Sees the real input of each diffusion-model call and prepares the blocks' state.
 
-    def __init__(self, conditioning: IdentityConditioning):
+    If a patch applied after this Apply replaced some of its block patches (packs that call
+    ``set_model_patch_replace`` without wrapping, as PuLID-Flux does), the blocks of this
+    call get this Apply's patch again around the newcomer, so both act (the newcomer first).
+    """
+
+    def __init__(self, conditioning: IdentityConditioning, blocks: tuple[int, int]):
         self.conditioning = conditioning
+        self.blocks = blocks  # (double, single)
 
     def __deepcopy__(self, memo):
         return self
+
+    def _restore_block_patches(self, transformer_options: dict) -> None:
+        dit = transformer_options.get("patches_replace", {}).get("dit", {})
+        n_double, n_single = self.blocks
+        missing = {}
+        for kind, count, offset, cls in (("double_block", n_double, 0, DoubleBlockPatch),
+                                         ("single_block", n_single, n_double, SingleBlockPatch)):
+            for i in range(count):
+                current = dit.get((kind, i))
+                if not _chain_has(current, self.conditioning):
+                    missing[(kind, i)] = cls(self.conditioning, offset + i, current)
+        if missing:
+            if not getattr(self, "_warned", False):
+                logger.warning("WithAnyone: %d block patch(es) applied after Apply WithAnyone replaced its own; "
+                               "both run (the later patch first, then the identities)", len(missing))
+                self._warned = True  # once per Apply: the same happens at every step
+            patches = dict(transformer_options.get("patches_replace", {}))
+            patches["dit"] = {**dit, **missing}
+            transformer_options["patches_replace"] = patches
 
     def __call__(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                  transformer_options=None, **kwargs):
@@ -121,6 +146,7 @@ class DiffusionModelWrapper:
         sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
         transient = None
         if cond.active_at(sigma):
+            self._restore_block_patches(transformer_options)
             run = transformer_options.get(cond.run_key)
             if run is None:  # called outside a ComfyUI sampler (no OUTER_SAMPLE): this call only
                 run = transient = IdentityRun(cond.adapter, cond.request, cache=False)
@@ -137,6 +163,15 @@ class DiffusionModelWrapper:
             transformer_options.pop(cond.key + ".txt", None)
             if transient is not None:
                 transient.release()
+
+
+def _chain_has(patch, conditioning: IdentityConditioning) -> bool:
+    """Whether ``patch`` is, or wraps, a WithAnyone block patch of ``conditioning``."""
+    while isinstance(patch, _BlockPatch):
+        if patch.conditioning is conditioning:
+            return True
+        patch = patch.previous
+    return False
 
 
 class _BlockPatch:
@@ -232,7 +267,7 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, conditioning.key,
                                  OuterSampleWrapper(conditioning))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, conditioning.key,
-                                 DiffusionModelWrapper(conditioning))
+                                 DiffusionModelWrapper(conditioning, (n_double, n_single)))
     wrapped = 0
     for i in range(n_double):
         previous = _existing_dit_patch(patched, "double_block", i)
@@ -246,7 +281,7 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     if wrapped:
         logger.info("WithAnyone: %d block patch(es) already on this MODEL keep running, before the identities", wrapped)
     models = list(patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY))
-    if all(m is not adapter_patcher for m in models):
+    if not any(m is adapter_patcher or m.is_clone(adapter_patcher) for m in models):  # clones share the weights
         models.append(adapter_patcher)
     patched.set_additional_models(ADDITIONAL_MODELS_KEY, models)  # loaded/offloaded with the MODEL
     return patched

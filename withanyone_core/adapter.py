@@ -185,7 +185,7 @@ class IdentityTokens:
     arc: torch.Tensor
     sig: torch.Tensor | None
     num_persons: int
-    kv_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    kv_cache: dict | None = field(default_factory=dict, compare=False, repr=False)  # None: never cache
 
     @property
     def batch_size(self) -> int:
@@ -349,10 +349,10 @@ class IdentityAdapter(nn.Module):
         """This block's identity keys/values for the image batch; cached in the tokens when no gradient flows."""
         cache = inputs.tokens.kv_cache
         key = (branch, block_index, dtype)
-        kv = cache.get(key)
+        kv = None if cache is None else cache.get(key)
         if kv is None:
             kv = module.identity_kv(id_tokens, dtype)
-            if not torch.is_grad_enabled():
+            if cache is not None and not torch.is_grad_enabled():
                 cache[key] = kv
         if kv[0].shape[0] != inputs.batch_size:  # one set of persons for the whole batch
             kv = tuple(t.expand(inputs.batch_size, -1, -1, -1) for t in kv)

@@ -19,7 +19,7 @@ and centring, so boxes keep their shape and stay inside the image.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -85,15 +85,18 @@ class IdentityRun:
 
     ``cache=True`` (inference) keeps identity tokens, region plans and per-block K/V for
     the run; with ``cache=False`` (training) nothing is kept between calls so gradients
-    flow through a fresh projection every forward.
+    flow through a fresh projection every forward. ``cache_kv=False`` keeps tokens and
+    plans but recomputes the identity K/V in every block call (the benchmark's baseline).
     """
 
-    def __init__(self, adapter: IdentityAdapter, request: IdentityRequest, cache: bool = True):
+    def __init__(self, adapter: IdentityAdapter, request: IdentityRequest, cache: bool = True,
+                 cache_kv: bool = True):
         if request.num_persons < 1:
             raise ValueError("at least one identity is needed")
         self.adapter = adapter
         self.request = request
         self.cache = cache
+        self.cache_kv = cache_kv
         self._tokens: dict = {}
         self._inputs: dict = {}
         self.encode_count = 0  # how often identity tokens were projected (tests and benchmarks read it)
@@ -112,6 +115,8 @@ class IdentityRun:
             tokens = self.adapter.encode_identities(
                 arcface.to(device), None if siglip is None or not with_siglip else siglip.to(device),
                 dtype=dtype, with_siglip=with_siglip)
+            if not self.cache_kv:
+                tokens = replace(tokens, kv_cache=None)
             self.encode_count += 1
             if self.cache:
                 self._tokens[key] = tokens
@@ -180,7 +185,7 @@ class IdentityRun:
         """How many tensors the run holds (0 after :meth:`release`)."""
         count = 0
         for tokens in self._tokens.values():
-            count += 1 + (tokens.sig is not None) + 2 * len(tokens.kv_cache)
+            count += 1 + (tokens.sig is not None) + 2 * len(tokens.kv_cache or ())
         return count + len(self._inputs)
 
     def __enter__(self) -> "IdentityRun":
