@@ -5,10 +5,12 @@ rules comfy-cli's parser (comfy_cli/registry/config_parser.py, the code `comfy n
 OS and accelerator classifiers from fixed lists, version specifiers like ">=0.3.75".
 """
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -138,6 +140,47 @@ def test_publish_workflow_publishes_only_when_the_version_changes(tmp_path):
     assert changed(second) == "changed=true"
     assert changed(third, "workflow_dispatch") == "changed=true"
     assert changed("0000000000000000000000000000000000000000") == "changed=true"  # a new branch: no "before"
+
+
+COMFY_CLI = "1.23.0"  # the version whose parser these checks were written against
+
+
+def _comfy_cli() -> Path:
+    """comfy-cli's package folder (with tomlkit), installed on demand into .cache/ without its dependencies:
+    its registry parser needs only typer and rich, which the dev environment has."""
+    target = ROOT / ".cache" / f"comfy-cli-{COMFY_CLI}"
+    if not (target / "comfy_cli" / "registry" / "config_parser.py").is_file():
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                               f"comfy-cli=={COMFY_CLI}", "tomlkit"], capture_output=True, text=True)
+        if done.returncode:
+            message = f"comfy-cli=={COMFY_CLI} could not be installed: {done.stderr[-400:]}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return target
+
+
+def test_comfy_cli_reads_every_registry_field_without_warnings():
+    """The parser `comfy node publish` runs (comfy_cli.registry.config_parser) reads pyproject.toml: no
+    warning, and every field the Registry shows is filled."""
+    # tomlkit's string and array types: plain Python values before they leave the parser's process
+    code = ("import json; from comfy_cli.registry.config_parser import extract_node_configuration; "
+            "plain = lambda o: {k: plain(v) for k, v in vars(o).items()} if hasattr(o, '__dataclass_fields__') "
+            "else [plain(v) for v in o] if isinstance(o, list) else str(o); "
+            "print(json.dumps(plain(extract_node_configuration('pyproject.toml'))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(_comfy_cli())})
+    assert done.returncode == 0, done.stderr[-2000:]
+    *messages, answer = done.stdout.strip().splitlines()
+    assert not [m for m in messages if "warning" in m.lower()], messages
+    config = json.loads(answer)
+    project, comfy = config["project"], config["tool_comfy"]
+    assert project["name"] == PROJECT["name"] and project["version"] == PROJECT["version"]
+    assert all(project["urls"][key] for key in ("homepage", "documentation", "repository", "issues")), project["urls"]
+    assert project["supported_os"] and project["supported_accelerators"]
+    assert project["supported_comfyui_version"] == COMFY["requires-comfyui"]
+    assert project["license"]["file"] == "LICENSE"
+    assert comfy["publisher_id"] and comfy["display_name"] and comfy["icon"] == COMFY["Icon"]
 
 
 def test_dev_setup_pins_torch_for_tests_only():
