@@ -16,7 +16,12 @@ from .layout import COLORS, PRESETS, parse_boxes, preset_boxes
 logger = logging.getLogger(__name__)
 
 LAYOUT_ROUTE = "/withanyone/layout"
-IMAGE_NOTE = "boxes come from the layout image when the graph runs"
+# sources whose boxes exist only once the graph runs (they need the connected photo or mask)
+RUN_TIME_NOTES = {
+    "image": "boxes come from the layout image when the graph runs",
+    "mask": "boxes come from the layout mask when the graph runs (one per white region, left to right)",
+}
+IMAGE_NOTE = RUN_TIME_NOTES["image"]
 
 
 class LayoutRequestError(ValueError):
@@ -71,8 +76,9 @@ def layout_response(body) -> dict:
         if not isinstance(text, str):
             raise LayoutRequestError("boxes must be a string")
         found = parse_boxes(text, width, height)
-    elif source == "image":
-        return {"boxes": [], "width": width, "height": height, "colors": box_colors(0), "note": IMAGE_NOTE}
+    elif source in RUN_TIME_NOTES:
+        return {"boxes": [], "width": width, "height": height, "colors": box_colors(0),
+                "note": RUN_TIME_NOTES[source]}
     else:
         raise LayoutRequestError(f"unknown layout source {source!r}")
     boxes = _finite_boxes(found)
