@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from golden import DEFAULT_GOLDEN_DIR
+from golden import DEFAULT_GOLDEN_DIR, REPO_ROOT as ROOT
 from make_golden import UNSEEN_CONFIG, bfl_shapes, random_model
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 from withanyone_core.checkpoints import (
@@ -116,3 +116,65 @@ def test_bfl_map_refuses_unknown_keys():
 def test_comfyui_prefixed_flux_is_accepted():
     state = {"model.diffusion_model." + k: torch.zeros(s) for k, s in bfl_shapes(UNSEEN_CONFIG).items()}
     assert "x_embedder.weight" in bfl_to_diffusers(state)
+
+
+LOAD_PEAK_SCRIPT = r"""
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import torch
+from withanyone_core.checkpoints import load_adapter
+
+def rss_kib():  # resident memory of every kind: anonymous, and file pages of any memory map
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+peak = [0]
+running = [True]
+def watch():
+    while running[0]:
+        peak[0] = max(peak[0], rss_kib())
+        time.sleep(0.002)
+
+base = rss_kib()
+thread = threading.Thread(target=watch, daemon=True)
+thread.start()
+adapter = load_adapter({path!r}, dtype=torch.bfloat16)
+running[0] = False
+thread.join()
+size = sum(p.numel() * p.element_size() for p in adapter.parameters())
+print("PEAK", (max(peak[0], rss_kib()) - base) * 1024, size)
+"""
+
+
+def test_loading_peaks_near_one_copy_of_the_adapter(tmp_path):
+    """A float32 file loaded as bf16 is read tensor by tensor: the process's anonymous memory peaks near the
+    converted adapter plus one tensor, not at the file plus a converted copy (the first release read the
+    whole file, then converted it: ~1.5x the file size). Resident memory of a fresh process, sampled while
+    it loads a ~0.5 GB random file."""
+    import subprocess
+    import sys
+
+    from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+    from withanyone_core.checkpoints import save_adapter
+
+    config = AdapterConfig(hidden_size=1024, num_heads=16, num_double_blocks=4, num_single_blocks=4)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in IdentityAdapter(config).state_dict().items()}
+    path = tmp_path / "large.safetensors"
+    adapter = IdentityAdapter(config)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+    save_adapter(adapter, path)
+    del adapter
+    file_bytes = path.stat().st_size
+    largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
+    result = subprocess.run([sys.executable, "-c", LOAD_PEAK_SCRIPT.format(root=str(ROOT), path=str(path))],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak, converted = (int(v) for v in result.stdout.split("PEAK")[1].split())
+    assert converted * 2 > 0.45 * file_bytes  # the converted copy is half the float32 file
+    assert peak <= converted + 1.5 * largest + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB for {converted / 2**20:.0f} MiB"
+    assert peak < 0.75 * file_bytes  # reading the whole file first would exceed the file size alone

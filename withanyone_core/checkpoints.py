@@ -184,28 +184,61 @@ def norm_dtype_for(dtype: torch.dtype | None) -> torch.dtype | None:
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+       if hasattr(torch, attr)},
+}
+
+
 class _LazyAdapterFile(Mapping):
-    """A safetensors file seen as a mapping of its (prefix-stripped) keys, read one tensor at a time."""
+    """A safetensors file seen as a mapping of its (prefix-stripped) keys, read one tensor at a time.
+
+    Tensors are read with plain file reads, not through a memory map: mapped pages count in the
+    process's resident memory until the map is closed, so reading a 5.6 GB release through one would
+    peak at the file plus the converted copy.
+    """
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
+        import json
+        import struct
 
-        self._handle = safe_open(str(path), framework="pt")
-        self._names = {}
-        for name in self._handle.keys():
-            self._names.setdefault(strip_wrapper_prefixes({name: None}).popitem()[0], name)
+        self._path = path
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + length
+        self._entries = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path.name}: tensor {name} has dtype {entry['dtype']}, which is not supported")
+            key = strip_wrapper_prefixes({name: None}).popitem()[0]
+            self._entries.setdefault(key, entry)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(self._handle.get_slice(n).get_shape()) for k, n in self._names.items()}
+        return {k: tuple(e["shape"]) for k, e in self._entries.items()}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handle.get_tensor(self._names[key])
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        with open(self._path, "rb") as fh:
+            fh.seek(self._data_start + start)
+            if fh.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{self._path.name} is truncated (tensor {key}); re-download it")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
     def __iter__(self):
-        return iter(self._names)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._entries)
 
 
 class _ShapeOnly:
