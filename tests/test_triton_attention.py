@@ -36,6 +36,28 @@ SCRIPT = textwrap.dedent(
             ref = region_attention(q.cpu(), k.cpu(), v.cpu(), allowed.cpu(), t)
             out = region_attention_triton(q, k, v, allowed, t, block_m=16, block_n=16)
         worst = max(worst, (out.cpu() - ref).abs().max().item())
+    # the production tiles (region_attention's defaults, 64 x 64), with the real head size and token counts:
+    # query blocks that end mid-tile, person boundaries inside a key tile, 264-token SigLIP persons
+    for b, h, s, n, t, d in [(1, 2, 150, 2, 264, 64), (2, 1, 64, 3, 8, 64), (1, 1, 65, 4, 264, 64)]:
+        q = torch.randn(b, h, s, d, device=device)
+        k = torch.randn(b, h, n * t, d, device=device)
+        v = torch.randn(b, h, n * t, d, device=device)
+        allowed = torch.rand(b, s, n, device=device) < 0.5
+        allowed[..., 0] |= ~allowed.any(-1)
+        with torch.no_grad():
+            ref = region_attention(q.cpu(), k.cpu(), v.cpu(), allowed.cpu(), t)
+            out = region_attention_triton(q, k, v, allowed, t)  # default block_m=64, block_n=64
+        worst = max(worst, (out.cpu() - ref).abs().max().item())
+    # identity K/V computed once for batch 1 and broadcast to the batch (stride 0), as a sampling run passes them
+    q = torch.randn(3, 2, 40, 64, device=device)
+    k = torch.randn(1, 2, 2 * 264, 64, device=device).expand(3, -1, -1, -1)
+    v = torch.randn(1, 2, 2 * 264, 64, device=device).expand(3, -1, -1, -1)
+    allowed = torch.rand(3, 40, 2, device=device) < 0.6
+    allowed[..., 1] |= ~allowed.any(-1)
+    with torch.no_grad():
+        ref = region_attention(q.cpu(), k.cpu().contiguous(), v.cpu().contiguous(), allowed.cpu(), 264)
+        out = region_attention_triton(q, k, v, allowed, 264)
+    worst = max(worst, (out.cpu() - ref).abs().max().item())
     # a query allowed to nobody gets zeros (no NaN)
     q = torch.randn(1, 1, 16, 16, device=device); k = torch.randn(1, 1, 16, 16, device=device)
     none = torch.zeros(1, 16, 2, dtype=torch.bool, device=device)
