@@ -21,7 +21,6 @@ RUN_TIME_NOTES = {
     "image": "boxes come from the layout image when the graph runs",
     "mask": "boxes come from the layout mask when the graph runs (one per white region, left to right)",
 }
-IMAGE_NOTE = RUN_TIME_NOTES["image"]
 
 
 class LayoutRequestError(ValueError):
