@@ -76,6 +76,7 @@ class TrainConfig:
     # Trainable weights always keep fp32 master copies.
     frozen_dtype: str = "auto"  # auto | bf16 | fp32
     timesteps: str = "shifted_uniform"  # shifted_uniform (authors) | logit_normal
+    adapter_init: str = "authors"  # a fresh adapter: authors (small random) | zero (output projections 0: FLUX unchanged)
     gradient_checkpointing: bool = False
     guidance: float = 1.0  # FLUX.1-dev distilled guidance fed to the model during training
     id_weight: float = 1.0
@@ -242,6 +243,7 @@ _CHOICES = {
     "train.mixed_precision": ("no", "bf16"),
     "train.frozen_dtype": ("auto", "bf16", "fp32"),
     "train.timesteps": ("shifted_uniform", "logit_normal"),
+    "train.adapter_init": ("authors", "zero"),
 }
 _PHASE_CHOICES = {
     "contrastive_positive": ("gt", "reference"),

@@ -158,11 +158,37 @@ def build_adapter(config: Config, transformer: nn.Module, siglip_dim: int) -> Id
         num_double_blocks=n_double, num_single_blocks=len(transformer.single_transformer_blocks),
         siglip_dim=siglip_dim,
     ))
-    # a fresh adapter starts as identity: zero output projections leave FLUX unchanged
-    for branch in (adapter.ipa_arc, adapter.ipa_sig):
-        for block in branch:
-            nn.init.zeros_(block.to_out.weight)
+    if config.train.adapter_init == "zero":
+        # a fresh adapter starts as identity: zero output projections leave FLUX unchanged
+        for branch in (adapter.ipa_arc, adapter.ipa_sig):
+            for block in branch:
+                nn.init.zeros_(block.to_out.weight)
+    else:
+        authors_init(adapter)
     return adapter
+
+
+@torch.no_grad()
+def authors_init(adapter: IdentityAdapter) -> None:
+    """The authors' fresh start (their load_flow_model when the checkpoint has no adapter keys).
+
+    Every LayerNorm weight and bias and every bias ~ N(0, 0.02); linear weights ~ N(0, 1/sqrt(fan))
+    with fan the input width (512 for ArcFace and, as they wrote it, for SigLIP's 768 too; the
+    hidden size for the attention projections, to_out included). The small LayerNorm gains make
+    the initial residual small but not zero.
+    """
+    hidden = adapter.config.hidden_size
+    for name, param in adapter.named_parameters():
+        if param.ndim == 1:  # LayerNorm weights/biases and Linear biases
+            param.normal_(0.0, 0.02)
+            continue
+        if name.startswith(("ipa_arc.", "ipa_sig.")):
+            fan = hidden
+        elif name.endswith(".0.weight"):  # a projector's first Linear
+            fan = 512 if name.startswith(("arcface_in", "siglip_in")) else param.shape[1]
+        else:
+            fan = param.shape[1]
+        param.normal_(0.0, fan ** -0.5)
 
 
 def siglip_hidden_size(path: str | None) -> int:

@@ -110,8 +110,7 @@ class Trainer:
             from withanyone_core.faces import FaceAnalyzer
 
             # the authors' pre-training ID loss detects faces on the prediction (antelopev2's SCRFD)
-            self.detector = FaceAnalyzer(config.models.antelopev2, providers="cuda" if acc.device.type == "cuda"
-                                         else "cpu")
+            self.detector = FaceAnalyzer(config.models.antelopev2, providers="auto")
         device = acc.device
         for module in (self.models.vae, self.models.text, self.models.arcface):
             if module is not None:
