@@ -86,7 +86,8 @@ def _adapter_grads(transformer, adapter, checkpointing: bool) -> dict[str, torch
     if checkpointing:
         handle.enable_gradient_checkpointing()
     try:
-        with handle.conditioning(*_ids(), height=H, width=W, boxes=[[[0, 0, 48, 64], [40, 0, 96, 64]]] * 2):
+        with handle.conditioning(*_ids(), height=H, width=W, boxes=[[[0, 0, 48, 64], [40, 0, 96, 64]]] * 2,
+                                 siglip_weight=1.0):
             loss = transformer(**_inputs())[0].square().mean()
         loss.backward()  # after the conditioning block, as a trainer does: recomputation must keep identities
     finally:
@@ -129,3 +130,39 @@ def test_mismatched_adapter_is_refused(models):
         attach_adapter(transformer, IdentityAdapter(AdapterConfig(192, 3, 2, 2)))
     with pytest.raises(ValueError, match="hidden size"):
         attach_adapter(transformer, IdentityAdapter(AdapterConfig(128, 2, 1, 2)))
+
+
+def test_kontext_reference_tokens_get_no_residual(models, monkeypatch):
+    """A Kontext pipeline appends reference latents to ``hidden_states`` (ids (1, row, col)): the residual goes to
+    the main image's tokens only, in every block, and the identity K/V is computed once for the whole
+    sampling loop run inside one ``conditioning`` block."""
+    from withanyone_core.adapter import IdentityAdapter, IdentityCrossAttention
+
+    transformer, adapter = models
+    handle = attach_adapter(transformer, adapter)
+    seen, kv_calls = [], []
+    original, original_kv = IdentityAdapter.block_residual, IdentityCrossAttention.identity_kv
+    monkeypatch.setattr(IdentityAdapter, "block_residual",
+                        lambda self, i, img, inputs: seen.append(img.shape[1]) or original(self, i, img, inputs))
+    monkeypatch.setattr(IdentityCrossAttention, "identity_kv",
+                        lambda self, *a: kv_calls.append(1) or original_kv(self, *a))
+    inputs = _inputs(batch=1)
+    main = inputs["hidden_states"].shape[1]
+    ref_rows, ref_cols = 2, 3
+    ref_ids = torch.zeros(ref_rows, ref_cols, 3)
+    ref_ids[..., 0] = 1
+    ref_ids[..., 1] = torch.arange(ref_rows)[:, None]
+    ref_ids[..., 2] = torch.arange(ref_cols)[None, :]
+    reference = torch.randn(1, ref_rows * ref_cols, 64, generator=torch.Generator().manual_seed(4))
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], reference], dim=1)
+    inputs["img_ids"] = torch.cat([inputs["img_ids"], ref_ids.reshape(-1, 3)], dim=0)
+    blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    with torch.no_grad(), handle.conditioning(*_ids(batch=1), height=H, width=W, boxes=[[[0, 0, 48, 64],
+                                                                                         [40, 0, 96, 64]]],
+                                              siglip_weight=1.0):
+        first = transformer(**inputs)[0]
+        second = transformer(**inputs)[0]  # a second step of the same run
+    handle.detach()
+    assert seen == [main] * (2 * blocks)
+    assert len(kv_calls) == 2 * blocks  # once per block and branch, not once per step
+    assert first.shape[1] == main + ref_rows * ref_cols and torch.equal(first, second)
