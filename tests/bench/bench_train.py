@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,6 +177,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each mode")
     parser.add_argument("--mode", choices=["adapter", "lora"], help=argparse.SUPPRESS)  # one child run
     parser.add_argument("--memory-only", action="store_true", help="only the FLUX.1-dev memory table")
     args = parser.parse_args()
@@ -188,17 +190,19 @@ def main() -> None:
         return
     build_smoke_set(ROOT / ".cache" / "smoke")
     results = {}
-    for mode in ("adapter", "lora"):  # separate processes: peak memory is per process
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True).stdout
-        row = json.loads(out.split("RESULT ")[-1])
-        results[mode] = (row["speed"], row["peak"], row["estimate"])
+    runs: dict[str, list[dict]] = {"adapter": [], "lora": []}
+    for _ in range(args.rounds):  # interleaved, separate processes (peak memory is per process)
+        for mode in runs:
+            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
+                                 capture_output=True, text=True, check=True).stdout
+            runs[mode].append(json.loads(out.split("RESULT ")[-1]))
     unit = "allocated on the GPU" if torch.cuda.is_available() else "process RSS growth"
-    for mode, (speed, peak, estimate) in results.items():
-        logger.info("%-8s %.2f steps/s, peak memory %.0f MB (%s); the trainer's estimate %.0f MB", mode, speed,
-                    peak, unit, estimate)
-    logger.info("LoRA vs adapter-only: %.2fx the step time",
-                results["adapter"][0] / results["lora"][0])
+    median = {mode: statistics.median(r["speed"] for r in rows) for mode, rows in runs.items()}
+    for mode, rows in runs.items():
+        logger.info("%-8s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate "
+                    "%.0f MB", mode, median[mode], len(rows), max(r["speed"] for r in rows),
+                    max(r["peak"] for r in rows), unit, rows[0]["estimate"])
+    logger.info("LoRA vs adapter-only: %.2fx the step time (medians)", median["adapter"] / median["lora"])
     for label, shape in (("smoke batch (2 x 128 px, 2 persons, 2 heads)", (2, 128, 128, 2, 2)),
                          ("FLUX.1-dev batch (2 x 512 px, 2 persons, 24 heads)", (2, 512, 512, 2, 24))):
         ref, ours = mask_cost(*shape, reps=20)
