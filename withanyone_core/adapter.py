@@ -39,6 +39,23 @@ SIGLIP_DIM = 768
 ADAPTER_HEAD_DIM = 64  # the adapter's attention head size (FLUX's own is 128)
 
 
+# The authors' three releases. ``layout`` is the key layout, ``region_rule`` the box rounding of the
+# code path that runs the weights (their base model vs their Kontext model), ``requires_reference``
+# whether the weights were trained to edit a reference image (FLUX.1 Kontext with a reference).
+ADAPTER_VARIANTS = {
+    # WithAnyone 1.0 on FLUX.1-dev: both branches, base rule
+    "base": {"layout": "two_branch", "region_rule": "base", "requires_reference": False,
+             "title": "WithAnyone (FLUX.1)"},
+    # WithAnyone.K.preview: text-to-image on FLUX.1 Kontext. The authors run it with their base pipeline, so it
+    # has the base keys and rule; its keys cannot tell it from the base adapter (only a name or metadata can)
+    "k": {"layout": "two_branch", "region_rule": "base", "requires_reference": False,
+          "title": "WithAnyone.K (FLUX.1 Kontext, text-to-image)"},
+    # WithAnyone.Ke.preview: face editing on FLUX.1 Kontext, ArcFace branch only, the Kontext model's rule
+    "ke": {"layout": "arcface_only", "region_rule": "kontext", "requires_reference": True,
+           "title": "WithAnyone.Ke (FLUX.1 Kontext, face editing)"},
+}
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Shape of an identity adapter for one FLUX size.
@@ -54,6 +71,27 @@ class AdapterConfig:
     arcface_dim: int = ARCFACE_DIM
     siglip_dim: int = SIGLIP_DIM
     arc_tokens: int = ARC_TOKENS
+    # which release the weights are (see :data:`ADAPTER_VARIANTS`); the key layout follows from it
+    variant: str = "base"
+
+    def __post_init__(self):
+        if self.variant not in ADAPTER_VARIANTS:
+            raise ValueError(f"unknown adapter variant {self.variant!r}: use one of {', '.join(ADAPTER_VARIANTS)}")
+
+    @property
+    def layout(self) -> str:
+        """``two_branch`` (``ipa_arc``/``ipa_sig``: base and K) or ``arcface_only`` (``ipa``/``arcface_in``: Ke)."""
+        return ADAPTER_VARIANTS[self.variant]["layout"]
+
+    @property
+    def region_rule(self) -> str:
+        """How face boxes become token ranges (see :func:`withanyone_core.layout.box_token_ranges`)."""
+        return ADAPTER_VARIANTS[self.variant]["region_rule"]
+
+    @property
+    def requires_reference(self) -> bool:
+        """Whether the adapter only makes sense with a Kontext reference image in the stream."""
+        return ADAPTER_VARIANTS[self.variant]["requires_reference"]
 
     @property
     def num_blocks(self) -> int:
@@ -68,10 +106,15 @@ class AdapterConfig:
         return SIGLIP_TOKENS + self.arc_tokens
 
     def describe(self) -> str:
-        return (
+        text = (
             f"hidden {self.hidden_size}, {self.num_heads} adapter heads of {self.head_dim}, "
             f"{self.num_double_blocks} double + {self.num_single_blocks} single blocks"
         )
+        return text if self.variant == "base" else f"{ADAPTER_VARIANTS[self.variant]['title']}, {text}"
+
+    @property
+    def title(self) -> str:
+        return ADAPTER_VARIANTS[self.variant]["title"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,6 +284,9 @@ class IdentityAdapter(nn.Module):
         config = config or AdapterConfig()
         if overrides:
             config = AdapterConfig(**{**config.to_dict(), **overrides})
+        if config.layout != "two_branch":
+            raise ValueError(f"{config.title} has the {config.layout} key layout: build it with "
+                             "adapter_for_config() (or ArcFaceOnlyAdapter)")
         ops = TORCH_OPERATIONS if operations is None else operations
         self.config = config
         d = config.hidden_size
@@ -307,7 +353,7 @@ class IdentityAdapter(nn.Module):
     ) -> BlockInputs:
         """Project identities and plan the region attention once for a whole forward."""
         tokens = self.encode_identities(arcface, siglip)
-        layout = build_layout(boxes, grid, tokens.num_persons, tokens.batch_size)
+        layout = build_layout(boxes, grid, tokens.num_persons, tokens.batch_size, rule=self.config.region_rule)
         return self.prepare_from(tokens, layout, id_weight, siglip_weight)
 
     @staticmethod
@@ -410,3 +456,63 @@ class IdentityAdapter(nn.Module):
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:
     return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+class ArcFaceOnlyAdapter(IdentityAdapter):
+    """The authors' Kontext adapter (WithAnyone.Ke): the ArcFace branch alone, official key names.
+
+    ``ipa.{i}.*``: one :class:`IdentityCrossAttention` per FLUX block (double first);
+    ``arcface_in.*``: raw 512-d ArcFace embedding -> 8 tokens per person. The authors' module
+    also defines ``siglip_in.*``, which its ArcFace-only path never reads; it is not built here
+    (the loader drops it from files, with a log line). The host API is that of
+    :class:`IdentityAdapter` (``encode_identities``, ``prepare_from``, ``block_residual``); the
+    SigLIP weight must be 0.
+    """
+
+    def __init__(self, config: AdapterConfig | None = None, operations=None, **overrides):
+        nn.Module.__init__(self)
+        config = config or AdapterConfig(variant="ke")
+        if overrides:
+            config = AdapterConfig(**{**config.to_dict(), **overrides})
+        if config.layout != "arcface_only":
+            raise ValueError(f"{config.title} has the {config.layout} key layout: build it with IdentityAdapter")
+        ops = TORCH_OPERATIONS if operations is None else operations
+        self.config = config
+        d = config.hidden_size
+        self.ipa = nn.ModuleList(
+            IdentityCrossAttention(d, config.num_heads, config.head_dim, operations=ops)
+            for _ in range(config.num_blocks)
+        )
+        self.arcface_in = TokenProjector(config.arcface_dim, 4 * d, config.arc_tokens * d, ops)
+
+    @property
+    def ipa_arc(self) -> nn.ModuleList:
+        """The ArcFace branch's blocks (``ipa``), under the name hosts use for the two-branch adapter."""
+        return self.ipa
+
+    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None = None,
+                          dtype: torch.dtype | None = None, with_siglip: bool = False) -> IdentityTokens:
+        """arcface ``[B, n, 512]`` (raw insightface embeddings) -> 8 tokens per person; ``siglip`` is ignored."""
+        cfg = self.config
+        if with_siglip:
+            raise ValueError(f"{cfg.title} has only the ArcFace branch: set the SigLIP weight "
+                             "(siglip_share / siglip_weight) to 0")
+        if arcface.ndim == 2:
+            arcface = arcface.unsqueeze(0)
+        if arcface.ndim != 3 or arcface.shape[-1] != cfg.arcface_dim:
+            raise ValueError(
+                f"ArcFace embeddings must have shape [batch, persons, {cfg.arcface_dim}], got {tuple(arcface.shape)}"
+            )
+        b, n, _ = arcface.shape
+        dtype = dtype or self.weight_dtype
+        arc = self._arc_tokens(self.arcface_in, arcface.to(dtype)).reshape(b, n * cfg.arc_tokens, -1)
+        return IdentityTokens(arc=arc, sig=None, num_persons=n)
+
+    def _branches(self, inputs: BlockInputs):
+        yield "arc", inputs.id_weight, self.ipa, inputs.tokens.arc, self.config.arc_tokens
+
+
+def adapter_for_config(config: AdapterConfig, operations=None) -> IdentityAdapter:
+    """The adapter class for a config's key layout (two-branch or ArcFace-only)."""
+    cls = ArcFaceOnlyAdapter if config.layout == "arcface_only" else IdentityAdapter
+    return cls(config, operations=operations)

@@ -59,6 +59,8 @@ class IdentityRequest:
     layout_size: Size | None = None
     id_weight: float = 1.0
     siglip_weight: float = 0.0
+    # box rounding (withanyone_core.layout.REGION_RULES); None: the adapter's own (config.region_rule)
+    region_rule: str | None = None
 
     @property
     def per_image(self) -> bool:
@@ -146,7 +148,8 @@ class IdentityRun:
             if batch_size % len(boxes):
                 raise ValueError(f"layout for {len(boxes)} images cannot serve a batch of {batch_size}")
             boxes = list(boxes) * (batch_size // len(boxes))  # cond/uncond copies of the same images
-        layout = build_layout(boxes, grid, tokens.num_persons, batch_size)  # on the CPU: no device sync
+        rule = req.region_rule or self.adapter.config.region_rule
+        layout = build_layout(boxes, grid, tokens.num_persons, batch_size, rule=rule)  # on the CPU: no device sync
         inputs = IdentityAdapter.prepare_from(tokens, layout, req.id_weight, req.siglip_weight,
                                               batch_size=batch_size, dtype=dtype)
         if self.cache:
@@ -166,6 +169,8 @@ class IdentityRun:
         end = start + main_tokens
         if img.shape[1] < end:
             raise ValueError(f"the block has {img.shape[1]} tokens but the main image needs {start} + {main_tokens}")
+        if block_index == 0:
+            self._check_reference(img.shape[1] > end)
         main = img[:, start:end]
         updated = main + self.adapter.block_residual(block_index, main, inputs)
         if updated.dtype == torch.float16:
@@ -173,6 +178,20 @@ class IdentityRun:
         if start == 0 and end == img.shape[1]:
             return updated
         return torch.cat([img[:, :start], updated, img[:, end:]], dim=1)
+
+    def _check_reference(self, has_reference: bool) -> None:
+        """Refuse an editing adapter without a reference image; note a two-branch one that gets one."""
+        config = self.adapter.config
+        if config.requires_reference and not has_reference:
+            raise ValueError(
+                f"{config.title} edits a photo on FLUX.1 Kontext, but no reference image reached the model. "
+                "Load flux1-kontext-dev, and feed the prepared photo (WithAnyone Face Edit Prepare -> VAE Encode "
+                "-> ReferenceLatent) into the positive conditioning; for text-to-image use the base adapter "
+                "(withanyone.safetensors) or WithAnyone.K")
+        if has_reference and not config.requires_reference and not getattr(self, "_noted_reference", False):
+            self._noted_reference = True
+            logger.info("WithAnyone: %s runs on the target tokens only; the Kontext reference tokens are left alone "
+                        "(for face editing the authors trained WithAnyone.Ke)", config.title)
 
     # ------------------------------------------------------------------ lifetime
     def release(self) -> None:

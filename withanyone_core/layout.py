@@ -59,17 +59,32 @@ class TokenGrid:
         return cls(math.ceil(latent_height / patch_size), math.ceil(latent_width / patch_size))
 
 
-def box_token_ranges(boxes: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+REGION_RULES = ("base", "kontext")
+
+
+def check_region_rule(rule: str) -> str:
+    if rule not in REGION_RULES:
+        raise ValueError(f"unknown region rule {rule!r}: use one of {', '.join(REGION_RULES)}")
+    return rule
+
+
+def box_token_ranges(boxes: torch.Tensor, grid: TokenGrid, rule: str = "base") -> torch.Tensor:
     """``[..., 4]`` pixel boxes -> ``[..., 4]`` int64 token ranges (c0, r0, c1, r1), ends exclusive.
 
-    Uses the reference's rounding: start = floor(x1) // 16, end = ceil(x2 / 16), both
-    clipped to the grid. An empty range (end <= start) covers no token.
+    ``rule="base"`` is the authors' base model: start = floor(x1) // 16, end = ceil(x2 / 16).
+    ``rule="kontext"`` is their Kontext model (WithAnyone.Ke): every coordinate is truncated to an
+    integer first, start = int(x1) // 16, end = ceil(int(x2) / 16), so a fractional x2 just past a
+    token edge does not reach into the next token. Both are clipped to the grid; an empty range
+    (end <= start) covers no token.
     """
+    check_region_rule(rule)
     boxes = torch.as_tensor(boxes, dtype=torch.float64)
     if boxes.shape[-1] != 4:
         raise ValueError(f"boxes must have 4 coordinates (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
     if not torch.isfinite(boxes).all():
         raise ValueError("boxes contain NaN or infinite coordinates")
+    if rule == "kontext":
+        boxes = torch.trunc(boxes)  # Python's int(): toward zero
     x1, y1, x2, y2 = boxes.unbind(-1)
     c0 = torch.div(torch.floor(x1), PIXELS_PER_TOKEN, rounding_mode="floor").clamp(0, grid.cols)
     r0 = torch.div(torch.floor(y1), PIXELS_PER_TOKEN, rounding_mode="floor").clamp(0, grid.rows)
@@ -78,9 +93,11 @@ def box_token_ranges(boxes: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     return torch.stack([c0, r0, c1, r1], dim=-1).to(torch.int64)
 
 
-def boxes_membership(boxes: torch.Tensor, grid: TokenGrid, device: torch.device | str | None = None) -> torch.Tensor:
-    """``[..., n, 4]`` boxes -> ``[..., L, n]`` bool: token l lies in person k's box."""
-    ranges = box_token_ranges(boxes, grid).to(device)
+def boxes_membership(boxes: torch.Tensor, grid: TokenGrid, device: torch.device | str | None = None,
+                     rule: str = "base") -> torch.Tensor:
+    """``[..., n, 4]`` boxes -> ``[..., L, n]`` bool: token l lies in person k's box (``rule``: see
+    :func:`box_token_ranges`)."""
+    ranges = box_token_ranges(boxes, grid, rule).to(device)
     rows = torch.arange(grid.rows, device=ranges.device)
     cols = torch.arange(grid.cols, device=ranges.device)
     c0, r0, c1, r1 = (t.unsqueeze(-2) for t in ranges.unbind(-1))  # [..., 1, n]
@@ -130,13 +147,16 @@ def build_layout(
     num_persons: int,
     batch_size: int,
     device: torch.device | str | None = None,
+    rule: str = "base",
 ) -> RegionLayout:
     """Validate per-item boxes and turn them into a :class:`RegionLayout`.
 
     ``boxes`` is None (no layout anywhere), or one entry per batch item (a single
     entry is broadcast to the batch), each None or exactly ``num_persons`` boxes in
-    person order.
+    person order. ``rule``: the box rounding (``base`` or ``kontext``, see
+    :func:`box_token_ranges`; the adapter's config names its own).
     """
+    check_region_rule(rule)
     if boxes is None:
         return RegionLayout(grid, num_persons, None)
     boxes = list(boxes)
@@ -162,7 +182,7 @@ def build_layout(
                 "give exactly one box per person, in the same order as the identities"
             )
         coords[b] = item
-    allowed = boxes_membership(coords, grid, device=device)
+    allowed = boxes_membership(coords, grid, device=device, rule=rule)
     if bool(no_layout.any()):
         allowed = allowed | no_layout.to(allowed.device)[:, None, None]
     return RegionLayout(grid, num_persons, allowed)
