@@ -622,7 +622,9 @@ function setupBoxesText(node) {
   // four lines visible: the text area never shrinks below them
   const minHeight = boxes.options.getMinHeight;
   boxes.options.getMinHeight = () => Math.max(BOXES_TEXT_HEIGHT, minHeight?.() ?? 0);
-  if (boxes.inputEl) boxes.inputEl.style.minHeight = `${BOXES_TEXT_HEIGHT - 8}px`;
+  // the DOM widget's element (inputEl is its deprecated name in newer frontends)
+  const textarea = boxes.element ?? boxes.inputEl;
+  if (textarea) textarea.style.minHeight = `${BOXES_TEXT_HEIGHT - 8}px`;
 }
 
 function setupLayoutNode(node) {
