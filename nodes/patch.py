@@ -54,6 +54,7 @@ class IdentityConditioning:
     sigma_start: float
     sigma_end: float
     key: str  # this Apply's own name in transformer_options and the wrapper lists
+    cache_kv: bool = True  # False recomputes identity K/V in every block call (the benchmark's baseline)
 
     def __deepcopy__(self, memo):
         return self  # immutable: sharing it keeps the 5 GB adapter from being copied
@@ -95,7 +96,8 @@ class OuterSampleWrapper:
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
         options = guider.model_options.setdefault("transformer_options", {})
-        run = IdentityRun(self.conditioning.adapter, self.conditioning.request, cache=True)
+        run = IdentityRun(self.conditioning.adapter, self.conditioning.request, cache=True,
+                          cache_kv=self.conditioning.cache_kv)
         options[self.conditioning.run_key] = run
         try:
             return executor(*args, **kwargs)
@@ -233,7 +235,8 @@ def _existing_dit_patch(model, kind: str, index: int):
 
 def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torch.Tensor | None,
                      layout_size: tuple[int, int] | None, boxes, id_weight: float = 1.0,
-                     siglip_weight: float = 0.0, start_percent: float = 0.0, end_percent: float = 1.0):
+                     siglip_weight: float = 0.0, start_percent: float = 0.0, end_percent: float = 1.0,
+                     cache_kv: bool = True):
     """A clone of ``model`` carrying the identities; the original is never modified.
 
     ``boxes`` are in the pixels of ``layout_size`` ``(w, h)``; when the sampled image has
@@ -259,7 +262,7 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     )
     conditioning = IdentityConditioning(
         adapter_patcher, request, sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
-        key=f"{STATE_PREFIX}.{uuid.uuid4().hex[:12]}",
+        key=f"{STATE_PREFIX}.{uuid.uuid4().hex[:12]}", cache_kv=cache_kv,
     )
     import comfy.patcher_extension
 

@@ -58,7 +58,7 @@ def test_object_info_lists_every_node(server):
     ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
     assert set(ours) == {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader",
                          "WithAnyoneFaceExtract", "WithAnyoneIdentityEncode", "WithAnyoneLayout", "WithAnyoneApply",
-                         "WithAnyoneSampler", "WithAnyoneIdentityMetrics"}, comfy.log_tail(100_000)[-3000:]
+                         "WithAnyoneSchedule", "WithAnyoneSampler", "WithAnyoneIdentityMetrics"}, comfy.log_tail(100_000)[-3000:]
     for node in ours.values():
         assert node["category"].startswith("WithAnyone") and node["description"]
     assert ours["WithAnyoneApply"]["output"] == ["MODEL"]

@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from get_comfyui import ROOT  # noqa: E402
 from workflows import Graph  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from withanyone_core import recipe  # noqa: E402  (the authors' recipe: steps, guidance, size, share)
+
 WORKFLOWS_DIR = ROOT / "workflows"
 
 # the model files the workflows name (README, "Model files"); users pick their own in the loaders
@@ -60,7 +63,8 @@ def _people(g: Graph, count: int, analyzer, siglip, x: float, y: float = 880):
         photo = g.add("LoadImage", (x, y + 380 * k), title=f"Person {k + 1}: photo(s) of one person",
                       image=PERSON_PHOTOS[k])
         extract = g.add("WithAnyoneFaceExtract", (x + COL, y + 380 * k), title=f"Person {k + 1}: face",
-                        image=photo.out("IMAGE"), face_analyzer=analyzer.out(), face_index=-1, min_face_size=64)
+                        image=photo.out("IMAGE"), face_analyzer=analyzer.out(), face_index=0, min_face_size=64,
+                        face_choice="highest score")
         g.add("PreviewImage", (x + 2 * COL, y + 380 * k), title=f"Person {k + 1}: crop", images=extract.out("preview"))
         faces[f"person_{k + 1}"] = extract.out("faces")
         nodes += [photo, extract]
@@ -75,12 +79,17 @@ def _decode_and_save(g: Graph, latent, vae, x: float, prefix: str):
     return image
 
 
+AUTHORS_SCHEDULE = "withanyone (authors)"
+
+
 def _sampler(g: Graph, unet, positive, negative, adapter, identities, layout, seed: int, batch_size: int = 1):
-    """The all-in-one WithAnyone Sampler with FLUX.1-dev's usual settings (28 steps, guidance 3.5, cfg 1)."""
+    """The all-in-one WithAnyone Sampler with the authors' recipe (their schedule, 25 Euler steps, guidance 4,
+    cfg 1, SigLIP share 0)."""
     return g.add("WithAnyoneSampler", (2 * COL, 0), model=unet.out(), positive=positive.out(),
                  negative=negative.out(), adapter=adapter.out(), identities=identities.out(),
-                 layout=layout.out("layout"), seed=seed, steps=28, cfg=1.0, sampler_name="euler",
-                 scheduler="simple", guidance=3.5, batch_size=batch_size, id_weight=1.0, siglip_weight=1.0)
+                 layout=layout.out("layout"), seed=seed, steps=recipe.DEFAULT_STEPS, cfg=1.0, sampler_name="euler",
+                 schedule=AUTHORS_SCHEDULE, guidance=recipe.DEFAULT_GUIDANCE, batch_size=batch_size,
+                 siglip_share=recipe.DEFAULT_SIGLIP_SHARE, weight_mode="share", id_weight=1.0, siglip_weight=0.0)
 
 
 def single_person(info: dict) -> dict:
@@ -88,28 +97,35 @@ def single_person(info: dict) -> dict:
     unet, positive, negative, vae, adapter, analyzer, siglip = _models(
         g, "a portrait photo of a person laughing on a sunny beach, wind in the hair, 35mm film")
     identities = _people(g, 1, analyzer, siglip, x=0)
-    layout = g.add("WithAnyoneLayout", (3 * COL, 300), width=1024, height=1024, source="preset", people=1,
-                   boxes="0.38,0.18,0.62,0.50")
+    layout = g.add("WithAnyoneLayout", (3 * COL, 300), width=recipe.DEFAULT_SIZE, height=recipe.DEFAULT_SIZE,
+                   source="preset", people=1, boxes="0.38,0.18,0.62,0.50")
     g.add("PreviewImage", (4 * COL, 300), title="Where the face goes", images=layout.out("preview"))
     latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=42)
     _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/single")
     return g.to_ui("One person. Put a photo of the person in the Load Image node; the preset places the face.")
 
 
-def _apply_and_ksampler(g: Graph, unet, positive, negative, adapter, identities, layout, width, height, x,
-                        lora: bool = False, seed: int = 7):
+def _apply_and_custom_sampler(g: Graph, unet, positive, adapter, identities, layout, width, height, x,
+                              lora: bool = False, seed: int = 7):
+    """Apply WithAnyone + ComfyUI's SamplerCustomAdvanced with the WithAnyone Schedule (the authors' sigmas for the
+    layout's size), Euler, FLUX guidance 4 and no CFG: the authors' recipe with stock sampling nodes."""
     patched = g.add("WithAnyoneApply", (x, 0), model=unet.out(), adapter=adapter.out(),
-                    identities=identities.out(), layout=layout.out("layout"), id_weight=1.0, siglip_weight=0.8,
+                    identities=identities.out(), layout=layout.out("layout"),
+                    siglip_share=recipe.DEFAULT_SIGLIP_SHARE, weight_mode="share", id_weight=1.0, siglip_weight=0.0,
                     start_percent=0.0, end_percent=1.0)
     model = patched
     if lora:
         model = g.add("LoraLoaderModelOnly", (x, 260), title="Your FLUX LoRA (after Apply WithAnyone)",
                       model=patched.out(), lora_name=LORA_FILE, strength_model=0.8)
-    guided = g.add("FluxGuidance", (x, 400), conditioning=positive.out(), guidance=3.5)
-    empty = g.add("EmptySD3LatentImage", (x, 520), width=width, height=height, batch_size=1)
-    return g.add("KSampler", (x + COL, 0), model=model.out(), seed=seed, steps=28, cfg=1.0, sampler_name="euler",
-                 scheduler="simple", positive=guided.out(), negative=negative.out(), latent_image=empty.out(),
-                 denoise=1.0)
+    guided = g.add("FluxGuidance", (x, 400), conditioning=positive.out(), guidance=recipe.DEFAULT_GUIDANCE)
+    guider = g.add("BasicGuider", (x, 520), model=model.out(), conditioning=guided.out())
+    noise = g.add("RandomNoise", (x, 620), noise_seed=seed)
+    sampler = g.add("KSamplerSelect", (x, 740), sampler_name="euler")
+    sigmas = g.add("WithAnyoneSchedule", (x, 840), steps=recipe.DEFAULT_STEPS, width=width, height=height,
+                   layout=layout.out("layout"))
+    empty = g.add("EmptySD3LatentImage", (x, 1000), width=width, height=height, batch_size=1)
+    return g.add("SamplerCustomAdvanced", (x + COL, 0), noise=noise.out(), guider=guider.out(),
+                 sampler=sampler.out(), sigmas=sigmas.out(), latent_image=empty.out())
 
 
 def two_people_layout_from_photo(info: dict) -> dict:
@@ -123,13 +139,14 @@ def two_people_layout_from_photo(info: dict) -> dict:
                    layout_image=layout_photo.out("IMAGE"), face_analyzer=analyzer.out())
     g.add("PreviewImage", (6 * COL, 880), title="Face boxes found (left to right = person 1, 2)",
           images=layout.out("preview"))
-    sampled = _apply_and_ksampler(g, unet, positive, negative, adapter, identities, layout, 1024, 768, 2 * COL)
-    _decode_and_save(g, sampled.out(), vae, 4 * COL, "WithAnyone/two_people")
+    sampled = _apply_and_custom_sampler(g, unet, positive, adapter, identities, layout, 1024, 768, 2 * COL)
+    _decode_and_save(g, sampled.out("output"), vae, 4 * COL, "WithAnyone/two_people")
     return g.to_ui("Two people; the face boxes come from an example photo (its faces, left to right). "
-                   "Apply WithAnyone patches the model for the stock KSampler.")
+                   "Apply WithAnyone patches the model; ComfyUI's SamplerCustomAdvanced samples it with the "
+                   "authors' schedule (WithAnyone Schedule).")
 
 
-FOUR_BOXES = "96,250,336,490\n400,190,624,414\n720,190,944,414\n1008,250,1248,490"
+FOUR_BOXES = "72,190,256,374\n304,144,476,316\n548,144,720,316\n768,190,952,374"
 
 
 def four_people_manual_layout(info: dict) -> dict:
@@ -138,7 +155,7 @@ def four_people_manual_layout(info: dict) -> dict:
         g, "four colleagues posing for a team photo in a bright office, natural expressions, sharp focus")
     identities = _people(g, 4, analyzer, siglip, x=0)
     layout = g.add("WithAnyoneLayout", (4 * COL, 880), title="Four face boxes (pixels, one per line)",
-                   width=1344, height=768, source="text", people=4, boxes=FOUR_BOXES)
+                   width=1024, height=768, source="text", people=4, boxes=FOUR_BOXES)
     g.add("PreviewImage", (5 * COL, 880), title="Where each face goes", images=layout.out("preview"))
     latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=1234)
     _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/four_people")
@@ -150,12 +167,12 @@ def with_lora(info: dict) -> dict:
     unet, positive, negative, vae, adapter, analyzer, siglip = _models(
         g, "two people in a watercolor illustration, walking through a market, soft colors")
     identities = _people(g, 2, analyzer, siglip, x=0)
-    layout = g.add("WithAnyoneLayout", (4 * COL, 880), width=1024, height=1024, source="preset", people=2,
-                   boxes="0.18,0.22,0.40,0.52\n0.60,0.22,0.82,0.52")
+    layout = g.add("WithAnyoneLayout", (4 * COL, 880), width=recipe.DEFAULT_SIZE, height=recipe.DEFAULT_SIZE,
+                   source="preset", people=2, boxes="0.18,0.22,0.40,0.52\n0.60,0.22,0.82,0.52")
     g.add("PreviewImage", (5 * COL, 880), images=layout.out("preview"))
-    sampled = _apply_and_ksampler(g, unet, positive, negative, adapter, identities, layout, 1024, 1024, 2 * COL,
-                                  lora=True)
-    _decode_and_save(g, sampled.out(), vae, 4 * COL, "WithAnyone/lora")
+    sampled = _apply_and_custom_sampler(g, unet, positive, adapter, identities, layout, recipe.DEFAULT_SIZE,
+                                        recipe.DEFAULT_SIZE, 2 * COL, lora=True)
+    _decode_and_save(g, sampled.out("output"), vae, 4 * COL, "WithAnyone/lora")
     return g.to_ui("A FLUX LoRA on top of WithAnyone: the LoRA loader goes after Apply WithAnyone (either order "
                    "works). Pick your LoRA in the loader.")
 
@@ -165,8 +182,8 @@ def identity_metrics(info: dict) -> dict:
     unet, positive, negative, vae, adapter, analyzer, siglip = _models(
         g, "a person reading a book in a cafe, side light, looking out of the window")
     identities = _people(g, 1, analyzer, siglip, x=0)
-    layout = g.add("WithAnyoneLayout", (3 * COL, 300), width=1024, height=1024, source="preset", people=1,
-                   boxes="0.38,0.18,0.62,0.50")
+    layout = g.add("WithAnyoneLayout", (3 * COL, 300), width=recipe.DEFAULT_SIZE, height=recipe.DEFAULT_SIZE,
+                   source="preset", people=1, boxes="0.38,0.18,0.62,0.50")
     latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=3, batch_size=2)
     image = _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/metrics")
     truth = g.add("LoadImage", (4 * COL, 880), title="Ground truth: another photo of the same person",
