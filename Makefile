@@ -5,12 +5,13 @@
 #   make test    run the whole test suite
 #   make bench   run the benchmarks (each prints its ratios; not part of the tests)
 #   make train-smoke  train the tiny model set on the CPU (four phases, a few seconds)
+#   make gpu-check    on a CUDA machine: the CUDA tests and the FLUX.1-dev-size benchmark (< 8 min)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup demo test bench train-smoke comfyui workflows clean
+.PHONY: setup demo test bench train-smoke gpu-check comfyui workflows clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ bench: setup
 train-smoke: setup
 	$(PY) -m train.smoke_data .cache/smoke
 	$(PY) train/run.py --config train/configs/smoke.yaml
+
+gpu-check: setup
+	$(PY) tests/gpu/gpu_check.py
 
 comfyui: setup
 	$(PY) tools/get_comfyui.py
