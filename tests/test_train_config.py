@@ -196,3 +196,24 @@ def test_detections_are_matched_to_gt_boxes_by_iou():
     assert match_detections(gt, gt) == [0, 1]
     assert match_detections(gt, gt[:1]) is None  # a face missing: the sample leaves the ID losses
     assert isinstance(Config, type)
+
+
+def test_memory_arithmetic_and_measured_activations():
+    """16 bytes per trained parameter on one GPU (fp32 weights, gradients, two AdamW states); ZeRO-2 shards
+    all but the bf16 weights. Activations are measured on the meta device: checkpointing keeps less, a larger
+    image keeps more, and the VAE decode of the ID losses is counted."""
+    from train.memory import decoder_activations, optimizer_memory, transformer_activations
+
+    assert optimizer_memory(10**9) == (4e9, 4e9, 8e9)
+    assert optimizer_memory(10**9, zero_stage=2, num_processes=8) == (2e9 + 0.5e9, 0.5e9, 1e9)
+    flux = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                axes_dims_rope=(16, 24, 24))
+    kept = {ckpt: transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, ckpt) for ckpt in (True, False)}
+    assert 0 < kept[True] < kept[False]
+    assert transformer_activations(flux, 1, 512, 512, 32, torch.bfloat16, False) > 3 * kept[False]
+    vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+               layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4)
+    small, large = (decoder_activations(vae, 1, s, s, torch.bfloat16) for s in (128, 256))
+    assert 3.5 * small < large < 4.5 * small  # decoder activations grow with the pixel count
