@@ -64,3 +64,11 @@ def branch_weights(mode: str, siglip_share: float, id_weight: float = 1.0,
             raise ValueError(f"weights must not be negative, got id {id_weight}, siglip {siglip_weight}")
         return float(id_weight), float(siglip_weight)
     raise ValueError(f"unknown weight mode {mode!r}: use one of {', '.join(WEIGHT_MODES)}")
+
+
+def diffusers_scheduler_overrides(height: int, width: int) -> dict:
+    """Config overrides that make diffusers' ``FlowMatchEulerDiscreteScheduler`` (as FluxPipeline uses it, with
+    dynamic shifting) produce the authors' schedule for a ``height x width`` image: FluxPipeline computes mu from
+    the token count, so both ends of its linear map are pinned to the authors' mu."""
+    mu = authors_mu(height // 8, width // 8)
+    return {"base_shift": mu, "max_shift": mu, "use_dynamic_shifting": True}
