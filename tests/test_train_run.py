@@ -327,3 +327,11 @@ def test_detected_faces_are_matched_to_the_gt_boxes(smoke_set):
     landmarks, found = detected_landmarks(images, gt, detector)
     assert found.tolist() == [True, False]
     assert torch.allclose(landmarks[0], torch.from_numpy(marks[::-1].copy()), atol=1.0)
+
+
+def test_a_phase_without_usable_items_stops_with_the_reason(smoke_set, tmp_path):
+    """The authors skip an item without a good paired reference; when no item qualifies the run stops and says why."""
+    phases = ("phases=[{name: strict, steps: 2, paired_ratio: 1.0, paired_min_similarity: 1.0, "
+              "min_face_size: 32}]")
+    with pytest.raises(RuntimeError, match="no usable item .*paired_no_similar_reference.*paired_fallback: self"):
+        _train(tmp_path / "strict", phases, "data.num_workers=0", "sample.every=0", "tensorboard=false")

@@ -218,6 +218,7 @@ class Trainer:
                     "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, len(dataset))
 
     def _next_batch(self) -> dict:
+        empty, reasons = 0, {}
         while True:
             batch = next(self.batches)
             if batch["keys"]:
@@ -229,6 +230,14 @@ class Trainer:
                 logger.warning("%d unreadable image(s) skipped so far", self.skipped_images)
             if batch["size"]:
                 return batch
+            empty += 1
+            for _, reason in batch["dropped"]:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            if empty >= max(100, len(self.sampler)):  # a whole epoch without one usable item
+                raise RuntimeError(
+                    f"phase {self.schedule.phases[self.phase_index].name}: no usable item in {empty} batches in a row "
+                    f"(dropped: {reasons or 'unreadable images'}); for paired references lower "
+                    "paired_min_similarity or set paired_fallback: self")
 
     # ------------------------------------------------------------------ step
     def _encode_text(self, captions: list[str]):
