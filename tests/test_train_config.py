@@ -217,3 +217,26 @@ def test_memory_arithmetic_and_measured_activations():
                up_block_types=("UpDecoderBlock2D",) * 4)
     small, large = (decoder_activations(vae, 1, s, s, torch.bfloat16) for s in (128, 256))
     assert 3.5 * small < large < 4.5 * small  # decoder activations grow with the pixel count
+
+
+def test_flux_dev_configs_are_the_authors_recipe(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "train" / "configs"
+    for var in ("FLUX_DEV", "INSIGHTFACE", "SIGLIP", "DATA"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    adapter = load_config(configs / "flux-dev-adapter.yaml")
+    lora = load_config(configs / "flux-dev-lora.yaml")
+    t = adapter.train
+    assert (t.mode, t.branch, t.timesteps, t.mixed_precision, t.adapter_init) == (
+        "adapter", "arcface", "shifted_uniform", "bf16", "authors")
+    assert (t.optimizer.lr, t.optimizer.weight_decay, t.optimizer.warmup_steps) == (1e-4, 0.0, 0)
+    assert [p.gt_aligned for p in adapter.phases] == [False, False, True, True]
+    assert [p.paired_ratio for p in adapter.phases] == [0.0, 0.0, 0.5, 0.5]
+    for phase in adapter.phases + lora.phases:
+        assert (phase.loss.id, phase.loss.contrastive, phase.id_gate, phase.temperature, phase.negatives) == (
+            0.1, 0.1, 0.6, 0.1, 4033)
+        assert (phase.contrastive_positive, phase.batch_negatives, phase.crop, phase.min_face_size) == (
+            "gt", "gt", "keep_faces", 100.0)
+        assert (phase.paired_candidates, phase.paired_min_similarity, phase.paired_accept_similarity,
+                phase.paired_fallback) == (20, 0.6, 0.8, "skip")
