@@ -31,6 +31,7 @@ from torch import nn
 
 from .attention import TokenSelection, region_attention, select_tokens
 from .layout import BatchBoxes, RegionLayout, TokenGrid, build_layout
+from .wording import count_noun as _count
 
 ARC_TOKENS = 8  # ArcFace tokens per person, in both branches
 SIGLIP_TOKENS = 256  # SigLIP patch tokens per person (256 px / patch 16)
@@ -376,7 +377,7 @@ class IdentityAdapter(nn.Module):
                              "encode them with with_siglip=True to use siglip_weight")
         batch_size = batch_size or tokens.batch_size
         if tokens.batch_size not in (1, batch_size):
-            raise ValueError(f"identity tokens for {tokens.batch_size} images cannot serve a batch of {batch_size}")
+            raise ValueError(f"identity tokens for {_count(tokens.batch_size, 'image')} cannot serve a batch of {batch_size}")
         device = tokens.arc.device
         selection = select_tokens(layout)
         selection = None if selection is None else selection.to(device)
@@ -454,8 +455,6 @@ class IdentityAdapter(nn.Module):
     to_q_dtype = weight_dtype
 
 
-def _count(n: int, singular: str, plural: str | None = None) -> str:
-    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
 
 
 class ArcFaceOnlyAdapter(IdentityAdapter):

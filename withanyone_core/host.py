@@ -26,6 +26,7 @@ import torch
 
 from .adapter import BlockInputs, IdentityAdapter
 from .layout import BatchBoxes, TokenGrid, build_layout
+from .wording import count_noun
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,12 @@ class IdentityRun:
         tokens = self._identity_tokens(device, dtype)
         if req.per_image and tokens.batch_size not in (1, batch_size):
             if batch_size % tokens.batch_size:
-                raise ValueError(f"identities for {tokens.batch_size} images cannot serve a batch of {batch_size}")
+                raise ValueError(f"identities for {count_noun(tokens.batch_size, 'image')} cannot serve a batch of {batch_size}")
             tokens = tokens.repeat(batch_size // tokens.batch_size)
         boxes = req.boxes_for(size)
         if boxes is not None and len(boxes) not in (1, batch_size):
             if batch_size % len(boxes):
-                raise ValueError(f"layout for {len(boxes)} images cannot serve a batch of {batch_size}")
+                raise ValueError(f"layout for {count_noun(len(boxes), 'image')} cannot serve a batch of {batch_size}")
             boxes = list(boxes) * (batch_size // len(boxes))  # cond/uncond copies of the same images
         rule = req.region_rule or self.adapter.config.region_rule
         layout = build_layout(boxes, grid, tokens.num_persons, batch_size, rule=rule)  # on the CPU: no device sync

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .wording import count_noun
+
 PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch size 2
 
 Box = Sequence[float]
@@ -164,7 +166,7 @@ def build_layout(
         boxes = boxes * batch_size
     if len(boxes) != batch_size:
         raise ValueError(
-            f"layout has boxes for {len(boxes)} images but the batch has {batch_size}: "
+            f"layout has boxes for {count_noun(len(boxes), 'image')} but the batch has {batch_size}: "
             "give one list of boxes per image, or a single list for the whole batch"
         )
     if all(item is None for item in boxes):
@@ -178,7 +180,8 @@ def build_layout(
         item = torch.as_tensor(item, dtype=torch.float64).reshape(-1, 4)
         if item.shape[0] != num_persons:
             raise ValueError(
-                f"image {b} of the batch has {item.shape[0]} face boxes but {num_persons} identities were given: "
+                f"image {b} of the batch has {count_noun(item.shape[0], 'face box', 'face boxes')} but "
+                f"{count_noun(num_persons, 'identity was', 'identities were')} given: "
                 "give exactly one box per person, in the same order as the identities"
             )
         coords[b] = item

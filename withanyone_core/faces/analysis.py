@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import load_image, to_rgb_uint8
+from ..wording import count_noun
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +187,6 @@ class FaceAnalyzer:
         if embed:
             self.embed(image, faces)
         return faces
-
-
-def count_noun(count: int, singular: str, plural: str | None = None) -> str:
-    """``1 face``, ``2 faces``: the number with the noun in the right form."""
-    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
 
 
 # How the reference face of a photo is chosen. The authors take the face with the highest
