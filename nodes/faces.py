@@ -86,7 +86,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
                         "faces and the SigLIP crops; the node shows which face each photo gave.",
             inputs=[
                 io.Image.Input("image", tooltip="photos of ONE person (a batch of several photos is averaged)"),
-                FACE_ANALYZER.Input("face_analyzer"),
+                FACE_ANALYZER.Input("face_analyzer", tooltip="from Load WithAnyone Face Analyzer (antelopev2)"),
                 io.Int.Input("face_index", default=0, min=-1, max=32,
                              tooltip="which face of a photo with several, counted in the face_choice order: 0 = the "
                                      "first (-1, from older workflows, is the same as 0)"),
@@ -104,7 +104,8 @@ class WithAnyoneFaceExtract(io.ComfyNode):
                                tooltip="a photo without a usable face: error stops the run; skip leaves it out "
                                        "(named in the log and on the node). All photos without one is an error"),
             ],
-            outputs=[FACES.Output(display_name="faces"),
+            outputs=[FACES.Output(display_name="faces", tooltip="one reference face per photo: its ArcFace "
+                                                          "embedding and SigLIP crop, for Identity Encode"),
                      io.Image.Output(display_name="preview",
                                      tooltip="the SigLIP crops (512 px, background blanked where a mask is given), "
                                              "one per photo with a face")],
@@ -189,13 +190,14 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
             description="Persons 1-4, in order without gaps (person k goes into layout box k). Several photos of "
                         "one person: their raw ArcFace embeddings and SigLIP features are averaged.",
             inputs=[
-                SIGLIP.Input("siglip"),
-                FACES.Input("person_1"),
-                FACES.Input("person_2", optional=True),
-                FACES.Input("person_3", optional=True),
-                FACES.Input("person_4", optional=True),
+                SIGLIP.Input("siglip", tooltip="from Load WithAnyone SigLIP"),
+                FACES.Input("person_1", tooltip="faces of person 1 (layout box 1), from Face Extract"),
+                FACES.Input("person_2", optional=True, tooltip="person 2 (box 2); connect persons in order"),
+                FACES.Input("person_3", optional=True, tooltip="person 3 (box 3); needs person 2"),
+                FACES.Input("person_4", optional=True, tooltip="person 4 (box 4); needs person 3"),
             ],
-            outputs=[IDENTITIES.Output(display_name="identities")],
+            outputs=[IDENTITIES.Output(display_name="identities",
+                                       tooltip="the persons in order, for Apply WithAnyone / the sampler")],
         )
 
     @classmethod

@@ -181,7 +181,8 @@ class WithAnyoneLayout(io.ComfyNode):
                                tooltip=FRAMING_TOOLTIP),
             ],
             outputs=[
-                LAYOUT.Output(display_name="layout"),
+                LAYOUT.Output(display_name="layout", tooltip="face boxes in output pixels, box k for person k; also "
+                                                               "the image size"),
                 io.Image.Output(display_name="preview",
                                 tooltip="the numbered boxes (over the layout photo or mask when there is one)"),
                 io.Mask.Output(display_name="person_masks",

@@ -156,10 +156,14 @@ class WithAnyoneFaceAnalyzerLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("provider", options=["auto", "CUDA", "CPU"], default="auto",
                                tooltip="onnxruntime device; auto uses CUDA when onnxruntime-gpu offers it"),
-                io.Float.Input("detection_threshold", default=0.4, min=0.05, max=0.95, step=0.05),
-                io.Int.Input("detection_size", default=640, min=160, max=1280, step=32),
+                io.Float.Input("detection_threshold", default=0.4, min=0.05, max=0.95, step=0.05,
+                               tooltip="faces detected with a lower score are ignored (the authors use 0.45 in "
+                                       "their bench, insightface's default 0.5)"),
+                io.Int.Input("detection_size", default=640, min=160, max=1280, step=32,
+                             tooltip="the detector's input size; larger finds smaller faces, slower"),
             ],
-            outputs=[FACE_ANALYZER.Output(display_name="face_analyzer")],
+            outputs=[FACE_ANALYZER.Output(display_name="face_analyzer",
+                                          tooltip="antelopev2 detection + ArcFace, for Face Extract and Layout")],
         )
 
     @classmethod
@@ -187,8 +191,11 @@ class WithAnyoneSiglipLoader(io.ComfyNode):
             category=CATEGORY,
             description="google/siglip-base-patch16-256-i18n: a folder or a single .safetensors in models/siglip/ "
                         "(also read from models/clip_vision/).",
-            inputs=[io.Combo.Input("siglip_name", options=siglip_choices())],
-            outputs=[SIGLIP.Output(display_name="siglip")],
+            inputs=[io.Combo.Input("siglip_name", options=siglip_choices(),
+                                   tooltip="google/siglip-base-patch16-256-i18n: a folder (config.json + "
+                                           "model.safetensors) or one .safetensors in models/siglip/ or "
+                                           "models/clip_vision/")],
+            outputs=[SIGLIP.Output(display_name="siglip", tooltip="the SigLIP image encoder, for Identity Encode")],
         )
 
     @classmethod

@@ -39,11 +39,12 @@ class WithAnyoneIdentityMetrics(io.ComfyNode):
                         "truth) per person, for each generated image, as MultiID-Bench computes them.",
             inputs=[
                 io.Image.Input("image", tooltip="generated image(s)"),
-                FACE_ANALYZER.Input("face_analyzer"),
-                IDENTITIES.Input("identities"),
+                FACE_ANALYZER.Input("face_analyzer", tooltip="finds and embeds the generated faces"),
+                IDENTITIES.Input("identities", tooltip="the reference persons the image was made with"),
                 io.Image.Input("ground_truth", optional=True, tooltip="a real photo of the same people (for CP)"),
             ],
-            outputs=[io.String.Output(display_name="metrics_json")],
+            outputs=[io.String.Output(display_name="metrics_json",
+                                     tooltip="Sim(Ref), Sim(GT) and CP per person, as JSON")],
             is_output_node=True,
         )
 
