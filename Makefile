@@ -13,10 +13,11 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: setup demo test bench train-smoke gpu-check comfyui workflows clean
 
-$(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt requirements-parity.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -r requirements-parity.txt
 	touch $@
 
 setup: $(VENV)/.installed

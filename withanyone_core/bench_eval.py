@@ -10,7 +10,8 @@ multi-person subsets apart), ``report.json`` (every method's summary) and ``trad
 
 Identity metrics use insightface ``buffalo_l`` (the authors' choice) or ``antelopev2``
 (``--face-model``), detection threshold 0.45, references padded onto a black square 1.5x
-their long side. CLIP-I/CLIP-T, the aesthetic score and FID run when their local weights
+their long side; with ``--torch-faces`` also AdaFace IR-50 and FaceNet on facexlib-aligned
+faces, and the table then shows the authors' average (the three models' values pooled). CLIP-I/CLIP-T, the aesthetic score and FID run when their local weights
 are given. Aggregation follows the authors' code: 1.5 x IQR outliers dropped per metric,
 the median when more than half would go. A rerun reuses every ``metrics.json`` made with
 the same settings for an unchanged output (``--no-resume`` recomputes).
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--det-thresh", type=float, default=DET_THRESH)
     p.add_argument("--no-ref-padding", action="store_true", help="detect on the reference photos as they are")
     p.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--torch-faces", type=Path, help="folder with adaface_ir50_ms1mv2.safetensors, "
+                   "facenet_vggface2.safetensors and detection_Resnet50_Final.safetensors: adds AdaFace and "
+                   "FaceNet on facexlib-aligned faces, and the authors' average over the three face models")
     p.add_argument("--clip", type=Path, help="folder of openai/clip-vit-base-patch16 (CLIP-I, CLIP-T)")
     p.add_argument("--aesthetic-encoder", type=Path, help="folder of google/siglip-so400m-patch14-384")
     p.add_argument("--aesthetic-head", type=Path, help="aesthetic_predictor_v2_5.safetensors")
@@ -257,6 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         face_model = InsightFaceModel(args.insightface, args.face_model, det_thresh=args.det_thresh,
                                       providers=args.providers, pad_references=not args.no_ref_padding)
+        face_models = [face_model]
+        if args.torch_faces:
+            from .bench.torch_faces import TorchFaceModel
+
+            adaface = TorchFaceModel("adaface", args.torch_faces, args.device, not args.no_ref_padding)
+            face_models += [adaface, TorchFaceModel("facenet", args.torch_faces, args.device, not args.no_ref_padding,
+                                                    detector=adaface.detector)]
         clip = aesthetic = fid = None
         if args.clip:
             clip = quality.ClipMetric(args.clip, args.device)
@@ -267,8 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (FaceModelsNotFound, quality.MissingWeights, CheckpointError) as exc:
         parser.exit(2, f"error: {exc}\n")
     settings = {"face_model": args.face_model, "det_thresh": args.det_thresh, "ref_padding": not args.no_ref_padding,
-                "clip": bool(clip), "aesthetic": bool(aesthetic)}
-    scorer = Scorer([face_model], clip, aesthetic, settings)
+                "clip": bool(clip), "aesthetic": bool(aesthetic), "face_models": [m.kind for m in face_models]}
+    scorer = Scorer(face_models, clip, aesthetic, settings)
     forms = ("standard", "authors") if args.fid_form == "both" else (args.fid_form,)
     names = args.names or [f.name for f in args.results]
     methods = {}
