@@ -19,4 +19,6 @@ class WithAnyoneExtension(ComfyExtension):
 
         loaders.register_model_folders()
         routes.register_routes()
-        return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES]
+        from . import kontext  # FLUX.1 Kontext: WithAnyone.Ke face editing
+
+        return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES, *kontext.NODES]
