@@ -267,3 +267,38 @@ def test_easycache_keeps_working_with_identities(pack, flux, adapter_file, ident
     out, out_base = _sample(cached, steps=6), _sample(cached_base, steps=6)
     assert torch.isfinite(out).all()
     assert (out - out_base).norm() > 0.5 * (_sample(patched, steps=6) - _sample(flux, steps=6)).norm()
+
+
+def test_sampler_node_reports_progress_previews_and_stops_on_interrupt(pack, flux, adapter_file, identities,
+                                                                        monkeypatch):
+    """The WithAnyone sampler drives ComfyUI's progress bar with a latent preview at every step (as the stock
+    KSampler does; the server forwards both to the browser) and stops at the next step on an interrupt."""
+    import comfy.model_management as mm
+    import comfy.utils
+    import latent_preview
+
+    from withanyone_pack.nodes.types import Identities, Layout
+
+    monkeypatch.setattr(latent_preview.args, "preview_method", latent_preview.LatentPreviewMethod.Latent2RGB)
+    updates = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        updates.append((value, total, preview)))
+    node = pack.nodes.sampling.WithAnyoneSampler
+    cond = [[torch.randn(1, 7, 768), {"pooled_output": torch.randn(1, 768)}]]
+    args = dict(model=flux, positive=cond, negative=cond, adapter=_load(pack, adapter_file),
+                identities=Identities(identities[0], identities[1], (1, 1)), layout=Layout(W, H, BOXES), seed=1,
+                steps=3, cfg=1.0, sampler_name="euler", schedule="withanyone (authors)", guidance=4.0, batch_size=1,
+                siglip_share=0.0, weight_mode="share", id_weight=1.0, siglip_weight=0.0)
+    node.execute(**args)
+    assert [(v, t) for v, t, _ in updates] == [(1, 3), (2, 3), (3, 3)]
+    assert all(p is not None for _, _, p in updates)  # a preview image with every step
+
+    def interrupt(value, total, preview, node_id=None):
+        mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", interrupt)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node.execute(**{**args, "steps": 4})
+    finally:
+        mm.interrupt_current_processing(False)
