@@ -128,19 +128,21 @@ def tradeoff_figure(methods: dict[str, dict], path: str | Path, paper: dict | No
         if coeffs is not None:
             xs = np.linspace(min(c for c, _ in others) - 0.05, max(c for c, _ in others) + 0.05, 100)
             ax.plot(xs, np.polyval(coeffs, xs), "--", color="0.55", label="trade-off fit (paper, other methods)")
-        for p in published:
-            ax.scatter(p["cp"], p["sim_gt"], marker="o", facecolors="none", edgecolors="0.4")
+        for k, p in enumerate(published):
+            ax.scatter(p["cp"], p["sim_gt"], marker="o", facecolors="none", edgecolors="0.4",
+                       label="published (paper_points.json)" if k == 0 else None)
             ax.annotate(p["method"], (p["cp"], p["sim_gt"]), fontsize=7, color="0.35", xytext=(3, 3),
                         textcoords="offset points")
         for name, cp, sim in ours:
-            ax.scatter(cp, sim, marker="*", s=120, zorder=3)
+            ax.scatter(cp, sim, marker="*", s=120, zorder=3, label=name)
             ax.annotate(name, (cp, sim), fontsize=8, xytext=(4, -9), textcoords="offset points")
         ax.set_title(SUBSET_TITLES[subset])
         ax.set_xlabel("copy-paste CP (lower is better)")
         ax.set_ylabel("Sim(GT) (higher is better)")
         ax.grid(alpha=0.3)
-        if coeffs is not None:
-            ax.legend(fontsize=7, loc="lower right")
+        ax.margins(0.2)
+        if published or ours:
+            ax.legend(fontsize=7, loc="best")
         drawn[subset] = {"paper": len(published), "methods": len(ours), "curve": coeffs is not None}
     if not paper.get("verified_against_paper", False):
         fig.text(0.01, 0.01, "paper points: see withanyone_core/bench/paper_points.json for their source",
