@@ -20,5 +20,7 @@ class WithAnyoneExtension(ComfyExtension):
         loaders.register_model_folders()
         routes.register_routes()
         from . import kontext  # FLUX.1 Kontext: WithAnyone.Ke face editing
+        from . import identities  # Save / Load WithAnyone Identity
 
-        return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES, *kontext.NODES]
+        return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES, *kontext.NODES,
+                *identities.NODES]

@@ -119,6 +119,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
         import comfy.utils
 
         from withanyone_core.faces import NoFaceError, select_face, siglip_crop
+        from withanyone_core.identity_store import image_sha256
 
         if no_face not in NO_FACE_POLICIES:
             raise ValueError(f"no_face must be one of {', '.join(NO_FACE_POLICIES)}, got {no_face!r}")
@@ -146,7 +147,7 @@ class WithAnyoneFaceExtract(io.ComfyNode):
             matte = None if mattes[i] is None else _matte_at(mattes[i], pixels.shape[0], pixels.shape[1], name)
             crop = siglip_crop(pixels, face, matte=matte)
             photos.append(FacePhoto(i, tuple(float(v) for v in face.bbox), face.embedding, crop, face.score,
-                                    matte is not None))
+                                    matte is not None, image_sha256(pixels)))
             tiles.append(_tile(crop, f"photo {i + 1}/{total}: {face.width:.0f} px face\n"
                                      f"score {face.score:.2f} of {count_noun(len(faces), 'face')}"
                                      + (" (masked)" if matte is not None else "")))
@@ -180,6 +181,14 @@ def _persons_in_order(slots: list) -> list:
     return [slots[k - 1] for k in connected]
 
 
+def encode_person(siglip, person: Faces) -> tuple[torch.Tensor, torch.Tensor]:
+    """One person's (raw ArcFace [512], SigLIP [tokens, 768]), CPU float32: the mean over their photos. Saved
+    identities are written from this same function, so a saved person equals a freshly encoded one bit for bit."""
+    arcface = torch.from_numpy(np.mean([p.embedding for p in person.photos], axis=0)).float()
+    features = siglip.encoder.encode([p.siglip_crop for p in person.photos]).float().cpu()
+    return arcface, features.mean(dim=0)
+
+
 class WithAnyoneIdentityEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -190,8 +199,11 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
             description="Persons 1-4, in order without gaps (person k goes into layout box k). Several photos of "
                         "one person: their raw ArcFace embeddings and SigLIP features are averaged.",
             inputs=[
-                SIGLIP.Input("siglip", tooltip="from Load WithAnyone SigLIP"),
-                FACES.Input("person_1", tooltip="faces of person 1 (layout box 1), from Face Extract"),
+                SIGLIP.Input("siglip", optional=True,
+                             tooltip="from Load WithAnyone SigLIP; only people fresh from Face Extract need it "
+                                     "(saved identities from Load WithAnyone Identity are already encoded)"),
+                FACES.Input("person_1", tooltip="faces of person 1 (layout box 1), from Face Extract, or a saved "
+                                                "person from Load WithAnyone Identity"),
                 FACES.Input("person_2", optional=True, tooltip="person 2 (box 2); connect persons in order"),
                 FACES.Input("person_3", optional=True, tooltip="person 3 (box 3); needs person 2"),
                 FACES.Input("person_4", optional=True, tooltip="person 4 (box 4); needs person 3"),
@@ -201,20 +213,36 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, siglip, person_1: Faces, person_2: Faces | None = None, person_3: Faces | None = None,
-                person_4: Faces | None = None) -> io.NodeOutput:
+    def execute(cls, siglip=None, person_1: Faces | None = None, person_2: Faces | None = None,
+                person_3: Faces | None = None, person_4: Faces | None = None) -> io.NodeOutput:
         import comfy.model_management
 
         persons = _persons_in_order([person_1, person_2, person_3, person_4])
-        comfy.model_management.load_models_gpu([siglip.patcher])
+        fresh = [k + 1 for k, p in enumerate(persons) if p.encoded is None]
+        if fresh and siglip is None:
+            names = ", ".join(f"person_{k}" for k in fresh)
+            raise ValueError(f"{names} {'comes' if len(fresh) == 1 else 'come'} from Face Extract and must be encoded "
+                             "with SigLIP: connect Load WithAnyone SigLIP to siglip (only saved identities from "
+                             "Load WithAnyone Identity need none)")
+        if fresh:
+            comfy.model_management.load_models_gpu([siglip.patcher])
         arcface, features = [], []
         for person in persons:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            arcface.append(torch.from_numpy(np.mean([p.embedding for p in person.photos], axis=0)).float())
-            feats = siglip.encoder.encode([p.siglip_crop for p in person.photos]).float().cpu()
-            features.append(feats.mean(dim=0))
+            if person.encoded is not None:
+                arc, feats = person.encoded.arcface, person.encoded.siglip
+            else:
+                arc, feats = encode_person(siglip, person)
+            arcface.append(arc)
+            features.append(feats)
+        shapes = {tuple(f.shape) for f in features}
+        if len(shapes) > 1:
+            raise ValueError(f"the persons' SigLIP features differ in shape ({', '.join(map(str, sorted(shapes)))}): "
+                             "a saved identity was encoded with another SigLIP model; save it again with the one "
+                             "connected here")
         return io.NodeOutput(Identities(torch.stack(arcface), torch.stack(features),
-                                        tuple(len(p.photos) for p in persons)))
+                                        tuple(p.encoded.photos if p.encoded is not None else len(p.photos)
+                                              for p in persons)))
 
 
 NODES = [WithAnyoneFaceExtract, WithAnyoneIdentityEncode]

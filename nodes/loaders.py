@@ -55,6 +55,15 @@ def log_pickled_adapter_files() -> list[str]:
     return found
 
 
+IDENTITIES_SUBFOLDER = "identities"  # models/withanyone/identities/: saved people (nodes/identities.py), not adapters
+
+
+def adapter_choices() -> list[str]:
+    """The .safetensors files in models/withanyone/, without the saved identities in its identities/ subfolder."""
+    return [n for n in folder_paths.get_filename_list("withanyone")
+            if n.replace("\\", "/").split("/")[0] != IDENTITIES_SUBFOLDER]
+
+
 def siglip_choices() -> list[str]:
     """Single files and Hugging Face folders in models/siglip/, plus files in models/clip_vision/."""
     names = list(folder_paths.get_filename_list("siglip"))
@@ -127,7 +136,7 @@ class WithAnyoneAdapterLoader(io.ComfyNode):
             description="Loads withanyone.safetensors (the identity adapter) from models/withanyone/. ComfyUI "
                         "manages it like a model: it is offloaded or partially loaded when VRAM is short.",
             inputs=[
-                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("withanyone"),
+                io.Combo.Input("adapter_name", options=adapter_choices(),
                                tooltip="withanyone.safetensors from the WithAnyone release, in models/withanyone/"),
                 advanced(io.Combo.Input(
                     "weight_dtype", options=list(ADAPTER_DTYPES), default="default",

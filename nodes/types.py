@@ -38,14 +38,29 @@ class FacePhoto:
     siglip_crop: object  # np.ndarray 512x512x3 uint8
     score: float | None = None  # the detector's confidence in this face
     masked: bool = False  # the SigLIP crop's background was blanked through a mask
+    image_sha256: str | None = None  # of the photo's RGB pixels (saved identities' metadata)
+
+
+@dataclass(frozen=True)
+class EncodedPerson:
+    """One person already encoded (raw ArcFace [512], SigLIP [tokens, 768], CPU float32): Identity Encode uses it
+    as it is, without SigLIP. Made by Save / Load WithAnyone Identity."""
+
+    arcface: object  # torch.Tensor
+    siglip: object  # torch.Tensor
+    photos: int
+    name: str
+    source: str | None = None  # the saved-identity file it was loaded from
 
 
 @dataclass(frozen=True)
 class Faces:
-    """Reference faces of one person (one per photo of the input batch)."""
+    """Reference faces of one person (one per photo of the input batch); ``encoded`` when already encoded (a
+    loaded identity has no photos, only ``encoded``)."""
 
     photos: tuple[FacePhoto, ...]
     skipped: tuple[int, ...] = ()  # indices of input photos left out (no usable face, no_face = skip)
+    encoded: EncodedPerson | None = None
 
 
 @dataclass(frozen=True)
