@@ -117,14 +117,14 @@ WORKFLOW_NAMES = {"withanyone_single_person", "withanyone_two_people_layout_from
 
 
 def test_shipped_workflows_are_templates_and_validate(server):
-    """Every workflow in workflows/: served as a template, identical to what its spec builds
+    """Every workflow in example_workflows/: served as a template, identical to what its spec builds
     against this server's /object_info, and, converted to API format, accepted by the server."""
     from build_workflows import build_all, dumps
     from comfy_server import PromptRejected, execution_error
     from workflows import check_api, ui_to_api
 
     comfy = server
-    files = {p.stem: p for p in (ROOT / "workflows").glob("*.json")}
+    files = {p.stem: p for p in (ROOT / "example_workflows").glob("*.json")}
     assert WORKFLOW_NAMES <= set(files)
     templates = comfy.get_json("/workflow_templates")
     pack = next(name for name, listed in templates.items() if WORKFLOW_NAMES <= set(listed))

@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))  # withanyone_core
 
 logger = logging.getLogger("withanyone.bench_run")
 
-WORKFLOWS = {1: ROOT / "workflows" / "withanyone_single_person.json",
-             4: ROOT / "workflows" / "withanyone_four_people_manual_layout.json"}
+WORKFLOWS = {1: ROOT / "example_workflows" / "withanyone_single_person.json",
+             4: ROOT / "example_workflows" / "withanyone_four_people_manual_layout.json"}
 UPLOAD_FOLDER = "withanyone_bench"
 
 
@@ -144,7 +144,7 @@ def workflow_versions(path: Path, object_info: dict):
     yield path.name, json.loads(Path(path).read_text())
     from build_workflows import BUILDERS
 
-    if path.stem in BUILDERS and path.resolve().parent == (ROOT / "workflows"):
+    if path.stem in BUILDERS and path.resolve().parent == (ROOT / "example_workflows"):
         label = f"{path.name} rebuilt from tools/build_workflows.py"
         try:
             yield label, BUILDERS[path.stem](object_info)

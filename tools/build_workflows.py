@@ -1,4 +1,4 @@
-"""Write the example workflows in ``workflows/`` from the specs below.
+"""Write the example workflows in ``example_workflows/`` from the specs below.
 
     python tools/build_workflows.py          # starts a ComfyUI with the pack for /object_info
 
@@ -23,7 +23,7 @@ from workflows import Graph  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from withanyone_core import recipe  # noqa: E402  (the authors' recipe: steps, guidance, size, share)
 
-WORKFLOWS_DIR = ROOT / "workflows"
+WORKFLOWS_DIR = ROOT / "example_workflows"
 
 # the model files the workflows name (README, "Model files"); users pick their own in the loaders
 FLUX_FILE = "flux1-dev.safetensors"
@@ -220,7 +220,7 @@ def main() -> None:
     WORKFLOWS_DIR.mkdir(exist_ok=True)
     for name, workflow in build_all(info).items():
         (WORKFLOWS_DIR / f"{name}.json").write_text(dumps(workflow))
-        logging.info("wrote workflows/%s.json", name)
+        logging.info("wrote example_workflows/%s.json", name)
 
 
 if __name__ == "__main__":

