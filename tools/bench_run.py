@@ -7,6 +7,9 @@ BENCH holds one folder per sample: ``ori.jpg`` (the ground truth), ``ref_1.jpg``
 (or the authors' ``ref_0.jpg`` ..) and ``meta.json`` with ``prompt`` and ``bboxes`` (the
 ground-truth face boxes ``[x1, y1, x2, y2]`` in ``ori.jpg`` pixels, in person order; without
 them, ``--insightface ROOT`` finds the faces in ``ori.jpg`` and matches them to the references).
+BENCH may also be an index the authors' ``MultiID-Bench/hf2bench.py`` writes from the Hugging
+Face dataset (``p1.json``, ``p2.json``, ``p3.json``) with ``--data-root`` its image folder
+(``p1/untar`` ..), as their ``infer_withanyone.py`` takes it.
 
 For each sample the shipped workflow (``withanyone_single_person.json`` for one person,
 ``withanyone_four_people_manual_layout.json`` for more) is converted to ComfyUI's API format
@@ -254,8 +257,10 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
         raise RuntimeError(f"{sample.name}: the graph ran but saved no image")
     target = out_dir / sample.name
     target.mkdir(parents=True, exist_ok=True)
-    for path in [sample.ground_truth, *sample.refs]:
-        shutil.copy(path, target / path.name)
+    # the evaluation's layout, whatever the input named them (an hf2bench index: 0001.jpg, 0001_1.jpg, ..)
+    shutil.copy(sample.ground_truth, target / f"ori{sample.ground_truth.suffix}")
+    for k, path in enumerate(sample.refs, 1):
+        shutil.copy(path, target / f"ref_{k}{path.suffix}")
     meta = {**sample.meta, "prompt": sample.prompt, "bench_run": {"seed": args.seed, "size": args.size,
                                                                    "boxes": boxes, "workflow": workflow_path.name}}
     (target / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -271,7 +276,10 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/bench_run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", type=Path, help="MultiID-Bench folder (one folder per sample)")
+    p.add_argument("bench", type=Path, help="MultiID-Bench folder (one folder per sample), or an hf2bench index "
+                   "(p1.json / p2.json / p3.json)")
+    p.add_argument("--data-root", type=Path, help="with an index: the folder its paths are relative to "
+                   "(default: the index's folder)")
     p.add_argument("--out", type=Path, required=True, help="results folder (one folder per sample)")
     p.add_argument("--server", default="http://127.0.0.1:8188", help="URL of a running ComfyUI with the pack")
     p.add_argument("--workflow", type=Path, help="a workflow of the same shape to use instead of the shipped ones")
@@ -292,14 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    from withanyone_core.bench.samples import list_samples
+    from withanyone_core.bench.samples import list_samples, samples_from_index
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 256 <= args.size <= 4096 or args.size % 16:
         parser.error("--size must be a multiple of 16 between 256 and 4096 (the layout node's range)")
-    samples = list_samples(args.bench)[: args.limit]
+    if args.bench.is_file():
+        samples = samples_from_index(args.bench, args.data_root)[: args.limit]
+    else:
+        samples = list_samples(args.bench)[: args.limit]
     face_model = None
     if args.insightface:
         from withanyone_core.bench.faces import InsightFaceModel

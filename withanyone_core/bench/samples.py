@@ -84,3 +84,40 @@ def list_samples(root: Path, output_stem: str = "out") -> list[Sample]:
     if not samples:
         raise SystemExit(f"{root} holds no sample folders (expected <sample>/out.jpg, ori.jpg, ref_1.jpg, meta.json)")
     return samples
+
+
+def samples_from_index(index: Path, data_root: Path | None = None) -> list[Sample]:
+    """Samples of an index file as the authors' ``hf2bench.py`` writes it (``p1.json``, ``p2.json``, ``p3.json``).
+
+    Each entry has ``prompt``, ``image_paths`` (the references) and ``ori_img_path``, relative to
+    ``data_root`` (the authors' ``--data_root``, e.g. ``p1/untar``; default: the index's folder).
+    The ground truth's boxes come from ``<data_root>/<ori stem>.json`` (``bboxes``, shifted by its
+    ``crop`` when there is one, as their inference script does). Sample names follow their output
+    folders: the ground truth's path without suffix, ``/`` replaced by ``_``.
+    """
+    index = Path(index)
+    root = Path(data_root) if data_root is not None else index.parent
+    try:
+        entries = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{index} is not a JSON index ({exc})") from None
+    samples = []
+    for entry in entries:
+        ori = entry.get("ori_img_path")
+        if not ori:
+            raise SystemExit(f"{index}: an entry without ori_img_path ({str(entry)[:80]})")
+        name = ori.split(".")[0].replace("/", "_")
+        meta = {"prompt": entry.get("prompt", "")}
+        boxes_file = root / (ori.rsplit(".", 1)[0] + ".json")
+        if boxes_file.is_file():
+            extra = json.loads(boxes_file.read_text())
+            boxes, crop = extra.get("bboxes"), extra.get("crop")
+            if isinstance(boxes, str):
+                boxes = json.loads(boxes)
+            if boxes and crop:
+                boxes = [[b[0] - crop[0], b[1] - crop[1], b[2] - crop[0], b[3] - crop[1]] for b in boxes]
+            if boxes:
+                meta["bboxes"] = boxes
+        refs = [root / p for p in entry.get("image_paths", [])]
+        samples.append(Sample(Path(name), refs, root / ori, None, meta))
+    return samples
