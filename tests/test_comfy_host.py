@@ -156,9 +156,9 @@ def test_streams_beyond_fp16_range_stay_finite(pack, adapter_file, identities):
 
 
 def test_fp8_storage_runs_within_a_stated_error(pack, flux, adapter_file, identities, caplog):
-    """fp8 (e4m3fn) adapter weights, cast on use: the latent stays within 15 % of the identities' own
-    effect of the fp32 result (measured 0.12 on these random weights, whose
-    small values fall into e4m3fn's subnormals; bf16: 0.004); the numbers go to the log."""
+    """fp8 (e4m3fn) adapter weights, scaled per tensor and cast on use: the latent stays within 10 % of the
+    identities' own effect of the fp32 result (measured 0.057; unscaled e4m3fn, where these small weights fall
+    into its subnormals, gave 0.12; bf16: 0.004); the numbers go to the log."""
     reference = _sample(_apply(pack, flux, _load(pack, adapter_file, "fp32"), identities))
     base = _sample(flux)
     effect = (reference - base).norm()
@@ -169,7 +169,7 @@ def test_fp8_storage_runs_within_a_stated_error(pack, flux, adapter_file, identi
         errors[dtype] = float((out - reference).norm() / effect)
     logging.getLogger(__name__).info("adapter storage error relative to the identity effect: %s", errors)
     assert errors["bf16"] < 0.02
-    assert errors["fp8_e4m3fn"] < 0.15
+    assert errors["fp8_e4m3fn"] < 0.10
 
 
 def test_identity_kv_once_per_run_and_nothing_cached_after(pack, flux, adapter_file, identities, monkeypatch):

@@ -349,6 +349,7 @@ def load_adapter(
     num_double_blocks: int | None = None,
     operations=None,
     variant: str | None = None,
+    transform=None,
 ) -> IdentityAdapter:
     """Build an :class:`IdentityAdapter` from a safetensors file (or a state dict).
 
@@ -359,7 +360,8 @@ def load_adapter(
 
     ``dtype`` is the storage dtype of the linear layers (None: as in the file); with an
     fp8 dtype the LayerNorms are kept in bf16. ``operations`` are the layer classes (see
-    :data:`withanyone_core.adapter.TORCH_OPERATIONS`). A file is read tensor by tensor and
+    :data:`withanyone_core.adapter.TORCH_OPERATIONS`). ``transform(key, tensor)`` may rewrite
+    each non-norm tensor as it is read, before the dtype cast. A file is read tensor by tensor and
     each tensor is converted as it is read, so peak memory is about one copy of the
     adapter, not the file plus a converted copy.
 
@@ -415,6 +417,8 @@ def load_adapter(
     loaded = {}
     for key in shapes:
         tensor = state[key]
+        if transform is not None and key not in norm_keys:
+            tensor = transform(key, tensor)  # e.g. per-tensor scaling before an fp8 cast
         target = norm_dtype if key in norm_keys else dtype
         loaded[key] = tensor.to(device=device, dtype=target or tensor.dtype)
         del tensor
