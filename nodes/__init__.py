@@ -22,5 +22,7 @@ class WithAnyoneExtension(ComfyExtension):
         from . import kontext  # FLUX.1 Kontext: WithAnyone.Ke face editing
         from . import identities  # Save / Load WithAnyone Identity
 
-        return [*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES, *kontext.NODES,
-                *identities.NODES]
+        from .schema import with_search_aliases
+
+        return with_search_aliases([*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES,
+                                    *kontext.NODES, *identities.NODES])

@@ -58,9 +58,12 @@ def test_object_info_lists_every_node(server):
     ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
     assert set(ours) == {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader",
                          "WithAnyoneFaceExtract", "WithAnyoneIdentityEncode", "WithAnyoneLayout", "WithAnyoneApply",
-                         "WithAnyoneSchedule", "WithAnyoneSampler", "WithAnyoneIdentityMetrics"}, comfy.log_tail(100_000)[-3000:]
+                         "WithAnyoneSchedule", "WithAnyoneSampler", "WithAnyoneIdentityMetrics",
+                         "WithAnyoneFaceEditPrepare", "WithAnyoneArcFaceIdentities", "WithAnyoneSaveIdentity",
+                         "WithAnyoneLoadIdentity"}, comfy.log_tail(100_000)[-3000:]
     for node in ours.values():
         assert node["category"].startswith("WithAnyone") and node["description"]
+        assert node["search_aliases"], node["name"]  # words the node search also finds it by
     assert ours["WithAnyoneApply"]["output"] == ["MODEL"]
     assert "layout" in ours["WithAnyoneApply"]["input"]["optional"]
     layout = ours["WithAnyoneLayout"]
