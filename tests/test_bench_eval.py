@@ -75,6 +75,8 @@ def bench(tmp_path):
             [reference_photo(13, 23)], prompt="one person")
     # "broken": the reference has no face -> reported, left out of every metric
     _sample(root, "broken", truth, truth, [np.full((100, 100, 3), 90, np.uint8)])
+    bad_meta = _sample(root, "bad_meta", truth, truth, refs)
+    (bad_meta / "meta.json").write_text("{not json")
     return root
 
 
@@ -101,10 +103,11 @@ def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, c
     assert np.isfinite(gt["aesthetic"])
     broken = _record(bench, "broken")
     assert broken["status"] == "failed" and "no face found in reference(s) [1]" in broken["error"]
+    assert "bad_meta/meta.json is not valid JSON" in _record(bench, "bad_meta")["error"]
 
     summary = json.loads((bench / "summary.json").read_text())
     multi, single = summary["subsets"]["multi"], summary["subsets"]["single"]
-    assert multi["samples"] == 3 and multi["scored"] == 3 and single["samples"] == 3 and "broken" in single["failed"]
+    assert multi["samples"] == 4 and multi["scored"] == 3 and single["samples"] == 3 and "broken" in single["failed"]
     assert multi["table"]["cp"] == pytest.approx(np.mean([arc[n]["cp"] for n in ("gt", "copy", "swapped")]), abs=1e-9)
     assert single["scored"] == 2 and set(summary["subsets"]) == {"single", "multi", "multi_2"}
     assert set(multi["fid"]) == {"authors"} and multi["table"]["fid"] == multi["fid"]["authors"]
@@ -130,7 +133,7 @@ def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, c
     # the aesthetic/CLIP settings are the same but FID is not a per-sample setting: records are reused
     after = {p.parent.name: p.stat().st_mtime_ns for p in bench.glob("*/metrics.json")}
     assert [n for n in stamps if after[n] != stamps[n]] == ["copy"]
-    assert "5 of 6 samples reused" in caplog.text
+    assert "6 of 7 samples reused" in caplog.text
 
 
 def test_several_methods_are_rows_and_face_model_choice(bench, models, tmp_path):

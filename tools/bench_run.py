@@ -214,6 +214,8 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
 
     from withanyone_core.faces import load_image
 
+    if "error" in sample.meta:
+        raise ValueError(sample.meta["error"])
     if sample.ground_truth is None or not sample.refs:
         raise ValueError(f"{sample.name}: needs ori.jpg and ref_1.jpg (or ref_0.jpg)")
     if sample.persons > 4:

@@ -70,6 +70,8 @@ class Scorer:
     def score(self, sample: Sample) -> dict:
         record = {"sample": sample.name, "persons": sample.persons, "prompt": sample.prompt,
                   "settings": self.settings}
+        if "error" in sample.meta:
+            raise ValueError(sample.meta["error"])
         if not sample.refs:
             raise ImageReadError(f"{sample.name}: no reference photo (ref_1.jpg, or the authors' ref_0.jpg)")
         if sample.output is None:

@@ -70,8 +70,8 @@ def read_sample(folder: Path, output_stem: str = "out") -> Sample:
     if (folder / "meta.json").is_file():
         try:
             meta = json.loads((folder / "meta.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{folder.name}/meta.json is not valid JSON ({exc})") from exc
+        except json.JSONDecodeError as exc:  # reported for this sample when it is scored, not for the run
+            meta = {"error": f"{folder.name}/meta.json is not valid JSON ({exc})"}
     return Sample(folder, reference_paths(folder), find_image(folder, "ori"), find_image(folder, output_stem), meta)
 
 
