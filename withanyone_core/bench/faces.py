@@ -51,6 +51,7 @@ def find_face_model_dir(root: str | os.PathLike, name: str) -> Path:
     raise FaceModelsNotFound(
         f"insightface {name} models not found under {root}: put {' and '.join(needed)} (from the {name} release "
         f"of insightface) in {root / 'models' / name}/ (in ComfyUI: ComfyUI/models/insightface/models/{name}/)"
+        + (" - or score with the pack's antelopev2 (--face-model antelopev2)" if name == "buffalo_l" else "")
     )
 
 
