@@ -42,7 +42,8 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path):
     _bench(bench)
     args = [str(bench), "--out", str(results), "--unet", TINY_NAMES["flux"], "--vae", TINY_NAMES["vae"],
             "--adapter", TINY_NAMES["adapter"], "--siglip", TINY_NAMES["siglip"], "--clip-l-only",
-            TINY_NAMES["clip"], "--steps", "1", "--size", "256", "--min-face-size", "16", "--limit", "2"]
+            TINY_NAMES["clip"], "--steps", "1", "--size", "256", "--min-face-size", "16", "--limit", "2",
+            "--siglip-share", "0.25"]
     with ComfyServer(base) as server:
         written = bench_run.main(args + ["--server", server.url])
         assert [p.parent.name for p in written] == ["a_single", "b_pair"]  # --limit 2: c_unused left alone
@@ -63,6 +64,8 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path):
         ran = [entry["prompt"][2] for entry in history.values()]
         layouts = [n["inputs"] for p in ran for n in p.values() if n["class_type"] == "WithAnyoneLayout"]
         assert sorted(l["people"] for l in layouts) == [1, 2] and all(l["source"] == "text" for l in layouts)
+        shares = [n["inputs"]["siglip_share"] for p in ran for n in p.values() if "siglip_share" in n["inputs"]]
+        assert shares == [0.25, 0.25]
         texts = {n["inputs"]["text"] for p in ran for n in p.values() if n["class_type"] == "CLIPTextEncode"}
         assert {"photo a_single", "photo b_pair"} <= texts
         loads = sorted(n["inputs"]["image"] for p in ran for n in p.values() if n["class_type"] == "LoadImage")

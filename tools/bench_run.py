@@ -180,6 +180,10 @@ def build_prompt(workflow: dict, object_info: dict, *, prompt_text: str, ref_ima
     sampler["seed"] = seed
     if settings.get("steps"):
         sampler["steps"] = settings["steps"]
+    if settings.get("siglip_share") is not None:  # on the sampler or on Apply WithAnyone, whichever the graph has
+        for nid in _of(prompt, "WithAnyoneSampler") + _of(prompt, "WithAnyoneApply"):
+            if "siglip_share" in prompt[nid]["inputs"]:
+                prompt[nid]["inputs"]["siglip_share"] = settings["siglip_share"]
     if "batch_size" in sampler:
         sampler["batch_size"] = 1
     prompt[_upstream(prompt, sampler_id, "positive", "CLIPTextEncode")]["inputs"]["text"] = prompt_text
@@ -288,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="one seed for every sample (the authors' default)")
     p.add_argument("--size", type=int, default=512, help="output side (the authors' batch script: 512)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the workflow's)")
+    p.add_argument("--siglip-share", type=float, help="the authors' similarity slider, 0 = ArcFace only "
+                   "(default: the workflow's)")
     p.add_argument("--limit", type=int, help="only the first N samples (sorted by name)")
     p.add_argument("--overwrite", action="store_true", help="generate again where out.jpg exists")
     p.add_argument("--jpeg-quality", type=int, default=75)
