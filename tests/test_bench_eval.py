@@ -161,3 +161,32 @@ def test_missing_models_say_which_file_and_where(bench, tmp_path, capsys):
         bench_eval.main([str(bench), "--insightface", str(tmp_path / "nothing"), "--providers", "cpu"])
     err = capsys.readouterr().err
     assert "det_10g.onnx" in err and "w600k_r50.onnx" in err and "models/buffalo_l" in err
+
+
+def test_face_model_equals_insightface_face_analysis_as_the_authors_call_it(models):
+    """buffalo_l through insightface's own FaceAnalysis (det_thresh 0.45, every model run), on the image
+    and on the reference padded with PIL as the authors' pad_image does, gives the same embeddings."""
+    import cv2
+    from insightface.app import FaceAnalysis
+
+    from withanyone_core.bench.faces import InsightFaceModel, pad_reference
+
+    root = models["insightface"]
+    buffalo = root / "models" / "buffalo_l"
+    for name in ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx"):  # FaceAnalysis loads the whole pack
+        shutil.copy(root / "models" / "antelopev2" / name, buffalo / name)
+    app = FaceAnalysis(name="buffalo_l", root=str(root), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=0, det_thresh=0.45)
+    ours = InsightFaceModel(root, "buffalo_l", providers="cpu")
+
+    image = make_face_image([(4, 5), (12, 9), (15, 15)], identities=[1, 2, 3], seed=7)[0]
+    theirs = np.stack([f.embedding for f in app.get(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))])
+    assert np.allclose(ours.faces(image), theirs, atol=1e-5)  # same faces, same (score) order
+
+    ref = Image.fromarray(reference_photo(11, 21))
+    side = int(max(ref.size) * 1.5)  # their pad_image: black square, centred by integer division
+    padded = Image.new("RGB", (side, side), (0, 0, 0))
+    padded.paste(ref, ((side - ref.size[0]) // 2, (side - ref.size[1]) // 2))
+    assert np.array_equal(pad_reference(np.asarray(ref)), np.asarray(padded))
+    first = app.get(cv2.cvtColor(np.asarray(padded), cv2.COLOR_RGB2BGR))[0].embedding
+    assert np.allclose(ours.reference(np.asarray(ref)), first, atol=1e-5)
