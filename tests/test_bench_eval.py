@@ -109,6 +109,10 @@ def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, c
     multi, single = summary["subsets"]["multi"], summary["subsets"]["single"]
     assert multi["samples"] == 4 and multi["scored"] == 3 and single["samples"] == 3 and "broken" in single["failed"]
     assert multi["table"]["cp"] == pytest.approx(np.mean([arc[n]["cp"] for n in ("gt", "copy", "swapped")]), abs=1e-9)
+    # per-sample gate (Sim(GT) > 0.35): the copy sample's faces are strangers to the GT and drop out
+    assert arc["copy"]["sim_gt"] < 0.35 < arc["gt"]["sim_gt"]
+    assert multi["face_models"]["arcface"]["cp_gated"]["n"] == 2
+    assert multi["face_models"]["arcface"]["cp_gated"]["mean"] == pytest.approx(-1.0, abs=1e-3)
     assert single["scored"] == 2 and set(summary["subsets"]) == {"single", "multi", "multi_2"}
     assert set(multi["fid"]) == {"authors"} and multi["table"]["fid"] == multi["fid"]["authors"]
 

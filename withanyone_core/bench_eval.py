@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench.aggregate import robust_stats
+from .bench.aggregate import CP_GATES, gated, robust_stats
 from .bench.faces import DET_THRESH, InsightFaceModel
 from .bench.samples import Sample, list_samples
 from .faces import FaceModelsNotFound, ImageReadError, load_image
@@ -129,6 +129,11 @@ def summarise(records: list[dict], fids: dict | None = None) -> dict:
         if len(models) > 1:  # the authors' 'average': every model's per-sample values in one pool
             per_model["average"] = {key: robust_stats([r["face_models"][m].get(key) for r in ok for m in models
                                                        if m in r["face_models"]]) for key in IDENTITY_KEYS}
+        gate = CP_GATES["single" if subset == "single" else "multi"]
+        for model, stats in per_model.items():  # the other reading of the gate: per sample, not per method
+            pool = [r["face_models"][m] for r in ok for m in (models if model == "average" else [model])
+                    if m in r["face_models"]]
+            stats["cp_gated"] = robust_stats(gated([f.get("cp") for f in pool], [f.get("sim_gt") for f in pool], gate))
         entry["face_models"] = per_model
         for key in ("clip_i", "clip_t", "aesthetic"):
             entry[key] = robust_stats([r.get(key) for r in ok])
