@@ -177,7 +177,9 @@ def _run_apply_custom_advanced(model, adapter, case, t):
 
 
 def _run_apply_ksampler(model, adapter, case, t):
-    import nodes as comfy_nodes
+    """What the KSampler node runs (comfy.sample.sample with ComfyUI's noise for the seed); ComfyUI's ``nodes``
+    module itself is not imported: the pack's own ``nodes`` package shadows it on this test's path."""
+    import comfy.sample
     from comfy_extras.nodes_flux import FluxGuidance
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
     from comfy_extras.nodes_sd3 import EmptySD3LatentImage
@@ -188,10 +190,11 @@ def _run_apply_ksampler(model, adapter, case, t):
     mu = authors_mu(case["height"] // 8, case["width"] // 8)
     patched = ModelSamplingFlux().patch(patched, mu, mu, case["width"], case["height"])[0]
     conditioning = FluxGuidance.execute(conditioning, case["guidance"]).result[0]
-    latent = EmptySD3LatentImage.execute(case["width"], case["height"], case["batch"]).result[0]
-    out = comfy_nodes.common_ksampler(patched, case["noise_seed"], case["steps"], 1.0, "euler", "simple",
-                                      conditioning, conditioning, latent)
-    return out[0]["samples"]
+    latent = EmptySD3LatentImage.execute(case["width"], case["height"], case["batch"]).result[0]["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(patched, latent)
+    noise = comfy.sample.prepare_noise(latent, case["noise_seed"])
+    return comfy.sample.sample(patched, noise, case["steps"], 1.0, "euler", "simple", conditioning, conditioning,
+                               latent, seed=case["noise_seed"], disable_pbar=True)
 
 
 RUNNERS = {"sampler": _run_sampler, "apply": _run_apply_custom_advanced, "ksampler": _run_apply_ksampler}
