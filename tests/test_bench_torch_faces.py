@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from withanyone_core.bench import torch_faces
 from withanyone_core.bench.quality import MissingWeights
 from withanyone_core.bench.torch_faces import (AdaFaceIR50, FaceNetInceptionResnetV1, RetinaFaceR50, TorchFaceModel,
                                                align_faces)
@@ -75,15 +74,13 @@ def test_facenet_equals_facenet_pytorch():
     mine = FaceNetInceptionResnetV1().eval()
     reference = InceptionResnetV1(pretrained=None).eval()
     state = _randomise(reference)
-    state["logits.weight"] = torch.zeros(8631, 512)  # the vggface2 release carries its classifier
-    path = Path(torch_faces.__file__)  # any existing folder works for the loader below
-    missing, unexpected = mine.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")})
+    missing, unexpected = mine.load_state_dict(state)
     assert not missing and not unexpected
     crops = [np.random.default_rng(k).integers(0, 256, (112, 112, 3), dtype=np.uint8) for k in range(2)]
     x = FaceNetInceptionResnetV1.preprocess(crops)
     with torch.no_grad():
         assert torch.allclose(mine(x), reference(x), atol=1e-5)
-    assert x.max() <= 1 and path.exists()
+    assert x.max() <= 1 and x.shape == (2, 3, 112, 112)  # the BGR crop scaled to [0, 1] at 112 px, as the authors
 
 
 def test_retinaface_and_alignment_equal_facexlib():
@@ -156,7 +153,10 @@ def test_cli_adds_adaface_facenet_and_the_pooled_average(tmp_path):
             head.conv1x1.bias.copy_(torch.tensor([10.0, -10.0]).repeat(2))
     for net, name in ((detector, "detection_Resnet50_Final"), (AdaFaceIR50(), "adaface_ir50_ms1mv2"),
                       (FaceNetInceptionResnetV1(), "facenet_vggface2")):
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights / f"{name}.safetensors"))
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        if name == "facenet_vggface2":  # the release also carries its VGGFace2 classifier, which is left out
+            state.update({"logits.weight": torch.zeros(8631, 512), "logits.bias": torch.zeros(8631)})
+        save_file(state, str(weights / f"{name}.safetensors"))
     build_tiny_antelopev2(tmp_path / "insightface")
     truth = make_face_image([(5, 6), (13, 8)], identities=[1, 2], seed=3)[0]
     _sample(tmp_path / "pack", "gt", truth, truth, [reference_photo(11, 21), reference_photo(12, 22)])
