@@ -35,7 +35,8 @@ def register_identity_folder() -> list[str]:
     if not wanted:
         wanted = [os.path.join(folder_paths.models_dir, "withanyone", IDENTITIES_SUBFOLDER)]
     paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    paths = list(paths) + [p for p in wanted if p not in paths]
+    # the withanyone roots first (a save goes to the first), then any other folder configured for identities
+    paths = wanted + [p for p in paths if p not in wanted]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
     return paths
 

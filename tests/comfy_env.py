@@ -39,8 +39,14 @@ def import_comfyui(models_dir: Path | None = None):
 
 
 def import_pack():
-    """Import this repository as ComfyUI imports a custom node pack (a package named after its folder)."""
+    """Import this repository as ComfyUI imports a custom node pack (a package named after its folder).
+
+    Once per process: a second import would make a new package object whose ``nodes`` attribute is missing
+    while ``withanyone_pack.nodes.*`` stay cached under the first one."""
     import importlib.util
+
+    if "withanyone_pack" in sys.modules:
+        return sys.modules["withanyone_pack"]
 
     spec = importlib.util.spec_from_file_location(
         "withanyone_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
