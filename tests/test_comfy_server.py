@@ -38,17 +38,14 @@ def server(tmp_path_factory) -> ComfyServer:
 def _workflow_placeholders(base: Path) -> None:
     """Empty files under the names the shipped workflows use, so the server's file lists offer them
     (validation checks names, not contents; running these would fail at the first loader)."""
-    from build_workflows import (ADAPTER_FILE, CLIP_L_FILE, FLUX_FILE, GROUND_TRUTH_PHOTO, LAYOUT_PHOTO, LORA_FILE,
-                                 PERSON_PHOTOS, SIGLIP_NAME, T5_FILE, VAE_FILE)
+    from build_workflows import PLACEHOLDER_INPUTS, PLACEHOLDER_MODELS
 
-    files = [f"diffusion_models/{FLUX_FILE}", f"text_encoders/{CLIP_L_FILE}", f"text_encoders/{T5_FILE}",
-             f"vae/{VAE_FILE}", f"withanyone/{ADAPTER_FILE}", f"loras/{LORA_FILE}", f"siglip/{SIGLIP_NAME}/config.json"]
-    for name in files:
+    for name in PLACEHOLDER_MODELS:
         (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
         (base / "models" / name).write_bytes(b"")
     from PIL import Image
 
-    for name in [*PERSON_PHOTOS, LAYOUT_PHOTO, GROUND_TRUTH_PHOTO]:
+    for name in PLACEHOLDER_INPUTS:
         Image.new("RGB", (64, 64), (90, 90, 90)).save(base / "input" / name)
 
 
@@ -115,28 +112,72 @@ def test_face_extraction_layout_and_no_face_error(server):
     assert "no face found in the layout image" in messages and "WithAnyoneLayout" in messages
 
 
-WORKFLOW_NAMES = {"withanyone_single_person", "withanyone_two_people_layout_from_photo",
-                  "withanyone_four_people_manual_layout", "withanyone_with_lora", "withanyone_identity_metrics"}
+WORKFLOW_NAMES = {"WithAnyone - one person", "WithAnyone - two people, layout from a photo",
+                  "WithAnyone - four people, typed boxes", "WithAnyone - with a FLUX LoRA",
+                  "WithAnyone - copy-paste meter", "WithAnyone - edit a group photo",
+                  "WithAnyone - refine small faces", "WithAnyone - saved people"}
+LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "WithAnyoneAdapterLoader", "WithAnyoneSiglipLoader"}
+
+
+def _fetch(comfy, path: str) -> bytes:
+    import urllib.parse
+    import urllib.request
+
+    return urllib.request.urlopen(comfy.url + urllib.parse.quote(path), timeout=60).read()
 
 
 def test_shipped_workflows_are_templates_and_validate(server):
-    """Every workflow in example_workflows/: served as a template, identical to what its spec builds
-    against this server's /object_info, and, converted to API format, accepted by the server."""
-    from build_workflows import build_all, dumps
+    """Every workflow in example_workflows/: served as a template with its .jpg thumbnail, identical to what its
+    spec builds against this server's /object_info (thumbnail included), every public model file with its
+    download and folder for the missing-models dialog, a note, and, converted to API format, accepted by the
+    server."""
+    import io
+
+    from build_workflows import BUILDERS, MODEL_SOURCES, build_all, dumps, thumbnail
     from comfy_server import PromptRejected, execution_error
-    from workflows import check_api, ui_to_api
+    from PIL import Image
+    from workflows import check_api, thumbnail_jpeg, ui_to_api
 
     comfy = server
     files = {p.stem: p for p in (ROOT / "example_workflows").glob("*.json")}
-    assert WORKFLOW_NAMES <= set(files)
+    assert WORKFLOW_NAMES <= set(files) and set(files) == set(BUILDERS)
+    assert {p.stem for p in (ROOT / "example_workflows").glob("*.jpg")} == set(files)  # one thumbnail each
     templates = comfy.get_json("/workflow_templates")
     pack = next(name for name, listed in templates.items() if WORKFLOW_NAMES <= set(listed))
     info = comfy.get_json("/object_info")
+    folders = set(comfy.get_json("/models"))  # the folders the missing-models dialog checks a directory against
     rebuilt = build_all(info)
     for name, path in sorted(files.items()):
-        workflow = json.loads(path.read_text())
-        assert comfy.get_json(f"/api/workflow_templates/{pack}/{name}.json") == workflow
-        assert path.read_text() == dumps(rebuilt[name]), f"{name}: rerun python tools/build_workflows.py"
+        workflow = json.loads(path.read_text(encoding="utf-8"))
+        assert json.loads(_fetch(comfy, f"/api/workflow_templates/{pack}/{name}.json")) == workflow
+        assert path.read_text(encoding="utf-8") == dumps(rebuilt[name]), f"{name}: rerun tools/build_workflows.py"
+        served = _fetch(comfy, f"/api/workflow_templates/{pack}/{name}.jpg")
+        assert served == path.with_suffix(".jpg").read_bytes()
+        shipped = np.asarray(Image.open(io.BytesIO(served)).convert("RGB"), dtype=np.float32)
+        fresh = np.asarray(Image.open(io.BytesIO(thumbnail_jpeg(thumbnail(name, rebuilt[name])))), dtype=np.float32)
+        assert shipped.shape == fresh.shape == (512, 512, 3)
+        assert np.abs(shipped - fresh).mean() < 1.0, f"{name}.jpg: rerun tools/build_workflows.py"
+        for node in workflow["nodes"]:
+            named = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v in MODEL_SOURCES]
+            models = node["properties"].get("models", [])
+            assert [m["name"] for m in models] == named, (name, node["type"])
+            for entry in models:
+                assert entry["url"].startswith("https://huggingface.co/") and entry["url"].endswith(".safetensors")
+                assert entry["directory"] in folders, entry
+            # every loader of a public file has its source; the Kontext previews' file names are the user's choice
+            kontext_adapter = name.startswith("WithAnyone Kontext") and node["type"] == "WithAnyoneAdapterLoader"
+            if node["type"] in LOADERS and not kontext_adapter:
+                assert len(models) == (2 if node["type"] == "DualCLIPLoader" else 1), (name, node["type"])
+            if kontext_adapter:
+                kontext_files = [v for v in node["widgets_values"] if isinstance(v, str)][:1]
+        notes = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
+        assert len(notes) == 1 and notes[0]["widgets_values"][0].startswith(f"## {name}\n")
+        text = notes[0]["widgets_values"][0]
+        if name.startswith("WithAnyone Kontext"):
+            assert f"| {kontext_files[0]} | models/withanyone/ | the WithAnyone release" in text
+        for node in workflow["nodes"]:
+            for entry in node["properties"].get("models", []):
+                assert f"| {entry['name']} | models/{entry['directory']}/ | [download]({entry['url']})" in text
         prompt = ui_to_api(workflow, info)
         assert check_api(prompt, info) == [], name
         assert any(n["class_type"].startswith("WithAnyone") for n in prompt.values())
@@ -145,7 +186,7 @@ def test_shipped_workflows_are_templates_and_validate(server):
         assert "execution_start" in json.dumps(entry["status"]["messages"]), name
         assert execution_error(entry) is not None
     # the checker and the real server agree on a broken value
-    prompt = ui_to_api(json.loads(files["withanyone_single_person"].read_text()), info)
+    prompt = ui_to_api(json.loads(files["WithAnyone - one person"].read_text()), info)
     sampler = next(n for n in prompt.values() if n["class_type"] == "WithAnyoneSampler")
     sampler["inputs"]["steps"] = 0
     assert any("'steps' = 0 outside" in p for p in check_api(prompt, info))

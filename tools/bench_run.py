@@ -11,8 +11,8 @@ BENCH may also be an index the authors' ``MultiID-Bench/hf2bench.py`` writes fro
 Face dataset (``p1.json``, ``p2.json``, ``p3.json``) with ``--data-root`` its image folder
 (``p1/untar`` ..), as their ``infer_withanyone.py`` takes it.
 
-For each sample the shipped workflow (``withanyone_single_person.json`` for one person,
-``withanyone_four_people_manual_layout.json`` for more) is converted to ComfyUI's API format
+For each sample the shipped workflow (``WithAnyone - one person.json`` for one person,
+``WithAnyone - four people, typed boxes.json`` for more) is converted to ComfyUI's API format
 against the server's own ``/object_info``, and its inputs are set by node type: the reference
 photos (uploaded), the prompt, a text layout of the ground-truth boxes, the seed. The image
 is written to ``RESULTS/<sample>/out.jpg`` beside copies of ``ori.jpg``, the references and
@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))  # withanyone_core
 
 logger = logging.getLogger("withanyone.bench_run")
 
-WORKFLOWS = {1: ROOT / "example_workflows" / "withanyone_single_person.json",
-             4: ROOT / "example_workflows" / "withanyone_four_people_manual_layout.json"}
+WORKFLOWS = {1: ROOT / "example_workflows" / "WithAnyone - one person.json",
+             4: ROOT / "example_workflows" / "WithAnyone - four people, typed boxes.json"}
 UPLOAD_FOLDER = "withanyone_bench"
 
 

@@ -3,8 +3,13 @@
     python tools/build_workflows.py          # starts a ComfyUI with the pack for /object_info
 
 The specs are the source; the JSON files are generated so that every widget value sits
-where the frontend expects it. tests/test_workflows.py rebuilds them against a real
-server and fails if a file differs, so edit here and rerun.
+where the frontend expects it. Each file gets, on top of its spec: ``properties.models``
+(name, url, directory) on every node that names a public model file (the frontend's
+missing-models dialog reads them), a Markdown note saying which file goes where, and a
+``.jpg`` thumbnail of the same stem (the picture the template card shows). ComfyUI 0.3.75
+and its frontends (1.32.9 .. 1.58.1) title a custom node's template card with the file
+name, so the file names are the titles. tests/test_comfy_server.py rebuilds everything
+against a real server and fails if a file differs, so edit here and rerun.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":  # tools/kontext_workflows.py imports this module by name while it runs as a script
+    sys.modules.setdefault("build_workflows", sys.modules[__name__])
 
 from get_comfyui import ROOT  # noqa: E402
-from workflows import Graph  # noqa: E402
+from workflows import Graph, render_thumbnail, thumbnail_jpeg  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from withanyone_core import recipe  # noqa: E402  (the authors' recipe: steps, guidance, size, share)
@@ -31,11 +38,35 @@ CLIP_L_FILE = "clip_l.safetensors"
 T5_FILE = "t5xxl_fp16.safetensors"
 VAE_FILE = "ae.safetensors"
 ADAPTER_FILE = "withanyone.safetensors"
-SIGLIP_NAME = "siglip-base-patch16-256-i18n"
+# one file (google's model.safetensors under this name), so the missing-models dialog can fetch it; the loader
+# also takes the repository's folder
+SIGLIP_NAME = "siglip-base-patch16-256-i18n.safetensors"
 LORA_FILE = "your_flux_lora.safetensors"
 PERSON_PHOTOS = [f"withanyone_person_{k}.png" for k in range(1, 5)]
 LAYOUT_PHOTO = "withanyone_layout_photo.png"
 GROUND_TRUTH_PHOTO = "withanyone_ground_truth.png"
+GROUP_PHOTO = "withanyone_group_photo.png"  # the photo the edit workflow changes the faces of
+SMALL_FACES_PHOTO = "withanyone_small_faces.png"  # an image (e.g. generated) whose faces are small
+SAVED_PEOPLE = ["person_1.safetensors", "person_2.safetensors"]  # in models/withanyone/identities/
+
+_HF = "https://huggingface.co"
+# file name -> (download URL, ComfyUI model folder): public files the workflows name
+MODEL_SOURCES = {
+    FLUX_FILE: (f"{_HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors", "diffusion_models"),
+    VAE_FILE: (f"{_HF}/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors", "vae"),
+    CLIP_L_FILE: (f"{_HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors", "text_encoders"),
+    T5_FILE: (f"{_HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors", "text_encoders"),
+    ADAPTER_FILE: (f"{_HF}/WithAnyone/WithAnyone/resolve/main/withanyone.safetensors", "withanyone"),
+    SIGLIP_NAME: (f"{_HF}/google/siglip-base-patch16-256-i18n/resolve/main/model.safetensors", "siglip"),
+    "flux1-kontext-dev.safetensors": (
+        f"{_HF}/black-forest-labs/FLUX.1-Kontext-dev/resolve/main/flux1-kontext-dev.safetensors", "diffusion_models"),
+}
+MODEL_NOTES = {  # what the note adds after a file's row
+    FLUX_FILE: "gated: accept the licence on its Hugging Face page first",
+    "flux1-kontext-dev.safetensors": "gated: accept the licence on its Hugging Face page first",
+    SIGLIP_NAME: "google's model.safetensors, saved under this name (or the whole repository as a folder "
+                 "models/siglip/siglip-base-patch16-256-i18n/)",
+}
 
 COL = 360  # column width of the node grid
 
@@ -194,21 +225,220 @@ def identity_metrics(info: dict) -> dict:
                    "the reference photo; near -1, the person as in the ground-truth photo.")
 
 
+def _faces_inpaint(g: Graph, unet, positive, vae, adapter, identities, photo, layout, x: float, y: float,
+                   denoise: float, grow: int, seed: int):
+    """Masked latent inpainting of the layout's face boxes with the identities: VAE Encode + Set Latent Noise Mask
+    (the boxes, grown), Apply WithAnyone, SamplerCustomAdvanced on the last ``denoise`` share of the authors'
+    schedule, then the result pasted into the photo through a softened mask, so pixels away from the faces stay
+    the photo's own."""
+    grown = g.add("GrowMask", (x, y), title="Face boxes, grown", mask=layout.out("mask"), expand=grow,
+                  tapered_corners=True)
+    encoded = g.add("VAEEncode", (x, y + 130), pixels=photo.out(), vae=vae.out())
+    masked = g.add("SetLatentNoiseMask", (x, y + 230), samples=encoded.out(), mask=grown.out())
+    patched = g.add("WithAnyoneApply", (x + COL, y), model=unet.out(), adapter=adapter.out(),
+                    identities=identities.out(), layout=layout.out("layout"),
+                    siglip_share=recipe.DEFAULT_SIGLIP_SHARE, weight_mode="share", id_weight=1.0, siglip_weight=0.0,
+                    start_percent=0.0, end_percent=1.0)
+    guided = g.add("FluxGuidance", (x + COL, y + 400), conditioning=positive.out(), guidance=recipe.DEFAULT_GUIDANCE)
+    guider = g.add("BasicGuider", (x + COL, y + 520), model=patched.out(), conditioning=guided.out())
+    noise = g.add("RandomNoise", (x + COL, y + 620), noise_seed=seed)
+    sampler = g.add("KSamplerSelect", (x + COL, y + 740), sampler_name="euler")
+    schedule = g.add("WithAnyoneSchedule", (x + 2 * COL, y), steps=recipe.DEFAULT_STEPS,
+                     width=recipe.DEFAULT_SIZE, height=recipe.DEFAULT_SIZE, layout=layout.out("layout"))
+    split = g.add("SplitSigmasDenoise", (x + 2 * COL, y + 160), title="Denoise: how much of each face is redrawn",
+                  sigmas=schedule.out(), denoise=denoise)
+    sampled = g.add("SamplerCustomAdvanced", (x + 2 * COL, y + 300), noise=noise.out(), guider=guider.out(),
+                    sampler=sampler.out(), sigmas=split.out("low_sigmas"), latent_image=masked.out())
+    decoded = g.add("VAEDecode", (x + 3 * COL, y), samples=sampled.out("output"), vae=vae.out())
+    as_image = g.add("MaskToImage", (x + 3 * COL, y + 130), mask=grown.out())
+    blurred = g.add("ImageBlur", (x + 3 * COL, y + 230), image=as_image.out(), blur_radius=15, sigma=5.0)
+    soft = g.add("ImageToMask", (x + 3 * COL, y + 370), title="Soft edge for pasting", image=blurred.out(),
+                 channel="red")
+    pasted = g.add("ImageCompositeMasked", (x + 4 * COL, y), title="New faces pasted into the photo",
+                   destination=photo.out(), source=decoded.out(), x=0, y=0, resize_source=False, mask=soft.out())
+    g.group("Redraw the faces with the identities (masked inpainting)",
+            [grown, encoded, masked, patched, guided, guider, noise, sampler, schedule, split, sampled, decoded,
+             as_image, blurred, soft, pasted], color="#8a5a2b")
+    return pasted
+
+
+def edit_group_photo(info: dict) -> dict:
+    g = Graph(info)
+    unet, positive, negative, vae, adapter, analyzer, siglip = _models(
+        g, "a group photo of two friends, natural light, sharp focus, detailed faces")
+    identities = _people(g, 2, analyzer, siglip, x=0)
+    photo = g.add("LoadImage", (4 * COL, 880), title="The group photo to edit", image=GROUP_PHOTO)
+    scaled = g.add("ImageScaleToMaxDimension", (4 * COL, 1240), title="Photo at FLUX size (longest side)",
+                   image=photo.out("IMAGE"), upscale_method="lanczos", largest_size=1024)
+    size = g.add("GetImageSize", (4 * COL, 1380), image=scaled.out())
+    # framing 'fill' at the photo's own size maps every face box onto itself: the boxes are where the faces are
+    layout = g.add("WithAnyoneLayout", (5 * COL, 880), title="Faces of the photo (left to right = person 1, 2)",
+                   width=size.out("width"), height=size.out("height"), source="image", people=2, boxes="",
+                   layout_image=scaled.out(), face_analyzer=analyzer.out(), image_framing="fill")
+    g.add("PreviewImage", (6 * COL, 880), title="Faces that will be replaced", images=layout.out("preview"))
+    pasted = _faces_inpaint(g, unet, positive, vae, adapter, identities, scaled, layout, 2 * COL, 1700,
+                            denoise=0.85, grow=24, seed=11)
+    g.add("SaveImage", (6 * COL + 40, 1700), images=pasted.out(), filename_prefix="WithAnyone/edited")
+    return g.to_ui("Replaces the faces of a group photo with the given people: the layout comes from the photo's "
+                   "faces (left to right = person 1, 2), only the face boxes are redrawn (masked latent "
+                   "inpainting, denoise 0.85 of the authors' schedule) and pasted back; the rest stays the photo.")
+
+
+def refine_small_faces(info: dict) -> dict:
+    g = Graph(info)
+    unet, positive, negative, vae, adapter, analyzer, siglip = _models(
+        g, "a photo of a group of friends, detailed faces, sharp focus")
+    identities = _people(g, 2, analyzer, siglip, x=0)
+    image = g.add("LoadImage", (4 * COL, 880), title="An image whose faces are small (e.g. a generated one)",
+                  image=SMALL_FACES_PHOTO)
+    larger = g.add("ImageScaleBy", (4 * COL, 1240), title="2x: four times the tokens per face",
+                   image=image.out("IMAGE"), upscale_method="lanczos", scale_by=2.0)
+    size = g.add("GetImageSize", (4 * COL, 1380), image=larger.out())
+    layout = g.add("WithAnyoneLayout", (5 * COL, 880), title="Faces of the image (left to right = person 1, 2)",
+                   width=size.out("width"), height=size.out("height"), source="image", people=2, boxes="",
+                   layout_image=larger.out(), face_analyzer=analyzer.out(), image_framing="fill")
+    g.add("PreviewImage", (6 * COL, 880), title="Faces that will be refined", images=layout.out("preview"))
+    pasted = _faces_inpaint(g, unet, positive, vae, adapter, identities, larger, layout, 2 * COL, 1700,
+                            denoise=0.45, grow=16, seed=5)
+    back = g.add("ImageScaleBy", (6 * COL + 40, 1700), title="Back to the original size", image=pasted.out(),
+                 upscale_method="lanczos", scale_by=0.5)
+    g.add("SaveImage", (6 * COL + 40, 1840), images=back.out(), filename_prefix="WithAnyone/refined")
+    return g.to_ui("A second pass for small faces: the image at twice its size, its faces (left to right = person "
+                   "1, 2) redrawn with the identities at denoise 0.45 of the authors' schedule, pasted back and "
+                   "scaled down again. Run it on an image from another WithAnyone workflow.")
+
+
+def saved_people(info: dict) -> dict:
+    g = Graph(info)
+    unet = g.add("UNETLoader", (0, 0), unet_name=FLUX_FILE, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", (0, 130), clip_name1=CLIP_L_FILE, clip_name2=T5_FILE, type="flux")
+    vae = g.add("VAELoader", (0, 290), vae_name=VAE_FILE)
+    positive = g.add("CLIPTextEncode", (COL, 0), title="Prompt", clip=clip.out(),
+                     text="two friends hiking on a mountain ridge at sunrise, backpacks, wide shot")
+    negative = g.add("CLIPTextEncode", (COL, 230), title="Negative (unused at cfg 1)", text="", clip=clip.out())
+    adapter = g.add("WithAnyoneAdapterLoader", (0, 420), adapter_name=ADAPTER_FILE)
+    g.group("FLUX.1-dev and the WithAnyone adapter (no face analyzer, no SigLIP)", [unet, clip, vae, adapter],
+            color="#444")
+    people = [g.add("WithAnyoneLoadIdentity", (0, 880 + 200 * k), title=f"Person {k + 1}: saved identity",
+                    identity_name=name) for k, name in enumerate(SAVED_PEOPLE)]
+    identities = g.add("WithAnyoneIdentityEncode", (COL, 880), person_1=people[0].out("person"),
+                       person_2=people[1].out("person"))
+    g.group("2 saved people, in layout order", people, color="#3f789e")
+    layout = g.add("WithAnyoneLayout", (2 * COL, 880), width=recipe.DEFAULT_SIZE, height=recipe.DEFAULT_SIZE,
+                   source="preset", people=2, boxes="0.18,0.22,0.40,0.52\n0.60,0.22,0.82,0.52")
+    latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=21)
+    _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/saved_people")
+    return g.to_ui("Two people saved earlier with Save WithAnyone Identity (put it between Face Extract and "
+                   "Identity Encode in any workflow, run once): no face analyzer or SigLIP needed. Saved and new "
+                   "people mix in Identity Encode, in person order.")
+
+
+# file stem (= the template card's title) -> spec
 BUILDERS = {
-    "withanyone_single_person": single_person,
-    "withanyone_two_people_layout_from_photo": two_people_layout_from_photo,
-    "withanyone_four_people_manual_layout": four_people_manual_layout,
-    "withanyone_with_lora": with_lora,
-    "withanyone_identity_metrics": identity_metrics,
+    "WithAnyone - one person": single_person,
+    "WithAnyone - two people, layout from a photo": two_people_layout_from_photo,
+    "WithAnyone - four people, typed boxes": four_people_manual_layout,
+    "WithAnyone - with a FLUX LoRA": with_lora,
+    "WithAnyone - copy-paste meter": identity_metrics,
+    "WithAnyone - edit a group photo": edit_group_photo,
+    "WithAnyone - refine small faces": refine_small_faces,
+    "WithAnyone - saved people": saved_people,
 }
+SINGLE_PERSON = "WithAnyone - one person"
+FOUR_PEOPLE = "WithAnyone - four people, typed boxes"
+# files that validating the workflows needs (names are checked, not contents): models/ and input/ relative
+PLACEHOLDER_MODELS = [f"diffusion_models/{FLUX_FILE}", f"text_encoders/{CLIP_L_FILE}", f"text_encoders/{T5_FILE}",
+                      f"vae/{VAE_FILE}", f"withanyone/{ADAPTER_FILE}", f"loras/{LORA_FILE}", f"siglip/{SIGLIP_NAME}",
+                      *(f"withanyone/identities/{name}" for name in SAVED_PEOPLE)]
+PLACEHOLDER_INPUTS = [*PERSON_PHOTOS, LAYOUT_PHOTO, GROUND_TRUTH_PHOTO, GROUP_PHOTO, SMALL_FACES_PHOTO]
+
+# Kontext specs (tools/kontext_workflows.py), under card titles like the others
+KONTEXT_TITLES = {"withanyone_kontext_k_text_to_image": "WithAnyone Kontext - people in a new picture (K)",
+                  "withanyone_kontext_ke_face_edit": "WithAnyone Kontext - edit faces (Ke)"}
+from kontext_workflows import PLACEHOLDER_INPUTS as _KONTEXT_INPUTS  # noqa: E402  (it imports this module)
+from kontext_workflows import PLACEHOLDER_MODELS as _KONTEXT_MODELS  # noqa: E402
+from kontext_workflows import kontext_builders  # noqa: E402
+
+BUILDERS.update({KONTEXT_TITLES.get(name, name): build for name, build in kontext_builders().items()})
+PLACEHOLDER_MODELS += [m for m in _KONTEXT_MODELS if m not in PLACEHOLDER_MODELS
+                       and not any(m.startswith(f + "/") for f in PLACEHOLDER_MODELS)]
+PLACEHOLDER_INPUTS += [i for i in _KONTEXT_INPUTS if i not in PLACEHOLDER_INPUTS]
+
+
+def _string_widgets(node: dict) -> list[str]:
+    return [v for v in node.get("widgets_values") or [] if isinstance(v, str)]
+
+
+def attach_model_sources(workflow: dict) -> None:
+    """``properties.models`` on every node whose widgets name a public model file (the frontend's missing-models
+    dialog lists each entry whose name is a current widget value, with its download and folder)."""
+    for node in workflow["nodes"]:
+        models = [{"name": v, "url": MODEL_SOURCES[v][0], "directory": MODEL_SOURCES[v][1]}
+                  for v in _string_widgets(node) if v in MODEL_SOURCES]
+        if models:
+            node["properties"]["models"] = models
+
+
+def note_text(name: str, workflow: dict) -> str:
+    """The note's Markdown: what the workflow does and which file goes where."""
+    rows, seen = [], set()
+    types = {n["type"] for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        for entry in node["properties"].get("models", []):
+            if entry["name"] in seen:
+                continue
+            seen.add(entry["name"])
+            extra = MODEL_NOTES.get(entry["name"])
+            rows.append(f"| {entry['name']} | models/{entry['directory']}/ | [download]({entry['url']})"
+                        + (f" ({extra})" if extra else "") + " |")
+        if node["type"] == "WithAnyoneAdapterLoader":
+            value = _string_widgets(node)[0]
+            if value not in MODEL_SOURCES and value not in seen:
+                seen.add(value)
+                rows.append(f"| {value} | models/withanyone/ | the WithAnyone release ({_HF}/WithAnyone/WithAnyone): "
+                            "its Kontext preview file, under this name or picked in the loader |")
+    if "WithAnyoneFaceAnalyzerLoader" in types:
+        rows.append("| antelopev2 (scrfd_10g_bnkps.onnx, glintr100.onnx, ...) | models/insightface/models/"
+                    "antelopev2/ | insightface's antelopev2.zip, unpacked (the layout InstantID and PuLID use) |")
+    if "WithAnyoneLoadIdentity" in types:
+        rows.append("| person_1.safetensors, ... | models/withanyone/identities/ | written by Save WithAnyone "
+                    "Identity |")
+    if "LoraLoaderModelOnly" in types:
+        rows.append("| your FLUX LoRA | models/loras/ | any FLUX.1 LoRA |")
+    photos = [n.get("title") or "Load Image" for n in workflow["nodes"] if n["type"] == "LoadImage"]
+    lines = [f"## {name}", "", workflow["extra"].get("withanyone_note", ""), "",
+             "### Model files", "", "| file | put it in | from |", "|---|---|---|", *rows, "",
+             "Missing files are listed with their downloads when the workflow opens. Press R after adding files."]
+    if photos:
+        lines += ["", "### Your photos (Load Image)", "", *(f"- {title}" for title in photos)]
+    return "\n".join(lines)
+
+
+def finish(name: str, workflow: dict) -> dict:
+    """What every shipped workflow gets on top of its spec: model sources and the note."""
+    attach_model_sources(workflow)
+    left = min(n["pos"][0] for n in workflow["nodes"])
+    top = min(n["pos"][1] for n in workflow["nodes"])
+    note = {"id": workflow["last_node_id"] + 1, "type": "MarkdownNote", "pos": [left - 600.0, top - 30.0],
+            "size": [560.0, 620.0], "flags": {}, "order": len(workflow["nodes"]), "mode": 0, "inputs": [],
+            "outputs": [], "title": "Read me: what goes where", "properties": {},
+            "widgets_values": [note_text(name, workflow)], "color": "#432", "bgcolor": "#653"}
+    workflow["nodes"].append(note)
+    workflow["last_node_id"] = note["id"]
+    return workflow
 
 
 def build_all(object_info: dict) -> dict[str, dict]:
-    return {name: build(object_info) for name, build in BUILDERS.items()}
+    return {name: finish(name, build(object_info)) for name, build in BUILDERS.items()}
+
+
+def thumbnail(name: str, workflow: dict):
+    """The template card's picture: the graph and the workflow's title and description."""
+    return render_thumbnail(workflow, name, workflow["extra"].get("withanyone_note", ""))
 
 
 def dumps(workflow: dict) -> str:
-    return json.dumps(workflow, indent=1) + "\n"
+    return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
 
 
 def main() -> None:
@@ -218,9 +448,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         info = server.get_json("/object_info")
     WORKFLOWS_DIR.mkdir(exist_ok=True)
-    for name, workflow in build_all(info).items():
-        (WORKFLOWS_DIR / f"{name}.json").write_text(dumps(workflow))
-        logging.info("wrote example_workflows/%s.json", name)
+    built = build_all(info)
+    for stale in sorted(WORKFLOWS_DIR.glob("*.json")) + sorted(WORKFLOWS_DIR.glob("*.jpg")):
+        if stale.stem not in built:
+            stale.unlink()
+            logging.info("removed %s (no spec of that name)", stale.name)
+    for name, workflow in built.items():
+        (WORKFLOWS_DIR / f"{name}.json").write_text(dumps(workflow), encoding="utf-8")
+        (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_jpeg(thumbnail(name, workflow)))
+        logging.info("wrote example_workflows/%s.json and .jpg", name)
 
 
 if __name__ == "__main__":

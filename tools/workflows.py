@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NODE_WIDTH = 320
+# frontend-only nodes: saved in the workflow, never sent to the server
+VIRTUAL_NODE_TYPES = {"Note", "MarkdownNote"}
 
 
 def _ordered_inputs(definition: dict) -> list[tuple[str, str, list]]:
@@ -134,6 +136,15 @@ class Graph:
             return choices[0]
         raise ValueError(f"{class_type}.{name}: give a value (no default)")
 
+    def note(self, text: str, pos: tuple[float, float], size: tuple[float, float] = (520, 300),
+             title: str = "Read me") -> None:
+        """A MarkdownNote (the frontend's own note node with Markdown; not sent to the server)."""
+        node_id = len(self.nodes) + 1
+        self.nodes.append({"id": node_id, "type": "MarkdownNote", "pos": [float(pos[0]), float(pos[1])],
+                           "size": [float(size[0]), float(size[1])], "flags": {}, "order": node_id - 1, "mode": 0,
+                           "inputs": [], "outputs": [], "title": title, "properties": {}, "widgets_values": [text],
+                           "color": "#432", "bgcolor": "#653"})
+
     def group(self, title: str, node_refs: list[NodeRef], color: str = "#3f789e") -> None:
         chosen = [self.nodes[r.node_id - 1] for r in node_refs]
         x1 = min(n["pos"][0] for n in chosen) - 20
@@ -156,7 +167,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) != 0:  # muted (2) or bypassed (4)
+        if node.get("mode", 0) != 0 or node["type"] in VIRTUAL_NODE_TYPES:  # muted (2), bypassed (4), notes
             continue
         class_type = node["type"]
         if class_type not in object_info:
@@ -229,3 +240,128 @@ def check_api(prompt: dict, object_info: dict) -> list[str]:
                 problems.append(f"{where}: {name!r} = {value!r} is not a boolean")
     return problems
 
+
+
+# --------------------------------------------------------------------------- thumbnails
+THUMBNAIL_SIZE = (512, 512)  # the template cards show a square picture
+_CAPTION_HEIGHT = 150
+_LINK_COLORS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "CONDITIONING": "#ffa931",
+                "LATENT": "#ff9cf9", "IMAGE": "#64b5f6", "MASK": "#81c784", "INT": "#29699c", "SIGMAS": "#cdffcd",
+                "NOISE": "#b0b0b0", "GUIDER": "#66ffff", "SAMPLER": "#ecb4b4"}
+_WITHANYONE_COLOR = "#e08eff"
+
+
+def _title_color(node: dict) -> str:
+    kind = node["type"]
+    if kind in VIRTUAL_NODE_TYPES:
+        return "#665533"
+    if kind.startswith("WithAnyone"):
+        return "#5b3a7a"
+    if kind.endswith("Loader") or kind.startswith("Load"):
+        return "#2a4d6e"
+    return "#3a3a3a"
+
+
+def _wrap(draw, text: str, font, width: float, lines: int) -> list[str]:
+    out, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            out.append(line)
+            line = word
+            if len(out) == lines:
+                break
+    if line and len(out) < lines:
+        out.append(line)
+    return out
+
+
+def render_thumbnail(workflow: dict, title: str, description: str, size: tuple[int, int] = THUMBNAIL_SIZE):
+    """A picture of the graph (groups, nodes, links coloured by type, as the canvas draws them) over a caption
+    with the workflow's title and description. Deterministic for a given Pillow: the build script writes it, the
+    server test compares it with a fresh rendering."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    graph_h = height - _CAPTION_HEIGHT
+    image = Image.new("RGBA", size, "#1e1e1e")
+    draw = ImageDraw.Draw(image)
+    for gx in range(8, width, 16):  # the canvas' dot grid
+        for gy in range(8, graph_h, 16):
+            draw.point((gx, gy), fill="#2c2c2c")
+    nodes = workflow["nodes"]
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes]
+    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+               g["bounding"][1] + g["bounding"][3]) for g in workflow.get("groups", [])]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    margin = 12
+    scale = min((width - 2 * margin) / (x1 - x0), (graph_h - 2 * margin) / (y1 - y0))
+    ox = (width - (x1 - x0) * scale) / 2 - x0 * scale
+    oy = (graph_h - (y1 - y0) * scale) / 2 - y0 * scale
+
+    def at(x, y):
+        return x * scale + ox, y * scale + oy
+
+    overlay = Image.new("RGBA", size, (0, 0, 0, 0))
+    shade = ImageDraw.Draw(overlay)
+    for group in workflow.get("groups", []):
+        gx, gy, gw, gh = group["bounding"]
+        color = group.get("color", "#3f789e").lstrip("#")
+        rgb = tuple(int(color[i:i + 2], 16) for i in (0, 2, 4)) if len(color) == 6 else (63, 120, 158)
+        shade.rectangle([*at(gx, gy), *at(gx + gw, gy + gh)], fill=(*rgb, 70), outline=(*rgb, 200))
+    image = Image.alpha_composite(image, overlay)
+    draw = ImageDraw.Draw(image)
+    by_id = {n["id"]: n for n in nodes}
+
+    def slot_y(node, slot):
+        return node["pos"][1] + 14 + 22 * slot
+
+    for _, source, out_slot, target, in_slot, kind in workflow.get("links", []):
+        a, b = by_id[source], by_id[target]
+        (sx, sy), (tx, ty) = (at(a["pos"][0] + a["size"][0], slot_y(a, out_slot)),
+                              at(b["pos"][0], slot_y(b, in_slot)))
+        bend = max(20.0, abs(tx - sx) * 0.5)
+        points = []
+        for k in range(25):  # cubic bezier, as the canvas' spline links
+            t = k / 24
+            u = 1 - t
+            points.append((u ** 3 * sx + 3 * u * u * t * (sx + bend) + 3 * u * t * t * (tx - bend) + t ** 3 * tx,
+                           u ** 3 * sy + 3 * u * u * t * sy + 3 * u * t * t * ty + t ** 3 * ty))
+        color = _LINK_COLORS.get(kind, _WITHANYONE_COLOR if kind.startswith("WITHANYONE") else "#999999")
+        draw.line(points, fill=color, width=2)
+    font_size = max(7, min(14, round(22 * scale)))
+    font = ImageFont.load_default(size=font_size)
+    for node in nodes:
+        nx, ny = node["pos"]
+        nw, nh = node["size"]
+        left, top = at(nx, ny - 30)
+        right, bottom = at(nx + nw, ny + nh)
+        body = "#4a4a2a" if node["type"] in VIRTUAL_NODE_TYPES else "#353535"
+        draw.rounded_rectangle([left, top, right, bottom], radius=3, fill=body, outline="#111111")
+        draw.rounded_rectangle([left, top, right, at(nx, ny)[1]], radius=3, fill=_title_color(node))
+        label = node.get("title") or node["type"]
+        while label and draw.textlength(label, font=font) > right - left - 4:
+            label = label[:-1]
+        draw.text((left + 2, top + 1), label, fill="#dddddd", font=font)
+    draw.rectangle([0, graph_h, width, height], fill="#101010")
+    draw.line([(0, graph_h), (width, graph_h)], fill=_WITHANYONE_COLOR, width=3)
+    title_font, text_font = ImageFont.load_default(size=30), ImageFont.load_default(size=17)
+    y = graph_h + 12
+    for line in _wrap(draw, title, title_font, width - 28, 2):
+        draw.text((14, y), line, fill="#ffffff", font=title_font)
+        y += 34
+    for line in _wrap(draw, description, text_font, width - 28, max(1, (height - y - 6) // 21)):
+        draw.text((14, y + 2), line, fill="#bdbdbd", font=text_font)
+        y += 21
+    return image.convert("RGB")
+
+
+def thumbnail_jpeg(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88, optimize=False)
+    return buffer.getvalue()
