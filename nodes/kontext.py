@@ -139,9 +139,13 @@ class WithAnyoneArcFaceIdentities(io.ComfyNode):
         from .faces import _persons_in_order
 
         persons = _persons_in_order([person_1, person_2, person_3, person_4])
-        arcface = [torch.from_numpy(np.mean([p.embedding for p in person.photos], axis=0)).float()
+        # a saved person (Load WithAnyone Identity) has no photos, only its encoded embedding
+        arcface = [person.encoded.arcface if person.encoded is not None
+                   else torch.from_numpy(np.mean([p.embedding for p in person.photos], axis=0)).float()
                    for person in persons]
-        return io.NodeOutput(Identities(torch.stack(arcface), None, tuple(len(p.photos) for p in persons)))
+        return io.NodeOutput(Identities(torch.stack(arcface), None,
+                                        tuple(p.encoded.photos if p.encoded is not None else len(p.photos)
+                                              for p in persons)))
 
 
 NODES = [WithAnyoneFaceEditPrepare, WithAnyoneArcFaceIdentities]

@@ -216,3 +216,16 @@ def test_load_reports_a_damaged_file_and_rereads_a_changed_one(pack):
     assert load.fingerprint_inputs("gina.safetensors") != before
     out = load.execute("gina.safetensors")
     assert out.result[0].encoded.photos == 3 and out.ui["text"][0].startswith("gina: 3 photos, saved ")
+
+
+def test_a_saved_person_feeds_the_kontext_arcface_identities(pack):
+    faces, identities, _, analyzer, siglip, _ = pack
+    from withanyone_pack.nodes import kontext
+
+    hana = _extract(faces, analyzer, _photos(([(7, 5)], [7]), ([(9, 9)], [7])))
+    identities.WithAnyoneSaveIdentity.execute(hana, siglip, "hana")
+    loaded = identities.WithAnyoneLoadIdentity.execute("hana.safetensors").result[0]
+    arcface_only = kontext.WithAnyoneArcFaceIdentities
+    fresh = arcface_only.execute(hana).result[0]
+    saved = arcface_only.execute(loaded).result[0]
+    assert torch.equal(saved.arcface, fresh.arcface) and saved.photos_per_person == (2,)
