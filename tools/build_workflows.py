@@ -355,14 +355,25 @@ PLACEHOLDER_INPUTS = [*PERSON_PHOTOS, LAYOUT_PHOTO, GROUND_TRUTH_PHOTO, GROUP_PH
 # Kontext specs (tools/kontext_workflows.py), under card titles like the others
 KONTEXT_TITLES = {"withanyone_kontext_k_text_to_image": "WithAnyone Kontext - people in a new picture (K)",
                   "withanyone_kontext_ke_face_edit": "WithAnyone Kontext - edit faces (Ke)"}
-from kontext_workflows import PLACEHOLDER_INPUTS as _KONTEXT_INPUTS  # noqa: E402  (it imports this module)
-from kontext_workflows import PLACEHOLDER_MODELS as _KONTEXT_MODELS  # noqa: E402
-from kontext_workflows import kontext_builders  # noqa: E402
 
-BUILDERS.update({KONTEXT_TITLES.get(name, name): build for name, build in kontext_builders().items()})
-PLACEHOLDER_MODELS += [m for m in _KONTEXT_MODELS if m not in PLACEHOLDER_MODELS
+
+def _kontext_specs():
+    """tools/kontext_workflows.py, run as a private copy: it imports this module, so a plain import would be
+    circular whichever of the two is imported first."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "kontext_workflows.py"
+    spec = importlib.util.spec_from_file_location("_withanyone_kontext_specs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_kontext = _kontext_specs()
+BUILDERS.update({KONTEXT_TITLES.get(name, name): build for name, build in _kontext.kontext_builders().items()})
+PLACEHOLDER_MODELS += [m for m in _kontext.PLACEHOLDER_MODELS if m not in PLACEHOLDER_MODELS
                        and not any(m.startswith(f + "/") for f in PLACEHOLDER_MODELS)]
-PLACEHOLDER_INPUTS += [i for i in _KONTEXT_INPUTS if i not in PLACEHOLDER_INPUTS]
+PLACEHOLDER_INPUTS += [i for i in _kontext.PLACEHOLDER_INPUTS if i not in PLACEHOLDER_INPUTS]
 
 
 def _string_widgets(node: dict) -> list[str]:
