@@ -125,12 +125,13 @@ class WithAnyoneArcFaceIdentities(io.ComfyNode):
                         "WithAnyone.Ke, which has no SigLIP branch: no SigLIP model needed. Several photos of one "
                         "person are averaged.",
             inputs=[
-                FACES.Input("person_1"),
-                FACES.Input("person_2", optional=True),
-                FACES.Input("person_3", optional=True),
-                FACES.Input("person_4", optional=True),
+                FACES.Input("person_1", tooltip="faces of person 1 (layout box 1), from Face Extract or Load Identity"),
+                FACES.Input("person_2", optional=True, tooltip="person 2 (box 2); connect persons in order"),
+                FACES.Input("person_3", optional=True, tooltip="person 3 (box 3); needs person 2"),
+                FACES.Input("person_4", optional=True, tooltip="person 4 (box 4); needs person 3"),
             ],
-            outputs=[IDENTITIES.Output(display_name="identities")],
+            outputs=[IDENTITIES.Output(display_name="identities",
+                                       tooltip="ArcFace-only identities (no SigLIP), for a WithAnyone.Ke adapter")],
         )
 
     @classmethod
