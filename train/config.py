@@ -33,8 +33,22 @@ class ModelsConfig:
 
 
 @dataclass
+class MultiID2MConfig:
+    """The authors' MultiID-2M tars (or tars prepare.py --format multiid2m wrote)."""
+
+    shards: str  # glob(s) of .tar shards, comma-separated, e.g. /data/MultiID-2M/train_rec/re_*.tar
+    refs: str | None = None  # untarred ref/tars: <refs>/<name>/*.{jpg,json,npy}; None = the photo itself
+    cluster_centers: str | None = None  # untarred ref/cluster_centers.tar: <name>.npy per identity
+    landmarks: str | None = None  # cache of the GT faces' detected landmarks; None = <output_dir>/landmarks
+    shuffle_buffer: int = 1000  # samples held per DataLoader worker for shuffling
+
+
+@dataclass
 class DataConfig:
-    manifest: str
+    manifest: str | None = None  # JSONL manifest from prepare.py (source manifest or mix)
+    source: str = "manifest"  # manifest | multiid2m | mix
+    multiid2m: MultiID2MConfig | None = None
+    mix: list[float] = field(default_factory=lambda: [1.0, 1.0])  # source weights [manifest, multiid2m]
     negatives: str | None = None  # negatives.safetensors from prepare.py; None = built from the manifest
     batch_size: int = 1
     buckets: list[list[int]] = field(default_factory=lambda: [[512, 512]])
@@ -174,6 +188,9 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1:  # X | None: X's own error (e.g. an unknown key of a section) is the clearest
+            return _convert(value, real[0], where)
         for option in options:
             if option is type(None):
                 continue
@@ -249,6 +266,8 @@ _PHASE_CHOICES = {
     "contrastive_positive": ("gt", "reference"),
     "batch_negatives": ("gt", "generated"),
 }
+DATA_SOURCES = ("manifest", "multiid2m", "mix")
+MULTIID2M_PATH_KEYS = ("shards", "refs", "cluster_centers", "landmarks")
 PATH_KEYS = (("models", ("base", "transformer", "adapter", "antelopev2", "siglip")),
              ("data", ("manifest", "negatives", "text_cache")), ("", ("output_dir",)))
 
@@ -284,6 +303,19 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{where}: {exc}") from exc
     if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
+    data = config.data
+    if data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}; got {data.source!r}")
+    if data.source in ("manifest", "mix") and not data.manifest:
+        raise ConfigError(f"data.source={data.source} needs data.manifest (build it with `python train/prepare.py`)")
+    if data.source in ("multiid2m", "mix") and data.multiid2m is None:
+        raise ConfigError(f"data.source={data.source} needs a data.multiid2m section with shards: <glob of .tar>")
+    if data.source == "manifest" and data.multiid2m is not None:
+        raise ConfigError("data.multiid2m is set but data.source is manifest: set data.source to multiid2m or mix")
+    if len(data.mix) != 2 or min(data.mix) < 0 or sum(data.mix) <= 0:
+        raise ConfigError(f"data.mix must be two non-negative weights [manifest, multiid2m], not both 0; got {data.mix}")
+    if data.multiid2m is not None and data.multiid2m.shuffle_buffer < 1:
+        raise ConfigError("data.multiid2m.shuffle_buffer must be at least 1")
     if config.data.num_workers < 0 or config.data.batch_size <= 0:
         raise ConfigError("data.num_workers must be >= 0 and data.batch_size positive")
     return config
@@ -298,6 +330,9 @@ def resolved_paths(config: Config) -> list[tuple[str, str]]:
             value = getattr(obj, name)
             if value:
                 out.append((f"{section}.{name}" if section else name, value))
+    if config.data.multiid2m is not None:
+        out += [(f"data.multiid2m.{name}", getattr(config.data.multiid2m, name)) for name in MULTIID2M_PATH_KEYS
+                if getattr(config.data.multiid2m, name)]
     return out
 
 
@@ -326,6 +361,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             if value:
                 base = cwd if from_command_line(f"{section}.{name}" if section else name) else file_base
                 setattr(obj, name, str((base / os.path.expanduser(value)).resolve()))
+    if config.data.multiid2m is not None:
+        section = config.data.multiid2m
+        for name in MULTIID2M_PATH_KEYS:
+            value = getattr(section, name)
+            if value:
+                base = cwd if from_command_line(f"data.multiid2m.{name}") else file_base
+                parts = [str(base / os.path.expanduser(v.strip())) for v in value.split(",") if v.strip()]
+                setattr(section, name, ",".join(os.path.normpath(v) for v in parts))
     return validate(config)
 
 
@@ -359,6 +402,18 @@ def check_paths(config: Config) -> None:
                              ("data.negatives", d.negatives, "prepare.py writes negatives.safetensors next to the manifest")):
         if value and not Path(value).exists():
             fail(key, value, what)
+    if d.multiid2m is not None:
+        from .data.multiid2m import expand_shards
+
+        try:
+            expand_shards(d.multiid2m.shards)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"data.multiid2m.shards: {exc}{hint}") from exc
+        for key, value, what in (("data.multiid2m.refs", d.multiid2m.refs, "the untarred ref/tars (<name>/*.npy)"),
+                                 ("data.multiid2m.cluster_centers", d.multiid2m.cluster_centers,
+                                  "the untarred ref/cluster_centers.tar (<name>.npy)")):
+            if value and not Path(value).is_dir():
+                fail(key, value, what)
     uses_id_losses = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
     if uses_id_losses and not m.antelopev2:
         raise ConfigError("models.antelopev2 is empty but a phase uses the ID losses: set it to the insightface "

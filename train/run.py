@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,9 @@ from train.phases import PhaseSchedule  # noqa: E402
 
 logger = logging.getLogger("withanyone.train")
 
+# in a manifest + MultiID-2M mix, manifest identity ids are moved here so they never meet the shards' ids
+MANIFEST_ID_OFFSET = 1 << 60
+
 
 class Trainer:
     def __init__(self, config: Config):
@@ -93,10 +97,23 @@ class Trainer:
                     p.data = p.data.to(frozen_dtype(config))
         if config.train.gradient_checkpointing:
             self.models.denoiser.handle.enable_gradient_checkpointing()  # keeps identities on recomputation
-        self.manifest = Manifest.load(config.data.manifest)
-        self.index = IdentityIndex(self.manifest)
-        self.pool = (NegativePool.load(config.data.negatives) if config.data.negatives
-                     else NegativePool.from_manifest(self.manifest, self.index))
+        self.manifest = Manifest.load(config.data.manifest) if config.data.source != "multiid2m" else None
+        self.index = IdentityIndex(self.manifest) if self.manifest is not None else None
+        self.stream = self._open_multiid2m() if config.data.source != "manifest" else None
+        if config.data.negatives:
+            self.pool = NegativePool.load(config.data.negatives)
+        elif self.stream is None:
+            self.pool = NegativePool.from_manifest(self.manifest, self.index)
+        else:
+            from train.data.multiid2m import negative_pool_tensors
+
+            embs, ids = negative_pool_tensors(self.stream["refs"], self.stream["centres"], self.stream["numbers"],
+                                              self.stream["shards"])
+            if self.manifest is not None:  # mix: the manifest's identities get ids of their own
+                manifest_pool = NegativePool.from_manifest(self.manifest, self.index)
+                embs = torch.cat([embs, manifest_pool.embeddings])
+                ids = torch.cat([ids, manifest_pool.identity_ids + MANIFEST_ID_OFFSET])
+            self.pool = NegativePool(embs, ids)
         self.text_cache = TextEmbeddingCache(config.data.text_cache) if config.data.text_cache else None
         self.schedule = PhaseSchedule(config.phases)
         opt = config.train.optimizer
@@ -159,6 +176,33 @@ class Trainer:
                     else "process", estimate.describe(), width, height, cfg.data.batch_size,
                     f", ZeRO-{zero_stage} over {acc.num_processes}" if zero_stage else "")
 
+    def _open_multiid2m(self) -> dict:
+        """Shards, references, cluster centres, identity numbers and the GT landmarks of MultiID-2M."""
+        from train.data.multiid2m import (IdentityNumbers, ReferenceFolder, detect_landmarks, expand_shards,
+                                          load_landmarks, read_cluster_centres)
+
+        cfg, acc = self.config, self.accelerator
+        section = cfg.data.multiid2m
+        shards = expand_shards(section.shards)
+        refs = ReferenceFolder(section.refs) if section.refs else None
+        centres = read_cluster_centres(section.cluster_centers) if section.cluster_centers else {}
+        numbers = IdentityNumbers(sorted(set(refs.names() if refs else []) | set(centres)))
+        cache = section.landmarks or str(self.output_dir / "landmarks")
+        if any(p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in cfg.phases):
+            # the release has no landmarks: the GT-aligned ID loss needs them, detected once and cached
+            if acc.is_main_process:
+                from withanyone_core.faces import FaceAnalyzer
+
+                detected = detect_landmarks(shards, cache, FaceAnalyzer(cfg.models.antelopev2, providers="auto"))
+                if detected:
+                    logger.info("detected GT landmarks of %d shard(s) into %s", detected, cache)
+            acc.wait_for_everyone()
+        logger.info("MultiID-2M: %d shard(s), %s, %d identities with cluster centres", len(shards),
+                    f"references from {refs.root}" if refs else "references are the training photos themselves",
+                    len(centres))
+        return {"shards": shards, "refs": refs, "centres": centres, "numbers": numbers,
+                "landmarks": load_landmarks(shards, cache)}
+
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
         remove_partial(self.output_dir) if self.accelerator.is_main_process else None
@@ -173,6 +217,7 @@ class Trainer:
         self.step = state["step"]
         self.phase_index = -1
         self.sampler_state = state["sampler"]
+        self.stream_state = state.get("stream")
         self.sampler_phase = state["phase"]
         self.skipped_images = state.get("skipped_images", 0)
         self._trim_loss_log()
@@ -191,38 +236,81 @@ class Trainer:
         phase, cfg = active.phase, self.config
         acc = self.accelerator
         options = DataOptions.from_phase(phase, cfg.data.buckets, siglip_crops=self.models.siglip is not None)
-        dataset = WithAnyoneDataset(self.manifest, options, seed=cfg.seed + active.index, index=self.index)
-        self.dataset = dataset
-        self.sampler = BucketBatchSampler(dataset, cfg.data.batch_size, seed=cfg.seed + active.index,
-                                          num_replicas=acc.num_processes, rank=acc.process_index)
-        if self.sampler_state is not None and self.sampler_phase == active.index:
-            self.sampler.load_state_dict(self.sampler_state)
-        self.sampler_state = None
-        self.last_key = None
-        # workers only load items: every random choice comes from the item's key, so an item is
-        # the same with or without workers, and the saved position is that of the last batch consumed
         workers = cfg.data.num_workers
-        self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-                                 prefetch_factor=2 if workers else None, multiprocessing_context=(
-                                     "fork" if workers and sys.platform == "linux" else None))
-        self.batches = iter(self.loader)
+        context = "fork" if workers and sys.platform == "linux" else None
+        resuming = self.sampler_state is not None and self.sampler_phase == active.index
+        self.sampler = self.batches = self.stream_batches = None
+        size = []
+        if self.manifest is not None:
+            dataset = WithAnyoneDataset(self.manifest, options, seed=cfg.seed + active.index, index=self.index)
+            self.dataset = dataset
+            self.sampler = BucketBatchSampler(dataset, cfg.data.batch_size, seed=cfg.seed + active.index,
+                                              num_replicas=acc.num_processes, rank=acc.process_index)
+            if resuming:
+                self.sampler.load_state_dict(self.sampler_state)
+            # workers only load items: every random choice comes from the item's key, so an item is
+            # the same with or without workers, and the saved position is that of the last batch consumed
+            self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+                                     prefetch_factor=2 if workers else None, multiprocessing_context=context)
+            self.batches = iter(self.loader)
+            size.append(f"{len(dataset)} records")
+        self.stream_consumed = 0
+        if self.stream is not None:
+            from train.data.multiid2m import MultiID2MStream
+
+            saved = getattr(self, "stream_state", None) if resuming else None
+            layout = {"workers": workers, "world": acc.num_processes}
+            if saved is not None and {k: saved[k] for k in layout} != layout:
+                raise RuntimeError(
+                    f"the checkpoint's MultiID-2M stream position was saved with {saved['world']} process(es) x "
+                    f"{saved['workers']} DataLoader worker(s); resume with the same (now {acc.num_processes} x "
+                    f"{workers}: set data.num_workers / the process count back) or start a new output_dir")
+            self.stream_consumed = int(saved["batches"]) if saved is not None else 0
+            stream = MultiID2MStream(
+                self.stream["shards"], options, cfg.data.batch_size, seed=cfg.seed + active.index,
+                rank=acc.process_index, world_size=acc.num_processes,
+                shuffle_buffer=cfg.data.multiid2m.shuffle_buffer, refs=self.stream["refs"],
+                numbers=self.stream["numbers"], landmarks=self.stream["landmarks"], skip_batches=self.stream_consumed)
+            self.stream_loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                                            prefetch_factor=2 if workers else None, multiprocessing_context=context)
+            self.stream_batches = iter(self.stream_loader)
+            size.append(f"{len(self.stream['shards'])} MultiID-2M shards")
+        self.sampler_state = self.stream_state = None
+        self.last_key = None
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
         if phase.reset_optimizer and self.step == active.start_step and self.step > 0:
             getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
             logger.info("phase %s: optimizer state reset", phase.name)
         self.phase_index = active.index
         logger.info("phase %d/%d '%s' (steps %d-%d): prompt %s, paired ratio %.2f, losses flow %.2g id %.2g "
-                    "contrastive %.2g (%s), lr %.2g, %d records", active.index + 1, len(self.schedule.phases),
+                    "contrastive %.2g (%s), lr %.2g, %s", active.index + 1, len(self.schedule.phases),
                     phase.name, active.start_step, active.end_step - 1, phase.prompt_mode, phase.paired_ratio,
                     phase.loss.flow, phase.loss.id, phase.loss.contrastive,
-                    "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, len(dataset))
+                    "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, " + ".join(size))
+
+    def _source_of_step(self) -> str:
+        """manifest or multiid2m: a mix draws it from (seed, step), the same on every process and resume."""
+        if self.stream is None:
+            return "manifest"
+        if self.manifest is None:
+            return "multiid2m"
+        w_manifest, w_stream = self.config.data.mix
+        draw = random.Random(f"{self.config.seed}:mix:{self.step}").random()
+        return "manifest" if draw * (w_manifest + w_stream) < w_manifest else "multiid2m"
 
     def _next_batch(self) -> dict:
         empty, reasons = 0, {}
+        source = self._source_of_step()
         while True:
-            batch = next(self.batches)
-            if batch["keys"]:
-                self.last_key = batch["keys"][-1]
+            if source == "manifest":
+                batch = next(self.batches)
+                if batch["keys"]:
+                    self.last_key = batch["keys"][-1]
+                if self.stream is not None and "identity_ids" in batch:
+                    batch["identity_ids"] = batch["identity_ids"] + MANIFEST_ID_OFFSET
+            else:
+                batch = next(self.stream_batches)
+                self.stream_consumed += 1
             for event in batch["events"]:
                 self.data_events[event] = self.data_events.get(event, 0) + 1
             if batch["skipped"]:
@@ -233,7 +321,7 @@ class Trainer:
             empty += 1
             for _, reason in batch["dropped"]:
                 reasons[reason] = reasons.get(reason, 0) + 1
-            if empty >= max(100, len(self.sampler)):  # a whole epoch without one usable item
+            if empty >= max(100, len(self.sampler) if source == "manifest" else 0):  # a whole epoch without one usable item
                 raise RuntimeError(
                     f"phase {self.schedule.phases[self.phase_index].name}: no usable item in {empty} batches in a row "
                     f"(dropped: {reasons or 'unreadable images'}); for paired references lower "
@@ -388,7 +476,7 @@ class Trainer:
             if cfg.sample.every and self.step % cfg.sample.every == 0:
                 self.sample()
         bar.close()
-        self.batches = self.loader = None  # stops the DataLoader workers
+        self.batches = self.loader = self.stream_batches = self.stream_loader = None  # stops the workers
         logger.info("finished %d steps in %.0f s; %d unreadable images skipped", total, time.time() - started,
                     self.skipped_images)
         if self.data_events:
@@ -409,8 +497,11 @@ class Trainer:
             "phase": active.index if self.step < active.end_step else active.index + 1,
             "phase_name": active.phase.name,
             # the batch after the last one consumed (a prefetching DataLoader has read further)
-            "sampler": ({"epoch": 0, "position": 0} if self.step >= active.end_step
+            "sampler": ({"epoch": 0, "position": 0} if self.step >= active.end_step or self.sampler is None
                         else state_after(self.last_key) if self.last_key is not None else self.sampler.state_dict()),
+            "stream": ({"batches": self.stream_consumed if self.step < active.end_step else 0,
+                        "workers": cfg.data.num_workers, "world": self.accelerator.num_processes}
+                       if self.stream is not None else None),
             "skipped_images": self.skipped_images,
             "losses": getattr(self, "last_losses", {}),
         }
@@ -428,7 +519,15 @@ class Trainer:
         # the same identities and layout every time: the first record, unpaired, at the sample size
         options = DataOptions(buckets=((s.width, s.height),), crop="center", min_face_size=0.0,
                               siglip_crops=self.models.siglip is not None)
-        item = WithAnyoneDataset(self.manifest, options, index=self.index)[0]
+        if self.manifest is not None:
+            item = WithAnyoneDataset(self.manifest, options, index=self.index)[0]
+        else:  # the first sample of the first shard
+            from train.data.multiid2m import MultiID2MStream, iter_tar_samples, parse_sample
+
+            shard = self.stream["shards"][0]
+            stream = MultiID2MStream([shard], options, 1, numbers=self.stream["numbers"],
+                                     landmarks=self.stream["landmarks"])
+            item = stream.item(parse_sample(shard, *next(iter_tar_samples(shard))), 0)
         if "skipped" in item:
             logger.warning("sample skipped: the first record's image is unreadable")
             return

@@ -4,7 +4,9 @@
 
 Writes ``tiny-flux/`` (diffusers FLUX folder), ``insightface/models/antelopev2/``,
 ``siglip/`` and ``data/`` (photos of four synthetic people, one or two per photo, with
-captions, prepared by train/prepare.py into manifest.jsonl + negatives.safetensors).
+captions, prepared by train/prepare.py into manifest.jsonl + negatives.safetensors), and
+the same photos as MultiID-2M-layout shards in ``multiid2m/train/`` (landmark cache in
+``multiid2m/landmarks/``).
 Idempotent: parts already there are kept.
 """
 
@@ -56,6 +58,14 @@ def build_smoke_set(root: str | Path) -> Path:
         build_photos(root / "photos")
         prepare.main(["--images", str(root / "photos"), "--out", str(data), "--antelopev2",
                       str(root / "insightface"), "--providers", "cpu"])
+    shards = root / "multiid2m" / "train"
+    if not (shards / "re_000000.tar").is_file():
+        from train.data import Manifest
+        from train.data.multiid2m import write_manifest_shards
+
+        # the same photos in MultiID-2M's released layout (smoke-multiid2m.yaml), 4 photos a shard
+        write_manifest_shards(Manifest.load(data / "manifest.jsonl"), shards, per_shard=4,
+                              landmark_dir=root / "multiid2m" / "landmarks")
     logger.info("smoke set ready in %s", root)
     return root
 

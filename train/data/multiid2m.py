@@ -270,6 +270,54 @@ def write_shard(path: str | Path, samples: Sequence[tuple[str, bytes, dict, dict
     os.replace(tmp, path)
 
 
+def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_manifest_shards(manifest, out_dir: str | os.PathLike, per_shard: int = 1000,
+                          landmark_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The records of a manifest as released-layout shards ``re_000000.tar``, ...
+
+    Each photo becomes ``<key>.jpg`` (JPEG), ``<key>.json`` (``caption_en``, ``name``,
+    ``aesthetics_score`` = the record's quality, the photo's ``width``/``height``) and
+    ``<key>.npy`` (the authors' pickled dict of ``bboxes`` and ``embeddings``). The
+    manifest's landmarks go to the landmark cache (``landmark_dir``, default ``out_dir``)
+    so no detection is needed when training on them.
+    """
+    from withanyone_core.faces import load_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    landmark_dir = Path(landmark_dir) if landmark_dir is not None else out_dir
+    paths = []
+    records = list(manifest.records)
+    for start in range(0, len(records), per_shard):
+        path = out_dir / f"re_{start // per_shard:06d}.tar"
+        samples, table = [], {}
+        for number, record in enumerate(records[start:start + per_shard], start):
+            key = f"{number:09d}"
+            image = load_image(manifest.image_path(record))
+            meta = {"caption_en": record.caption, "name": [p.identity for p in record.persons],
+                    "aesthetics_score": record.quality, "width": record.width, "height": record.height,
+                    "source": record.image}
+            arrays = {"bboxes": np.array([p.box for p in record.persons], dtype=np.float32),
+                      "embeddings": np.stack([p.embedding for p in record.persons]).astype(np.float32)}
+            samples.append((key, jpeg_bytes(image), meta, arrays))
+            table[key] = [[list(map(float, xy)) for xy in p.landmarks] for p in record.persons]
+        write_shard(path, samples)
+        landmark_dir.mkdir(parents=True, exist_ok=True)
+        target = landmark_file(landmark_dir, str(path))
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps({"shard": os.path.abspath(path), "landmarks": table}))
+        os.replace(tmp, target)
+        paths.append(path)
+    return paths
+
+
 # ------------------------------------------------------------------ references, landmarks, negatives
 class ReferenceFolder:
     """``<root>/<name>/*.npy`` (+ .jpg, .json): the authors' per-identity reference photos."""
@@ -613,7 +661,8 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         for person in sample.persons:
             ref = (person.embedding, image, person.box)
             is_paired = False
-            if rng.random() < opts.paired_ratio:
+            # without a ref/ folder the reference is the training photo itself (the authors' self-reference)
+            if self.refs is not None and rng.random() < opts.paired_ratio:
                 found, reason = self._reference(person, rng)
                 if found is not None:
                     ref, is_paired = found, True

@@ -1,0 +1,73 @@
+"""Training on MultiID-2M-layout shards: the smoke config end to end, and a resume mid-stream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from train import run
+from train.config import ConfigError, load_config
+from train.smoke_data import build_smoke_set
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "train" / "configs" / "smoke-multiid2m.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards_run(tmp_path_factory, monkeypatch_module):
+    root = build_smoke_set(ROOT / ".cache" / "smoke")  # the fixture test_train_run.py uses, plus its shards
+    out = tmp_path_factory.mktemp("multiid2m") / "run"
+    monkeypatch_module.setenv("WITHANYONE_SHARDS", str(root / "multiid2m" / "train" / "re_*.tar"))
+    run.main(["--config", str(CONFIG), "--set", f"output_dir={out}"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def test_trains_on_shards_with_gt_aligned_id_losses(shards_run):
+    rows = _losses(shards_run)
+    assert [r["phase"] for r in rows] == ["recon"] * 2 + ["id-losses"] * 3
+    assert all("loss/id" in r and "loss/contrastive" in r for r in rows[2:])
+    assert sorted(p.name for p in (shards_run / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    state = json.loads((shards_run / "checkpoints" / "step-4" / "trainer.json").read_text())
+    assert state["stream"] == {"batches": 2, "workers": 2, "world": 1}  # the stream position is checkpointed
+    assert (shards_run / "samples" / "step-000004.png").is_file()
+
+
+def test_resume_mid_stream_is_bit_identical(shards_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(shards_run, out)
+    shutil.rmtree(out / "checkpoints" / "step-5")  # as if killed after step 4, mid-phase
+    run.main(["--config", str(CONFIG), "--set", f"output_dir={out}"])
+    assert _losses(out) == _losses(shards_run)
+    with pytest.raises(RuntimeError, match="saved with 1 process.*x 2 DataLoader worker"):
+        shutil.rmtree(out / "checkpoints" / "step-5")
+        run.main(["--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "data.num_workers=1"])
+
+
+def test_data_source_section_is_strict(shards_run, tmp_path):
+    base = ["output_dir=" + str(tmp_path)]
+    with pytest.raises(ConfigError, match="data.source must be one of manifest, multiid2m, mix"):
+        load_config(CONFIG, base + ["data.source=tars"])
+    with pytest.raises(ConfigError, match="data.source=mix needs data.manifest"):
+        load_config(CONFIG, base + ["data.source=mix"])
+    with pytest.raises(ConfigError, match=r"data.multiid2m: unknown key\(s\) \['shard'\]"):
+        load_config(CONFIG, base + ["data.multiid2m.shard=x"])
+    with pytest.raises(ConfigError, match="data.mix must be two non-negative weights"):
+        load_config(CONFIG, base + ["data.mix=[1.0, -1.0]"])
+    config = load_config(CONFIG, base + [f"data.multiid2m.shards={tmp_path}/none_*.tar"])
+    from train.config import check_paths
+
+    with pytest.raises(ConfigError, match="data.multiid2m.shards: no .tar shard matches"):
+        check_paths(config)
