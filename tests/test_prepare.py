@@ -126,3 +126,50 @@ def test_two_faces_of_one_photo_never_share_an_identity():
     assert "named" in {labels[("named_pair.png", 0)], labels[("named_pair.png", 1)]}
     # the manifest builder accepts the result (it refuses an identity listed twice in one image)
     assert labels[("solo_1.png", 0)] in {labels[("twins.png", 0)], labels[("twins.png", 1)], "named"}
+
+
+def test_prepare_multiid2m_format_round_trips_through_the_restricted_reader(tmp_path):
+    from train.data import DataOptions
+    from train.data.multiid2m import (IdentityNumbers, MultiID2MStream, ReferenceFolder, iter_tar_samples,
+                                      load_landmarks, parse_sample, read_cluster_centres)
+
+    models = tmp_path / "insightface"
+    build_tiny_antelopev2(models)
+    photos, out = tmp_path / "photos", tmp_path / "data"
+    _photo_folder(photos)
+    summary = prepare.main(["--images", str(photos), "--out", str(out), "--antelopev2", str(models),
+                            "--providers", "cpu", "--format", "multiid2m", "--shard-size", "2"])
+    manifest = Manifest.load(out / "manifest.jsonl")  # the manifest stays available
+    shards = summary["multiid2m"]["shards"]
+    assert len(shards) == (len(manifest) + 1) // 2
+    samples = [parse_sample(s, key, members) for s in shards for key, members in iter_tar_samples(s)]
+    assert len(samples) == len(manifest)
+    landmarks = load_landmarks(shards, out / "multiid2m" / "landmarks")
+    for sample, record in zip(samples, manifest.records):
+        assert sample.caption == record.caption and (sample.width, sample.height) == (record.width, record.height)
+        assert [p.name for p in sample.persons] == [p.identity for p in record.persons]
+        for got, want in zip(sample.persons, record.persons):
+            np.testing.assert_allclose(got.box, want.box, rtol=1e-6)
+            np.testing.assert_array_equal(got.embedding, want.embedding)
+        np.testing.assert_allclose(landmarks[(sample.shard, sample.key)], [p.landmarks for p in record.persons])
+    refs = ReferenceFolder(out / "multiid2m" / "ref")
+    centres = read_cluster_centres(out / "multiid2m" / "ref" / "cluster_centers")
+    names = sorted({p.identity for r in manifest.records for p in r.persons})
+    assert sorted(centres) == names and set(refs.names()) == set(names) | {"cluster_centers"}
+    alice = [p for r in manifest.records for p in r.persons if p.identity == "alice"]
+    np.testing.assert_allclose(centres["alice"], np.mean([p.embedding for p in alice], axis=0), rtol=1e-5)
+    emb, box = refs.read(refs.files("alice")[0])
+    assert any(np.array_equal(emb, p.embedding) and np.allclose(box, p.box) for p in alice)
+    # the training stream pairs a face with another photo of the same person from ref/
+    options = DataOptions(buckets=((128, 128),), min_face_size=32, siglip_crops=False, paired_ratio=1.0,
+                          paired_min_similarity=-1.0, paired_fallback="skip")
+    stream = MultiID2MStream(shards, options, 1, refs=refs, numbers=IdentityNumbers(names), landmarks=landmarks)
+    alice_sample = next(s for s in samples if [p.name for p in s.persons] == ["alice"])
+    item = stream.item(alice_sample, 0)
+    assert bool(item["paired"][0]) and bool(item["id_valid"][0])
+    assert any(torch_equal(item["ref_embeddings"][0], p.embedding) for p in alice)
+    assert not torch_equal(item["ref_embeddings"][0], alice_sample.persons[0].embedding)  # another photo
+
+
+def torch_equal(tensor, array) -> bool:
+    return bool((tensor.numpy() == array).all())

@@ -12,7 +12,9 @@
 - Output in ``--out``: ``manifest.jsonl`` (see train/data.py), ``identities.json``
   (identity -> occurrences [record, person] and the chosen reference face: its largest one),
   ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
-  ``summary.json``.
+  ``summary.json``. ``--format multiid2m`` adds ``multiid2m/`` in the released MultiID-2M
+  layout (``train/re_*.tar``, ``ref/<name>/``, ``ref/cluster_centers/``, ``landmarks/``),
+  which ``data.source: multiid2m`` trains on (see train/data/multiid2m.py).
 - Resumable: each photo's detections are appended to ``faces.partial.jsonl`` as soon as
   they are computed (flushed and fsynced); a rerun skips photos already there, and a
   half-written last line from an interrupted run is ignored.
@@ -261,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this many pixels")
     parser.add_argument("--cluster-threshold", type=float, default=0.5,
                         help="cosine similarity that joins two faces into one identity")
+    parser.add_argument("--format", choices=["manifest", "multiid2m"], default="manifest",
+                        help="multiid2m: also write OUT/multiid2m/ in the released MultiID-2M layout (train/re_*.tar, "
+                             "ref/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written")
+    parser.add_argument("--shard-size", type=int, default=1000, help="photos per .tar shard (--format multiid2m)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not args.images.is_dir():
@@ -275,6 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
                             det_size=args.det_size)
     entries = detect_all(photos, args.images, args.out, analyzer, args.min_face)
     summary = build_outputs(entries, args.images, args.out, args.cluster_threshold)
+    if args.format == "multiid2m":
+        from train.data.multiid2m import write_multiid2m
+
+        summary["multiid2m"] = write_multiid2m(Manifest.load(args.out / "manifest.jsonl"), args.out / "multiid2m",
+                                               per_shard=args.shard_size)
+        write_atomic(args.out / "summary.json", json.dumps(summary, indent=1))
+        logger.info("MultiID-2M layout: %d shard(s) in %s, references and cluster centres in %s",
+                    len(summary["multiid2m"]["shards"]), args.out / "multiid2m" / "train",
+                    summary["multiid2m"]["refs"])
     logger.info("done: %d photos, %d usable, %d faces, %d identities, %d skipped, %d without caption",
                 summary["photos"], summary["records"], summary["faces"], summary["identities"],
                 len(summary["skipped"]), summary["missing_captions"])

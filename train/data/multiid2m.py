@@ -318,6 +318,41 @@ def write_manifest_shards(manifest, out_dir: str | os.PathLike, per_shard: int =
     return paths
 
 
+def write_multiid2m(manifest, out_dir: str | os.PathLike, per_shard: int = 1000) -> dict:
+    """A manifest as the full released layout under ``out_dir``.
+
+    ``train/re_*.tar`` (every photo, as ``train_rec``), ``landmarks/`` (the GT landmarks'
+    cache), ``ref/<name>/<n>.{jpg,json,npy}`` (each photo of an identity as one of its
+    references: JSON ``bboxes`` = that face, pickled ``.npy`` = its embedding) and
+    ``ref/cluster_centers/<name>.npy`` (mean raw embedding; a plain, pickle-free .npy).
+    """
+    from withanyone_core.faces import load_image
+
+    out_dir = Path(out_dir)
+    shards = write_manifest_shards(manifest, out_dir / "train", per_shard, landmark_dir=out_dir / "landmarks")
+    refs, centres = out_dir / "ref", out_dir / "ref" / "cluster_centers"
+    centres.mkdir(parents=True, exist_ok=True)
+    by_name: dict[str, list] = {}
+    for number, record in enumerate(manifest.records):
+        for person in record.persons:
+            by_name.setdefault(person.identity, []).append((number, record, person))
+    for name, faces in sorted(by_name.items()):
+        folder = refs / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, record, person in faces:
+            stem = folder / f"{number:09d}"
+            (stem.with_suffix(".jpg")).write_bytes(jpeg_bytes(load_image(manifest.image_path(record))))
+            (stem.with_suffix(".json")).write_text(json.dumps({"bboxes": [list(person.box)], "name": [name],
+                                                               "caption_en": record.caption}))
+            (stem.with_suffix(".npy")).write_bytes(save_pickled_npy(
+                {"bboxes": np.array([person.box], dtype=np.float32),
+                 "embeddings": person.embedding[None].astype(np.float32)}))
+        centre = np.mean([p.embedding for _, _, p in faces], axis=0).astype(np.float32)
+        np.save(centres / f"{name}.npy", centre, allow_pickle=False)
+    return {"shards": [str(p) for p in shards], "identities": len(by_name), "refs": str(refs),
+            "cluster_centers": str(centres)}
+
+
 # ------------------------------------------------------------------ references, landmarks, negatives
 class ReferenceFolder:
     """``<root>/<name>/*.npy`` (+ .jpg, .json): the authors' per-identity reference photos."""
@@ -618,6 +653,8 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             except (ShardFormatError, OSError, ValueError):
                 continue
             if box is None or min(box[2] - box[0], box[3] - box[1]) < opts.min_face_size:
+                continue
+            if np.array_equal(embedding, person.embedding):  # the training face itself (prepare lists every photo)
                 continue
             score = _cosine(embedding, person.embedding)
             if score > best_score:
