@@ -71,3 +71,35 @@ def test_data_source_section_is_strict(shards_run, tmp_path):
 
     with pytest.raises(ConfigError, match="data.multiid2m.shards: no .tar shard matches"):
         check_paths(config)
+
+
+def test_mix_of_manifest_and_shards_trains_on_both(shards_run, tmp_path, caplog):
+    import logging
+
+    root = ROOT / ".cache" / "smoke"
+    caplog.set_level(logging.INFO)
+    run.main(["--config", str(CONFIG), "--set", f"output_dir={tmp_path / 'mix'}", "--set", "data.source=mix",
+              "--set", f"data.manifest={root / 'data' / 'manifest.jsonl'}", "--set", "data.mix=[1.0, 1.0]",
+              "--set", "phases.1.steps=6", "--set", "sample.every=0"])
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: "))
+    assert "batches_from_manifest" in summary and "batches_from_multiid2m" in summary
+    assert len(_losses(tmp_path / "mix")) == 8
+
+
+def test_gt_landmarks_detected_once_match_the_prepared_ones(shards_run, tmp_path):
+    """The release has no landmarks: detected on the GT faces with antelopev2 (here the tiny one)."""
+    import numpy as np
+
+    from train.data.multiid2m import detect_landmarks, expand_shards, load_landmarks
+    from withanyone_core.faces import FaceAnalyzer
+
+    root = ROOT / ".cache" / "smoke"
+    shards = expand_shards(str(root / "multiid2m" / "train" / "re_*.tar"))[:1]
+    detector = FaceAnalyzer(root / "insightface", providers="cpu")
+    assert detect_landmarks(shards, tmp_path, detector) == 1
+    assert detect_landmarks(shards, tmp_path, detector) == 0  # cached: detected once
+    detected, prepared = load_landmarks(shards, tmp_path), load_landmarks(shards, root / "multiid2m" / "landmarks")
+    assert detected.keys() == prepared.keys() and detected
+    for key, rows in detected.items():
+        assert all(r is not None for r in rows)
+        np.testing.assert_allclose(rows, prepared[key], atol=3.0)  # JPEG re-encoding moves them a little

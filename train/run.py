@@ -301,6 +301,8 @@ class Trainer:
     def _next_batch(self) -> dict:
         empty, reasons = 0, {}
         source = self._source_of_step()
+        if self.stream is not None and self.manifest is not None:
+            self.data_events[f"batches_from_{source}"] = self.data_events.get(f"batches_from_{source}", 0) + 1
         while True:
             if source == "manifest":
                 batch = next(self.batches)
