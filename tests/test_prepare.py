@@ -173,3 +173,38 @@ def test_prepare_multiid2m_format_round_trips_through_the_restricted_reader(tmp_
 
 def torch_equal(tensor, array) -> bool:
     return bool((tensor.numpy() == array).all())
+
+
+def test_ray_path_on_local_2_cpu_ray_writes_the_same_bytes(tmp_path):
+    import filecmp
+    from pathlib import Path
+
+    pytest = __import__("pytest")
+    ray = pytest.importorskip("ray")
+    from train import prepare_ray
+
+    models = tmp_path / "insightface"
+    build_tiny_antelopev2(models)
+    photos = tmp_path / "photos"
+    _photo_folder(photos)
+    common = ["--images", str(photos), "--antelopev2", str(models), "--providers", "cpu", "--format", "multiid2m",
+              "--shard-size", "2"]
+    single, parallel = tmp_path / "single", tmp_path / "ray"
+    prepare.main(common + ["--out", str(single)])
+    prepare_ray.start("local", num_cpus=2)
+    try:
+        prepare.main(common + ["--out", str(parallel), "--ray", "--ray-actors", "2"])
+    finally:
+        ray.shutdown()
+    for name in ("manifest.jsonl", "identities.json", "negatives.safetensors"):
+        assert (single / name).read_bytes() == (parallel / name).read_bytes(), name
+    tree = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert tree(single / "multiid2m" / "train") == tree(parallel / "multiid2m" / "train")
+    for rel in [f"train/{r}" for r in tree(single / "multiid2m" / "train")] + [
+            f"ref/{r}" for r in tree(single / "multiid2m" / "ref")]:
+        assert filecmp.cmp(single / "multiid2m" / rel, parallel / "multiid2m" / rel, shallow=False), rel
+    def strip(root):  # the cache names hold the shard's absolute path: compare by shard name
+        tables = [json.loads(p.read_text()) for p in (root / "multiid2m" / "landmarks").glob("*.json")]
+        return {Path(t["shard"]).name: t["landmarks"] for t in tables}
+
+    assert strip(single) == strip(parallel)

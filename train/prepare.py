@@ -64,41 +64,51 @@ def read_partial(path: Path) -> dict[str, dict]:
     return done
 
 
-def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int) -> dict[str, dict]:
+def analyse_photo(photo: Path, rel: str, analyzer, min_face: int) -> dict:
+    """One photo's detections (box, landmarks, score, embedding per face), or its read error."""
+    entry: dict = {"image": rel, "faces": [], "error": None}
+    try:
+        image = load_rgb(photo)  # the reader training uses (8/16-bit alike)
+        entry["height"], entry["width"] = int(image.shape[0]), int(image.shape[1])
+        for face in analyzer.analyze(image, image_name=rel):
+            w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
+            if min(w, h) < min_face:
+                continue
+            entry["faces"].append({
+                "box": [float(v) for v in face.bbox],
+                "landmarks": [[float(x), float(y)] for x, y in face.kps],
+                "score": float(face.score),
+                "embedding": [float(v) for v in face.embedding],
+            })
+    except (OSError, ValueError) as exc:
+        entry["error"] = str(exc)
+        logger.warning("skipping %s: %s", rel, exc)
+    return entry
+
+
+def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int,
+               analyse_many=None) -> dict[str, dict]:
+    """Every photo's detections, resumable; ``analyse_many(todo)`` (Ray) yields the entries of
+    ``[(photo, rel), ...]`` in any order, else ``analyzer`` runs here, one photo after another."""
     partial = out / PARTIAL
     done = read_partial(partial)
     if done:
         logger.info("resuming: %d of %d photos already analysed", len(done), len(photos))
     # drop a torn tail before appending; written aside and renamed so a kill here loses nothing
     write_atomic(partial, "".join(json.dumps(entry) + "\n" for entry in done.values()))
+    todo = [(photo, photo.relative_to(images_root).as_posix()) for photo in photos]
+    todo = [(photo, rel) for photo, rel in todo if rel not in done]
+    entries = (analyse_many(todo) if analyse_many is not None
+               else (analyse_photo(photo, rel, analyzer, min_face) for photo, rel in todo))
     with open(partial, "a", encoding="utf-8") as fh:
-        for number, photo in enumerate(photos, 1):
-            rel = photo.relative_to(images_root).as_posix()
-            if rel in done:
-                continue
-            entry: dict = {"image": rel, "faces": [], "error": None}
-            try:
-                image = load_rgb(photo)  # the reader training uses (8/16-bit alike)
-                entry["height"], entry["width"] = int(image.shape[0]), int(image.shape[1])
-                for face in analyzer.analyze(image, image_name=rel):
-                    w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
-                    if min(w, h) < min_face:
-                        continue
-                    entry["faces"].append({
-                        "box": [float(v) for v in face.bbox],
-                        "landmarks": [[float(x), float(y)] for x, y in face.kps],
-                        "score": float(face.score),
-                        "embedding": [float(v) for v in face.embedding],
-                    })
-            except (OSError, ValueError) as exc:
-                entry["error"] = str(exc)
-                logger.warning("skipping %s: %s", rel, exc)
+        for number, entry in enumerate(entries, 1):
+            rel = entry["image"]
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
             done[rel] = entry
             if number % 50 == 0:
-                logger.info("analysed %d / %d photos", number, len(photos))
+                logger.info("analysed %d / %d photos", number, len(todo))
     current = {photo.relative_to(images_root).as_posix() for photo in photos}
     gone = sorted(set(done) - current)
     if gone:
@@ -267,6 +277,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="multiid2m: also write OUT/multiid2m/ in the released MultiID-2M layout (train/re_*.tar, "
                              "ref/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written")
     parser.add_argument("--shard-size", type=int, default=1000, help="photos per .tar shard (--format multiid2m)")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="run detection/embedding as a Ray Data actor pool and write shards as Ray tasks: "
+                             "local (default) or a ray:// cluster address; same output as without")
+    parser.add_argument("--ray-actors", type=int, default=0,
+                        help="detector actors (0 = one per GPU when Ray sees GPUs, else one per 2 CPUs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not args.images.is_dir():
@@ -277,15 +292,24 @@ def main(argv: list[str] | None = None) -> dict:
     photos = find_photos(args.images)
     if not photos:
         parser.error(f"no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.images}")
-    analyzer = FaceAnalyzer(args.antelopev2, providers=args.providers, det_thresh=args.det_thresh,
-                            det_size=args.det_size)
-    entries = detect_all(photos, args.images, args.out, analyzer, args.min_face)
+    analyzer_kwargs = {"providers": args.providers, "det_thresh": args.det_thresh, "det_size": args.det_size}
+    shard_map = None
+    if args.ray is not None:
+        from train import prepare_ray
+
+        prepare_ray.start(args.ray)
+        analyzer, analyse_many = None, prepare_ray.detector_pool(args.antelopev2, analyzer_kwargs, args.min_face,
+                                                                 args.ray_actors)
+        shard_map = prepare_ray.parallel_map
+    else:
+        analyzer, analyse_many = FaceAnalyzer(args.antelopev2, **analyzer_kwargs), None
+    entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many)
     summary = build_outputs(entries, args.images, args.out, args.cluster_threshold)
     if args.format == "multiid2m":
         from train.data.multiid2m import write_multiid2m
 
         summary["multiid2m"] = write_multiid2m(Manifest.load(args.out / "manifest.jsonl"), args.out / "multiid2m",
-                                               per_shard=args.shard_size)
+                                               per_shard=args.shard_size, shard_map=shard_map)
         write_atomic(args.out / "summary.json", json.dumps(summary, indent=1))
         logger.info("MultiID-2M layout: %d shard(s) in %s, references and cluster centres in %s",
                     len(summary["multiid2m"]["shards"]), args.out / "multiid2m" / "train",

@@ -288,37 +288,42 @@ def write_manifest_shards(manifest, out_dir: str | os.PathLike, per_shard: int =
     manifest's landmarks go to the landmark cache (``landmark_dir``, default ``out_dir``)
     so no detection is needed when training on them.
     """
-    from withanyone_core.faces import load_image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     landmark_dir = Path(landmark_dir) if landmark_dir is not None else out_dir
-    paths = []
-    records = list(manifest.records)
-    for start in range(0, len(records), per_shard):
-        path = out_dir / f"re_{start // per_shard:06d}.tar"
-        samples, table = [], {}
-        for number, record in enumerate(records[start:start + per_shard], start):
-            key = f"{number:09d}"
-            image = load_image(manifest.image_path(record))
-            meta = {"caption_en": record.caption, "name": [p.identity for p in record.persons],
-                    "aesthetics_score": record.quality, "width": record.width, "height": record.height,
-                    "source": record.image}
-            arrays = {"bboxes": np.array([p.box for p in record.persons], dtype=np.float32),
-                      "embeddings": np.stack([p.embedding for p in record.persons]).astype(np.float32)}
-            samples.append((key, jpeg_bytes(image), meta, arrays))
-            table[key] = [[list(map(float, xy)) for xy in p.landmarks] for p in record.persons]
-        write_shard(path, samples)
-        landmark_dir.mkdir(parents=True, exist_ok=True)
-        target = landmark_file(landmark_dir, str(path))
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps({"shard": os.path.abspath(path), "landmarks": table}))
-        os.replace(tmp, target)
-        paths.append(path)
-    return paths
+    indices = range((len(manifest.records) + per_shard - 1) // per_shard)
+    return [out_dir / f"re_{i:06d}.tar" for i in indices
+            if write_manifest_shard(manifest, out_dir, i, per_shard, landmark_dir) is not None]
 
 
-def write_multiid2m(manifest, out_dir: str | os.PathLike, per_shard: int = 1000) -> dict:
+def write_manifest_shard(manifest, out_dir: Path, index: int, per_shard: int, landmark_dir: Path) -> Path:
+    """Shard ``index`` of :func:`write_manifest_shards` (a unit of work a Ray task can take)."""
+    from withanyone_core.faces import load_image
+
+    first = index * per_shard
+    path = Path(out_dir) / f"re_{index:06d}.tar"
+    samples, table = [], {}
+    for number, record in enumerate(manifest.records[first:first + per_shard], first):
+        key = f"{number:09d}"
+        image = load_image(manifest.image_path(record))
+        meta = {"caption_en": record.caption, "name": [p.identity for p in record.persons],
+                "aesthetics_score": record.quality, "width": record.width, "height": record.height,
+                "source": record.image}
+        arrays = {"bboxes": np.array([p.box for p in record.persons], dtype=np.float32),
+                  "embeddings": np.stack([p.embedding for p in record.persons]).astype(np.float32)}
+        samples.append((key, jpeg_bytes(image), meta, arrays))
+        table[key] = [[list(map(float, xy)) for xy in p.landmarks] for p in record.persons]
+    write_shard(path, samples)
+    landmark_dir = Path(landmark_dir)
+    landmark_dir.mkdir(parents=True, exist_ok=True)
+    target = landmark_file(landmark_dir, str(path))
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"shard": os.path.abspath(path), "landmarks": table}))
+    os.replace(tmp, target)
+    return path
+
+
+def write_multiid2m(manifest, out_dir: str | os.PathLike, per_shard: int = 1000, shard_map=None) -> dict:
     """A manifest as the full released layout under ``out_dir``.
 
     ``train/re_*.tar`` (every photo, as ``train_rec``), ``landmarks/`` (the GT landmarks'
@@ -329,7 +334,13 @@ def write_multiid2m(manifest, out_dir: str | os.PathLike, per_shard: int = 1000)
     from withanyone_core.faces import load_image
 
     out_dir = Path(out_dir)
-    shards = write_manifest_shards(manifest, out_dir / "train", per_shard, landmark_dir=out_dir / "landmarks")
+    if shard_map is None:
+        shards = write_manifest_shards(manifest, out_dir / "train", per_shard, landmark_dir=out_dir / "landmarks")
+    else:  # e.g. Ray tasks, one per shard: the same bytes as the loop
+        (out_dir / "train").mkdir(parents=True, exist_ok=True)
+        count = (len(manifest.records) + per_shard - 1) // per_shard
+        shards = shard_map(write_manifest_shard, [(manifest, out_dir / "train", i, per_shard, out_dir / "landmarks")
+                                                  for i in range(count)])
     refs, centres = out_dir / "ref", out_dir / "ref" / "cluster_centers"
     centres.mkdir(parents=True, exist_ok=True)
     by_name: dict[str, list] = {}
