@@ -80,9 +80,13 @@ def test_mix_of_manifest_and_shards_trains_on_both(shards_run, tmp_path, caplog)
     caplog.set_level(logging.INFO)
     run.main(["--config", str(CONFIG), "--set", f"output_dir={tmp_path / 'mix'}", "--set", "data.source=mix",
               "--set", f"data.manifest={root / 'data' / 'manifest.jsonl'}", "--set", "data.mix=[1.0, 1.0]",
-              "--set", "phases.1.steps=6", "--set", "sample.every=0"])
+              "--set", "phases.1.steps=6", "--set", "sample.every=0",
+              "--set", f"data.multiid2m.landmarks={tmp_path / 'landmarks'}"])
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: "))
     assert "batches_from_manifest" in summary and "batches_from_multiid2m" in summary
+    # an empty landmark cache: the trainer detected the GT faces' landmarks before training
+    assert len(list((tmp_path / "landmarks").glob("*.landmarks.json"))) == 5
+    assert "detected GT landmarks of 5 shard(s)" in caplog.text and "no_gt_landmarks" not in summary
     assert len(_losses(tmp_path / "mix")) == 8
 
 
