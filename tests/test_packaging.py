@@ -34,7 +34,9 @@ VERSION_PART = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-
 
 def _requirements(name):
     lines = (ROOT / name).read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "-r"))]
+    # pip's rule: " #" starts an inline comment
+    lines = [re.sub(r"(^|\s+)#.*$", "", line).strip() for line in lines]
+    return [line for line in lines if line and not line.startswith("-r")]
 
 
 def test_runtime_dependencies_match_and_exclude_torch():
@@ -146,12 +148,13 @@ COMFY_CLI = "1.23.0"  # the version whose parser these checks were written again
 
 
 def _comfy_cli() -> Path:
-    """comfy-cli's package folder (with tomlkit), installed on demand into .cache/ without its dependencies:
-    its registry parser needs only typer and rich, which the dev environment has."""
+    """comfy-cli's package folder (with tomlkit and pathspec), installed on demand into .cache/ without its other
+    dependencies: its registry parser and packer need only typer and rich besides, which the dev environment has."""
     target = ROOT / ".cache" / f"comfy-cli-{COMFY_CLI}"
-    if not (target / "comfy_cli" / "registry" / "config_parser.py").is_file():
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                               f"comfy-cli=={COMFY_CLI}", "tomlkit"], capture_output=True, text=True)
+    if not ((target / "comfy_cli" / "registry" / "config_parser.py").is_file() and (target / "pathspec").is_dir()):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
+                               str(target), f"comfy-cli=={COMFY_CLI}", "tomlkit", "pathspec"],
+                              capture_output=True, text=True)
         if done.returncode:
             message = f"comfy-cli=={COMFY_CLI} could not be installed: {done.stderr[-400:]}"
             if os.environ.get("CI"):
@@ -181,6 +184,24 @@ def test_comfy_cli_reads_every_registry_field_without_warnings():
     assert project["supported_comfyui_version"] == COMFY["requires-comfyui"]
     assert project["license"]["file"] == "LICENSE"
     assert comfy["publisher_id"] and comfy["display_name"] and comfy["icon"] == COMFY["Icon"]
+
+
+def test_registry_package_holds_the_pack_and_leaves_out_the_tests(tmp_path):
+    """The zip `comfy node publish` uploads, built by comfy-cli's own zip_files (git-tracked files minus
+    .comfyignore): everything ComfyUI and the Manager need, no tests or CI files."""
+    import zipfile
+
+    archive = tmp_path / "node.zip"
+    code = f"from comfy_cli.file_utils import zip_files; zip_files({str(archive)!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(_comfy_cli())})
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = set(zipfile.ZipFile(archive).namelist())
+    needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md", "nodes/__init__.py",
+              "nodes/routes.py", "withanyone_core/__init__.py", "web/withanyone.js", "web/icon.png",
+              "web/docs/WithAnyoneLayout.md", "locales/en/nodeDefs.json", "locales/zh/nodeDefs.json"}
+    assert needed <= names, f"missing from the Registry package: {sorted(needed - names)}"
+    assert not [n for n in names if n.startswith(("tests/", ".ci/", ".github/"))]
 
 
 def test_dev_setup_pins_torch_for_tests_only():
