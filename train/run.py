@@ -105,10 +105,23 @@ class Trainer:
         elif self.stream is None:
             self.pool = NegativePool.from_manifest(self.manifest, self.index)
         else:
+            import hashlib
+
             from train.data.multiid2m import negative_pool_tensors
 
-            embs, ids = negative_pool_tensors(self.stream["refs"], self.stream["centres"], self.stream["numbers"],
-                                              self.stream["shards"])
+            # built once (the authors cache theirs as ref_dict.pth), keyed by what it is built from
+            section = config.data.multiid2m
+            digest = hashlib.sha1(json.dumps([section.refs, section.cluster_centers, self.stream["shards"]])
+                                  .encode("utf-8")).hexdigest()[:12]
+            cached = Path(self.stream["cache"]) / f"negatives-{digest}.safetensors"
+            if self.accelerator.is_main_process and not cached.is_file():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                NegativePool(*negative_pool_tensors(self.stream["refs"], self.stream["centres"],
+                                                    self.stream["numbers"], self.stream["shards"])).save(cached)
+                logger.info("negative pool written to %s", cached)
+            self.accelerator.wait_for_everyone()
+            stream_pool = NegativePool.load(cached)
+            embs, ids = stream_pool.embeddings, stream_pool.identity_ids
             if self.manifest is not None:  # mix: the manifest's identities get ids of their own
                 manifest_pool = NegativePool.from_manifest(self.manifest, self.index)
                 embs = torch.cat([embs, manifest_pool.embeddings])
@@ -201,7 +214,7 @@ class Trainer:
                     f"references from {refs.root}" if refs else "references are the training photos themselves",
                     len(centres))
         return {"shards": shards, "refs": refs, "centres": centres, "numbers": numbers,
-                "landmarks": load_landmarks(shards, cache)}
+                "landmarks": load_landmarks(shards, cache), "cache": cache}
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
