@@ -107,3 +107,31 @@ def test_gt_landmarks_detected_once_match_the_prepared_ones(shards_run, tmp_path
     for key, rows in detected.items():
         assert all(r is not None for r in rows)
         np.testing.assert_allclose(rows, prepared[key], atol=3.0)  # JPEG re-encoding moves them a little
+
+
+def test_two_process_run_on_shards_resumes_bit_identically(shards_run, tmp_path):
+    """Two real processes (DDP over gloo on the CPU) x 2 DataLoader workers: 4 stream slots over 5 shards."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(out):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1",
+               "WITHANYONE_SHARDS": str(ROOT / ".cache" / "smoke" / "multiid2m" / "train" / "re_*.tar")}
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "run.py"),
+             "--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "sample.every=0"],
+            env=env, capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "ddp"
+    result = launch(out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((out / "checkpoints" / "step-4" / "trainer.json").read_text())
+    assert state["stream"] == {"batches": 2, "workers": 2, "world": 2}
+    uninterrupted = _losses(out)
+    assert len(uninterrupted) == 5 and uninterrupted != _losses(shards_run)  # each rank streams its own shards
+    shutil.rmtree(out / "checkpoints" / "step-5")
+    resumed = launch(out)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    assert _losses(out) == uninterrupted

@@ -608,9 +608,14 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             return "small_face"
         return None
 
-    def grouped(self, epoch: int, slot: int, slots: int) -> Iterator[list[StreamSample]]:
-        """Lists of ``batch_size`` samples of one bucket and person count, in stream order."""
-        pending: dict[tuple[int, int], list[StreamSample]] = {}
+    def grouped(self, epoch: int, slot: int, slots: int, pending: dict | None = None,
+                counts: dict | None = None) -> Iterator[list[StreamSample]]:
+        """Lists of ``batch_size`` samples of one bucket and person count, in stream order.
+
+        ``pending`` (kept by the caller across epochs) holds the incomplete groups, so a slot
+        whose share has one sample of a group per epoch still fills its batches.
+        """
+        pending = {} if pending is None else pending
         for shard, key, members in self.raw_samples(epoch, slot, slots):
             try:
                 sample = parse_sample(shard, key, members)
@@ -621,6 +626,8 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
                 continue
             if self._usable(sample) is not None:
                 continue
+            if counts is not None:
+                counts["usable"] = counts.get("usable", 0) + 1
             group = (self._bucket(sample), len(sample.persons))
             pending.setdefault(group, []).append(sample)
             if len(pending[group]) == self.batch_size:
@@ -633,19 +640,19 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         worker = (slot - self.rank * workers + self.skip_batches) % workers
         slot = self.rank * workers + worker
         to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
-        epoch, produced = 0, 0
+        epoch, produced, pending = 0, 0, {}
         while True:
-            empty = True
-            for group in self.grouped(epoch, slot, slots):
-                empty = False
+            counts: dict = {}
+            for group in self.grouped(epoch, slot, slots, pending, counts):
                 if produced < to_skip:
                     produced += 1
                     continue
                 produced += 1
                 yield collate([self.item(sample, epoch) for sample in group])
-            if empty:
-                raise RuntimeError(f"slot {slot} of {slots} got no usable batch from {len(self.shards)} shard(s) in "
-                                   f"epoch {epoch}: give more shards/samples, lower min_face_size or batch_size")
+            if not counts.get("usable"):
+                raise RuntimeError(f"slot {slot} of {slots} (rank x DataLoader worker) got no usable sample from "
+                                   f"{len(self.shards)} shard(s) in epoch {epoch}: give more shards/samples, fewer "
+                                   "data.num_workers, or lower the phase's min_face_size / min_quality")
             epoch += 1
 
     # ---- items
