@@ -190,3 +190,14 @@ def test_paired_reference_from_ref_folder_and_negative_pool(tmp_path):
     assert item["identity_ids"][0] == 0 and "no_gt_landmarks" in item["events"]  # no landmark cache given
     embs, ids = negative_pool_tensors(folder, {}, IdentityNumbers(folder.names()))
     assert embs.shape == (2, 512) and ids.tolist() == [0, 0]
+
+
+def test_written_shards_load_the_way_the_authors_load_them(tmp_path):
+    """write_shard's members decode with the authors' own calls (json.loads, np.load(allow_pickle).item())."""
+    arrays = {"bboxes": np.array([[1, 2, 30, 40]], np.float32), "embeddings": _embedding(3)[None]}
+    write_shard(tmp_path / "re_000000.tar", [("k0", _jpg(0), {"caption_en": "c", "name": ["a"]}, arrays)])
+    (key, members), = list(iter_tar_samples(str(tmp_path / "re_000000.tar")))
+    theirs = np.load(io.BytesIO(members["npy"]), allow_pickle=True).item()
+    np.testing.assert_array_equal(theirs["embeddings"], arrays["embeddings"])
+    assert key == "k0" and json.loads(members["json"])["caption_en"] == "c"
+    assert Image.open(io.BytesIO(members["jpg"])).format == "JPEG"
