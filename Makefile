@@ -6,6 +6,7 @@
 #   make bench   run the benchmarks (each prints its ratios; not part of the tests)
 #   make train-smoke  train the tiny model set on the CPU (four phases, a few seconds)
 #   make gpu-check    on a CUDA machine: the CUDA tests and the FLUX.1-dev-size benchmark (< 8 min)
+#   make workflows    regenerate example_workflows/ (JSON + thumbnails) against a real server
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,10 +34,13 @@ bench: setup
 	$(PY) tests/bench/bench_faces.py
 	$(PY) tests/bench/bench_train.py
 	$(PY) tests/bench/bench_comfy.py
+	$(PY) tests/bench/bench_precision.py
+	$(PY) tests/bench/bench_prepare.py
 
 train-smoke: setup
 	$(PY) -m train.smoke_data .cache/smoke
 	$(PY) train/run.py --config train/configs/smoke.yaml
+	$(PY) train/run.py --config train/configs/smoke-multiid2m.yaml
 
 gpu-check: setup
 	$(PY) tests/gpu/gpu_check.py
