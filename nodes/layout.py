@@ -116,8 +116,11 @@ def draw_preview(layout: Layout, background: np.ndarray | None = None, dropped=(
         box = [x1 * scale, y1 * scale, x2 * scale, y2 * scale]
         draw.rectangle(box, outline=DROPPED_COLOR, width=1)
         _label(draw, (box[0] + 4, box[1] + 3), "left out", DROPPED_COLOR)
+    from .routes import box_colors  # the editor's colours, so box 5+ look the same in both
+
+    colors = box_colors(len(layout.boxes))
     for k, (x1, y1, x2, y2) in enumerate(layout.boxes):
-        color = COLORS[k % len(COLORS)]
+        color = colors[k]
         box = [x1 * scale, y1 * scale, x2 * scale, y2 * scale]
         draw.rectangle(box, outline=color, width=3)
         _label(draw, (box[0] + 6, box[1] + 4), str(k + 1), color)

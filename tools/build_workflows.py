@@ -114,7 +114,7 @@ AUTHORS_SCHEDULE = "withanyone (authors)"
 
 
 def _sampler(g: Graph, unet, positive, negative, adapter, identities, layout, seed: int, batch_size: int = 1):
-    """The all-in-one WithAnyone Sampler with the authors' recipe (their schedule, 25 Euler steps, guidance 4,
+    """The all-in-one WithAnyone Apply + Sample node with the authors' recipe (their schedule, 25 Euler steps, guidance 4,
     cfg 1, SigLIP share 0)."""
     return g.add("WithAnyoneSampler", (2 * COL, 0), model=unet.out(), positive=positive.out(),
                  negative=negative.out(), adapter=adapter.out(), identities=identities.out(),

@@ -304,6 +304,15 @@ class IdentityAdapter(nn.Module):
         self.siglip_in_sig = TokenProjector(config.siglip_dim, d, d, ops)
 
     # ------------------------------------------------------------------ tokens
+    def _checked_arcface(self, arcface: torch.Tensor) -> torch.Tensor:
+        """``[n, 512]`` or ``[B, n, 512]`` -> ``[B, n, 512]``, or a clear error."""
+        dim = self.config.arcface_dim
+        if arcface.ndim == 2:
+            arcface = arcface.unsqueeze(0)
+        if arcface.ndim != 3 or arcface.shape[-1] != dim:
+            raise ValueError(f"ArcFace embeddings must have shape [batch, persons, {dim}], got {tuple(arcface.shape)}")
+        return arcface
+
     def _arc_tokens(self, projector: nn.Module, arcface: torch.Tensor) -> torch.Tensor:
         b, n, _ = arcface.shape
         return projector(arcface).view(b, n, self.config.arc_tokens, self.config.hidden_size)
@@ -318,12 +327,7 @@ class IdentityAdapter(nn.Module):
         SigLIP branch's tokens (its weight is 0 for the whole run).
         """
         cfg = self.config
-        if arcface.ndim == 2:
-            arcface = arcface.unsqueeze(0)
-        if arcface.ndim != 3 or arcface.shape[-1] != cfg.arcface_dim:
-            raise ValueError(
-                f"ArcFace embeddings must have shape [batch, persons, {cfg.arcface_dim}], got {tuple(arcface.shape)}"
-            )
+        arcface = self._checked_arcface(arcface)
         b, n, _ = arcface.shape
         dtype = dtype or self.weight_dtype
         arcface = arcface.to(dtype)
@@ -496,12 +500,7 @@ class ArcFaceOnlyAdapter(IdentityAdapter):
         if with_siglip:
             raise ValueError(f"{cfg.title} has only the ArcFace branch: set the SigLIP weight "
                              "(siglip_share / siglip_weight) to 0")
-        if arcface.ndim == 2:
-            arcface = arcface.unsqueeze(0)
-        if arcface.ndim != 3 or arcface.shape[-1] != cfg.arcface_dim:
-            raise ValueError(
-                f"ArcFace embeddings must have shape [batch, persons, {cfg.arcface_dim}], got {tuple(arcface.shape)}"
-            )
+        arcface = self._checked_arcface(arcface)
         b, n, _ = arcface.shape
         dtype = dtype or self.weight_dtype
         arc = self._arc_tokens(self.arcface_in, arcface.to(dtype)).reshape(b, n * cfg.arc_tokens, -1)
