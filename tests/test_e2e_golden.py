@@ -213,6 +213,14 @@ def test_e2e_case(spec_path, name, case_name, path):
     check_latent(ours, t["expected_latent"])
 
 
+def test_golden_e2e_sets_are_found_in_ci():
+    """The parity cases skip only where no golden data is laid out; in CI a missing set is a failure, not a skip."""
+    if os.environ.get("CI"):
+        assert CASES, f"no *_e2e.json golden sets in {golden_dir()} (WITHANYONE_GOLDEN_DIR)"
+    elif not CASES:
+        pytest.skip(f"no *_e2e.json golden sets in {golden_dir()}")
+
+
 def test_check_latent_fails_on_a_perturbed_expectation():
     """The comparison is strict: one element off by 10x the tolerance fails, as do NaN and a wrong shape."""
     expected = torch.randn(1, 16, 8, 8) * 5
