@@ -28,8 +28,8 @@ from train.data.multiid2m import (
     negative_pool_tensors,
     parse_sample,
     person_names,
-    write_shard,
 )
+from train.data.multiid2m_write import write_shard
 
 OPTIONS = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=False)
 

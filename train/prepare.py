@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many)
     summary = build_outputs(entries, args.images, args.out, args.cluster_threshold)
     if args.format == "multiid2m":
-        from train.data.multiid2m import write_multiid2m
+        from train.data.multiid2m_write import write_multiid2m
 
         summary["multiid2m"] = write_multiid2m(Manifest.load(args.out / "manifest.jsonl"), args.out / "multiid2m",
                                                per_shard=args.shard_size, shard_map=shard_map)
