@@ -4,9 +4,11 @@ import json
 import logging
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from train import prepare
+from train.clustering import ClusterSearch
 from train.data import Manifest, NegativePool
 from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image
 
@@ -78,7 +80,7 @@ def _unit(v):
     return (v / np.linalg.norm(v)).tolist()
 
 
-def test_identity_grouping_by_folder_and_clustering(monkeypatch):
+def test_identity_grouping_by_folder_and_clustering():
     """Clustering on hand-made embeddings: folder names win, close faces join, row blocks agree."""
     rng = np.random.default_rng(0)
     centres = {name: rng.normal(size=512) for name in ("a", "b", "c")}
@@ -97,8 +99,8 @@ def test_identity_grouping_by_folder_and_clustering(monkeypatch):
     b, c = labels[("group_1.png", 1)], labels[("group_1.png", 2)]
     assert b != c and "person_0001" not in (b, c)
     assert labels[("group_2.png", 0)] == b and labels[("group_2.png", 1)] == c == labels[("solo.png", 0)]
-    monkeypatch.setattr(prepare, "CLUSTER_BLOCK", 1)
-    assert prepare.assign_identities(entries, threshold=0.5) == labels
+    assert prepare.assign_identities(entries, threshold=0.5, search=ClusterSearch("exact", block=1)) == labels
+    assert prepare.assign_identities(entries, threshold=0.5, search=ClusterSearch("faiss", block=2)) == labels
     # a threshold above every similarity keeps every unnamed face alone
     apart = prepare.assign_identities(entries, threshold=1.01)
     assert len({v for k, v in apart.items() if k[0] != "person_0001/0.png"}) == 6
@@ -152,10 +154,10 @@ def test_prepare_multiid2m_format_round_trips_through_the_restricted_reader(tmp_
             np.testing.assert_allclose(got.box, want.box, rtol=1e-6)
             np.testing.assert_array_equal(got.embedding, want.embedding)
         np.testing.assert_allclose(landmarks[(sample.shard, sample.key)], [p.landmarks for p in record.persons])
-    refs = ReferenceFolder(out / "multiid2m" / "ref")
+    refs = ReferenceFolder(out / "multiid2m" / "ref" / "untar")
     centres = read_cluster_centres(out / "multiid2m" / "ref" / "cluster_centers")
     names = sorted({p.identity for r in manifest.records for p in r.persons})
-    assert sorted(centres) == names and set(refs.names()) == set(names) | {"cluster_centers"}
+    assert sorted(centres) == names and refs.names() == names
     alice = [p for r in manifest.records for p in r.persons if p.identity == "alice"]
     np.testing.assert_allclose(centres["alice"], np.mean([p.embedding for p in alice], axis=0), rtol=1e-5)
     emb, box = refs.read(refs.files("alice")[0])
@@ -192,8 +194,14 @@ def test_ray_path_on_local_2_cpu_ray_writes_the_same_bytes(tmp_path):
     single, parallel = tmp_path / "single", tmp_path / "ray"
     prepare.main(common + ["--out", str(single)])
     prepare_ray.start("local", num_cpus=2)
-    try:
+    try:  # the Ray run also searches with faiss (as Ray tasks): the same identities as exact search here
+        prepare.main(common + ["--out", str(parallel), "--ray", "--ray-actors", "2", "--cluster-index", "faiss"])
+        # resumable per shard on Ray too: a lost shard is the only one rewritten
+        shards = sorted((parallel / "multiid2m" / "train").glob("*.tar"))
+        kept = {p.name: p.stat().st_mtime_ns for p in shards[1:]}
+        shards[0].unlink()
         prepare.main(common + ["--out", str(parallel), "--ray", "--ray-actors", "2"])
+        assert {p.name: p.stat().st_mtime_ns for p in shards[1:]} == kept and shards[0].is_file()
     finally:
         ray.shutdown()
     for name in ("manifest.jsonl", "identities.json", "negatives.safetensors"):
@@ -208,3 +216,95 @@ def test_ray_path_on_local_2_cpu_ray_writes_the_same_bytes(tmp_path):
         return {Path(t["shard"]).name: t["landmarks"] for t in tables}
 
     assert strip(single) == strip(parallel)
+
+
+def _tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_multiid2m_writing_resumes_per_shard_and_identity_chunk(tmp_path, caplog):
+    """A run killed after some units redoes only the others; a rerun of a complete run writes nothing;
+    a lost or damaged shard is rewritten; a smaller collection removes the shards it no longer has."""
+    import os
+
+    from train.data.multiid2m_write import write_multiid2m
+
+    models = tmp_path / "insightface"
+    build_tiny_antelopev2(models)
+    photos, out = tmp_path / "photos", tmp_path / "data"
+    _photo_folder(photos)
+    prepare.main(["--images", str(photos), "--out", str(out), "--antelopev2", str(models), "--providers", "cpu"])
+    manifest = Manifest.load(out / "manifest.jsonl")
+    reference = tmp_path / "reference"
+    write_multiid2m(manifest, reference, per_shard=2)
+    expected = {k: v for k, v in _tree_bytes(reference).items() if not k.startswith(("progress/", "landmarks/"))}
+    shard_count = sum(k.startswith("train/") for k in expected)
+    assert shard_count == 4
+
+    class Killed(RuntimeError):
+        pass
+
+    def dies_after(units):
+        done = []
+
+        def shard_map(function, argument_tuples):  # a run killed after `units` units of work
+            for args in argument_tuples:
+                if len(done) == units:
+                    raise Killed
+                done.append(function(*args))
+            return done[-len(argument_tuples):] if argument_tuples else []
+        return shard_map
+
+    ref_chunks = len(list((reference / "progress").glob("refs-*.json")))
+    assert ref_chunks >= 2
+    target = tmp_path / "resumed"
+    with pytest.raises(Killed):  # killed while writing the shards
+        write_multiid2m(manifest, target, per_shard=2, shard_map=dies_after(2))
+    written = {p.name: p.stat().st_mtime_ns for p in (target / "train").glob("*.tar")}
+    assert sorted(written) == ["re_000000.tar", "re_000001.tar"]
+    calls = []
+
+    def counting(function, argument_tuples):
+        calls.append((function.__name__, len(argument_tuples)))
+        return [function(*args) for args in argument_tuples]
+
+    with pytest.raises(Killed):  # killed again, after the two missing shards and one identity chunk
+        write_multiid2m(manifest, target, per_shard=2, shard_map=dies_after(3))
+    assert {p.name: p.stat().st_mtime_ns for p in (target / "train").glob("re_00000[01].tar")} == written
+    write_multiid2m(manifest, target, per_shard=2, shard_map=counting)
+    assert calls == [("write_records_shard", 0), ("write_reference_chunk", ref_chunks - 1)]
+    got = {k: v for k, v in _tree_bytes(target).items() if not k.startswith(("progress/", "landmarks/"))}
+    assert got == expected
+
+    # complete: nothing to do
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="withanyone.prepare"):
+        write_multiid2m(manifest, target, per_shard=2, shard_map=counting)
+    assert calls == [("write_records_shard", 0), ("write_reference_chunk", 0)]
+    assert "4 of 4 already written" in caplog.text
+
+    # a damaged shard (size differs from its marker) and a lost one are rewritten, nothing else
+    damaged, lost = target / "train" / "re_000002.tar", target / "train" / "re_000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    lost.unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (target / "train").glob("re_00000[01].tar")}
+    calls.clear()
+    write_multiid2m(manifest, target, per_shard=2, shard_map=counting)
+    assert calls[0] == ("write_records_shard", 2)
+    assert {p.name: p.stat().st_mtime_ns for p in (target / "train").glob("re_00000[01].tar")} == before
+    assert {k: v for k, v in _tree_bytes(target).items() if not k.startswith(("progress/", "landmarks/"))} == expected
+
+    # a changed photo changes its shard's fingerprint: that shard is re-encoded
+    record = manifest.records[0]
+    os.utime(manifest.image_path(record), ns=(1, 1))
+    calls.clear()
+    write_multiid2m(manifest, target, per_shard=2, shard_map=counting)
+    assert calls[0] == ("write_records_shard", 1)
+
+    # fewer shards than before: the extra ones (and their landmark caches) go
+    with caplog.at_level(logging.WARNING, logger="withanyone.prepare"):
+        summary = write_multiid2m(manifest, target, per_shard=3)
+    assert sorted(p.name for p in (target / "train").glob("*.tar")) == ["re_000000.tar", "re_000001.tar",
+                                                                         "re_000002.tar"]
+    assert "removing" in caplog.text and len(summary["shards"]) == 3
+    assert len(list((target / "landmarks").glob("*.json"))) == 3

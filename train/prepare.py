@@ -8,16 +8,21 @@
   face that person's identity; every other face is grouped by clustering the normalised
   ArcFace embeddings (cosine >= ``--cluster-threshold``, single linkage), joining a named
   identity when it is close enough to that person's mean embedding. Two faces of one
-  photo never become one identity (cannot-link).
+  photo never become one identity (cannot-link). The similarity search is exact up to
+  50,000 unnamed faces and uses a faiss index above when faiss is installed
+  (``--cluster-index``; see train/clustering.py).
 - Output in ``--out``: ``manifest.jsonl`` (see train/data.py), ``identities.json``
   (identity -> occurrences [record, person] and the chosen reference face: its largest one),
   ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
   ``summary.json``. ``--format multiid2m`` adds ``multiid2m/`` in the released MultiID-2M
-  layout (``train/re_*.tar``, ``ref/<name>/``, ``ref/cluster_centers/``, ``landmarks/``),
-  which ``data.source: multiid2m`` trains on (see train/data/multiid2m.py).
+  layout (``train/re_*.tar``, ``ref/untar/<name>/``, ``ref/cluster_centers/``,
+  ``landmarks/``), which ``data.source: multiid2m`` trains on (see train/data/multiid2m.py).
 - Resumable: each photo's detections are appended to ``faces.partial.jsonl`` as soon as
   they are computed (flushed and fsynced); a rerun skips photos already there, and a
-  half-written last line from an interrupted run is ignored.
+  half-written last line from an interrupted run is cut off. Each shard and each chunk of
+  identities' references leaves a marker in ``multiid2m/progress/`` once written; a rerun
+  skips those whose inputs are unchanged.
+- ``--ray``: the same stages on Ray (train/prepare_ray.py), the same output byte for byte.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import json
 import logging
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +39,13 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train.clustering import EXACT_BELOW, ClusterSearch, assign_identities  # noqa: E402
 from train.data import IdentityIndex, Manifest, NegativePool, load_rgb, parse_record  # noqa: E402
 
 logger = logging.getLogger("withanyone.prepare")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 PARTIAL = "faces.partial.jsonl"
-CLUSTER_BLOCK = 2048
 
 
 def find_photos(root: Path) -> list[Path]:
@@ -49,19 +53,38 @@ def find_photos(root: Path) -> list[Path]:
 
 
 def read_partial(path: Path) -> dict[str, dict]:
-    """Detections already done; a torn last line from a killed run is dropped."""
+    """Detections already done; a torn last line from a killed run is cut off the file.
+
+    Embeddings are held as float32 arrays (they were float32 before JSON), a quarter of the
+    memory of the parsed lists: a few hundred thousand photos fit in a few GB.
+    """
     done: dict[str, dict] = {}
     if not path.is_file():
         return done
-    with open(path, encoding="utf-8") as fh:
+    good_end = 0
+    with open(path, "rb") as fh:
         for line in fh:
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 logger.info("ignoring an incomplete line in %s (interrupted run)", path.name)
-                continue
-            done[entry["image"]] = entry
+                break
+            if not line.endswith(b"\n"):
+                break  # a complete object whose newline never reached the disk: redo it
+            good_end += len(line)
+            done[entry["image"]] = _compact(entry)
+    if good_end < path.stat().st_size:
+        with open(path, "r+b") as fh:  # append after the last whole line only
+            fh.truncate(good_end)
+            fh.flush()
+            os.fsync(fh.fileno())
     return done
+
+
+def _compact(entry: dict) -> dict:
+    for face in entry["faces"]:
+        face["embedding"] = np.asarray(face["embedding"], dtype=np.float32)
+    return entry
 
 
 def analyse_photo(photo: Path, rel: str, analyzer, min_face: int) -> dict:
@@ -94,8 +117,6 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
     done = read_partial(partial)
     if done:
         logger.info("resuming: %d of %d photos already analysed", len(done), len(photos))
-    # drop a torn tail before appending; written aside and renamed so a kill here loses nothing
-    write_atomic(partial, "".join(json.dumps(entry) + "\n" for entry in done.values()))
     todo = [(photo, photo.relative_to(images_root).as_posix()) for photo in photos]
     todo = [(photo, rel) for photo, rel in todo if rel not in done]
     entries = (analyse_many(todo) if analyse_many is not None
@@ -106,7 +127,7 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-            done[rel] = entry
+            done[rel] = _compact(entry)
             if number % 50 == 0:
                 logger.info("analysed %d / %d photos", number, len(todo))
     current = {photo.relative_to(images_root).as_posix() for photo in photos}
@@ -127,89 +148,9 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _normalise(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-
-
-def assign_identities(entries: dict[str, dict], threshold: float) -> dict[tuple[str, int], str]:
-    """(photo, face index) -> identity name.
-
-    Cannot-link: two faces of one photo never get the same identity, neither by joining a
-    named person nor by clustering (a photo shows each person once). Faces join named
-    persons best match first; clusters merge along the most similar pairs first, and a
-    merge that would put two faces of one photo together is refused.
-    """
-    labels: dict[tuple[str, int], str] = {}
-    named: dict[str, list[np.ndarray]] = defaultdict(list)
-    pending: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for rel, entry in sorted(entries.items()):
-        folder = Path(rel).parent.as_posix()
-        faces = entry["faces"]
-        largest = max(range(len(faces)), default=None,
-                      key=lambda i: (faces[i]["box"][2] - faces[i]["box"][0]) * (faces[i]["box"][3] - faces[i]["box"][1]))
-        for i, face in enumerate(faces):
-            emb = _normalise(np.asarray(face["embedding"], dtype=np.float32))
-            if folder != "." and i == largest:
-                labels[(rel, i)] = folder
-                named[folder].append(emb)
-            else:
-                pending[rel].append((i, emb))
-    centroids = {name: _normalise(np.mean(embs, axis=0)) for name, embs in named.items()}
-    unlabelled: list[tuple[tuple[str, int], np.ndarray]] = []
-    for rel in sorted(pending):
-        taken = {labels[(rel, i)] for i in range(len(entries[rel]["faces"])) if (rel, i) in labels}
-        options = sorted(((-float(c @ emb), i, name) for i, emb in pending[rel] for name, c in centroids.items()
-                          if float(c @ emb) >= threshold))
-        for _, i, name in options:  # best match first, each name once per photo
-            if (rel, i) not in labels and name not in taken:
-                labels[(rel, i)] = name
-                taken.add(name)
-        unlabelled += [((rel, i), emb) for i, emb in pending[rel] if (rel, i) not in labels]
-    # single-linkage clustering of the remaining faces (union-find) with the cannot-link rule
-    parent = list(range(len(unlabelled)))
-    photos = [{key[0]} for key, _ in unlabelled]
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if unlabelled:
-        embs = np.stack([e for _, e in unlabelled])
-        rows, cols, sims = [], [], []
-        for start in range(0, len(embs), CLUSTER_BLOCK):  # row blocks keep memory O(block x N)
-            block = embs[start:start + CLUSTER_BLOCK] @ embs.T
-            i, j = np.nonzero(block >= threshold)
-            keep = start + i < j
-            rows.append(start + i[keep])
-            cols.append(j[keep])
-            sims.append(block[i[keep], j[keep]])
-        rows, cols, sims = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
-        refused = 0
-        for k in np.lexsort((cols, rows, -sims)):  # most similar pairs first, ties in a fixed order
-            a, b = root(int(rows[k])), root(int(cols[k]))
-            if a == b:
-                continue
-            if photos[a] & photos[b]:
-                refused += 1
-                continue
-            parent[a] = b
-            photos[b] |= photos[a]
-        if refused:
-            logger.info("clustering: %d merges refused that would have put two faces of one photo into one "
-                        "identity", refused)
-    clusters: dict[int, str] = {}
-    numbers = (f"person_{n:04d}" for n in range(1, len(unlabelled) + len(named) + 2))
-    for i, (key, _) in enumerate(unlabelled):
-        if root(i) not in clusters:
-            clusters[root(i)] = next(name for name in numbers if name not in named)
-        labels[key] = clusters[root(i)]
-    return labels
-
-
-def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, threshold: float) -> dict:
-    labels = assign_identities(entries, threshold)
+def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, threshold: float,
+                  search: ClusterSearch = ClusterSearch(), map_blocks=None) -> dict:
+    labels = assign_identities(entries, threshold, search, map_blocks)
     records, skipped, missing_captions = [], [], 0
     for rel, entry in sorted(entries.items()):
         if entry["error"]:
@@ -273,9 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this many pixels")
     parser.add_argument("--cluster-threshold", type=float, default=0.5,
                         help="cosine similarity that joins two faces into one identity")
+    parser.add_argument("--cluster-index", choices=["auto", "exact", "faiss"], default="auto",
+                        help="how similar faces are found: exact search, or a faiss IVF index (pip install faiss-cpu); "
+                             f"auto = exact up to {EXACT_BELOW} unnamed faces, faiss above when installed")
+    parser.add_argument("--cluster-nprobe", type=int, default=ClusterSearch.nprobe,
+                        help="faiss: index cells searched per face (more = closer to exact, slower)")
+    parser.add_argument("--cluster-cells", type=int, default=0, help="faiss: index cells (0 = about 4 sqrt(faces))")
     parser.add_argument("--format", choices=["manifest", "multiid2m"], default="manifest",
                         help="multiid2m: also write OUT/multiid2m/ in the released MultiID-2M layout (train/re_*.tar, "
-                             "ref/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written")
+                             "ref/untar/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written")
     parser.add_argument("--shard-size", type=int, default=1000, help="photos per .tar shard (--format multiid2m)")
     parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                         help="run detection/embedding as a Ray Data actor pool and write shards as Ray tasks: "
@@ -293,18 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
     if not photos:
         parser.error(f"no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.images}")
     analyzer_kwargs = {"providers": args.providers, "det_thresh": args.det_thresh, "det_size": args.det_size}
-    shard_map = None
+    try:
+        search = ClusterSearch(args.cluster_index, nprobe=args.cluster_nprobe, cells=args.cluster_cells)
+    except ValueError as exc:
+        parser.error(str(exc))
+    shard_map = block_map = None
     if args.ray is not None:
         from train import prepare_ray
 
         prepare_ray.start(args.ray)
         analyzer, analyse_many = None, prepare_ray.detector_pool(args.antelopev2, analyzer_kwargs, args.min_face,
                                                                  args.ray_actors)
-        shard_map = prepare_ray.parallel_map
+        shard_map, block_map = prepare_ray.parallel_map, prepare_ray.block_map
     else:
         analyzer, analyse_many = FaceAnalyzer(args.antelopev2, **analyzer_kwargs), None
     entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many)
-    summary = build_outputs(entries, args.images, args.out, args.cluster_threshold)
+    summary = build_outputs(entries, args.images, args.out, args.cluster_threshold, search, block_map)
     if args.format == "multiid2m":
         from train.data.multiid2m_write import write_multiid2m
 

@@ -2,10 +2,14 @@
 
 Detection + embedding run as a Ray Data actor pool (one FaceAnalyzer per actor: one per
 GPU when Ray sees GPUs, else one per 2 CPUs); their entries stream back into prepare.py's
-resumable ``faces.partial.jsonl``. Identities (cannot-link clustering), pairing and the
-manifest are computed once on the driver exactly as without Ray, and ``--format
-multiid2m`` shards are written as one Ray task per shard, so the output is the same bytes
-as the single-process path. ``ADDRESS``: ``local`` (a Ray started here) or ``ray://...``.
+resumable ``faces.partial.jsonl``. The clustering's similarity search runs as one Ray task
+per row block (the embeddings, or the serialised faiss index, put in the object store
+once); the merges, identities and the manifest are computed on the driver exactly as
+without Ray. ``--format multiid2m`` shards and identity chunks are written as one Ray task
+each, resumable per unit (see train/data/multiid2m_write.py), so the output is the same
+bytes as the single-process path. With a ``ray://`` cluster, ``--images`` and ``--out``
+must be on a file system every node mounts at the same path. ``ADDRESS``: ``local`` (a
+Ray started here) or ``ray://...``.
 """
 
 from __future__ import annotations
@@ -79,3 +83,13 @@ def parallel_map(function, argument_tuples: list[tuple]) -> list:
 
     remote = ray.remote(function)
     return ray.get([remote.remote(*args) for args in argument_tuples])
+
+
+def block_map(function, shared, argument_tuples: list[tuple]) -> list:
+    """``[function(shared, *args) for args in argument_tuples]`` as Ray tasks; ``shared`` (the
+    embeddings, a serialised index) goes to the object store once, not once per task."""
+    import ray
+
+    shared_ref = ray.put(shared)
+    remote = ray.remote(function)
+    return ray.get([remote.remote(shared_ref, *args) for args in argument_tuples])
