@@ -37,8 +37,10 @@ class MultiID2MConfig:
     """The authors' MultiID-2M tars (or tars prepare.py --format multiid2m wrote)."""
 
     shards: str  # glob(s) of .tar shards, comma-separated, e.g. /data/MultiID-2M/train_rec/re_*.tar
-    refs: str | None = None  # untarred ref/tars: <refs>/<name>/*.{jpg,json,npy}; None = the photo itself
-    cluster_centers: str | None = None  # untarred ref/cluster_centers.tar: <name>.npy per identity
+    # glob(s) of the released ref/tars/*.tar (read in place, index cached in <landmarks>/ref-index/) or the
+    # folder they untar into (<refs>/<name>/*.{jpg,json,npy}); None = the photo itself
+    refs: str | None = None
+    cluster_centers: str | None = None  # ref/cluster_centers.tar, or the folder of <name>.npy it untars into
     landmarks: str | None = None  # cache of the GT faces' detected landmarks; None = <output_dir>/landmarks
     shuffle_buffer: int = 1000  # samples held per DataLoader worker for shuffling
 
@@ -372,6 +374,34 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return validate(config)
 
 
+def _check_multiid2m_refs(section: MultiID2MConfig, hint: str) -> None:
+    """``refs``: a folder of ``<name>/`` or glob(s) of plain reference tars; ``cluster_centers``: a folder or a tar."""
+    from .data.multiid2m_refs import CompressedTarError, expand_reference_tars, is_reference_folder
+
+    if section.refs:
+        if is_reference_folder(section.refs):
+            folder = Path(section.refs)
+            if not any(p.is_dir() for p in folder.iterdir()) and any(folder.glob("*.tar*")):
+                raise ConfigError(f"data.multiid2m.refs: {folder} holds tar files but no <name>/ folders: set it to "
+                                  f"the tars themselves, {folder / '*.tar'} (read in place), or untar them there{hint}")
+        else:
+            try:
+                expand_reference_tars(section.refs)
+            except CompressedTarError as exc:
+                raise ConfigError(f"data.multiid2m.refs: {exc}{hint}") from exc
+            except FileNotFoundError as exc:
+                raise ConfigError(f"data.multiid2m.refs: {section.refs} is not a folder, and {exc}{hint}") from exc
+    centres = section.cluster_centers
+    if centres:
+        path = Path(centres)
+        if not path.exists():
+            raise ConfigError(f"data.multiid2m.cluster_centers: {centres} does not exist (ref/cluster_centers.tar, "
+                              f"or the folder of <name>.npy it untars into){hint}")
+        if path.is_file() and not path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+            raise ConfigError(f"data.multiid2m.cluster_centers: {centres} is a file but not a .tar: give "
+                              f"ref/cluster_centers.tar or the folder of <name>.npy it untars into{hint}")
+
+
 FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
@@ -409,11 +439,7 @@ def check_paths(config: Config) -> None:
             expand_shards(d.multiid2m.shards)
         except FileNotFoundError as exc:
             raise ConfigError(f"data.multiid2m.shards: {exc}{hint}") from exc
-        for key, value, what in (("data.multiid2m.refs", d.multiid2m.refs, "the untarred ref/tars (<name>/*.npy)"),
-                                 ("data.multiid2m.cluster_centers", d.multiid2m.cluster_centers,
-                                  "the untarred ref/cluster_centers.tar (<name>.npy)")):
-            if value and not Path(value).is_dir():
-                fail(key, value, what)
+        _check_multiid2m_refs(d.multiid2m, hint)
     uses_id_losses = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
     if uses_id_losses and not m.antelopev2:
         raise ConfigError("models.antelopev2 is empty but a phase uses the ID losses: set it to the insightface "

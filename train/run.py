@@ -111,8 +111,10 @@ class Trainer:
 
             # built once (the authors cache theirs as ref_dict.pth), keyed by what it is built from
             section = config.data.multiid2m
-            digest = hashlib.sha1(json.dumps([section.refs, section.cluster_centers, self.stream["shards"]])
-                                  .encode("utf-8")).hexdigest()[:12]
+            # (reference tars by path, size and mtime, so a changed tar builds a new pool; a folder by its path)
+            refs = self.stream["refs"]
+            digest = hashlib.sha1(json.dumps([refs.fingerprint() if refs else None, section.cluster_centers,
+                                              self.stream["shards"]]).encode("utf-8")).hexdigest()[:12]
             cached = Path(self.stream["cache"]) / f"negatives-{digest}.safetensors"
             if self.accelerator.is_main_process and not cached.is_file():
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -191,16 +193,27 @@ class Trainer:
 
     def _open_multiid2m(self) -> dict:
         """Shards, references, cluster centres, identity numbers and the GT landmarks of MultiID-2M."""
-        from train.data.multiid2m import (IdentityNumbers, ReferenceFolder, detect_landmarks, expand_shards,
-                                          load_landmarks, read_cluster_centres)
+        from train.data.multiid2m import (IdentityNumbers, detect_landmarks, expand_shards, load_landmarks,
+                                          read_cluster_centres)
+        from train.data.multiid2m_refs import open_references
 
         cfg, acc = self.config, self.accelerator
         section = cfg.data.multiid2m
         shards = expand_shards(section.shards)
-        refs = ReferenceFolder(section.refs) if section.refs else None
+        cache = section.landmarks or str(self.output_dir / "landmarks")
+        refs = None
+        if section.refs:
+            # a folder, or the released tars read in place: the main process indexes them once (cached in
+            # <cache>/ref-index/), the other ranks then read that index instead of scanning every tar too
+            if acc.is_main_process:
+                refs = open_references(section.refs, cache)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                refs = open_references(section.refs, cache)
+            if acc.is_main_process and getattr(refs, "scanned", 0):
+                logger.info("indexed %d reference tar(s) into %s", refs.scanned, Path(cache) / "ref-index")
         centres = read_cluster_centres(section.cluster_centers) if section.cluster_centers else {}
         numbers = IdentityNumbers(sorted(set(refs.names() if refs else []) | set(centres)))
-        cache = section.landmarks or str(self.output_dir / "landmarks")
         if any(p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in cfg.phases):
             # the release has no landmarks: the GT-aligned ID loss needs them, detected once and cached
             if acc.is_main_process:
@@ -211,7 +224,7 @@ class Trainer:
                     logger.info("detected GT landmarks of %d shard(s) into %s", detected, cache)
             acc.wait_for_everyone()
         logger.info("MultiID-2M: %d shard(s), %s, %d identities with cluster centres", len(shards),
-                    f"references from {refs.root}" if refs else "references are the training photos themselves",
+                    f"references from {refs.description}" if refs else "references are the training photos themselves",
                     len(centres))
         return {"shards": shards, "refs": refs, "centres": centres, "numbers": numbers,
                 "landmarks": load_landmarks(shards, cache), "cache": cache}

@@ -7,8 +7,9 @@ pixels) and ``embeddings`` (or ``embedding``: one raw antelopev2 vector per box,
 The JSON holds ``caption_en``, ``crop`` ([x1, y1, x2, y2] of the photo inside the original:
 boxes are shifted by its corner), the names (``name`` list, else ``names``, else
 ``keyword`` split on spaces; ``none`` / missing: unidentifiable), ``url``, ``ram_score``,
-``aesthetics_score``. References: ``<refs>/<name>/*.{jpg,json,npy}``; cluster centres:
-``<centres>/<name>.npy``.
+``aesthetics_score``. References: ``<refs>/<name>/*.{jpg,json,npy}`` (untarred, or read from
+``ref/tars/*.tar`` in place: :mod:`train.data.multiid2m_refs`); cluster centres:
+``<centres>/<name>.npy`` or ``ref/cluster_centers.tar``.
 
 Pickles are never loaded with :mod:`pickle` defaults: :func:`load_npy` accepts only dicts,
 lists, tuples, numbers, strings and numpy arrays, and refuses any other global *before*
@@ -38,6 +39,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +47,9 @@ import torch
 from .dataset import DataOptions, collate, fixed_prompt
 from .images import crop_to_bucket, faces_inside, square_crop
 from .records import EMBEDDING_DIM
+
+if TYPE_CHECKING:
+    from .multiid2m_refs import ReferenceTars
 
 logger = logging.getLogger(__name__)
 
@@ -257,14 +262,44 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 # ------------------------------------------------------------------ references, landmarks, negatives
+def reference_entry(npy: bytes, meta: bytes | None, where: str) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """A reference's (first embedding, first box from its JSON's ``bboxes``, else its .npy's)."""
+    arrays = load_npy(npy, where)
+    if not isinstance(arrays, dict):
+        raise ShardFormatError(f"{where}: expected a dict with 'embeddings'")
+    embedding = embeddings_of(arrays, where)[0]
+    boxes = None
+    if meta is not None:
+        boxes = json.loads(meta.decode("utf-8")).get("bboxes")
+    if boxes is None:
+        boxes = arrays.get("bboxes")
+    box = tuple(float(v) for v in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[0]) if boxes is not None \
+        and np.size(boxes) else None
+    return embedding, box
+
+
 class ReferenceFolder:
-    """``<root>/<name>/*.npy`` (+ .jpg, .json): the authors' per-identity reference photos."""
+    """``<root>/<name>/*.npy`` (+ .jpg, .json): the authors' per-identity reference photos, untarred.
+
+    One interface with :class:`train.data.multiid2m_refs.ReferenceTars` (the same photos read
+    from ``ref/tars/*.tar`` directly): ``names()``, ``files(name)`` (handles, in file-name
+    order), ``read(handle)``, ``image(handle)``, ``description`` and ``fingerprint()``.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"reference folder {self.root} does not exist (untar ref/tars/ into it)")
+            raise FileNotFoundError(f"reference folder {self.root} does not exist (untar ref/tars/ into it, or "
+                                    "set data.multiid2m.refs to the tars: /data/MultiID-2M/ref/tars/*.tar)")
         self._files: dict[str, list[Path]] = {}
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
+
+    def fingerprint(self) -> str:
+        """What the negative pool's cache name is keyed by (the folder, as before tars were read)."""
+        return str(self.root)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -277,27 +312,38 @@ class ReferenceFolder:
 
     def read(self, npy: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
         """(first embedding, first box from the JSON's ``bboxes``, else the .npy's)."""
-        arrays = load_npy(npy.read_bytes(), str(npy))
-        if not isinstance(arrays, dict):
-            raise ShardFormatError(f"{npy}: expected a dict with 'embeddings'")
-        embedding = embeddings_of(arrays, str(npy))[0]
-        boxes = None
         meta_path = npy.with_suffix(".json")
-        if meta_path.is_file():
-            boxes = json.loads(meta_path.read_text(encoding="utf-8")).get("bboxes")
-        if boxes is None:
-            boxes = arrays.get("bboxes")
-        box = tuple(float(v) for v in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[0]) if boxes is not None \
-            and np.size(boxes) else None
-        return embedding, box
+        return reference_entry(npy.read_bytes(), meta_path.read_bytes() if meta_path.is_file() else None, str(npy))
+
+    def image(self, npy: Path) -> np.ndarray:
+        """The reference photo beside the .npy (``<stem>.jpg``), RGB uint8."""
+        from withanyone_core.faces import load_image
+
+        return load_image(npy.with_suffix(".jpg"))
 
 
-def read_cluster_centres(folder: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``<folder>/<name>.npy`` -> the identity's 512-d centre (plain or pickled .npy)."""
+def read_cluster_centres(source: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``<folder>/<name>.npy``, or the members ``[.../]<name>.npy`` of ``ref/cluster_centers.tar``
+    (one streaming pass, never untarred) -> the identity's 512-d centre (plain or pickled .npy)."""
+    found: dict[str, tuple[bytes, str]] = {}
+    source = Path(source)
+    if source.is_file():
+        try:
+            with tarfile.open(source, mode="r|*") as tar:
+                for info in tar:
+                    base = info.name.rsplit("/", 1)[-1]
+                    if info.isfile() and base.endswith(".npy") and not base.startswith("."):
+                        found[base[: -len(".npy")]] = (tar.extractfile(info).read(), f"{source}:{info.name}")
+        except tarfile.TarError as exc:
+            raise ShardFormatError(f"{source}: not a readable tar ({exc}); data.multiid2m.cluster_centers takes "
+                                   "ref/cluster_centers.tar or the folder it untars into") from exc
+    else:
+        for path in sorted(source.glob("*.npy")):
+            found[path.stem] = (path.read_bytes(), str(path))
     out = {}
-    for path in sorted(Path(folder).glob("*.npy")):
-        value = load_npy(path.read_bytes(), str(path))
-        out[path.stem] = np.asarray(value, dtype=np.float32).reshape(-1)[:EMBEDDING_DIM]
+    for name in sorted(found):
+        data, where = found[name]
+        out[name] = np.asarray(load_npy(data, where), dtype=np.float32).reshape(-1)[:EMBEDDING_DIM]
     return out
 
 
@@ -384,7 +430,7 @@ class IdentityNumbers:
         return self.ids.get(name, (1 << 56) + _stable_id(name))
 
 
-def negative_pool_tensors(refs: ReferenceFolder | None, centres: dict[str, np.ndarray],
+def negative_pool_tensors(refs: ReferenceFolder | ReferenceTars | None, centres: dict[str, np.ndarray],
                           numbers: IdentityNumbers, shards: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and identity ids of the negative pool.
 
@@ -443,7 +489,7 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: Sequence[str], options: DataOptions, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 refs: ReferenceFolder | None = None, numbers: IdentityNumbers | None = None,
+                 refs: ReferenceFolder | ReferenceTars | None = None, numbers: IdentityNumbers | None = None,
                  landmarks: dict | None = None, skip_batches: int = 0):
         super().__init__()
         self.shards = list(shards)
@@ -576,10 +622,8 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         path, embedding, box = best
         image = None
         if opts.siglip_crops:
-            from withanyone_core.faces import load_image
-
             try:
-                image = load_image(path.with_suffix(".jpg"))
+                image = self.refs.image(path)
             except (OSError, ValueError):
                 return None, "paired_reference_unreadable"
         return (embedding, image, box), None

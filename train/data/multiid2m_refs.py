@@ -1,0 +1,316 @@
+"""MultiID-2M reference photos read from the released ``ref/tars/*.tar`` in place, never untarred.
+
+The authors untar ``ref/tars/`` into ``ref/untar/<name>/*.{npy,jpg,json}`` and list the
+folders. :class:`ReferenceTars` reads the same members by random access instead: one scan of
+each tar's headers (``tarfile`` seeks over the data of an uncompressed tar) gives every
+member's data offset and size; that index is cached as JSON (no pickle) in the trainer's
+cache folder, one file per tar, valid while the tar's absolute path, size and mtime are
+unchanged, so later runs (and the other ranks) start without scanning. A member is then
+one ``seek`` + ``read``.
+
+Identity = the directory a ``.npy`` sits in (``[any/leading/folders/]<name>/<stem>.npy``);
+the ``.json`` and ``.jpg`` beside it (same tar, same folder) share its stem. When tars hold
+the same ``<name>/<stem>`` twice, the later tar (in sorted path order) wins, as when they
+are untarred into one folder one after the other. Members at a tar's root name no identity
+and are skipped (a warning counts them).
+
+Compressed tars (``.tar.gz`` ...) have no random access: they are refused with what to do.
+The object is pickled into DataLoader workers; file handles are opened lazily per process.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .multiid2m import ReferenceFolder, ShardFormatError, reference_entry
+
+logger = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+# member suffixes a reference uses; others (e.g. a README in the tar) are not indexed
+REFERENCE_SUFFIXES = ("npy", "json", "jpg")
+# open tar files kept per process (the release has many ref tars; stay far below ulimit -n)
+MAX_OPEN_TARS = 32
+
+_COMPRESSED_NAMES = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bzip2", ".tbz2": "bzip2", ".tar.xz": "xz",
+                     ".txz": "xz", ".tar.zst": "zstd", ".tar.zstd": "zstd"}
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+class CompressedTarError(ValueError):
+    """A compressed reference tar: no random access into it."""
+
+
+def _compressed_error(path: str, kind: str) -> CompressedTarError:
+    return CompressedTarError(
+        f"{path} is a {kind}-compressed tar: references are read by random access, which a compressed tar does "
+        f"not allow. Recompress it as a plain .tar (e.g. `gunzip -k {path}` for gzip) or untar it and set "
+        "data.multiid2m.refs to the folder")
+
+
+def check_plain_tar(path: str) -> None:
+    """Refuse a compressed tar by its name or its first bytes (a renamed .tar.gz included)."""
+    lowered = path.lower()
+    for suffix, kind in _COMPRESSED_NAMES.items():
+        if lowered.endswith(suffix):
+            raise _compressed_error(path, kind)
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    for magic, kind in _COMPRESSED_MAGIC:
+        if head.startswith(magic):
+            raise _compressed_error(path, kind)
+
+
+def expand_reference_tars(patterns: str | Sequence[str]) -> list[str]:
+    """Sorted ``.tar`` paths of one or more globs (``,`` separates globs in one string), all plain tars."""
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    found = set()
+    for pattern in patterns:
+        for path in glob.glob(os.path.expanduser(pattern)):
+            if any(path.lower().endswith(s) for s in _COMPRESSED_NAMES):
+                check_plain_tar(path)  # raises, naming the file
+            if path.endswith(".tar") and os.path.isfile(path):
+                found.add(os.path.abspath(path))
+    if not found:
+        raise FileNotFoundError(f"no .tar file matches {list(patterns)}: point data.multiid2m.refs at the released "
+                                "reference tars (e.g. /data/MultiID-2M/ref/tars/*.tar) or at the folder they untar "
+                                "into (<name>/*.npy)")
+    for path in found:
+        check_plain_tar(path)
+    return sorted(found)
+
+
+class RefMember(NamedTuple):
+    """A reference inside a tar: the ``.npy``'s (offset, size) and those of the ``.json``/``.jpg`` beside it."""
+
+    tar: str
+    member: str  # the .npy's path inside the tar
+    npy: tuple[int, int]
+    json: tuple[int, int] | None
+    jpg: tuple[int, int] | None
+
+    def __str__(self) -> str:
+        return f"{self.tar}:{self.member}"
+
+
+def index_file(cache_dir: str | os.PathLike, tar: str) -> Path:
+    digest = hashlib.sha1(os.path.abspath(tar).encode("utf-8")).hexdigest()[:12]
+    return Path(cache_dir) / "ref-index" / f"{Path(tar).stem}-{digest}.json"
+
+
+def scan_tar(path: str) -> list[list]:
+    """``[member name, data offset, size]`` of each reference member (``<dir>/<stem>.{npy,json,jpg}``)."""
+    members = []
+    size = os.path.getsize(path)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            # next() seeks over each member's data; tarfile's own member list is cleared as we go
+            # (the index below is all we keep), so a tar of millions of members scans in little memory
+            while (info := tar.next()) is not None:
+                tar.members.clear()
+                base = info.name.rsplit("/", 1)[-1]
+                if not info.isfile() or base.startswith(".") or "." not in base \
+                        or base.rsplit(".", 1)[1] not in REFERENCE_SUFFIXES:
+                    continue
+                if info.offset_data + info.size > size:
+                    raise ShardFormatError(f"{path}:{info.name}: the tar is truncated (member data past its end)")
+                members.append([info.name, info.offset_data, info.size])
+    except tarfile.TarError as exc:
+        raise ShardFormatError(f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
+                               "ref/tars/*.tar (uncompressed) or the folder they untar into") from exc
+    return members
+
+
+class ReferenceTars:
+    """The per-identity reference photos of ``ref/tars/*.tar``, read in place (see the module doc).
+
+    The same interface as :class:`~train.data.multiid2m.ReferenceFolder`: ``names()``,
+    ``files(name)`` (handles in file-name order), ``read(handle)`` -> (embedding, box),
+    ``image(handle)``, ``description`` and ``fingerprint()``. ``scanned`` counts the tars
+    whose index was built now instead of read from the cache.
+    """
+
+    def __init__(self, tars: Sequence[str], cache_dir: str | os.PathLike | None, spec: str | None = None):
+        self.tars = [os.path.abspath(t) for t in tars]
+        if not self.tars:
+            raise FileNotFoundError("no reference tar given")
+        self.spec = spec or ",".join(self.tars)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.scanned = 0
+        self._stats: dict[str, tuple[int, int]] = {}
+        by_name: dict[str, dict[str, RefMember]] = {}
+        rootless = 0
+        for tar in self.tars:
+            check_plain_tar(tar)
+            members, skipped = self._group(tar, self._index(tar))
+            rootless += skipped
+            for name, stem, ref in members:
+                by_name.setdefault(name, {})[stem] = ref
+        if rootless:
+            logger.warning("references: %d member(s) at the root of %s name no identity folder (<name>/<stem>.npy) "
+                           "and are skipped", rootless, self.description)
+        # the folder's order: sorted(<name>/*.npy), i.e. by file name
+        self._files = {name: [stems[s] for s in sorted(stems, key=lambda s: s + ".npy") if stems[s] is not None]
+                       for name, stems in by_name.items()}
+        self._pid: int | None = None
+        self._open: OrderedDict[str, io.BufferedReader] = OrderedDict()
+
+    # ---- the index
+    def _index(self, tar: str) -> list[list]:
+        stat = os.stat(tar)
+        key = {"version": INDEX_VERSION, "tar": tar, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        self._stats[tar] = (stat.st_size, stat.st_mtime_ns)
+        target = index_file(self.cache_dir, tar) if self.cache_dir is not None else None
+        if target is not None and target.is_file():
+            try:
+                cached = json.loads(target.read_text(encoding="utf-8"))
+                if {k: cached.get(k) for k in key} == key:
+                    return cached["members"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable cache: scanned again and rewritten
+        members = scan_tar(tar)
+        self.scanned += 1
+        if target is not None:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({**key, "members": members}), encoding="utf-8")
+                os.replace(tmp, target)
+            except OSError as exc:
+                logger.warning("could not cache the index of %s in %s (%s); it is scanned again next run",
+                               tar, target, exc)
+        return members
+
+    @staticmethod
+    def _group(tar: str, members: list[list]) -> tuple[list[tuple[str, str, RefMember | None]], int]:
+        """(name, stem, reference) per ``.npy`` (None for a stem without one), and the count of root members."""
+        by_key: dict[tuple[str, str], dict[str, tuple]] = {}
+        rootless = 0
+        for member, offset, size in members:
+            folder, _, base = member.rpartition("/")
+            name = folder.rsplit("/", 1)[-1]
+            if not name or name == ".":
+                rootless += 1
+                continue
+            stem, suffix = base.rsplit(".", 1)
+            by_key.setdefault((folder, stem), {})[suffix] = (member, int(offset), int(size))
+        out = []
+        for (folder, stem), parts in by_key.items():
+            npy = parts.get("npy")
+            ref = None
+            if npy is not None:
+                span = lambda s: (parts[s][1], parts[s][2]) if s in parts else None  # noqa: E731
+                ref = RefMember(tar, npy[0], span("npy"), span("json"), span("jpg"))
+            out.append((folder.rsplit("/", 1)[-1], stem, ref))
+        return out, rootless
+
+    # ---- the interface
+    @property
+    def root(self) -> str:
+        return self.spec
+
+    @property
+    def description(self) -> str:
+        where = f", index cached in {self.cache_dir / 'ref-index'}" if self.cache_dir is not None else ""
+        return f"{self.spec} ({len(self.tars)} tar(s), {len(self._files)} identities{where})"
+
+    def fingerprint(self) -> list:
+        """What the negative pool's cache name is keyed by: every tar with its size and mtime."""
+        return [[tar, *self._stats[tar]] for tar in self.tars]
+
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+    def files(self, name: str) -> list[RefMember]:
+        return self._files.get(name, [])
+
+    def _bytes(self, ref: RefMember, span: tuple[int, int], suffix: str) -> bytes:
+        offset, size = span
+        fh = self._file(ref.tar)
+        fh.seek(offset)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ShardFormatError(f"{ref.tar}: {ref.member[:-4]}.{suffix} ends early; the tar changed since it was "
+                                   "indexed (restart the run to re-index it)")
+        return data
+
+    def read(self, ref: RefMember) -> tuple[np.ndarray, tuple[float, ...] | None]:
+        """(first embedding, first box from the JSON's ``bboxes``, else the .npy's)."""
+        meta = self._bytes(ref, ref.json, "json") if ref.json is not None else None
+        return reference_entry(self._bytes(ref, ref.npy, "npy"), meta, str(ref))
+
+    def image(self, ref: RefMember) -> np.ndarray:
+        """The reference photo beside the .npy (``<stem>.jpg``), RGB uint8, decoded as ``load_image`` decodes files."""
+        where = f"{ref.tar}:{ref.member[:-4]}.jpg"
+        if ref.jpg is None:
+            raise FileNotFoundError(f"{where}: not in the tar (a reference is <stem>.npy + .json + .jpg)")
+        return decode_image(self._bytes(ref, ref.jpg, "jpg"), where)
+
+    # ---- per-process file handles
+    def _file(self, tar: str) -> io.BufferedReader:
+        if self._pid != os.getpid():  # a forked DataLoader worker must not share the parent's file offsets
+            self._open, self._pid = OrderedDict(), os.getpid()
+        fh = self._open.get(tar)
+        if fh is None:
+            fh = open(tar, "rb")  # noqa: SIM115 (kept open for the next reads; closed on eviction)
+            self._open[tar] = fh
+            if len(self._open) > MAX_OPEN_TARS:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(tar)
+        return fh
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"], state["_pid"] = OrderedDict(), None
+        return state
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fh in self._open.values():
+                fh.close()
+        self._open = OrderedDict()
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8, with the mode rules of ``withanyone_core.faces.load_image``."""
+    from PIL import Image, UnidentifiedImageError
+
+    from withanyone_core.faces import ImageReadError, to_rgb_uint8
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                arr = np.asarray(img).astype(np.uint16)
+            elif img.mode in ("I", "F", "L", "LA", "RGB", "RGBA"):
+                arr = np.asarray(img)
+            else:
+                arr = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageReadError(f"{where} could not be read as an image ({exc})") from exc
+    return to_rgb_uint8(arr, where)
+
+
+def is_reference_folder(spec: str) -> bool:
+    return "," not in spec and Path(spec).is_dir()
+
+
+def open_references(spec: str, cache_dir: str | os.PathLike | None) -> ReferenceFolder | ReferenceTars:
+    """``data.multiid2m.refs``: a folder of ``<name>/`` reference folders, or glob(s) of the released tars."""
+    if is_reference_folder(spec):
+        return ReferenceFolder(spec)
+    return ReferenceTars(expand_reference_tars(spec), cache_dir, spec=spec)
