@@ -40,7 +40,8 @@ EXACT_BELOW = 50_000  # faces up to which "auto" searches exactly
 # candidates are collected this far below the threshold, then decided on recomputed similarities,
 # so float differences between back ends (BLAS blocking, faiss kernels) cannot drop a true pair
 CANDIDATE_MARGIN = 1e-4
-FAISS_TRAIN_PER_CELL = 256  # training vectors per IVF cell (faiss warns below 39)
+RECOMPUTE_CHUNK = 1 << 15  # candidate pairs whose similarity is recomputed at once
+FAISS_TRAIN_PER_CELL = 64  # training vectors per IVF cell (faiss warns below 39)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ClusterSearch:
     """How the similar pairs are found (see the module docstring)."""
 
     index: str = "auto"  # auto | exact | faiss
-    nprobe: int = 64  # faiss: cells searched per query
+    nprobe: int = 16  # faiss: cells searched per query
     cells: int = 0  # faiss: IVF cells (0 = about 4 sqrt(N))
     exact_below: int = EXACT_BELOW
     block: int = CLUSTER_BLOCK
@@ -117,6 +118,7 @@ def _faiss_shared(embs: np.ndarray, search: ClusterSearch) -> tuple:
     else:
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = 0
+        index.cp.niter = 10  # the cells only route the search; rough k-means is enough
         index.train(np.ascontiguousarray(sample))
     index.add(embs)
     nprobe = min(search.nprobe, cells)
@@ -167,7 +169,10 @@ def similar_pairs(embs: np.ndarray, threshold: float, search: ClusterSearch = Cl
     cols = np.concatenate([c for _, c in results]) if results else empty
     pair_ids = np.unique(rows * n + cols)  # faiss finds a pair from both ends
     rows, cols = pair_ids // n, pair_ids % n
-    sims = np.einsum("ij,ij->i", embs[rows], embs[cols])  # one formula decides for every back end
+    sims = np.empty(len(rows), np.float32)
+    for at in range(0, len(rows), RECOMPUTE_CHUNK):  # one formula decides for every back end; chunks bound memory
+        part = slice(at, at + RECOMPUTE_CHUNK)
+        sims[part] = np.einsum("ij,ij->i", embs[rows[part]], embs[cols[part]])
     keep = sims >= threshold
     return rows[keep], cols[keep], sims[keep]
 

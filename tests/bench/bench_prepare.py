@@ -63,6 +63,33 @@ def _stream_rate(shards: list[str], workers: int, batches: int) -> float:
     return batches / (time.perf_counter() - start)
 
 
+def _cluster_bench(faces: int, reps: int) -> None:
+    from train.clustering import ClusterSearch, similar_pairs
+
+    rng = np.random.default_rng(0)
+    identities = max(1, faces // 10)
+    centres = rng.normal(size=(identities, 512)).astype(np.float32)
+    embs = centres[rng.integers(0, identities, faces)] + 0.075 * rng.normal(size=(faces, 512)).astype(np.float32)
+    embs /= np.linalg.norm(embs, axis=1, keepdims=True)
+    threshold = 0.5
+    searches = {"exact": ClusterSearch("exact"), "faiss": ClusterSearch("faiss")}
+    times: dict[str, list[float]] = {name: [] for name in searches}
+    found: dict[str, set] = {}
+    for _ in range(reps):
+        for name, search in searches.items():
+            start = time.perf_counter()
+            rows, cols, _ = similar_pairs(embs, threshold, search)
+            times[name].append(time.perf_counter() - start)
+            found[name] = set(zip(rows.tolist(), cols.tolist()))
+    recall = len(found["faiss"] & found["exact"]) / max(1, len(found["exact"]))
+    for name, values in times.items():
+        logger.info("cluster search %-5s %d faces: median %.2f s, min %.2f s", name, faces,
+                    statistics.median(values), min(values))
+    logger.info("cluster bench %d faces: faiss %.1fx faster than exact (median), found %.4f of the %d exact pairs, "
+                "none extra: %s", faces, statistics.median(times["exact"]) / statistics.median(times["faiss"]), recall,
+                len(found["exact"]), found["faiss"] <= found["exact"])
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for name in ("withanyone.prepare", "withanyone_core.faces", "ray", "ray.data"):
@@ -73,6 +100,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=float, default=0.25, help="stand-in compute as a fraction of the real models'")
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--cluster-faces", type=int, default=40000, help="0 skips the clustering bench")
     args = parser.parse_args()
     import ray
 
@@ -114,6 +142,8 @@ def main() -> None:
                 "stream %.1f samples/s (0 workers), %.1f (2 workers)", ratio, same,
                 statistics.median(rates[0]), statistics.median(rates[2]))
     shutil.rmtree(root, ignore_errors=True)
+    if args.cluster_faces:
+        _cluster_bench(args.cluster_faces, args.reps)
 
 
 if __name__ == "__main__":
