@@ -323,3 +323,19 @@ def test_config_takes_tar_globs_or_folders_with_clear_errors(released):
         check_paths(_config(root, None, "ref/nope.tar"))
     with pytest.raises(ConfigError, match=r"data.multiid2m.cluster_centers: .*a\.json is a file but not a \.tar"):
         check_paths(_config(root, None, "ref/untar/id0/a.json"))
+
+
+def test_members_outside_an_identity_folder_are_skipped_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "ref_000.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "./alice/1.npy", save_pickled_npy({"embeddings": [np.ones(512, np.float32)]}))
+        _add(tar, "2.npy", save_pickled_npy({"embeddings": [np.ones(512, np.float32)]}))  # no <name>/ folder
+        _add(tar, "alice/1.txt", b"not a reference member")
+    later = tmp_path / "ref_001.tar"
+    with tarfile.open(later, "w") as tar:
+        _add(tar, "alice/1.jpg", _photo(0))  # a later tar without the .npy does not hide the earlier one
+        _add(tar, "bob/1.jpg", _photo(1))  # a folder without any .npy: a name without references, as untarred
+    refs = ReferenceTars([str(path), str(later)], tmp_path / "cache")
+    assert refs.names() == ["alice", "bob"] and refs.files("bob") == []
+    assert [m.member for m in refs.files("alice")] == ["./alice/1.npy"]
+    assert "1 member(s) at the root" in caplog.text

@@ -158,13 +158,15 @@ class ReferenceTars:
             members, skipped = self._group(tar, self._index(tar))
             rootless += skipped
             for name, stem, ref in members:
-                by_name.setdefault(name, {})[stem] = ref
+                stems = by_name.setdefault(name, {})  # a folder without a .npy is still a name, as untarred
+                if ref is not None:
+                    stems[stem] = ref
+        # the folder's order: sorted(<name>/*.npy), i.e. by file name
+        self._files = {name: [stems[s] for s in sorted(stems, key=lambda s: s + ".npy")]
+                       for name, stems in by_name.items()}
         if rootless:
             logger.warning("references: %d member(s) at the root of %s name no identity folder (<name>/<stem>.npy) "
-                           "and are skipped", rootless, self.description)
-        # the folder's order: sorted(<name>/*.npy), i.e. by file name
-        self._files = {name: [stems[s] for s in sorted(stems, key=lambda s: s + ".npy") if stems[s] is not None]
-                       for name, stems in by_name.items()}
+                           "and are skipped", rootless, self.spec)
         self._pid: int | None = None
         self._open: OrderedDict[str, io.BufferedReader] = OrderedDict()
 
@@ -196,7 +198,7 @@ class ReferenceTars:
 
     @staticmethod
     def _group(tar: str, members: list[list]) -> tuple[list[tuple[str, str, RefMember | None]], int]:
-        """(name, stem, reference) per ``.npy`` (None for a stem without one), and the count of root members."""
+        """(name, stem, reference) per stem (None for a stem without a .npy), and the count of root members."""
         by_key: dict[tuple[str, str], dict[str, tuple]] = {}
         rootless = 0
         for member, offset, size in members:
