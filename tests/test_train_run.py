@@ -335,3 +335,32 @@ def test_a_phase_without_usable_items_stops_with_the_reason(smoke_set, tmp_path)
               "min_face_size: 32}]")
     with pytest.raises(RuntimeError, match="no usable item .*paired_no_similar_reference.*paired_fallback: self"):
         _train(tmp_path / "strict", phases, "data.num_workers=0", "sample.every=0", "tensorboard=false")
+
+
+def test_a_failure_on_the_main_process_stops_every_rank(tmp_path):
+    """Two real processes (gloo): what only the main process does (indexing references, detecting landmarks,
+    the negative pool) fails there; the other rank must stop with its message, not wait at a barrier."""
+    script = tmp_path / "fails_on_main.py"
+    script.write_text(
+        "import sys\n"
+        "from accelerate import Accelerator\n"
+        "from train.run import main_process_first\n"
+        "acc = Accelerator(cpu=True)\n"
+        "def work():\n"
+        "    raise OSError('re_000003.tar: unexpected end of data')\n"
+        "try:\n"
+        "    main_process_first(acc, work, 'indexing the references')\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {acc.process_index} stopped: {exc}', flush=True)\n"
+        "    sys.exit(3)\n"
+        "print(f'rank {acc.process_index} went on', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "rank 0 stopped: re_000003.tar: unexpected end of data" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert ("rank 1 stopped: the main process failed while indexing the references: OSError: re_000003.tar"
+            in result.stdout), result.stdout + result.stderr[-3000:]
+    assert "went on" not in result.stdout

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):
@@ -60,6 +61,28 @@ logger = logging.getLogger("withanyone.train")
 
 # in a manifest + MultiID-2M mix, manifest identity ids are moved here so they never meet the shards' ids
 MANIFEST_ID_OFFSET = 1 << 60
+
+
+def main_process_first(accelerator, work, what: str):
+    """``work()`` on the main process only, then every process goes on; if it raised, every
+    process stops with its message instead of waiting at a barrier for a rank that is gone
+    (a corrupt tar during indexing would otherwise hang the others until the NCCL timeout)."""
+    error, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, after the other ranks have been told
+            error = exc
+    message = [f"{type(error).__name__}: {error}" if error is not None else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(message, from_process=0)  # a collective: also the barrier
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"the main process failed while {what}: {message[0]}")
+    return result
 
 
 class Trainer:
@@ -114,14 +137,19 @@ class Trainer:
             # (reference tars by path, size and mtime, so a changed tar builds a new pool; a folder by its path)
             refs = self.stream["refs"]
             digest = hashlib.sha1(json.dumps([refs.fingerprint() if refs else None, section.cluster_centers,
-                                              self.stream["shards"]]).encode("utf-8")).hexdigest()[:12]
-            cached = Path(self.stream["cache"]) / f"negatives-{digest}.safetensors"
-            if self.accelerator.is_main_process and not cached.is_file():
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                NegativePool(*negative_pool_tensors(self.stream["refs"], self.stream["centres"],
-                                                    self.stream["numbers"], self.stream["shards"])).save(cached)
-                logger.info("negative pool written to %s", cached)
-            self.accelerator.wait_for_everyone()
+                                              self.stream["shards"]]).encode("utf-8"))
+            for name, centre in sorted(self.stream["centres"].items()):  # changed centres build a new pool
+                digest.update(name.encode("utf-8") + np.ascontiguousarray(centre, dtype=np.float32).tobytes())
+            cached = Path(self.stream["cache"]) / f"negatives-{digest.hexdigest()[:12]}.safetensors"
+
+            def build_pool() -> None:
+                if not cached.is_file():
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    NegativePool(*negative_pool_tensors(self.stream["refs"], self.stream["centres"],
+                                                        self.stream["numbers"], self.stream["shards"])).save(cached)
+                    logger.info("negative pool written to %s", cached)
+
+            main_process_first(self.accelerator, build_pool, "building the negative pool")
             stream_pool = NegativePool.load(cached)
             embs, ids = stream_pool.embeddings, stream_pool.identity_ids
             if self.manifest is not None:  # mix: the manifest's identities get ids of their own
@@ -205,9 +233,7 @@ class Trainer:
         if section.refs:
             # a folder, or the released tars read in place: the main process indexes them once (cached in
             # <cache>/ref-index/), the other ranks then read that index instead of scanning every tar too
-            if acc.is_main_process:
-                refs = open_references(section.refs, cache)
-            acc.wait_for_everyone()
+            refs = main_process_first(acc, lambda: open_references(section.refs, cache), "indexing the references")
             if not acc.is_main_process:
                 refs = open_references(section.refs, cache)
             if acc.is_main_process and getattr(refs, "scanned", 0):
@@ -216,13 +242,14 @@ class Trainer:
         numbers = IdentityNumbers(sorted(set(refs.names() if refs else []) | set(centres)))
         if any(p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in cfg.phases):
             # the release has no landmarks: the GT-aligned ID loss needs them, detected once and cached
-            if acc.is_main_process:
+            def detect() -> int:
                 from withanyone_core.faces import FaceAnalyzer
 
-                detected = detect_landmarks(shards, cache, FaceAnalyzer(cfg.models.antelopev2, providers="auto"))
-                if detected:
-                    logger.info("detected GT landmarks of %d shard(s) into %s", detected, cache)
-            acc.wait_for_everyone()
+                return detect_landmarks(shards, cache, FaceAnalyzer(cfg.models.antelopev2, providers="auto"))
+
+            detected = main_process_first(acc, detect, "detecting the GT landmarks")
+            if detected:
+                logger.info("detected GT landmarks of %d shard(s) into %s", detected, cache)
         logger.info("MultiID-2M: %d shard(s), %s, %d identities with cluster centres", len(shards),
                     f"references from {refs.description}" if refs else "references are the training photos themselves",
                     len(centres))
