@@ -30,14 +30,13 @@ def _bench(root):
         (folder / "meta.json").write_text(json.dumps({"prompt": f"photo {name}", "bboxes": boxes.tolist()}))
 
 
-def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path):
+def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_models):
     import bench_run
-    from demo import TINY_NAMES, build_tiny_models
+    from demo import TINY_NAMES
 
     from withanyone_core import bench_eval
 
-    base = tmp_path / "comfy"
-    build_tiny_models(base)
+    base = tiny_comfy_models(tmp_path / "comfy")
     bench, results = tmp_path / "bench", tmp_path / "results"
     _bench(bench)
     args = [str(bench), "--out", str(results), "--unet", TINY_NAMES["flux"], "--vae", TINY_NAMES["vae"],

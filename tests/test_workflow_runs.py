@@ -23,13 +23,11 @@ SIZE = 640  # the tiny detector's painted faces are made for 640 px
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_comfy_models):
     from build_workflows import GROUP_PHOTO, PERSON_PHOTOS, SMALL_FACES_PHOTO
-    from demo import build_tiny_models
     from withanyone_core.testing.faces import paint_face, remove_green
 
-    base = tmp_path_factory.mktemp("comfy")
-    build_tiny_models(base)  # models + input/PERSON_PHOTOS[0] with one face
+    base = tiny_comfy_models(tmp_path_factory.mktemp("comfy"))  # models + input/PERSON_PHOTOS[0] with one face
     shutil.copy(base / "input" / PERSON_PHOTOS[0], base / "input" / PERSON_PHOTOS[1])
     rng = np.random.default_rng(3)
     group = remove_green(rng.integers(40, 200, (SIZE, SIZE, 3), dtype=np.uint8))
