@@ -108,7 +108,8 @@ class SiglipEncoder:
 
         out = []
         for crop in crops:
-            t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+            # a read-only crop (e.g. a saved identity's) is copied: torch must not alias memory it cannot write
+            t = torch.from_numpy(np.require(crop, requirements=["C_CONTIGUOUS", "WRITEABLE"])).permute(2, 0, 1)
             t = TF.resize(t, [self.image_size, self.image_size], interpolation=InterpolationMode.BICUBIC,
                           antialias=True)
             out.append((t.float() / 255.0 - self.mean) / self.std)
