@@ -95,7 +95,17 @@ def fixed_prompt(template: str, n: int) -> str:
     return template.replace("{n} people", words).replace("{n}", str(n)).replace("{count}", str(n))
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def training_caption(options: "DataOptions", rng: random.Random, caption: str, persons: int) -> str:
+    """The caption an item trains with: dropped (``text_dropout``), the fixed prompt, or its own.
+    One ``rng`` draw either way, so both datasets' later random choices stay where they were."""
+    if rng.random() < options.text_dropout:
+        return ""
+    if options.prompt_mode == "fixed":
+        return fixed_prompt(options.fixed_prompt, persons)
+    return caption
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
@@ -148,7 +158,7 @@ class WithAnyoneDataset:
             return None, "paired_fallback_single_record"
         best, best_score = None, -2.0
         for o_rec, o_p in rng.sample(others, min(opts.paired_candidates, len(others))):
-            score = _cosine(self.manifest.records[o_rec].persons[o_p].embedding, person.embedding)
+            score = cosine(self.manifest.records[o_rec].persons[o_p].embedding, person.embedding)
             if score > best_score:
                 best, best_score = (o_rec, o_p), score
             if score > opts.paired_accept_similarity:
@@ -207,12 +217,7 @@ class WithAnyoneDataset:
                 crops.append(square_crop(ref_image, ref_person.box))
 
         n = len(record.persons)
-        if rng.random() < opts.text_dropout:
-            caption = ""
-        elif opts.prompt_mode == "fixed":
-            caption = fixed_prompt(opts.fixed_prompt, n)
-        else:
-            caption = record.caption
+        caption = training_caption(opts, rng, record.caption, n)
         id_valid = faces_inside(boxes, landmarks, width, height)
         if not bool(id_valid.all()):
             events.append("face_cut_by_crop")

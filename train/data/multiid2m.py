@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .dataset import DataOptions, collate, fixed_prompt
+from .dataset import DataOptions, collate, cosine, training_caption
 from .images import crop_to_bucket, faces_inside, square_crop
 from .records import EMBEDDING_DIM
 
@@ -474,10 +474,6 @@ def negative_pool_tensors(refs: ReferenceFolder | ReferenceTars | None, centres:
 
 
 # ------------------------------------------------------------------ the stream
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
-
-
 class MultiID2MStream(torch.utils.data.IterableDataset):
     """Collated batches from MultiID-2M shards, infinite (epoch after epoch), resumable.
 
@@ -612,7 +608,7 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
                 continue
             if np.array_equal(embedding, person.embedding):  # the training face itself (prepare lists every photo)
                 continue
-            score = _cosine(embedding, person.embedding)
+            score = cosine(embedding, person.embedding)
             if score > best_score:
                 best, best_score = (path, embedding, box), score
             if score > opts.paired_accept_similarity:
@@ -667,12 +663,7 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             if opts.siglip_crops:
                 crops.append(square_crop(ref[1], ref[2]))
         n = len(sample.persons)
-        if rng.random() < opts.text_dropout:
-            caption = ""
-        elif opts.prompt_mode == "fixed":
-            caption = fixed_prompt(opts.fixed_prompt, n)
-        else:
-            caption = sample.caption
+        caption = training_caption(opts, rng, sample.caption, n)
         id_valid = faces_inside(boxes, landmarks, width, height) & has_landmarks
         if not bool(has_landmarks.all()):
             events.append("no_gt_landmarks")
