@@ -158,3 +158,15 @@ def test_a_replacement_in_the_earlier_list_form_replaces_the_shipped_rows(tmp_pa
     combined = bench_eval.write_report({}, out, path)
     assert combined["figure"]["single"] == {"paper": 1, "methods": 0, "curve": False}
     assert (out / "tradeoff.png").stat().st_size > 0 and os.path.getsize(out / "tables.csv") > 0
+
+
+def test_trade_off_curve_is_concave_or_a_line():
+    from withanyone_core.bench.report import fit_tradeoff, published_rows
+
+    paper = load_paper_points()
+    for subset, degree in (("single", 2), ("multi_2", 2), ("multi_3_4", 1)):  # 2b: GPT would bend it upwards
+        points = [(r["cp"], r["sim_gt"]) for r in published_rows(paper, subset)
+                  if not r["bound"] and r["method"] != "WithAnyone"]
+        coeffs = fit_tradeoff(points)
+        assert len(coeffs) == degree + 1 and (degree == 1 or coeffs[0] <= 0), subset
+    assert fit_tradeoff([(0.1, 0.3)]) is None and len(fit_tradeoff([(0.1, 0.3), (0.2, 0.4), (0.3, 0.6), (0.4, 0.9)])) == 2

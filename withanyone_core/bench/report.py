@@ -227,11 +227,17 @@ def load_paper_points(path: str | Path | None = None) -> dict:
 
 
 def fit_tradeoff(points: list[tuple[float, float]]) -> np.ndarray | None:
-    """Polynomial Sim(GT) = f(CP) through the given (cp, sim_gt) points: quadratic from 4 points, else a line."""
+    """Polynomial Sim(GT) = f(CP) through the given (cp, sim_gt) points: quadratic from 4 points when it is
+    concave (a trade-off that saturates), else a straight line (e.g. Table 2b, where GPT's outlier would
+    bend a quadratic upwards)."""
     if len(points) < 2:
         return None
     cp, sim = np.array(points).T
-    return np.polyfit(cp, sim, 2 if len(points) >= 4 else 1)
+    if len(points) >= 4:
+        coeffs = np.polyfit(cp, sim, 2)
+        if coeffs[0] <= 0:
+            return coeffs
+    return np.polyfit(cp, sim, 1)
 
 
 def tradeoff_figure(methods: dict[str, dict], path: str | Path, paper: dict | None = None,
