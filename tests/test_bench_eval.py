@@ -251,3 +251,19 @@ def test_bounds_self_check_catches_the_papers_epsilon_normalisation(bench, model
     bench_eval.main([str(bench), "--out", str(out), "--insightface", str(models["insightface"]),
                      "--providers", "cpu", "--no-progress", "--no-bounds"])
     assert "| GT | measured |" not in (out / "tables.md").read_text()
+
+
+def test_bounds_leave_cp_unchecked_where_ground_truth_and_reference_coincide(models, tmp_path):
+    """A reference that is the ground truth's own face: CP is 0 by definition (theta(t, r) = 0), not a miss."""
+    from withanyone_core.bench.faces import pad_reference
+
+    ref = reference_photo(13, 23)
+    truth = pad_reference(ref)  # the ground truth is the padded reference itself: the same embedding
+    _sample(tmp_path / "pack", "same", make_face_image([(8, 6)], identities=[13], seed=6)[0], truth, [ref],
+            prompt="one person")
+    report = bench_eval.main([str(tmp_path / "pack"), "--insightface", str(models["insightface"]), "--providers",
+                              "cpu", "--no-progress"])
+    assert report["bounds_check"] == {"ok": True, "tolerance": 1e-4, "deviations": [],
+                                      "samples_from": str(tmp_path / "pack")}
+    gt = report["bounds"]["GT"]["subsets"]["single"]["face_models"]["arcface"]
+    assert gt["sim_gt"]["mean"] == pytest.approx(1.0) and gt["cp"]["mean"] == 0.0
