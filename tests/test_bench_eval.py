@@ -5,6 +5,8 @@ input, so reference photos are 427 px crops of a 640 px canvas: the authors' 1.5
 padding makes them 640 px again, with the face back on the detector's grid.
 """
 
+import csv
+import io
 import json
 import logging
 import os
@@ -118,14 +120,40 @@ def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, c
 
     tables = (bench / "tables.md").read_text()
     assert "### Table 1: single person" in tables and "### Table 2: multi-person (2-4 people)" in tables
-    assert tables.count("| ours |") == 3  # single, multi, multi_2
-    csv_rows = (bench / "tables.csv").read_text().strip().splitlines()
-    assert csv_rows[0].startswith("subset,method,sim_gt,sim_ref,cp,bld") and len(csv_rows) == 4
+    assert tables.count("| ours | measured |") == 3  # single, multi, multi_2
+    paper = load_paper_points()["subsets"]
+    published = {s: [r for r in paper[s]["rows"] if r["method"] not in ("GT", "Ref")] for s in paper}
+    # every published row of Tables 1a, 2a, 2b is in tables.md, 2b's too (no measured 3-4 people sample)
+    assert "### Table 2b: 3-4 people" in tables
+    for subset, title in (("single", "Table 1a"), ("multi_2", "Table 2a"), ("multi_3_4", "Table 2b")):
+        assert tables.count(f"| published ({title}) |") == len(paper[subset]["rows"]), subset
+    csv_rows = list(csv.DictReader(io.StringIO((bench / "tables.csv").read_text())))
+    assert list(csv_rows[0])[:6] == ["subset", "method", "sim_gt", "sim_ref", "cp", "bld"]
+    measured = [r for r in csv_rows if r["source"] == "measured" and r["kind"] == "method"]
+    assert [(r["subset"], r["method"]) for r in measured] == [("single", "ours"), ("multi", "ours"), ("multi_2", "ours")]
+    assert len([r for r in csv_rows if r["source"] == "published"]) == sum(len(p["rows"]) for p in paper.values())
+    # the paper prints no FID and no single-person Bld: empty cells, never a value
+    assert all(r["fid"] == "" for r in csv_rows if r["source"] == "published")
+    assert all(r["bld"] == "" for r in csv_rows if r["subset"] == "single")
+    assert next(r for r in measured if r["subset"] == "multi")["fid"] != ""
     with Image.open(bench / "tradeoff.png") as png:
         assert png.size == (1500, 450) and png.format == "PNG"
-    paper = load_paper_points()["subsets"]
-    assert report["figure"]["single"] == {"paper": len(paper["single"]), "methods": 1, "curve": True}
-    assert report["figure"]["multi_2"]["methods"] == 1 and report["figure"]["multi_3_4"]["methods"] == 0
+    assert report["figure"]["single"] == {"paper": len(published["single"]), "methods": 1, "curve": True}
+    assert report["figure"]["single"]["paper"] == 15  # every method of Table 1a; GT/Ref are bounds
+    assert report["figure"]["multi_2"] == {"paper": 9, "methods": 1, "curve": True}
+    assert report["figure"]["multi_3_4"] == {"paper": 9, "methods": 0, "curve": True}
+
+    # the paper's GT and Ref rows, measured on these samples: exactly its bounds (no epsilon bug)
+    assert report["bounds_check"]["ok"] and report["bounds_check"]["deviations"] == []
+    gt, ref = report["bounds"]["GT"]["subsets"], report["bounds"]["Ref"]["subsets"]
+    for subset in ("single", "multi"):
+        assert gt[subset]["table"]["sim_gt"] == pytest.approx(1.0, abs=1e-6)
+        assert gt[subset]["table"]["cp"] == pytest.approx(-1.0, abs=1e-6)
+    assert set(ref) == {"single"} and ref["single"]["scored"] == 2  # the reference as output: one person only
+    assert ref["single"]["table"]["sim_ref"] == pytest.approx(1.0, abs=1e-6)
+    assert ref["single"]["table"]["cp"] == pytest.approx(1.0, abs=1e-6)
+    bound_rows = [(r["subset"], r["method"]) for r in csv_rows if r["source"] == "measured" and r["kind"] == "bound"]
+    assert bound_rows == [("single", "GT"), ("single", "Ref"), ("multi", "GT"), ("multi_2", "GT")]
 
     # resume: nothing changed -> every record reused; a new output -> that sample alone is scored again
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in bench.glob("*/metrics.json")}
@@ -194,3 +222,48 @@ def test_face_model_equals_insightface_face_analysis_as_the_authors_call_it(mode
     assert np.array_equal(pad_reference(np.asarray(ref)), np.asarray(padded))
     first = app.get(cv2.cvtColor(np.asarray(padded), cv2.COLOR_RGB2BGR))[0].embedding
     assert np.allclose(ours.reference(np.asarray(ref)), first, atol=1e-5)
+
+
+def test_bounds_self_check_catches_the_papers_epsilon_normalisation(bench, models, tmp_path, monkeypatch, capsys):
+    """The self-check fails a run whose CP misses the bounds: here CP computed with the paper's
+    x / (|x| + 1e-6) normalisation (README, "Their bugs"), which puts -1 / +1 out of reach."""
+    from withanyone_core import metrics
+
+    def cp_with_epsilon(generated, ground_truth, reference, eps=metrics.EPS):
+        g, t, r = (np.asarray(v, np.float64) / (np.linalg.norm(v) + 1e-6) for v in (generated, ground_truth, reference))
+        theta = lambda a, b: float(np.arccos(np.clip(np.dot(a, b), -1.0, 1.0)))  # noqa: E731
+        return 0.0 if theta(t, r) < eps else (theta(g, t) - theta(g, r)) / theta(t, r)
+
+    monkeypatch.setattr(metrics, "copy_paste_score", cp_with_epsilon)
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as stop:
+        bench_eval.main([str(bench), "--out", str(out), "--insightface", str(models["insightface"]),
+                         "--providers", "cpu", "--no-progress"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "self-check failed" in err and "miss the paper's bounds" in err
+    check = json.loads((out / "report.json").read_text())["bounds_check"]  # written, with the reason
+    assert not check["ok"] and any(line.startswith("gt, arcface: the ground truth scored as the output gives cp")
+                                   for line in check["deviations"])
+    assert any(line.startswith("single, arcface: the reference scored as the output gives cp")
+               for line in check["deviations"])
+    # --no-bounds skips the rows and their check
+    bench_eval.main([str(bench), "--out", str(out), "--insightface", str(models["insightface"]),
+                     "--providers", "cpu", "--no-progress", "--no-bounds"])
+    assert "| GT | measured |" not in (out / "tables.md").read_text()
+
+
+def test_bounds_leave_cp_unchecked_where_ground_truth_and_reference_coincide(models, tmp_path):
+    """A reference that is the ground truth's own face: CP is 0 by definition (theta(t, r) = 0), not a miss."""
+    from withanyone_core.bench.faces import pad_reference
+
+    ref = reference_photo(13, 23)
+    truth = pad_reference(ref)  # the ground truth is the padded reference itself: the same embedding
+    _sample(tmp_path / "pack", "same", make_face_image([(8, 6)], identities=[13], seed=6)[0], truth, [ref],
+            prompt="one person")
+    report = bench_eval.main([str(tmp_path / "pack"), "--insightface", str(models["insightface"]), "--providers",
+                              "cpu", "--no-progress"])
+    assert report["bounds_check"] == {"ok": True, "tolerance": 1e-4, "deviations": [],
+                                      "samples_from": str(tmp_path / "pack")}
+    gt = report["bounds"]["GT"]["subsets"]["single"]["face_models"]["arcface"]
+    assert gt["sim_gt"]["mean"] == pytest.approx(1.0) and gt["cp"]["mean"] == 0.0

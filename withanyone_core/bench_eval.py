@@ -5,8 +5,11 @@ sample: ``out.jpg``, ``ori.jpg``, ``ref_1.jpg`` .. ``ref_4.jpg`` or the authors'
 ``ref_0.jpg`` .., ``meta.json`` with ``prompt``). For every sample this writes
 ``<sample>/metrics.json``; for every method ``RESULTS/summary.json``; and into ``--out``
 the paper's tables (``tables.md``, ``tables.csv``; methods as rows, single-person and
-multi-person subsets apart), ``report.json`` (every method's summary) and ``tradeoff.png``
-(Sim(GT) against CP with the paper's published points and fitted trade-off curve).
+multi-person subsets apart, the paper's published rows of Tables 1a, 2a, 2b beside the
+measured ones), ``report.json`` (every method's summary) and ``tradeoff.png`` (Sim(GT)
+against CP with every published method and fitted trade-off curve). The GT and Ref rows
+(the ground truth and the reference scored as the output) are measured too and checked
+against the metric's bounds (Sim(GT) 1, CP -1 / +1): a miss fails the run.
 
 Identity metrics use insightface ``buffalo_l`` (the authors' choice) or ``antelopev2``
 (``--face-model``), detection threshold 0.45, references padded onto a black square 1.5x
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench.aggregate import CP_GATES, gated, robust_stats
-from .bench.faces import DET_THRESH, InsightFaceModel
+from .bench.faces import DET_THRESH, InsightFaceModel, pad_reference
 from .bench.samples import Sample, list_samples
 from .faces import FaceModelsNotFound, ImageReadError, load_image
 from .metrics import identity_scores
@@ -92,6 +95,75 @@ class Scorer:
             record["aesthetic"] = self.aesthetic(output)
         record["status"] = "ok"
         return record
+
+    def bound_records(self, sample: Sample) -> tuple[dict, dict | None]:
+        """The paper's GT and Ref rows for one sample: identity metrics of the ground truth scored as the
+        output, and (one person only, as the paper's Ref row) of the reference scored as the output.
+
+        The reference is scored as each face model sees it (padded as for its reference embedding), so a
+        correct metric gives Sim(Ref) 1 and CP +1 exactly; the ground truth gives Sim(GT) 1 and CP -1.
+        """
+        base = {"sample": sample.name, "persons": sample.persons}
+        try:
+            if "error" in sample.meta:
+                raise ValueError(sample.meta["error"])
+            if not sample.refs or sample.ground_truth is None:
+                raise ImageReadError(f"{sample.name}: the bounds need ori.jpg and the reference photos")
+            truth = load_image(sample.ground_truth)
+            refs = [load_image(p) for p in sample.refs]
+        except (ImageReadError, ValueError) as exc:
+            failed = {**base, "status": "failed", "error": str(exc)}
+            return failed, (dict(failed) if sample.persons == 1 else None)
+
+        def record(outputs: dict) -> dict:
+            scores = {m.kind: score_identity(m, outputs[m.kind], truth, refs) for m in self.face_models}
+            ok = any(r.get("sim_ref") is not None for r in scores.values())
+            return {**base, "face_models": scores, "status": "ok" if ok else "failed",
+                    **({} if ok else {"error": "no face found"})}
+
+        gt = record({m.kind: truth for m in self.face_models})
+        if sample.persons != 1:
+            return gt, None
+        padded = pad_reference(refs[0])
+        ref = record({m.kind: padded if getattr(m, "pad_references", True) else refs[0] for m in self.face_models})
+        return gt, ref
+
+
+# the paper's bounds: (row, metric, expected value); a correct metric reaches them up to float rounding
+BOUNDS = (("GT", "sim_gt", 1.0), ("GT", "cp", -1.0), ("Ref", "sim_ref", 1.0), ("Ref", "cp", 1.0))
+BOUND_TOLERANCE = 1e-4
+# CP divides by theta(t, r): where the ground truth's and the reference's faces are closer than this
+# angle (rad) it is ill-conditioned (0 below 1e-6 by definition), so such a sample's CP is not checked
+BOUND_MIN_ANGLE = 1e-3
+
+
+def evaluate_bounds(folder: Path, scorer: Scorer) -> tuple[dict, list[str]]:
+    """Summaries of the GT and Ref rows over ``folder``'s samples, and the self-check's deviations.
+
+    Every sample and face model is checked against :data:`BOUNDS` (a value left undefined, e.g. CP
+    when the face counts differ, is not a deviation, nor CP where a person's ground-truth and reference
+    faces lie within :data:`BOUND_MIN_ANGLE`); each deviation is one line naming the sample.
+    """
+    closest = float(np.cos(BOUND_MIN_ANGLE))
+    records = {"GT": [], "Ref": []}
+    for sample in list_samples(folder):
+        gt, ref = scorer.bound_records(sample)
+        records["GT"].append(gt)
+        if ref is not None:
+            records["Ref"].append(ref)
+    deviations = []
+    for row, key, expected in BOUNDS:
+        for record in records[row]:
+            for model, scores in record.get("face_models", {}).items():
+                value = scores.get(key)
+                # the output is t (GT row) or r (Ref row): its similarity to the other one is cos(t, r)
+                other = "sim_ref" if row == "GT" else "sim_gt"
+                if key == "cp" and any((p.get(other) or -1.0) > closest for p in scores.get("persons", [])):
+                    continue
+                if value is not None and abs(value - expected) > BOUND_TOLERANCE:
+                    deviations.append(f"{record['sample']}, {model}: the {'ground truth' if row == 'GT' else 'reference'}"
+                                      f" scored as the output gives {key} {value:.6f}, not {expected:+g}")
+    return {row: {"method": row, **summarise(rows)} for row, rows in records.items() if rows}, deviations
 
 
 def _cached(sample: Sample, settings: dict) -> dict | None:
@@ -245,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-form", choices=["standard", "authors", "both"], default="both",
                    help="FID preprocessing: standard (pytorch-fid), authors (ImageNet-normalised, then scaled again)")
     p.add_argument("--device", default="auto", help="torch device for CLIP, aesthetic and FID")
-    p.add_argument("--paper-points", type=Path, help="JSON of published points (default: the shipped file)")
+    p.add_argument("--paper-points", type=Path, help="JSON of published rows, in the shipped file's form "
+                   "(default: withanyone_core/bench/paper_points.json, Tables 1a, 2a, 2b of arXiv 2510.14975v1)")
+    p.add_argument("--no-bounds", action="store_true", help="skip the GT and Ref rows (the ground truth and the "
+                   "reference scored as the output) and their self-check against Sim(GT) 1, CP -1 / +1")
     p.add_argument("--no-resume", action="store_true", help="recompute every sample")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -263,7 +338,13 @@ def main(argv: list[str] | None = None) -> dict:
     if bool(args.aesthetic_encoder) != bool(args.aesthetic_head):
         parser.error("the aesthetic score needs both --aesthetic-encoder and --aesthetic-head")
     from .bench import quality
+    from .bench.report import PaperPointsError, load_paper_points
     from .checkpoints import CheckpointError
+
+    try:  # a bad replacement file stops the run before anything is scored
+        paper = load_paper_points(args.paper_points)
+    except PaperPointsError as exc:
+        parser.exit(2, f"error: --paper-points: {exc}\n")
 
     try:
         face_model = InsightFaceModel(args.insightface, args.face_model, det_thresh=args.det_thresh,
@@ -293,22 +374,44 @@ def main(argv: list[str] | None = None) -> dict:
     for name, folder in zip(names, args.results):
         methods[name] = evaluate_folder(folder, scorer, fid, forms, resume=not args.no_resume,
                                         progress=not args.no_progress)
-    return write_report(methods, args.out or (args.results[0] if len(args.results) == 1 else Path("bench_report")),
-                        args.paper_points)
+    bounds = check = None
+    if not args.no_bounds:
+        bounds, deviations = evaluate_bounds(args.results[0], scorer)
+        check = {"ok": not deviations, "tolerance": BOUND_TOLERANCE, "deviations": deviations,
+                 "samples_from": str(args.results[0])}
+    out = args.out or (args.results[0] if len(args.results) == 1 else Path("bench_report"))
+    combined = write_report(methods, out, paper, bounds, check)
+    if check is not None and not check["ok"]:
+        for line in check["deviations"]:
+            logger.error("self-check: %s", line)
+        parser.exit(1, f"error: self-check failed: {len(check['deviations'])} value(s) of the GT/Ref rows miss the "
+                       f"paper's bounds (Sim(GT) 1, CP -1 / +1) by more than {BOUND_TOLERANCE:g} (listed above and "
+                       f"in {out / 'report.json'}); the metric code is wrong for these samples: please report it\n")
+    return combined
 
 
-def write_report(methods: dict[str, dict], out: Path, paper_points: Path | None = None) -> dict:
+def write_report(methods: dict[str, dict], out: Path, paper: dict | Path | None = None,
+                 bounds: dict[str, dict] | None = None, bounds_check: dict | None = None) -> dict:
+    """tables.md/.csv (published and measured rows), report.json and tradeoff.png into ``out``.
+
+    ``paper``: the published rows (a loaded dict, a replacement file, or ``None`` for the shipped
+    tables); ``bounds``: the measured GT/Ref rows (:func:`evaluate_bounds`) and their ``bounds_check``.
+    """
     from .bench import report
 
+    if not isinstance(paper, dict):
+        paper = report.load_paper_points(paper)
     out.mkdir(parents=True, exist_ok=True)
-    tables = report.markdown_tables(methods)
+    tables = report.markdown_tables(methods, paper=paper, bounds=bounds)
     (out / "tables.md").write_text(tables + "\n")
-    (out / "tables.csv").write_text(report.csv_table(methods))
-    combined = {"methods": methods}
+    (out / "tables.csv").write_text(report.csv_table(methods, paper=paper, bounds=bounds))
+    combined = {"methods": methods, "bounds": bounds, "bounds_check": bounds_check,
+                "paper": {"paper": paper.get("paper"), "citation": paper.get("citation")}}
+    combined["figure"] = report.tradeoff_figure(methods, out / "tradeoff.png", paper)
     (out / "report.json").write_text(json.dumps(combined, indent=1))
-    combined["figure"] = report.tradeoff_figure(methods, out / "tradeoff.png", report.load_paper_points(paper_points))
     logger.info("\n%s", tables)
-    logger.info("wrote %s, %s and %s", out / "tables.md", out / "tables.csv", out / "tradeoff.png")
+    logger.info("wrote %s, %s, %s and %s", out / "tables.md", out / "tables.csv", out / "report.json",
+                out / "tradeoff.png")
     return combined
 
 
