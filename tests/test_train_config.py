@@ -415,6 +415,18 @@ def test_malformed_or_binary_yaml_names_the_file_and_line(tmp_path, content, mat
         load_config(path)
 
 
+def test_errors_show_a_short_value_however_large_or_nested(tmp_path):
+    """A value nested through aliases (9^9 strings) is named in one short line, at once."""
+    lines = ["    fixed_prompt:", "      - &a [" + ", ".join(["lol"] * 9) + "]"]
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"      - &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    text = BASE.replace("  - {name: a, steps: 3, prompt_mode: fixed}\n",
+                        "  - name: a\n    steps: 3\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"^phases\[0\].fixed_prompt: expected str, got \[\['lol'") as error:
+        load_config(_write(tmp_path, text))
+    assert len(str(error.value)) < 200 and "\n" not in str(error.value)
+
+
 def test_environment_is_substituted_in_values_never_in_comments(tmp_path, monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     monkeypatch.setenv("FLUX", "models/flux")
@@ -471,6 +483,13 @@ def test_output_dir_that_is_a_file_or_inside_one_is_refused_before_anything_is_w
         check_output_dir(str(tmp_path / "file" / "run"))
     check_output_dir(str(tmp_path / "new" / "run"))  # creatable: fine, and nothing is created
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")  # where the run keeps a folder
+    with pytest.raises(ConfigError, match=r"^output_dir: .*/run/checkpoints is a file where the run keeps a folder"):
+        check_output_dir(str(run))
+    with pytest.raises(ConfigError, match=r"^output_dir is empty"):
+        load_config(_write(tmp_path, BASE.replace("output_dir: out", 'output_dir: ""')))
 
 
 def _without_root_override():

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import tempfile
 import types
 import typing
@@ -27,6 +28,16 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 6, 6
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: one short line, however large or nested (aliases can nest deep)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _fmt(x: float) -> str:
@@ -395,9 +406,9 @@ def _number(value: Any, kind: type, where: str) -> int | float:
             try:
                 value = float(text)  # nan, inf, 1E5, ... so that the range check names them
             except ValueError:
-                raise ConfigError(f"{where}: expected {kind.__name__} ({name}), got {value!r}") from None
+                raise ConfigError(f"{where}: expected {kind.__name__} ({name}), got {_show(value)}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected {kind.__name__} ({name}), got {value!r}")
+        raise ConfigError(f"{where}: expected {kind.__name__} ({name}), got {_show(value)}")
     if kind is float:
         return float(value)
     if isinstance(value, float):
@@ -432,12 +443,12 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} is not a valid {annotation}")
+        raise ConfigError(f"{where}: {_show(value)} is not a valid {annotation}")
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         (item,) = typing.get_args(annotation)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation in (int, float):
@@ -450,10 +461,10 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _WORD_BOOLS:
             return _WORD_BOOLS[value.strip().lower()]
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
     if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {_show(value)}")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -463,7 +474,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'the config'}: expected a mapping with keys "
-                          f"{sorted(f.name for f in dataclasses.fields(cls))}, got {raw!r}")
+                          f"{sorted(f.name for f in dataclasses.fields(cls))}, got {_show(raw)}")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)
@@ -511,7 +522,7 @@ def _apply_override(raw: dict, assignment: str) -> str:
             if key not in hints:
                 raise ConfigError(f"--set {path}: {here}: unknown key(s) {[key]}; allowed: {sorted(hints)}")
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {path}: {here} is {node!r} in the config, not a section")
+                raise ConfigError(f"--set {path}: {here} is {_show(node)} in the config, not a section")
             slot: Any = key
             child_annotation = hints[key]
         elif typing.get_origin(annotation) is list:
@@ -589,7 +600,9 @@ def validate(config: Config) -> Config:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {_show(value)}")
+    if not config.output_dir.strip():
+        raise ConfigError("output_dir is empty: give the folder for the checkpoints, samples and logs")
     if not config.phases:
         raise ConfigError("phases: give at least one phase")
     for i, bucket in enumerate(config.data.buckets):
@@ -603,14 +616,14 @@ def validate(config: Config) -> Config:
         where = f"phases[{i}] ({phase.name})"  # numbers: checked against their declared Range while read
         for name, allowed in _PHASE_CHOICES.items():
             if getattr(phase, name) not in allowed:
-                raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}; got {getattr(phase, name)!r}")
+                raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}; got {_show(getattr(phase, name))}")
         try:  # the data rules live in DataOptions: checked there, once
             DataOptions.from_phase(phase, config.data.buckets)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
     data = config.data
     if data.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}; got {data.source!r}")
+        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}; got {_show(data.source)}")
     if data.source in ("manifest", "mix") and not data.manifest:
         raise ConfigError(f"data.source={data.source} needs data.manifest (build it with `python train/prepare.py`)")
     if data.source in ("multiid2m", "mix") and data.multiid2m is None:
@@ -701,11 +714,18 @@ def _check_multiid2m_refs(section: MultiID2MConfig, hint: str) -> None:
                               f"ref/cluster_centers.tar or the folder of <name>.npy it untars into{hint}")
 
 
+OUTPUT_FOLDERS = ("checkpoints", "samples", "logs", "landmarks")  # what a run writes inside output_dir
+OUTPUT_FILES = ("losses.jsonl",)
+
+
 def check_output_dir(output_dir: str) -> None:
-    """``output_dir`` is (or can become) a folder this process can write, tried by writing a file there.
+    """``output_dir`` is (or can become) a folder this process can write, tried by writing a file there
+    (and in the folders a run keeps inside it, where they exist).
 
     Nothing is created: a missing folder is tried in its nearest existing parent.
     """
+    if not str(output_dir).strip():
+        raise ConfigError("output_dir is empty: give the folder for the checkpoints, samples and logs")
     path = Path(output_dir)
     target = path
     while not target.exists() and target != target.parent:
@@ -714,13 +734,27 @@ def check_output_dir(output_dir: str) -> None:
         inside = "" if target == path else f" (it would be inside {target}, which is a file)"
         raise ConfigError(f"output_dir: {path} is not a folder{inside}: give a folder for the checkpoints, "
                           f"samples and logs (--set output_dir=...)")
-    try:
-        with tempfile.TemporaryFile(dir=target, prefix=".withanyone-write-test-"):
-            pass
-    except OSError as exc:
-        what = f"{path} cannot be created in {target}" if target != path else f"{path} is not writable"
-        raise ConfigError(f"output_dir: {what} ({exc.strerror or exc}): give a folder you can write "
-                          f"(--set output_dir=...)") from None
+    folders = [target] + [path / name for name in OUTPUT_FOLDERS if (path / name).exists()]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(f"output_dir: {folder} is a file where the run keeps a folder: move it away, or give "
+                              f"another output_dir (--set output_dir=...)")
+        try:
+            with tempfile.TemporaryFile(dir=folder, prefix=".withanyone-write-test-"):
+                pass
+        except OSError as exc:
+            what = (f"{path} cannot be created in {target}" if target != path
+                    else f"{folder} is not writable")
+            raise ConfigError(f"output_dir: {what} ({exc.strerror or exc}): give a folder you can write "
+                              f"(--set output_dir=...)") from None
+    for name in OUTPUT_FILES:
+        if (path / name).exists():
+            try:
+                with open(path / name, "ab"):  # appended to by the run; opening changes nothing
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"output_dir: {path / name} cannot be appended to ({exc.strerror or exc}): give a "
+                                  f"folder you can write (--set output_dir=...)") from None
 
 
 FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
