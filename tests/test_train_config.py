@@ -560,3 +560,34 @@ def test_run_py_reports_configuration_errors_as_one_line(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert re.match(r"\S+: error: ", err) and re.search(match, err), err  # prog: run.py, or pytest's
+
+
+@pytest.mark.parametrize(
+    "option,value,match",
+    [
+        ("--det-thresh", "nan", r"argument --det-thresh: must be a finite number \(in \(0, 1\]\); got nan"),
+        ("--det-thresh", "1e-1x", r"argument --det-thresh: expected float \(a number\), got '1e-1x'"),
+        ("--det-size", "100", r"argument --det-size: must be >= 32 and a multiple of 32; got 100"),
+        ("--min-face", "-5", r"argument --min-face: must be >= 0; got -5"),
+        ("--cluster-threshold", "1.5", r"argument --cluster-threshold: must be a cosine similarity in \[-1, 1\]"),
+        ("--cluster-nprobe", "0", r"argument --cluster-nprobe: must be >= 1; got 0"),
+        ("--shard-size", "0", r"argument --shard-size: must be >= 1; got 0"),
+        ("--ray-actors", "-1", r"argument --ray-actors: must be >= 0; got -1"),
+    ],
+)
+def test_prepare_number_arguments_are_range_checked(tmp_path, capsys, option, value, match):
+    """prepare.py's numbers are read and range-checked like the config's, before any photo is read."""
+    from train import prepare
+
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--antelopev2", str(tmp_path),
+                      option, value])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err.strip().splitlines()[-1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_accepts_numbers_written_as_in_the_config():
+    from train.config import AT_LEAST_1, COSINE, number_arg
+
+    assert number_arg(float, COSINE)("5e-1") == 0.5 and number_arg(int, AT_LEAST_1)("1e3") == 1000

@@ -420,6 +420,22 @@ def _number(value: Any, kind: type, where: str) -> int | float:
     return value
 
 
+def number_arg(kind: type, rule: Range):
+    """An argparse ``type=`` for a command-line number: read like a config value, checked against ``rule``."""
+    import argparse
+
+    def parse(text: str) -> int | float:
+        try:
+            value = _number(text, kind, "value")
+            rule.check(value, "value")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value").lstrip(": ")) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def _convert(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Annotated:
