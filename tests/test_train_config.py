@@ -406,6 +406,9 @@ def test_set_reaches_lists_and_sections_the_file_leaves_out(tmp_path):
         (b"output_dir: out\nseed: 1\x00\x01\n", r"c.yaml line 2: character U\+0000 at offset 23 is not allowed in YAML"),
         (b"- output_dir\n- models\n", r"c.yaml: the config must be a mapping of keys .* not a list"),
         (b"output_dir: out\n---\nseed: 1\n", r"c.yaml line 2 column 1: not valid YAML: .*single document"),
+        (b"output_dir: out\nseed: !!int 1e3\n", r"c.yaml line 2 column 7: not valid YAML: '1e3' is not an integer"),
+        (b"output_dir: out\n\tseed: 1\n", r"c.yaml line 2 column 1: not valid YAML: .*'\\t'"),
+        (b"output_dir: !!python/object:os.system x\n", r"c.yaml line 1 column 13: not valid YAML: could not determine"),
     ],
 )
 def test_malformed_or_binary_yaml_names_the_file_and_line(tmp_path, content, match):

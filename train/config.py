@@ -307,9 +307,20 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(_BOOL_TAG, _BOOL, list("tTfF"))
 _Loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
 _Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
-_Loader.add_constructor(_INT_TAG, lambda loader, node: _parse_int(loader.construct_scalar(node)))
-_Loader.add_constructor(_FLOAT_TAG, lambda loader, node: _parse_float(loader.construct_scalar(node)))
-_Loader.add_constructor(_BOOL_TAG, lambda loader, node: loader.construct_scalar(node).lower() == "true")
+def _scalar_constructor(kind: str, pattern: re.Pattern, parse):
+    def construct(loader: _Loader, node: yaml.Node):
+        text = loader.construct_scalar(node)
+        if not isinstance(text, str) or not pattern.match(text.strip()):  # e.g. an explicit `!!int 1e3`
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not {kind}", node.start_mark)
+        return parse(text.strip())
+
+    return construct
+
+
+_Loader.add_constructor(_INT_TAG, _scalar_constructor("an integer", _INT, _parse_int))
+_Loader.add_constructor(_FLOAT_TAG, _scalar_constructor("a number", re.compile(f"{_INT.pattern}|{_FLOAT.pattern}"),
+                                                        _parse_float))
+_Loader.add_constructor(_BOOL_TAG, _scalar_constructor("true or false", _BOOL, lambda text: text.lower() == "true"))
 
 
 def _substitute_nodes(node: yaml.Node, loader: _Loader, marks: re.Pattern, found: list[str], name: str,
