@@ -40,6 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.clustering import EXACT_BELOW, ClusterSearch, assign_identities  # noqa: E402
+from train.config import AT_LEAST_1, COSINE, NON_NEGATIVE, Range, number_arg  # noqa: E402
 from train.data import IdentityIndex, Manifest, NegativePool, load_rgb, parse_record  # noqa: E402
 
 logger = logging.getLogger("withanyone.prepare")
@@ -209,25 +210,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--antelopev2", type=Path, required=True,
                         help="insightface models root holding models/antelopev2/ (e.g. ComfyUI/models/insightface)")
     parser.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--det-thresh", type=float, default=0.4)
-    parser.add_argument("--det-size", type=int, default=640)
-    parser.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this many pixels")
-    parser.add_argument("--cluster-threshold", type=float, default=0.5,
+    parser.add_argument("--det-thresh", type=number_arg(float, Range(gt=0, le=1)), default=0.4)
+    parser.add_argument("--det-size", type=number_arg(int, Range(ge=32, multiple_of=32)), default=640)
+    parser.add_argument("--min-face", type=number_arg(int, NON_NEGATIVE), default=32, help="ignore faces smaller than this many pixels")
+    parser.add_argument("--cluster-threshold", type=number_arg(float, COSINE), default=0.5,
                         help="cosine similarity that joins two faces into one identity")
     parser.add_argument("--cluster-index", choices=["auto", "exact", "faiss"], default="auto",
                         help="how similar faces are found: exact search, or a faiss IVF index (pip install faiss-cpu); "
                              f"auto = exact up to {EXACT_BELOW} unnamed faces, faiss above when installed")
-    parser.add_argument("--cluster-nprobe", type=int, default=ClusterSearch.nprobe,
+    parser.add_argument("--cluster-nprobe", type=number_arg(int, AT_LEAST_1), default=ClusterSearch.nprobe,
                         help="faiss: index cells searched per face (more = closer to exact, slower)")
-    parser.add_argument("--cluster-cells", type=int, default=0, help="faiss: index cells (0 = about 4 sqrt(faces))")
+    parser.add_argument("--cluster-cells", type=number_arg(int, NON_NEGATIVE), default=0, help="faiss: index cells (0 = about 4 sqrt(faces))")
     parser.add_argument("--format", choices=["manifest", "multiid2m"], default="manifest",
                         help="multiid2m: also write OUT/multiid2m/ in the released MultiID-2M layout (train/re_*.tar, "
                              "ref/untar/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written")
-    parser.add_argument("--shard-size", type=int, default=1000, help="photos per .tar shard (--format multiid2m)")
+    parser.add_argument("--shard-size", type=number_arg(int, AT_LEAST_1), default=1000, help="photos per .tar shard (--format multiid2m)")
     parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                         help="run detection/embedding as a Ray Data actor pool and write shards as Ray tasks: "
                              "local (default) or a ray:// cluster address; same output as without")
-    parser.add_argument("--ray-actors", type=int, default=0,
+    parser.add_argument("--ray-actors", type=number_arg(int, NON_NEGATIVE), default=0,
                         help="detector actors (0 = one per GPU when Ray sees GPUs, else one per 2 CPUs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

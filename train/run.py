@@ -603,14 +603,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a config value, e.g. --set train.mode=lora (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    try:  # every configuration error, before any model loads: one line (and the config's setup hint), exit 2
         config = load_config(args.config, args.set)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    try:
         check_paths(config)
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     Trainer(config).run()
 
 
