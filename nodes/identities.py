@@ -115,12 +115,14 @@ class WithAnyoneSaveIdentity(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, name=None, overwrite=None, **_linked):
-        """The target file's state is part of what the node depends on: a file deleted or changed by hand since
-        the last run makes ComfyUI run the node again instead of answering from its cache."""
+        """The target file's state is part of what the node depends on: a file changed by hand since the last run
+        makes ComfyUI run the node again instead of answering from its cache, and a missing file always does (its
+        state before the first save was "missing" too, so a file deleted after it would look unchanged)."""
         if not isinstance(name, str):
             return float("nan")  # a name from another node: never cached (NaN differs from itself)
         target = save_target(name)
-        return f"{target}:{overwrite}:{file_state(target)}"
+        state = file_state(target)
+        return float("nan") if state == "missing" else f"{target}:{overwrite}:{state}"
 
     @classmethod
     def execute(cls, faces: Faces, siglip, name: str, overwrite: bool = False) -> io.NodeOutput:
