@@ -168,7 +168,7 @@ def test_face_extraction_layout_and_no_face_error(server):
 WORKFLOW_NAMES = {"WithAnyone - one person", "WithAnyone - two people, layout from a photo",
                   "WithAnyone - four people, typed boxes", "WithAnyone - with a FLUX LoRA",
                   "WithAnyone - copy-paste meter", "WithAnyone - edit a group photo",
-                  "WithAnyone - refine small faces", "WithAnyone - saved people"}
+                  "WithAnyone - refine small faces", "WithAnyone - save people", "WithAnyone - saved people"}
 LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "WithAnyoneAdapterLoader", "WithAnyoneSiglipLoader"}
 
 
