@@ -1,6 +1,7 @@
 # WithAnyone for ComfyUI — developer entry points.
 #   make demo    get ComfyUI, install the pack, run the single-person workflow (small random models
 #                when the real model files are missing; it says which files go where)
+#   make comfyui-ui   the browser UI on the demo's ComfyUI and models: http://127.0.0.1:8188 (PORT=...)
 #   make setup   create .venv/ with everything the tests, the demo and training need
 #   make test    run the whole test suite
 #   make bench   run the benchmarks (each prints its ratios; not part of the tests)
@@ -12,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup demo test bench train-smoke gpu-check comfyui workflows clean
+.PHONY: setup demo comfyui-ui test bench train-smoke gpu-check comfyui workflows clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt requirements-parity.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) tools/demo.py
+
+PORT ?= 8188
+comfyui-ui: setup
+	$(PY) tools/demo.py --serve --port $(PORT)
 
 test: setup
 	$(PY) -m pytest tests

@@ -226,13 +226,16 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
                              "Load WithAnyone Identity need none)")
         if fresh:
             comfy.model_management.load_models_gpu([siglip.patcher])
+        from withanyone_core.identity_store import check_encoded
+
         arcface, features = [], []
-        for person in persons:
+        for k, person in enumerate(persons, 1):
             comfy.model_management.throw_exception_if_processing_interrupted()
             if person.encoded is not None:
                 arc, feats = person.encoded.arcface, person.encoded.siglip
             else:
                 arc, feats = encode_person(siglip, person)
+            check_encoded(arc, feats, f"person_{k}")  # non-finite or absurd values would make a black image
             arcface.append(arc)
             features.append(feats)
         shapes = {tuple(f.shape) for f in features}

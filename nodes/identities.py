@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from withanyone_core.identity_store import (IdentityFileError, SavedIdentity, SavedPhoto, file_name, load_identity,
-                                            save_identity)
+from withanyone_core.identity_store import (IdentityFileError, SavedIdentity, SavedPhoto, check_encoded, file_name,
+                                            load_identity, normalize_name, save_identity)
 
 from .faces import encode_person
 from .loaders import IDENTITIES_SUBFOLDER
@@ -44,6 +44,43 @@ def register_identity_folder() -> list[str]:
 def identity_choices() -> list[str]:
     register_identity_folder()
     return folder_paths.get_filename_list(FOLDER)
+
+
+def save_target(name: str) -> str:
+    """Where Save WithAnyone Identity writes ``name``: ``<first identities folder>/<file_name(name)>``, or the file
+    already there whose name is the same once Unicode-normalised (a file saved as "Zoë" in NFD by another tool or
+    an older pack is the same person as "Zoë" typed in NFC)."""
+    folder = register_identity_folder()[0]
+    wanted = file_name(name)
+    target = os.path.join(folder, wanted)
+    if not os.path.exists(target) and os.path.isdir(folder):
+        same = sorted(f for f in os.listdir(folder) if f != wanted and file_name_or_none(f) == wanted)
+        if same:
+            return os.path.join(folder, same[0])
+    return target
+
+
+def file_name_or_none(name: str) -> str | None:
+    try:
+        return file_name(name)
+    except IdentityFileError:
+        return None
+
+
+def file_state(path: str) -> str:
+    """What ComfyUI's cache compares for a file: its size and time, or that it is missing."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def missing_identity_message(identity_name: str) -> str:
+    folders = ", ".join(register_identity_folder())
+    return (f"no saved identity {identity_name!r} in models/withanyone/identities/ ({folders}): save the person "
+            f"first with a Save WithAnyone Identity node (the workflow 'WithAnyone - save people' saves "
+            f"person_1 and person_2), then press R in ComfyUI to refresh the list")
 
 
 def _photo_record(photo) -> SavedPhoto:
@@ -77,20 +114,31 @@ class WithAnyoneSaveIdentity(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, name=None, overwrite=None, **_linked):
+        """The target file's state is part of what the node depends on: a file changed by hand since the last run
+        makes ComfyUI run the node again instead of answering from its cache, and a missing file always does (its
+        state before the first save was "missing" too, so a file deleted after it would look unchanged)."""
+        if not isinstance(name, str):
+            return float("nan")  # a name from another node: never cached (NaN differs from itself)
+        target = save_target(name)
+        state = file_state(target)
+        return float("nan") if state == "missing" else f"{target}:{overwrite}:{state}"
+
+    @classmethod
     def execute(cls, faces: Faces, siglip, name: str, overwrite: bool = False) -> io.NodeOutput:
         import comfy.model_management
 
+        name = normalize_name(name)
+        target = save_target(name)  # refuses a name that gives no file name, or a too long one, before encoding
         if faces.encoded is not None and not faces.photos:
             raise ValueError(f"this person was loaded from {faces.encoded.source or 'a saved identity'} and is saved "
                              "already: copy that file to keep it under another name")
         comfy.model_management.load_models_gpu([siglip.patcher])
         arcface, features = encode_person(siglip, faces)
         per_photo = torch.from_numpy(np.stack([np.asarray(p.embedding, dtype=np.float32) for p in faces.photos]))
-        identity = SavedIdentity(name=name.strip() or "person", arcface=arcface, siglip=features,
+        identity = SavedIdentity(name=name or "person", arcface=arcface, siglip=features,
                                  photo_embeddings=per_photo, photos=tuple(_photo_record(p) for p in faces.photos),
                                  skipped=faces.skipped)
-        folder = register_identity_folder()[0]
-        target = os.path.join(folder, file_name(name))
         if os.path.exists(target):
             try:
                 existing = load_identity(target)
@@ -132,16 +180,23 @@ class WithAnyoneLoadIdentity(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, identity_name: str):
+        """In place of ComfyUI's "Value not in list": a missing person says where they are looked for and how to
+        save them."""
+        return True if identity_name in identity_choices() else missing_identity_message(identity_name)
+
+    @classmethod
     def fingerprint_inputs(cls, identity_name: str):
+        register_identity_folder()
         path = folder_paths.get_full_path(FOLDER, identity_name)
         if path is None:
             return identity_name
-        stat = os.stat(path)
-        return f"{identity_name}:{stat.st_mtime_ns}:{stat.st_size}"  # a file saved again is read again
+        return f"{identity_name}:{file_state(path)}"  # a file saved again is read again
 
     @classmethod
     def execute(cls, identity_name: str) -> io.NodeOutput:
-        register_identity_folder()
+        if identity_name not in identity_choices():  # deleted since the prompt was validated
+            raise FileNotFoundError(missing_identity_message(identity_name))
         path = folder_paths.get_full_path_or_raise(FOLDER, identity_name)
         saved = load_identity(path)
         person = EncodedPerson(saved.arcface, saved.siglip, len(saved.photos), saved.name, identity_name)

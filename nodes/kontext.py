@@ -144,6 +144,10 @@ class WithAnyoneArcFaceIdentities(io.ComfyNode):
         arcface = [person.encoded.arcface if person.encoded is not None
                    else torch.from_numpy(np.mean([p.embedding for p in person.photos], axis=0)).float()
                    for person in persons]
+        from withanyone_core.identity_store import check_encoded
+
+        for k, arc in enumerate(arcface, 1):
+            check_encoded(arc, None, f"person_{k}")
         return io.NodeOutput(Identities(torch.stack(arcface), None,
                                         tuple(p.encoded.photos if p.encoded is not None else len(p.photos)
                                               for p in persons)))

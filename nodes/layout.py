@@ -19,6 +19,11 @@ CATEGORY = "WithAnyone"
 PREVIEW_SIDE = 512
 COLORS = ((255, 99, 71), (65, 150, 255), (80, 200, 120), (255, 200, 40))
 
+# the node's output size range (its width / height inputs), and the most boxes a layout holds: one per person, and
+# Identity Encode takes 4; the rest is room for sketching in the editor
+SIZE_RANGE = (256, 4096)
+MAX_BOXES = 64
+
 # face boxes as fractions of (width, height): side by side at head height
 PRESETS = {
     1: [(0.38, 0.18, 0.62, 0.50)],
@@ -58,12 +63,17 @@ def _read_box_line(number: int, line: str, width: int, height: int) -> tuple[flo
 
 def parse_boxes(text: str, width: int, height: int) -> list[tuple[float, float, float, float]]:
     """One ``x1,y1,x2,y2`` per line (``#`` comments and blank lines skipped), in pixels of the output or,
-    when all four numbers lie within 0..1, fractions of its width and height."""
+    when all four numbers lie within 0..1, fractions of its width and height. At most :data:`MAX_BOXES`."""
+    if not isinstance(text, str):
+        raise ValueError(f"boxes must be text (one x1,y1,x2,y2 per line), got {type(text).__name__}")
     boxes = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if len(boxes) == MAX_BOXES:  # stop reading: a pasted file of millions of lines is refused at once
+            raise ValueError(f"more than {MAX_BOXES} boxes given (line {number} is box {MAX_BOXES + 1}): a layout "
+                             f"holds one box per person, and Identity Encode takes up to 4 people; remove lines")
         boxes.append(_read_box_line(number, line, width, height))
     if not boxes:
         raise ValueError("no boxes given: write one x1,y1,x2,y2 per line (pixels or 0-1 fractions)")
@@ -161,9 +171,9 @@ class WithAnyoneLayout(io.ComfyNode):
                         "example photo, or the regions of a mask. Box k belongs to identity k; boxes from a photo "
                         "or a mask are numbered left to right. Also outputs one mask per person and their union.",
             inputs=[
-                io.Int.Input("width", default=768, min=256, max=4096, step=16,
+                io.Int.Input("width", default=768, min=SIZE_RANGE[0], max=SIZE_RANGE[1], step=16,
                              tooltip="output width in pixels (the authors' demo: 768)"),
-                io.Int.Input("height", default=768, min=256, max=4096, step=16,
+                io.Int.Input("height", default=768, min=SIZE_RANGE[0], max=SIZE_RANGE[1], step=16,
                              tooltip="output height in pixels (the authors' demo: 768)"),
                 io.Combo.Input("source", options=list(SOURCES), default="preset",
                                tooltip="preset: side-by-side faces for `people`; text: the boxes below; image: the "

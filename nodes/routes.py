@@ -7,11 +7,12 @@ values, computed by nodes/layout.py itself (the browser draws them; it never re-
 from __future__ import annotations
 
 import colorsys
+import json
 import logging
 import math
 import sys
 
-from .layout import COLORS, PRESETS, parse_boxes, preset_boxes
+from .layout import COLORS, MAX_BOXES, PRESETS, SIZE_RANGE, SOURCES, parse_boxes, preset_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,17 @@ RUN_TIME_NOTES = {
 
 class LayoutRequestError(ValueError):
     """A request the node itself would refuse; the message goes back to the browser."""
+
+
+class LayoutRequestTooLarge(LayoutRequestError):
+    """A body above MAX_BODY_BYTES (HTTP 413)."""
+
+
+# The editor sends the five widget values; its boxes text holds at most MAX_BOXES lines plus comments. 64 KiB
+# is room for that many times over, and what is read, parsed and answered stays small whatever is sent.
+MAX_BODY_BYTES = 64 * 1024
+FIELDS = {"width": "an integer", "height": "an integer", "source": "text", "people": "an integer",
+          "boxes": "text"}
 
 
 def box_colors(count: int) -> list[str]:
@@ -49,39 +61,99 @@ def _finite_boxes(found) -> list[list[float]]:
     return boxes
 
 
-def _integer(body: dict, name: str) -> int:
+def _shown(value) -> str:
+    """A value for a message, short whatever it is (a 400-digit number, a megabyte of text)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return f"a number of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(body: dict, name: str, low: int, high: int, what: str | None = None) -> int:
+    """``body[name]`` as an integer within low..high; a bool, text, a fraction, NaN or a 400-digit number is
+    refused with the field's name (integers are compared as integers: nothing overflows)."""
     value = body.get(name)
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value != int(value)):
-        raise LayoutRequestError(f"{name} must be an integer, got {value!r}")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and value.is_integer()
+    if not ok or not low <= value <= high:
+        raise LayoutRequestError(f"{name} must be {what or f'an integer from {low} to {high}'}, got {_shown(value)}")
     return int(value)
 
 
-def layout_response(body) -> dict:
-    """The JSON answer for one request body; raises ValueError with the node's own message."""
+def parse_request(raw: bytes) -> dict:
+    """A request body -> its fields, checked against the schema before anything is computed: a JSON object with
+    only the node's widget names, each of its type. Every way of being wrong is a LayoutRequestError."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise LayoutRequestTooLarge(f"the request body is {len(raw)} bytes, above {MAX_BODY_BYTES}: a layout holds at "
+                                    f"most {MAX_BOXES} boxes")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise LayoutRequestError("the request body is nested too deeply: send one JSON object "
+                                 "{width, height, source, people, boxes}") from None
+    except ValueError as err:  # includes bytes that are not UTF-8, and integers of more than 4300 digits
+        raise LayoutRequestError(f"the request body is not JSON ({err})") from None
     if not isinstance(body, dict):
-        raise LayoutRequestError("expected a JSON object {width, height, source, people, boxes}")
-    width, height = _integer(body, "width"), _integer(body, "height")
-    if width <= 0 or height <= 0:
-        raise LayoutRequestError(f"width and height must be positive, got {width}x{height}")
+        raise LayoutRequestError(f"expected a JSON object {{width, height, source, people, boxes}}, got "
+                                 f"{type(body).__name__}")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise LayoutRequestError(f"unknown field(s) {', '.join(map(repr, unknown))[:200]}: the fields are "
+                                 f"{', '.join(FIELDS)}")
+    return body
+
+
+def layout_response(body) -> dict:
+    """The JSON answer for one request body (bytes, or the decoded object); raises LayoutRequestError with the
+    node's own message."""
+    if isinstance(body, (bytes, bytearray)):
+        body = parse_request(bytes(body))
+    if not isinstance(body, dict):
+        raise LayoutRequestError(f"expected a JSON object {{width, height, source, people, boxes}}, got "
+                                 f"{type(body).__name__}")
+    width, height = (_integer(body, name, *SIZE_RANGE) for name in ("width", "height"))
     source = body.get("source", "preset")
+    if not isinstance(source, str) or source not in SOURCES:
+        raise LayoutRequestError(f"unknown layout source {_shown(source)}: use one of {', '.join(SOURCES)}"
+                                 if isinstance(source, str) else f"source must be one of {', '.join(SOURCES)}, got "
+                                 f"{_shown(source)}")
+    people = None
+    if "people" in body or source == "preset":
+        people = _integer(body, "people", 1, max(PRESETS), f"1 to {max(PRESETS)}")  # the node's own range
+    text = body.get("boxes", "")
+    if not isinstance(text, str):
+        raise LayoutRequestError(f"boxes must be text (one x1,y1,x2,y2 per line), got {_shown(text)}")
     if source == "preset":
-        people = _integer(body, "people")
-        if people not in PRESETS:
-            raise LayoutRequestError(f"people must be 1 to {max(PRESETS)}, got {people}")
         found = preset_boxes(people, width, height)
     elif source == "text":
-        text = body.get("boxes", "")
-        if not isinstance(text, str):
-            raise LayoutRequestError("boxes must be a string")
-        found = parse_boxes(text, width, height)
-    elif source in RUN_TIME_NOTES:
+        try:
+            found = parse_boxes(text, width, height)
+        except ValueError as err:
+            raise LayoutRequestError(str(err)) from None
+    else:
         return {"boxes": [], "width": width, "height": height, "colors": box_colors(0),
                 "note": RUN_TIME_NOTES[source]}
-    else:
-        raise LayoutRequestError(f"unknown layout source {source!r}")
     boxes = _finite_boxes(found)
     return {"boxes": boxes, "width": width, "height": height, "colors": box_colors(len(boxes))}
+
+
+async def read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read no further than ``limit`` + 1 bytes (a declared or actual larger body is refused at once)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise LayoutRequestTooLarge(f"the request body is {declared} bytes, above {limit}: a layout holds at most "
+                                    f"{MAX_BOXES} boxes")
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.read(min(65536, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise LayoutRequestTooLarge(f"the request body is above {limit} bytes: a layout holds at most "
+                                        f"{MAX_BOXES} boxes")
 
 
 def register_routes() -> bool:
@@ -100,16 +172,15 @@ def register_routes() -> bool:
     @routes.post(LAYOUT_ROUTE)
     async def withanyone_layout(request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"error": "the request body is not JSON"}, status=400)
-        try:
-            return web.json_response(layout_response(body))
-        except ValueError as err:
+            answer = layout_response(await read_capped(request))
+        except LayoutRequestTooLarge as err:
+            return web.json_response({"error": str(err)}, status=413)
+        except LayoutRequestError as err:
             return web.json_response({"error": str(err)}, status=400)
         except Exception as err:  # a bug here must reach the node as a message, not as an HTML error page
             logger.exception("%s failed", LAYOUT_ROUTE)
             return web.json_response({"error": f"layout preview failed: {type(err).__name__}: {err}"}, status=500)
+        return web.json_response(answer)
 
     logger.debug("registered %s", LAYOUT_ROUTE)
     return True

@@ -82,6 +82,59 @@ def test_layout_preview_runs_and_errors_reach_history(server):
     assert failed["status"]["status_str"] == "error" and "expected 4 numbers x1,y1,x2,y2" in messages
 
 
+def _post_layout(comfy, data, chunked: bool = False) -> tuple[int, dict, float]:
+    import time
+    import urllib.error
+    import urllib.request
+
+    body = (data[i:i + 65536] for i in range(0, len(data), 65536)) if chunked else data
+    req = urllib.request.Request(comfy.url + "/withanyone/layout", data=body,
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.load(response), time.perf_counter() - start
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), time.perf_counter() - start
+
+
+def test_layout_route_answers_every_bad_request_with_a_4xx(server):
+    """Through the real server: a 27 MB body of 3 M box lines is refused at once (it stalled the server 20 s and
+    answered 99 MB), sent whole or chunked; the bodies that gave a 500 give a 400 naming the field."""
+    comfy = server
+    good = {"width": 1024, "height": 768, "source": "text", "people": 2, "boxes": "0.1,0.2,0.4,0.6"}
+    huge = json.dumps({**good, "boxes": "10,10,50,50\n" * 3_000_000}).encode()
+    for chunked in (False, True):
+        status, answer, seconds = _post_layout(comfy, huge, chunked)
+        assert status == 413 and "above 65536" in answer["error"] and seconds < 10, (status, answer, seconds)
+    cases = {
+        b"[" * 30000 + b"]" * 30000: "nested too deeply",
+        b'{"width": 1' + b"0" * 400 + b', "height": 768, "source": "preset", "people": 1}': "width must be an integer",
+        json.dumps({**good, "source": ["text"]}).encode(): "source must be one of preset, text, image, mask",
+        json.dumps({**good, "boxes": "\n".join(["1,1,9,9"] * 65)}).encode(): "more than 64 boxes given",
+        b"\xff": "not JSON",
+    }
+    for body, message in cases.items():
+        status, answer, _ = _post_layout(comfy, body)
+        assert status == 400 and message in answer["error"], (body[:60], status, answer)
+    status, answer, seconds = _post_layout(comfy, json.dumps(good).encode())
+    assert status == 200 and answer["boxes"] == [pytest.approx([102.4, 153.6, 409.6, 460.8])] and seconds < 5
+
+
+def test_a_missing_saved_person_is_refused_with_how_to_save_one(server):
+    from comfy_server import PromptRejected
+
+    from build_workflows import SIGLIP_NAME
+
+    prompt = {"1": {"class_type": "WithAnyoneLoadIdentity", "inputs": {"identity_name": "nobody.safetensors"}},
+              "2": {"class_type": "WithAnyoneSiglipLoader", "inputs": {"siglip_name": SIGLIP_NAME}},
+              "3": {"class_type": "WithAnyoneSaveIdentity",
+                    "inputs": {"faces": ["1", 0], "siglip": ["2", 0], "name": "x", "overwrite": False}}}
+    with pytest.raises(PromptRejected, match="no saved identity 'nobody.safetensors' in models/withanyone/"
+                                             "identities/.*save the person first with a Save WithAnyone Identity"):
+        server.queue(prompt)
+
+
 def test_face_extraction_layout_and_no_face_error(server):
     comfy = server
     prompt = {
@@ -115,7 +168,7 @@ def test_face_extraction_layout_and_no_face_error(server):
 WORKFLOW_NAMES = {"WithAnyone - one person", "WithAnyone - two people, layout from a photo",
                   "WithAnyone - four people, typed boxes", "WithAnyone - with a FLUX LoRA",
                   "WithAnyone - copy-paste meter", "WithAnyone - edit a group photo",
-                  "WithAnyone - refine small faces", "WithAnyone - saved people"}
+                  "WithAnyone - refine small faces", "WithAnyone - save people", "WithAnyone - saved people"}
 LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "WithAnyoneAdapterLoader", "WithAnyoneSiglipLoader"}
 
 

@@ -8,14 +8,20 @@ fresh install would be.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from comfy_env import ROOT, comfyui_dir
+from comfy_server import free_port  # tools/, put on sys.path by comfy_env
+from demo import TINY_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +57,38 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
     assert image.size == (256, 256)
     assert len(set(image.convert("L").getdata())) > 16  # decoded pixels, not a blank canvas
     assert not any(p.is_file() for p in models.rglob("*"))  # nothing written into the user's models folders
+    # it ends with how to open the UI on that ComfyUI, and how to use one's own
+    tail = log[log.index("Next:"):]
+    python = Path(sys.executable).absolute()
+    python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    assert f"COMFYUI_DIR={empty_comfyui} {python} tools/demo.py --serve --demo-dir {demo_dir}" in tail
+    assert "http://127.0.0.1:8188" in tail and "COMFYUI_DIR=/path/to/ComfyUI make demo" in tail
+
+    # --serve (`make comfyui-ui`): the browser UI on the same ComfyUI and small models, with the pack and templates
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, str(ROOT / "tools" / "demo.py"), "--serve", "--port", str(port),
+                           "--demo-dir", str(demo_dir)], env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline, info = f"http://127.0.0.1:{port}", time.time() + 300, None
+        while info is None and time.time() < deadline and ui.poll() is None:
+            try:
+                info = json.load(urllib.request.urlopen(url + "/object_info/WithAnyoneAdapterLoader", timeout=5))
+            except OSError:
+                time.sleep(1)
+        assert info is not None, ui.stdout.read()[-3000:] if ui.poll() is not None else "no answer"
+        assert TINY_NAMES["adapter"] in json.dumps(info)  # the demo's small models
+        templates = json.load(urllib.request.urlopen(url + "/workflow_templates", timeout=30))
+        assert any("WithAnyone - save people" in listed for listed in templates.values())
+    finally:
+        ui.terminate()
+        ui.wait(timeout=60)
+
+
+def test_help_states_the_recipe():
+    from withanyone_core import recipe
+
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"real models: {recipe.DEFAULT_STEPS}, the authors' recipe" in " ".join(out.split())
+    assert "make comfyui-ui" in " ".join(out.split()) and "8188" in out

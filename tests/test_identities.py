@@ -5,6 +5,7 @@ a tiny SigLIP. Identities are compared bit for bit with freshly encoded ones."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from withanyone_core import identity_store as store
 # --------------------------------------------------------------------------- the file format
 def _identity(name="alice", photos=2, seed=0) -> store.SavedIdentity:
     gen = torch.Generator().manual_seed(seed)
-    per_photo = torch.randn(photos, 512, generator=gen) * 20
+    per_photo = torch.randn(photos, 512, generator=gen)
+    per_photo = per_photo / per_photo.norm(dim=1, keepdim=True) * 25  # a real ArcFace embedding's norm: 15-35
     return store.SavedIdentity(
         name=name, arcface=per_photo.mean(0), siglip=torch.randn(256, 768, generator=gen),
         photo_embeddings=per_photo,
@@ -48,6 +50,58 @@ def test_file_names_from_person_names():
     assert store.file_name("zoë/2") == "zoë_2.safetensors"
     with pytest.raises(store.IdentityFileError, match="gives no file name"):
         store.file_name(" .. ")
+
+
+def test_names_are_unicode_normalised_and_length_checked():
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "Zoë"), unicodedata.normalize("NFD", "Zoë")
+    assert nfc != nfd and store.file_name(nfd) == store.file_name(nfc) == f"{nfc}.safetensors"
+    assert store.normalize_name(f"  {nfd} ") == nfc
+    with pytest.raises(store.IdentityFileError, match="is 300 characters long: use at most 100"):
+        store.file_name("a" * 300)
+    assert store.file_name("a" * 100) == "a" * 100 + ".safetensors"
+    # 100 characters, but 400 bytes as a file name: refused before the file system does it
+    with pytest.raises(store.IdentityFileError, match="takes 400 bytes as a file name.*use a shorter name"):
+        store.file_name("\U00020000" * 100)  # a CJK letter (\w) of 4 bytes in UTF-8
+
+
+def _scaled_file(tmp_path, name: str, **factors):
+    """A saved identity whose tensors are scaled and whose checksum matches them (as a tool writing its own
+    files would make it): only the value check can refuse it."""
+    path = store.save_identity(tmp_path / f"{name}.safetensors", _identity(name))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors = {k: v * factors.get(k, 1.0) for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={**metadata, "content_sha256": store._content_sha256(tensors)})
+    return path
+
+
+def test_values_no_encoder_gives_are_refused(tmp_path):
+    cases = {
+        "arcface x1e30": ({"arcface": 1e30, "photo_embeddings": 1e30}, r"arcface has norm [\d.]+e\+31, outside 1-100"),
+        "arcface zero": ({"arcface": 0.0}, "arcface has norm 0, outside 1-100"),
+        "one photo x1e3": ({"photo_embeddings": 1e3}, r"photo_embeddings \(row 1\) has norm 2.5e\+04"),
+        "siglip x1e30": ({"siglip": 1e30}, r"siglip holds a value of magnitude .*e\+30, above 10000"),
+        "siglip inf": ({"siglip": float("inf")}, "siglip holds NaN or infinite values"),
+    }
+    for what, (factors, message) in cases.items():
+        path = _scaled_file(tmp_path, what.replace(" ", "_"), **factors)
+        with pytest.raises(store.IdentityFileError, match=f"is damaged: {message}.*save the person again"):
+            store.load_identity(path)
+    huge = _identity("huge")
+    huge = store.SavedIdentity("huge", huge.arcface * 1e30, huge.siglip, huge.photo_embeddings * 1e30, huge.photos)
+    with pytest.raises(store.IdentityFileError, match="cannot save 'huge': arcface has norm"):
+        store.save_identity(tmp_path / "huge.safetensors", huge)
+    assert not (tmp_path / "huge.safetensors").exists()
+    good = _identity()
+    store.check_encoded(good.arcface, good.siglip, "person_1")  # a real-looking person passes
+    with pytest.raises(store.IdentityValueError, match=r"person_2: its ArcFace embedding has norm [\d.]+e\+31"):
+        store.check_encoded(good.arcface * 1e30, good.siglip, "person_2")
+    with pytest.raises(store.IdentityValueError, match="its SigLIP features holds NaN"):
+        store.check_encoded(good.arcface, good.siglip * float("nan"), "person_1")
 
 
 def test_image_hash_is_of_the_pixels():
@@ -200,6 +254,66 @@ def test_save_refuses_to_replace_another_person_unless_asked(pack):
     # saved people are not adapters: the adapter loader does not offer them
     (models / "withanyone" / "adapter.safetensors").write_bytes(b"")
     assert loaders.adapter_choices() == ["adapter.safetensors"]
+
+
+def test_save_writes_again_when_its_file_is_gone_and_names_are_one_person(pack):
+    faces, identities, _, analyzer, siglip, models = pack
+    import unicodedata
+
+    save = identities.WithAnyoneSaveIdentity
+    ivan = _extract(faces, analyzer, _photos(([(6, 8)], [8])))
+    nfc, nfd = unicodedata.normalize("NFC", "Zoë"), unicodedata.normalize("NFD", "Zoë")
+    assert math.isnan(save.fingerprint_inputs(name=nfc, overwrite=False))  # no file yet: always run
+    assert save.execute(ivan, siglip, nfd).ui["text"] == [f"saved {nfc}.safetensors (1 photo)"]
+    saved = models / "withanyone" / "identities" / f"{nfc}.safetensors"
+    assert store.load_identity(saved).name == nfc
+    # the cache key follows the file: written, then deleted by hand -> ComfyUI runs the node again (tested through
+    # a real server in test_workflow_runs.py)
+    written = save.fingerprint_inputs(name=nfd, overwrite=False)
+    assert written == save.fingerprint_inputs(name=nfc, overwrite=False) and isinstance(written, str)
+    saved.unlink()  # deleted by hand: the key is one that never equals an earlier one
+    assert math.isnan(save.fingerprint_inputs(name=nfc, overwrite=False))
+    assert save.execute(ivan, siglip, nfc).ui["text"] == [f"saved {nfc}.safetensors (1 photo)"] and saved.is_file()
+    # a file an older pack wrote under the NFD name is the same person: found, not saved twice
+    os_nfd = saved.with_name(f"{nfd}.safetensors")
+    saved.rename(os_nfd)
+    assert save.execute(ivan, siglip, nfc).ui["text"] == [f"{nfd}.safetensors: already saved (unchanged) (1 photo)"]
+    assert not saved.exists()
+    os_nfd.unlink()
+    with pytest.raises(store.IdentityFileError, match="is 300 characters long: use at most 100"):
+        save.execute(ivan, siglip, "b" * 300)
+    assert math.isnan(save.fingerprint_inputs(overwrite=False))  # a name from another node: always run
+
+
+def test_absurd_identities_are_refused_before_sampling(pack):
+    faces, identities, _, analyzer, siglip, models = pack
+    from withanyone_pack.nodes import kontext
+    from withanyone_pack.nodes.types import EncodedPerson, Faces
+
+    good = _identity()
+    huge = Faces((), (), EncodedPerson(good.arcface * 1e30, good.siglip, 1, "huge"))
+    with pytest.raises(store.IdentityValueError, match="person_1: its ArcFace embedding has norm"):
+        faces.WithAnyoneIdentityEncode.execute(None, huge)
+    with pytest.raises(store.IdentityValueError, match="person_1: its ArcFace embedding has norm"):
+        kontext.WithAnyoneArcFaceIdentities.execute(huge)
+    noisy = Faces((), (), EncodedPerson(good.arcface, good.siglip * 1e8, 1, "noisy"))
+    with pytest.raises(store.IdentityValueError, match="person_2: its SigLIP features holds a value of magnitude"):
+        faces.WithAnyoneIdentityEncode.execute(None, Faces((), (), EncodedPerson(good.arcface, good.siglip, 1, "ok")),
+                                               noisy)
+
+
+def test_a_missing_saved_person_says_how_to_save_one(pack):
+    _, identities, _, _, _, models = pack
+    load = identities.WithAnyoneLoadIdentity
+    message = load.validate_inputs("person_1.safetensors")
+    assert isinstance(message, str)
+    for part in ("no saved identity 'person_1.safetensors' in models/withanyone/identities/",
+                 str(models / "withanyone" / "identities"), "Save WithAnyone Identity", "WithAnyone - save people"):
+        assert part in message
+    with pytest.raises(FileNotFoundError, match="save the person first with a Save WithAnyone Identity node"):
+        load.execute("person_1.safetensors")
+    with pytest.raises(FileNotFoundError, match="no saved identity '../adapter.safetensors'"):
+        load.execute("../adapter.safetensors")  # only the listed files, never a path out of the folder
 
 
 def test_load_reports_a_damaged_file_and_rereads_a_changed_one(pack):

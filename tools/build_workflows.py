@@ -308,6 +308,33 @@ def refine_small_faces(info: dict) -> dict:
                    "scaled down again. Run it on an image from another WithAnyone workflow.")
 
 
+SAVE_PEOPLE = "WithAnyone - save people"
+
+
+def save_people(info: dict) -> dict:
+    """The companion of 'saved people': saves the two people it loads, from one photo each."""
+    g = Graph(info)
+    analyzer = g.add("WithAnyoneFaceAnalyzerLoader", (0, 0), provider="auto", detection_threshold=0.4,
+                     detection_size=640)
+    siglip = g.add("WithAnyoneSiglipLoader", (0, 170), siglip_name=SIGLIP_NAME)
+    g.group("Face analyzer and SigLIP (needed to save, not to load)", [analyzer, siglip], color="#444")
+    nodes = []
+    for k, file in enumerate(SAVED_PEOPLE):
+        name = file.removesuffix(".safetensors")
+        photo = g.add("LoadImage", (COL, 380 * k), title=f"Person {k + 1}: photo(s) of one person",
+                      image=PERSON_PHOTOS[k])
+        extract = g.add("WithAnyoneFaceExtract", (2 * COL, 380 * k), title=f"Person {k + 1}: face",
+                        image=photo.out("IMAGE"), face_analyzer=analyzer.out(), face_index=0, min_face_size=64,
+                        face_choice="highest score")
+        save = g.add("WithAnyoneSaveIdentity", (3 * COL, 380 * k), title=f"Person {k + 1}: save as {name}",
+                     faces=extract.out("faces"), siglip=siglip.out(), name=name, overwrite=False)
+        nodes += [photo, extract, save]
+    g.group(f"{len(SAVED_PEOPLE)} people, saved in models/withanyone/identities/", nodes, color="#3f789e")
+    return g.to_ui(f"Saves two people as {' and '.join(SAVED_PEOPLE)} in models/withanyone/identities/: put a "
+                   "photo of each in the Load Image nodes and run it once. Then press R (refresh) and open "
+                   "'WithAnyone - saved people', which uses them without the face analyzer or SigLIP.")
+
+
 def saved_people(info: dict) -> dict:
     g = Graph(info)
     unet = g.add("UNETLoader", (0, 0), unet_name=FLUX_FILE, weight_dtype="default")
@@ -328,9 +355,9 @@ def saved_people(info: dict) -> dict:
                    source="preset", people=2, boxes="0.18,0.22,0.40,0.52\n0.60,0.22,0.82,0.52")
     latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=21)
     _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/saved_people")
-    return g.to_ui("Two people saved earlier with Save WithAnyone Identity (put it between Face Extract and "
-                   "Identity Encode in any workflow, run once): no face analyzer or SigLIP needed. Saved and new "
-                   "people mix in Identity Encode, in person order.")
+    return g.to_ui(f"Two people saved earlier: run '{SAVE_PEOPLE}' once first (it saves {' and '.join(SAVED_PEOPLE)}"
+                   "), or put Save WithAnyone Identity between Face Extract and Identity Encode in any workflow. "
+                   "No face analyzer or SigLIP needed. Saved and new people mix in Identity Encode, in person order.")
 
 
 # file stem (= the template card's title) -> spec
@@ -342,6 +369,7 @@ BUILDERS = {
     "WithAnyone - copy-paste meter": identity_metrics,
     "WithAnyone - edit a group photo": edit_group_photo,
     "WithAnyone - refine small faces": refine_small_faces,
+    SAVE_PEOPLE: save_people,
     "WithAnyone - saved people": saved_people,
 }
 SINGLE_PERSON = "WithAnyone - one person"
@@ -413,7 +441,7 @@ def note_text(name: str, workflow: dict) -> str:
                     "antelopev2/ | insightface's antelopev2.zip, unpacked (the layout InstantID and PuLID use) |")
     if "WithAnyoneLoadIdentity" in types:
         rows.append("| person_1.safetensors, ... | models/withanyone/identities/ | written by Save WithAnyone "
-                    "Identity |")
+                    f"Identity: run the workflow '{SAVE_PEOPLE}' first |")
     if "LoraLoaderModelOnly" in types:
         rows.append("| your FLUX LoRA | models/loras/ | any FLUX.1 LoRA |")
     photos = [n.get("title") or "Load Image" for n in workflow["nodes"] if n["type"] == "LoadImage"]

@@ -11,6 +11,9 @@
    hidden 3072 with 1 + 1 blocks, a FLUX-shaped VAE, a CLIP-L text encoder instead of
    CLIP-L + T5-XXL, a tiny antelopev2 and SigLIP), in ``.cache/demo`` so nothing lands in
    your ComfyUI folders. The image is noise; it shows the whole pipeline executing.
+4. It ends by saying how to open that ComfyUI in the browser (``make comfyui-ui``, which runs
+   this script with ``--serve``: the same ComfyUI and models, at http://127.0.0.1:8188) and how
+   to use your own ComfyUI instead (``COMFYUI_DIR``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from get_comfyui import CACHE, ROOT, comfyui_dir  # noqa: E402
 from workflows import ui_to_api  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # withanyone_core, for the small models
+from withanyone_core import recipe  # noqa: E402  (the authors' recipe: the step count the help states)
 
 logger = logging.getLogger("withanyone.demo")
 
@@ -44,6 +50,9 @@ TINY_NAMES = {
     "siglip": "withanyone-demo-siglip",
 }
 TINY_VERSION = "1"
+TINY_STEPS = 4
+UI_PORT = 8188
+UI_HOST = "127.0.0.1"
 
 
 def _first(folder_candidates: list[Path], patterns: tuple[str, ...]) -> Path | None:
@@ -186,14 +195,69 @@ def run(server: ComfyServer, prompt: dict, output_dir: Path, timeout: float) -> 
     return images
 
 
+def ui_command(comfy: Path, base: Path, port: int) -> list[str]:
+    """ComfyUI's own command line for the browser UI on ``base`` (models/, input/, output/, custom_nodes/)."""
+    args = [sys.executable, "main.py", "--listen", UI_HOST, "--port", str(port), "--base-directory", str(base),
+            "--database-url", "sqlite:///:memory:"]
+    import torch
+
+    if not torch.cuda.is_available():
+        args.append("--cpu")
+    return args
+
+
+def next_steps(comfy: Path, base: Path, demo_dir: Path, tiny: bool) -> str:
+    """What the demo says last: how to open its ComfyUI in the browser, and how to use one's own ComfyUI."""
+    prefix = f"COMFYUI_DIR={comfy} " if os.environ.get("COMFYUI_DIR") else ""
+    if demo_dir != (CACHE / "demo").resolve() or tiny:
+        extra = (" --tiny" if tiny else "") + (f" --demo-dir {demo_dir}" if demo_dir != (CACHE / "demo").resolve()
+                                               else "")
+        start = f"{prefix}{_python()} tools/demo.py --serve{extra}"
+    else:
+        start = f"{prefix}make comfyui-ui"
+    models = ("the small random-weight models" if base == demo_dir else "the model files in " + str(base / "models"))
+    return "\n".join([
+        "Next:",
+        f"  Open the UI on this ComfyUI: `{start}`, then http://{UI_HOST}:{UI_PORT} in the browser ({models}; "
+        "Ctrl+C stops it). The example workflows are in the Templates browser under comfyui-withanyone.",
+        "  Use your own ComfyUI: `COMFYUI_DIR=/path/to/ComfyUI make demo` links this pack into its custom_nodes/ "
+        "and runs the demo there; install requirements.txt into that ComfyUI's Python, put the model files in "
+        "its models/ folders (README: Model files) and start it as usual.",
+    ])
+
+
+def _python() -> str:
+    """This Python as the user would type it from the checkout (.venv/bin/python), else its full path."""
+    here = Path(sys.executable).absolute()
+    return str(here.relative_to(ROOT)) if here.is_relative_to(ROOT) else str(here)
+
+
+def serve(comfy: Path, base: Path, port: int) -> int:
+    """Run ComfyUI's browser UI on ``base`` in the foreground until Ctrl+C; returns its exit status."""
+    install_pack(base / "custom_nodes")
+    logger.info("starting ComfyUI from %s with %s: open http://%s:%d (Ctrl+C stops it)", comfy, base, UI_HOST, port)
+    proc = subprocess.Popen(ui_command(comfy, base, port), cwd=comfy)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="use the small random models even if real ones exist")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (real: 28; small models: 4)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps (real models: {recipe.DEFAULT_STEPS}, the authors' recipe; small "
+                             f"models: {TINY_STEPS})")
     parser.add_argument("--size", type=int, default=256, help="image side with the small models (>= 256)")
     parser.add_argument("--demo-dir", type=Path, default=CACHE / "demo",
                         help="where the small models, the server log and their outputs go")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the image")
+    parser.add_argument("--serve", action="store_true",
+                        help=f"instead of running the graph, start the ComfyUI browser UI on the demo's ComfyUI and "
+                             f"models (what `make comfyui-ui` runs) at http://{UI_HOST}:{UI_PORT}")
+    parser.add_argument("--port", type=int, default=UI_PORT, help=f"the UI's port with --serve (default {UI_PORT})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -202,12 +266,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     demo_dir = args.demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
     names, missing = find_real_models(comfy / "models")
-    if not missing and not args.tiny:
-        photo = comfy / "input" / PERSON_PHOTOS[0]
-        if not photo.is_file():
-            photo.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(_sample_photo(), photo)
-            logger.info("no %s in %s: using insightface's sample photo (largest face)", photo.name, photo.parent)
+    real = not missing and not args.tiny
+    if args.serve:
+        if real:
+            _real_photo(comfy)
+        else:
+            build_tiny_models(demo_dir)
+        raise SystemExit(serve(comfy, comfy if real else demo_dir, args.port))
+    if real:
+        _real_photo(comfy)
         logger.info("all model files found in %s: running %s", comfy / "models", WORKFLOW.name)
         with ComfyServer(comfy, comfy, log_path=demo_dir / "server.log") as server:
             prompt = real_prompt(server.get_json("/object_info"), names, args.steps)
@@ -223,11 +290,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
         build_tiny_models(demo_dir)
         install_pack(demo_dir / "custom_nodes")
         with ComfyServer(demo_dir, comfy) as server:
-            prompt = tiny_prompt(server.get_json("/object_info"), args.steps or 4, args.size)
+            prompt = tiny_prompt(server.get_json("/object_info"), args.steps or TINY_STEPS, args.size)
             images = run(server, prompt, demo_dir / "output", args.timeout)
     for image in images:
         logger.info("saved %s", image)
+    logger.info("%s", next_steps(comfy, comfy if real else demo_dir, demo_dir, args.tiny))
     return images
+
+
+def _real_photo(comfy: Path) -> None:
+    photo = comfy / "input" / PERSON_PHOTOS[0]
+    if not photo.is_file():
+        photo.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_sample_photo(), photo)
+        logger.info("no %s in %s: using insightface's sample photo (largest face)", photo.name, photo.parent)
 
 
 if __name__ == "__main__":

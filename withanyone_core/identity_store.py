@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,10 +46,27 @@ ARCFACE_DIM = 512
 TENSOR_NAMES = ("arcface", "siglip", "photo_embeddings")
 SUFFIX = ".safetensors"
 _PACK_ROOT = Path(__file__).resolve().parents[1]
+# The values an encoded person may hold. Real antelopev2 (glintr100) raw ArcFace embeddings have norms of about
+# 15-35 (issue 19's measurement on real photos; blurred or small faces run lower). The tiny stand-in recognizer of
+# withanyone_core/testing is scaled to the same range (19.7-21.1 on its painted faces), so it cannot measure the
+# real range. 1-100 leaves a wide margin on both sides and still refuses what is no embedding (zeros, x1e30).
+ARCFACE_NORM_RANGE = (1.0, 100.0)
+# SigLIP features are the vision tower's last_hidden_state, which ends in a LayerNorm (post_layernorm): each value
+# is a normalised activation times a learned scale, tens at most (the tiny stand-in's, with unit scale, stay below
+# sqrt(768) = 27.7). 1e4 leaves a wide margin and refuses values that overflow the adapter's LayerNorms.
+SIGLIP_MAX_ABS = 1e4
+# names: the file is <name>.safetensors and is written through a temporary .<name>.XXXXXXXX.tmp beside it, which
+# must fit the 255-byte file name limit of common file systems
+MAX_NAME_CHARS = 100
+MAX_NAME_BYTES = 200
 
 
 class IdentityFileError(ValueError):
     """A saved-identity file that cannot be read or written, with a message saying what to do."""
+
+
+class IdentityValueError(ValueError):
+    """An encoded person whose values cannot be an identity (non-finite, or far outside what the encoders give)."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +120,31 @@ def image_sha256(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def normalize_name(name: str) -> str:
+    """A person's name as it is kept: Unicode NFC (``Zoë`` typed as one letter or as ``o`` + combining
+    diaeresis is one person), surrounding spaces removed, at most :data:`MAX_NAME_CHARS` characters."""
+    if not isinstance(name, str):
+        raise IdentityFileError(f"the name must be text, got {type(name).__name__}")
+    name = unicodedata.normalize("NFC", name).strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise IdentityFileError(f"the name {name[:24]!r}... is {len(name)} characters long: use at most "
+                                f"{MAX_NAME_CHARS}")
+    return name
+
+
 def file_name(name: str) -> str:
-    """A person's name -> its file name: letters, digits, ``-``, ``_``, ``.`` and spaces kept, anything else ``_``."""
-    stem = name.strip()
+    """A person's name -> its file name: letters, digits, ``-``, ``_``, ``.`` and spaces kept, anything else ``_``
+    (after :func:`normalize_name`)."""
+    stem = normalize_name(name)
     if stem.lower().endswith(SUFFIX):
         stem = stem[: -len(SUFFIX)]
     stem = re.sub(r"[^\w\-. ]", "_", stem).strip(" .")
     if not stem:
         raise IdentityFileError(f"name {name!r} gives no file name: use letters or digits, e.g. 'alice'")
+    size = len(stem.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise IdentityFileError(f"the name {stem[:24]!r}... takes {size} bytes as a file name (UTF-8), more than "
+                                f"the {MAX_NAME_BYTES} a file name may have here: use a shorter name")
     return stem + SUFFIX
 
 
@@ -129,7 +164,47 @@ def _as_float32(name: str, tensor) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-def _check(identity_tensors: dict[str, torch.Tensor], photos: int, where: str) -> None:
+def value_problems(name: str, tensor: torch.Tensor, kind: str) -> list[str]:
+    """What makes ``tensor`` impossible as an encoder's output: ``kind`` ``"arcface"`` (raw embeddings, one per
+    row: norm within :data:`ARCFACE_NORM_RANGE`) or ``"siglip"`` (features: every value within
+    :data:`SIGLIP_MAX_ABS`). Non-finite values are named first."""
+    tensor = torch.as_tensor(tensor).detach().float()
+    if not tensor.numel():
+        return []
+    if not torch.isfinite(tensor).all():
+        return [f"{name} holds NaN or infinite values"]
+    if kind == "arcface":
+        norms = torch.linalg.vector_norm(tensor.reshape(-1, tensor.shape[-1]).double(), dim=-1)
+        low, high = ARCFACE_NORM_RANGE
+        bad = [(k, float(n)) for k, n in enumerate(norms) if not low <= float(n) <= high]
+        if bad:
+            k, norm = bad[0]
+            which = f" (row {k + 1})" if norms.numel() > 1 else ""
+            return [f"{name}{which} has norm {norm:.3g}, outside {low:g}-{high:g} (a raw ArcFace embedding's norm is "
+                    f"about 15-35)"]
+    elif kind == "siglip":
+        peak = float(tensor.abs().max())
+        if peak > SIGLIP_MAX_ABS:
+            return [f"{name} holds a value of magnitude {peak:.3g}, above {SIGLIP_MAX_ABS:g} (SigLIP features are "
+                    f"LayerNorm outputs, tens at most)"]
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return []
+
+
+def check_encoded(arcface, siglip, who: str) -> None:
+    """Refuse an encoded person (raw ArcFace ``[512]``, SigLIP ``[tokens, dim]`` or None) whose values no encoder
+    gives: non-finite, or far out of range (:func:`value_problems`)."""
+    problems = value_problems("its ArcFace embedding", arcface, "arcface")
+    if siglip is not None:
+        problems += value_problems("its SigLIP features", siglip, "siglip")
+    if problems:
+        raise IdentityValueError(f"{who}: " + "; ".join(problems) + ": this is not what antelopev2 and SigLIP give; "
+                                 "check the face analyzer and SigLIP models (re-download them), or save the person "
+                                 "again from photos")
+
+
+def _check(identity_tensors: dict[str, torch.Tensor], photos: int, where: str, advice: str) -> None:
     arcface, siglip, per_photo = (identity_tensors[n] for n in TENSOR_NAMES)
     problems = []
     if tuple(arcface.shape) != (ARCFACE_DIM,):
@@ -139,11 +214,11 @@ def _check(identity_tensors: dict[str, torch.Tensor], photos: int, where: str) -
     if per_photo.ndim != 2 or per_photo.shape[1:] != (ARCFACE_DIM,) or per_photo.shape[0] != photos or photos < 1:
         problems.append(f"photo_embeddings has shape {tuple(per_photo.shape)}, expected ({photos}, {ARCFACE_DIM}) "
                         f"for {photos} photo(s)")
-    for name, tensor in identity_tensors.items():
-        if tensor.numel() and not torch.isfinite(tensor).all():
-            problems.append(f"{name} holds NaN or infinite values")
+    if not problems:
+        for name in TENSOR_NAMES:
+            problems += value_problems(name, identity_tensors[name], "siglip" if name == "siglip" else "arcface")
     if problems:
-        raise IdentityFileError(f"{where}: " + "; ".join(problems))
+        raise IdentityFileError(f"{where}: " + "; ".join(problems) + f"; {advice}")
 
 
 def save_identity(path: str | os.PathLike, identity: SavedIdentity) -> Path:
@@ -152,7 +227,8 @@ def save_identity(path: str | os.PathLike, identity: SavedIdentity) -> Path:
 
     path = Path(path)
     tensors = {n: _as_float32(n, getattr(identity, n)) for n in TENSOR_NAMES}
-    _check(tensors, len(identity.photos), f"cannot save {identity.name!r}")
+    _check(tensors, len(identity.photos), f"cannot save {identity.name!r}",
+           "check the face analyzer (antelopev2) and SigLIP models: re-download them if they were changed")
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -227,7 +303,7 @@ def load_identity(path: str | os.PathLike) -> SavedIdentity:
         raise IdentityFileError(f"{where} lacks the tensor(s) {', '.join(missing)}: it is damaged; {again}")
     tensors = {n: t.to(torch.float32) if t.dtype != torch.float32 else t for n, t in tensors.items()}
     photos = _photos_from(metadata.get("photos", "[]"), where)
-    _check(tensors, len(photos), f"{where} is damaged")
+    _check(tensors, len(photos), f"{where} is damaged", again)
     if metadata.get("content_sha256") != _content_sha256(tensors):
         raise IdentityFileError(f"{where}: its tensors do not match their checksum (the file was changed or "
                                 f"damaged); {again}")
