@@ -37,7 +37,8 @@ def flux_bfl(hidden=128, heads=2, depth=1, single=1, context=32, vec=32, seed=0)
 
 
 def fp8_variant(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """bf16 | e4m3fn | e5m2 | scaled (ComfyUI's scaled fp8: 2-D weights fp8 / scale, marker tensor)."""
+    """bf16 | e4m3fn | e5m2 | scaled (ComfyUI's scaled fp8: 2-D weights fp8 / scale, marker tensor) |
+    quantized (the per-layer ``weight_scale`` of ComfyUI's newer quantized files)."""
     out = {}
     for k, v in state.items():
         if kind == "bf16" or v.ndim != 2:
@@ -46,10 +47,11 @@ def fp8_variant(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Te
             out[k] = v.to(torch.float8_e4m3fn)
         elif kind == "e5m2":
             out[k] = v.to(torch.float8_e5m2)
-        elif kind == "scaled":
+        elif kind in ("scaled", "quantized"):
             scale = v.abs().amax().float() / 448.0
             out[k] = (v / scale).to(torch.float8_e4m3fn)
-            out[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(())
+            suffix = ".scale_weight" if kind == "scaled" else ".weight_scale"  # ComfyUI's newer quantized files
+            out[k[: -len(".weight")] + suffix] = scale.reshape(())
         else:
             raise ValueError(kind)
     if kind == "scaled":
@@ -62,8 +64,8 @@ def tiny_vae():
 
     torch.manual_seed(1)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32,
                          use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
@@ -137,7 +139,7 @@ def build_install(root: Path, comfy_tree: Path, *, flux=None, flux_name="flux1-d
     flux = flux if flux is not None else flux_bfl()
     save_file(fp8_variant(flux, "bf16"), str(models / "diffusion_models" / flux_name))
     vae = tiny_vae()
-    save_file(vae_to_bfl(_state(vae), 2), str(models / "vae" / "ae.safetensors"))
+    save_file(vae_to_bfl(_state(vae), 4), str(models / "vae" / "ae.safetensors"))
     text = {"clip_l.safetensors": clip_l(hidden=flux["vector_in.in_layer.weight"].shape[1]),
             "t5xxl_fp16.safetensors": t5(d_model=flux["txt_in.weight"].shape[1])}
     for name, model in text.items():

@@ -153,8 +153,13 @@ def test_files_that_do_not_fit_the_flux_are_skipped_and_named(install, tmp_path)
     save_file(_state(clip_l(hidden=48)), str(te / "clip_g.safetensors"))  # another CLIP width
     (te / "notes.txt").write_text("not a model")
     (root / "models" / "vae" / "sd-vae.safetensors").write_bytes(b"broken")
+    from diffusers import AutoencoderKL
+
+    coarse = AutoencoderKL(latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1)
+    save_file(_state(coarse), str(root / "models" / "vae" / "coarse.safetensors"))
     found = resolve_comfyui_models(root)  # the width tells CLIP-L from the other CLIP
-    assert found.clip_l == te / "clip_l.safetensors"
+    assert found.clip_l == te / "clip_l.safetensors" and found.vae.name == "ae.safetensors"
     (te / "clip_l.safetensors").unlink()
     with pytest.raises(ComfyUIFilesError) as err:
         resolve_comfyui_models(root)
@@ -162,6 +167,10 @@ def test_files_that_do_not_fit_the_flux_are_skipped_and_named(install, tmp_path)
     assert "models.clip_l: no CLIP-L" in message and str(te) in message
     assert "clip_g.safetensors (width 48 where the FLUX file takes 32)" in message
     assert "notes.txt (not .safetensors)" in message
+    (root / "models" / "vae" / "ae.safetensors").unlink()
+    with pytest.raises(ComfyUIFilesError, match=r"skipped: coarse.safetensors \(an autoencoder with 2x smaller "
+                                                 r"latents \(FLUX's has 8x\)\); sd-vae.safetensors \(unreadable"):
+        resolve_comfyui_models(root)
 
 
 def test_missing_files_fail_naming_the_folders_searched(install, tmp_path):
@@ -229,7 +238,8 @@ def test_shipped_comfyui_config_loads():
 # ---------------------------------------------------------------- formats
 
 
-@pytest.mark.parametrize("kind,rel", [("e4m3fn", 2 ** -4), ("e5m2", 2 ** -3), ("scaled", 2 ** -4)])
+@pytest.mark.parametrize("kind,rel", [("e4m3fn", 2 ** -4), ("e5m2", 2 ** -3), ("scaled", 2 ** -4),
+                                      ("quantized", 2 ** -4)])
 def test_fp8_flux_files_load_to_the_bf16_weights_within_fp8_precision(tmp_path, kind, rel):
     state = flux_bfl()
     save_file(fp8_variant(state, "bf16"), str(tmp_path / "bf16.safetensors"))
@@ -237,26 +247,26 @@ def test_fp8_flux_files_load_to_the_bf16_weights_within_fp8_precision(tmp_path, 
     reference = load_flux(tmp_path / "bf16.safetensors", torch.float32).state_dict()
     loaded = load_flux(tmp_path / f"{kind}.safetensors", torch.float32).state_dict()
     assert loaded.keys() == reference.keys()
-    smallest = {"e4m3fn": 2 ** -9, "e5m2": 2 ** -16, "scaled": 0.0}[kind]  # subnormal steps of the fp8 formats
+    smallest = {"e4m3fn": 2 ** -9, "e5m2": 2 ** -16}.get(kind, 0.0)  # subnormal steps of the fp8 formats
     for key, ref in reference.items():
         got = loaded[key]
         assert got.dtype == torch.float32
-        bound = rel * ref.abs() + smallest + (ref.abs().amax() * 2 ** -9 if kind == "scaled" else 0) + 1e-7
+        bound = rel * ref.abs() + smallest + (ref.abs().amax() * 2 ** -9 if kind in ("scaled", "quantized") else 0) + 1e-7
         assert ((got - ref).abs() <= bound).all(), key
-    if kind == "scaled":  # the scales were applied: raw fp8 values alone would be ~448x too large
+    if kind in ("scaled", "quantized"):  # the scales were applied: raw fp8 values alone would be ~448x too large
         assert loaded["x_embedder.weight"].abs().amax() < 1.0
 
 
 def test_bfl_autoencoder_loads_as_the_diffusers_model_it_came_from(tmp_path):
     vae = tiny_vae()
-    save_file(vae_to_bfl(_state(vae), 2), str(tmp_path / "ae.safetensors"))
+    save_file(vae_to_bfl(_state(vae), 4), str(tmp_path / "ae.safetensors"))
     loaded = load_vae(tmp_path / "ae.safetensors", torch.float32)
-    assert loaded.config.latent_channels == 16 and list(loaded.config.block_out_channels) == [32, 64]
+    assert loaded.config.latent_channels == 16 and list(loaded.config.block_out_channels) == [32, 32, 64, 64]
     assert loaded.config.scaling_factor == pytest.approx(0.3611) and loaded.config.shift_factor == pytest.approx(0.1159)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean)
-        z = torch.randn(1, 16, 8, 8)
+        z = torch.randn(1, 16, 4, 4)
         torch.testing.assert_close(loaded.decode(z).sample, vae.decode(z).sample)
     save_file(_state(vae), str(tmp_path / "diffusers-vae.safetensors"))  # the diffusers layout loads too
     again = load_vae(tmp_path / "diffusers-vae.safetensors", torch.float32)
@@ -288,3 +298,86 @@ def test_text_encoders_load_with_the_install_tokenizers(tmp_path):
     with pytest.raises(ComfyUIFilesError, match=r"has 100 token embeddings but the install's tokenizer has"):
         load_t5(tmp_path / "t5-small-vocab.safetensors", tree / "comfy" / "text_encoders" / "t5_tokenizer",
                 torch.float32)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_trained_from_a_comfyui_folder_the_adapter_runs_in_comfyui(tmp_path):
+    """Train the tiny set from a ComfyUI-layout folder (a few steps, the command line users run), then load
+    withanyone.safetensors in a real ComfyUI through the pack's loader: on the same FLUX file, one sampling
+    step changes the latent inside the face box and nowhere else.
+
+    The FLUX is one ComfyUI's loader accepts (hidden 3072 = 24 heads of 128) with one double block and no
+    single block, so the only path from the adapter's residual to the output is the per-token final layer:
+    "nowhere else" holds exactly (with more blocks attention spreads the change over the whole image)."""
+    import gc
+
+    from train import run
+    from train.smoke_data import build_smoke_set
+    from withanyone_core.checkpoints import load_safetensors, read_safetensors_metadata
+
+    flux = flux_bfl(hidden=3072, heads=24, depth=1, single=0, context=64, vec=64)
+    install = build_install(tmp_path / "ComfyUI", comfyui_dir(), flux=flux, t5_tokens=8)
+    te = install / "models" / "text_encoders"
+    save_file(fp8_variant(load_safetensors(te / "t5xxl_fp16.safetensors"), "e4m3fn"),
+              str(te / "t5xxl_fp8_e4m3fn.safetensors"))
+    del flux
+    smoke = build_smoke_set(ROOT / ".cache" / "smoke")
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        f"models: {{comfyui: null}}\n"
+        f"data: {{manifest: {smoke / 'data' / 'manifest.jsonl'}, negatives: {smoke / 'data' / 'negatives.safetensors'},"
+        " batch_size: 1, buckets: [[128, 128]], num_workers: 0}\n"
+        "train: {mode: adapter, branch: arcface, optimizer: {lr: 1.0e-3}}\n"
+        "checkpoint: {every: 2, keep: 1}\n"
+        "tensorboard: false\n"
+        "phases: [{name: recon, steps: 2, prompt_mode: fixed, min_face_size: 32}]\n")
+    with pytest.raises(SystemExit):  # two T5 files: the run stops before loading anything, naming them
+        run.main(["--config", str(config), "--set", f"models.comfyui={install}"])
+    run.main(["--config", str(config), "--set", f"models.comfyui={install}",
+              "--set", "models.t5=t5xxl_fp8_e4m3fn.safetensors"])
+    trained = tmp_path / "run" / "checkpoints" / "step-2" / "withanyone.safetensors"
+    assert read_safetensors_metadata(trained)["branch"] == "arcface"
+    gc.collect()
+
+    import_comfyui()
+    import importlib
+    import sys
+
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+
+    from comfy_env import import_pack
+
+    pack = sys.modules.get("withanyone_pack") or import_pack()
+    for name in ("nodes.loaders", "nodes.patch"):
+        importlib.import_module(f"withanyone_pack.{name}")
+    model = comfy.sd.load_diffusion_model_state_dict(
+        load_safetensors(install / "models" / "diffusion_models" / "flux1-dev.safetensors"),
+        model_options={"dtype": torch.float32})
+    adapter = pack.nodes.loaders.load_adapter_patcher(str(trained), "default")
+    size, box = 128, (32.0, 32.0, 80.0, 96.0)  # token columns 2..4, rows 2..5
+    g = torch.Generator().manual_seed(5)
+    arcface = 20 * torch.randn(1, 512, generator=g)
+    patched = pack.nodes.patch.apply_withanyone(model, adapter, arcface, None, (size, size), [box],
+                                                id_weight=1.0, siglip_weight=0.0)
+
+    def one_step(patcher):
+        g = torch.Generator().manual_seed(11)
+        cond = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 64, generator=g),
+                                                      "guidance": 4.0}]]
+        latent = torch.zeros(1, 16, size // 8, size // 8)
+        noise = torch.randn(latent.shape, generator=g)
+        return comfy.sample.sample_custom(patcher, noise, 1.0, comfy.samplers.sampler_object("euler"),
+                                          torch.tensor([1.0, 0.0]), cond, cond, latent, disable_pbar=True, seed=11)
+
+    plain, with_id = one_step(model), one_step(patched)
+    assert torch.isfinite(with_id).all()
+    inside = torch.zeros(size // 8, size // 8, dtype=torch.bool)
+    inside[2 * 2:2 * 6, 2 * 2:2 * 5] = True  # latent pixels of token rows 2..5, columns 2..4
+    change = (with_id - plain).abs()[0].amax(dim=0)
+    assert change[~inside].max() == 0.0  # nowhere else
+    assert (change[inside] > 1e-4).float().mean() > 0.9  # the face box: nearly every latent pixel moves

@@ -49,8 +49,6 @@ CLIP_TOKENIZER = Path("comfy") / "sd1_tokenizer"
 T5_TOKENIZER = Path("comfy") / "text_encoders" / "t5_tokenizer"
 # FLUX.1's autoencoder constants (not stored in ae.safetensors; BFL's AutoEncoderParams)
 FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
-# scaled-fp8 bookkeeping tensors that are no weights of their own
-_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 
 
 class ComfyUIFilesError(ValueError):
@@ -198,6 +196,11 @@ def vae_latent_channels(shapes: Mapping[str, tuple[int, ...]]) -> int | str:
     diffusers = "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes
     if not (ldm or diffusers):
         return "an autoencoder of an unknown layout"
+    down = re.compile(r"encoder\.down\.\d+\.downsample\.conv\.weight$" if ldm
+                      else r"encoder\.down_blocks\.\d+\.downsamplers\.0\.conv\.weight$")
+    factor = 2 ** sum(1 for k in shapes if down.match(k))
+    if factor != 8:  # FLUX packs 2x2 latent pixels into a 16-pixel token
+        return f"an autoencoder with {factor}x smaller latents (FLUX's has 8x)"
     return shapes["decoder.conv_in.weight"][1]
 
 
@@ -423,14 +426,18 @@ def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype, source:
 
     ComfyUI's scaled-fp8 files hold a ``scaled_fp8`` marker tensor and, per fp8 layer, a
     ``<layer>.scale_weight`` by which the stored weight is multiplied (ComfyUI's
-    ``scaled_fp8_ops``), and optionally a ``<layer>.scale_input`` (an inference-time input scale).
+    ``scaled_fp8_ops``), and optionally a ``<layer>.scale_input`` (an inference-time input scale);
+    ComfyUI's newer quantized files name them ``<layer>.weight_scale`` / ``<layer>.input_scale``.
     Works in place on ``state`` one tensor at a time (a 12 B FLUX is never held twice).
     """
     marker = [k for k in state if k == "scaled_fp8" or k.endswith(".scaled_fp8")]
     for k in marker:
         del state[k]
-    scales = {k[: -len(".scale_weight")]: state.pop(k) for k in [k for k in state if k.endswith(".scale_weight")]}
-    for k in [k for k in state if k.endswith(".scale_input")]:
+    scales = {}
+    for suffix in (".scale_weight", ".weight_scale"):  # scaled fp8; ComfyUI's newer per-layer quantized files
+        for k in [k for k in state if k.endswith(suffix)]:
+            scales[k[: -len(suffix)]] = state.pop(k)
+    for k in [k for k in state if k.endswith((".scale_input", ".input_scale"))]:
         del state[k]
     used = set()
     for key in list(state):
