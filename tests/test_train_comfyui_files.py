@@ -188,6 +188,24 @@ def test_missing_files_fail_naming_the_folders_searched(install, tmp_path):
         resolve_comfyui_models(root)
 
 
+def test_portable_package_folder_and_adapter_by_name(install, tmp_path):
+    from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+    from withanyone_core.checkpoints import save_adapter
+
+    portable = tmp_path / "ComfyUI_windows_portable"
+    portable.mkdir()
+    root = _fresh(install, portable)  # <portable>/ComfyUI
+    assert root == portable / "ComfyUI"
+    adapter = IdentityAdapter(AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=1, num_single_blocks=1))
+    save_adapter(adapter, root / "models" / "withanyone" / "withanyone.safetensors")
+    shutil.copy(root / "models" / "vae" / "ae.safetensors", root / "models" / "withanyone" / "not-an-adapter.safetensors")
+    found = resolve_comfyui_models(portable, adapter="withanyone.safetensors")
+    assert found.root == root and found.adapter == root / "models" / "withanyone" / "withanyone.safetensors"
+    with pytest.raises(ComfyUIFilesError, match=r"models.adapter=not-an-adapter.safetensors .* is not a WithAnyone "
+                                                 r"adapter"):
+        resolve_comfyui_models(portable, adapter="not-an-adapter.safetensors")
+
+
 def test_antelopev2_nested_zip_layout_is_found(install, tmp_path):
     root = _fresh(install, tmp_path)
     folder = root / "models" / "insightface" / "models" / "antelopev2"

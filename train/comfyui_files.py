@@ -319,6 +319,15 @@ def _fits(probe, want: int, what: str):
     return check
 
 
+def _adapter_check(path: Path) -> str | None:
+    from withanyone_core.checkpoints import adapter_keys
+
+    try:
+        return None if adapter_keys(_header(path)) else "not a WithAnyone adapter (no ipa_*/arcface_in* tensors)"
+    except Exception as exc:  # noqa: BLE001
+        return f"unreadable: {exc}"
+
+
 def _find_antelopev2(folders: list[Path]) -> tuple[Path | None, list[str]]:
     from withanyone_core.faces import find_antelopev2_dir
 
@@ -364,6 +373,9 @@ def resolve_comfyui_models(root: str | os.PathLike, *, transformer: str | None =
     root = Path(root)
     if not root.is_dir():
         raise ComfyUIFilesError(f"models.comfyui: {root} is not a folder (the ComfyUI folder holding models/)")
+    if not (root / "models").is_dir() and (root / "ComfyUI" / "models").is_dir():
+        logger.info("models.comfyui: using %s (the portable package's ComfyUI folder)", root / "ComfyUI")
+        root = root / "ComfyUI"
     folders = model_folders(root)
     tokenizers = {"CLIP": root / CLIP_TOKENIZER, "T5": root / T5_TOKENIZER}
     for what, folder in tokenizers.items():
@@ -388,7 +400,7 @@ def resolve_comfyui_models(root: str | os.PathLike, *, transformer: str | None =
                           clip_tokenizer=tokenizers["CLIP"], t5_tokenizer=tokenizers["T5"])
     if adapter:
         found.adapter = _choose("adapter", adapter, folders["withanyone"], "WithAnyone adapter (withanyone.safetensors)",
-                                lambda p: None)
+                                _adapter_check)
     if antelopev2:
         found.antelopev2 = Path(antelopev2)
     else:
