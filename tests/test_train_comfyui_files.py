@@ -321,6 +321,7 @@ def test_text_encoders_load_with_the_install_tokenizers(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_trained_from_a_comfyui_folder_the_adapter_runs_in_comfyui(tmp_path):
     """Train the tiny set from a ComfyUI-layout folder (a few steps, the command line users run), then load
     withanyone.safetensors in a real ComfyUI through the pack's loader: on the same FLUX file, one sampling
