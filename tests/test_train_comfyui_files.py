@@ -152,6 +152,7 @@ def test_files_that_do_not_fit_the_flux_are_skipped_and_named(install, tmp_path)
     te = root / "models" / "text_encoders"
     save_file(_state(clip_l(hidden=48)), str(te / "clip_g.safetensors"))  # another CLIP width
     (te / "notes.txt").write_text("not a model")
+    (te / "put_text_encoder_files_here").write_text("")  # ComfyUI's placeholder: never listed
     (root / "models" / "vae" / "sd-vae.safetensors").write_bytes(b"broken")
     from diffusers import AutoencoderKL
 
@@ -166,7 +167,7 @@ def test_files_that_do_not_fit_the_flux_are_skipped_and_named(install, tmp_path)
     message = str(err.value)
     assert "models.clip_l: no CLIP-L" in message and str(te) in message
     assert "clip_g.safetensors (width 48 where the FLUX file takes 32)" in message
-    assert "notes.txt (not .safetensors)" in message
+    assert "notes.txt (not .safetensors)" in message and "put_text_encoder_files_here" not in message
     (root / "models" / "vae" / "ae.safetensors").unlink()
     with pytest.raises(ComfyUIFilesError, match=r"skipped: coarse.safetensors \(an autoencoder with 2x smaller "
                                                  r"latents \(FLUX's has 8x\)\); sd-vae.safetensors \(unreadable"):
@@ -349,7 +350,7 @@ def test_trained_from_a_comfyui_folder_the_adapter_runs_in_comfyui(tmp_path):
         f"models: {{comfyui: null}}\n"
         f"data: {{manifest: {smoke / 'data' / 'manifest.jsonl'}, negatives: {smoke / 'data' / 'negatives.safetensors'},"
         " batch_size: 1, buckets: [[128, 128]], num_workers: 0}\n"
-        "train: {mode: adapter, branch: arcface, optimizer: {lr: 1.0e-3}}\n"
+        "train: {mode: adapter, branch: arcface, mixed_precision: bf16, optimizer: {lr: 1.0e-3}}\n"
         "checkpoint: {every: 2, keep: 1}\n"
         "tensorboard: false\n"
         "phases: [{name: recon, steps: 2, prompt_mode: fixed, min_face_size: 32}]\n")
@@ -376,8 +377,8 @@ def test_trained_from_a_comfyui_folder_the_adapter_runs_in_comfyui(tmp_path):
         importlib.import_module(f"withanyone_pack.{name}")
     model = comfy.sd.load_diffusion_model_state_dict(
         load_safetensors(install / "models" / "diffusion_models" / "flux1-dev.safetensors"),
-        model_options={"dtype": torch.float32})
-    adapter = pack.nodes.loaders.load_adapter_patcher(str(trained), "default")
+        model_options={"dtype": torch.bfloat16})  # bf16 storage (as the file), computed in fp32 on a CPU
+    adapter = pack.nodes.loaders.load_adapter_patcher(str(trained), "bf16")
     size, box = 128, (32.0, 32.0, 80.0, 96.0)  # token columns 2..4, rows 2..5
     g = torch.Generator().manual_seed(5)
     arcface = 20 * torch.randn(1, 512, generator=g)

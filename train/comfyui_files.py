@@ -139,8 +139,8 @@ def _files_in(folders: list[Path]) -> list[tuple[str, Path]]:
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in sorted(filenames):
-                if filename.startswith("."):
-                    continue
+                if filename.startswith(".") or (filename.startswith("put_") and filename.endswith("_here")):
+                    continue  # ComfyUI's placeholder files (put_vae_here, ...)
                 path = Path(dirpath) / filename
                 real = path.resolve()
                 if real in seen:

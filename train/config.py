@@ -496,6 +496,7 @@ def resolve_comfyui(config: Config, hint: str = "") -> None:
             need_antelopev2=uses_id_losses, need_siglip=config.train.branch != "arcface")
     except ComfyUIFilesError as exc:
         raise ConfigError(f"{exc}{hint}") from exc
+    m.comfyui = str(found.root)  # the portable package's ComfyUI/ when its parent was given
     for key in ("transformer", "vae", "clip_l", "t5", "adapter"):
         value = getattr(found, key)
         setattr(m, key, str(value) if value else None)
