@@ -436,6 +436,10 @@ def _check_multiid2m_refs(section: MultiID2MConfig, hint: str) -> None:
 FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
+def _uses_id_losses(config: Config) -> bool:
+    return any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
+
+
 def check_paths(config: Config) -> None:
     """Fail fast, before any model loads, on a path that does not exist (never a hub request).
 
@@ -448,7 +452,7 @@ def check_paths(config: Config) -> None:
         raise ConfigError(f"{key}: {path} does not exist ({what}){hint}")
 
     m, d = config.models, config.data
-    uses_id_losses = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
+    uses_id_losses = _uses_id_losses(config)
     if m.comfyui:
         resolve_comfyui(config, hint)
     elif not Path(m.base).is_dir():
@@ -488,12 +492,11 @@ def resolve_comfyui(config: Config, hint: str = "") -> None:
     from .comfyui_files import ComfyUIFilesError, resolve_comfyui_models
 
     m = config.models
-    uses_id_losses = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
     try:
         found = resolve_comfyui_models(
             m.comfyui, transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5=m.t5, adapter=m.adapter,
             antelopev2=m.antelopev2 or None, siglip=m.siglip or None,
-            need_antelopev2=uses_id_losses, need_siglip=config.train.branch != "arcface")
+            need_antelopev2=_uses_id_losses(config), need_siglip=config.train.branch != "arcface")
     except ComfyUIFilesError as exc:
         raise ConfigError(f"{exc}{hint}") from exc
     m.comfyui = str(found.root)  # the portable package's ComfyUI/ when its parent was given
