@@ -248,10 +248,17 @@ def test_config_comfyui_mode_resolves_names_and_excludes_base(install, tmp_path,
         check_paths(config)
 
 
-def test_shipped_comfyui_config_loads():
-    config = load_config(ROOT / "train" / "configs" / "comfyui.yaml", ["models.comfyui=/somewhere/ComfyUI"])
-    assert config.models.comfyui == "/somewhere/ComfyUI" and config.models.base is None
-    assert config.train.mixed_precision == "bf16"
+def test_shipped_comfyui_config_finds_every_file_of_an_install(install):
+    from train.smoke_data import build_smoke_set
+
+    data = build_smoke_set(ROOT / ".cache" / "smoke") / "data"
+    config = load_config(ROOT / "train" / "configs" / "comfyui.yaml",
+                         [f"models.comfyui={install}", f"data.manifest={data / 'manifest.jsonl'}",
+                          f"data.negatives={data / 'negatives.safetensors'}"])
+    assert config.models.base is None and config.train.mixed_precision == "bf16"
+    check_paths(config)  # its phases use the ID losses: antelopev2 comes from the install's insightface/
+    assert config.models.antelopev2 == str(install / "models" / "insightface")
+    assert config.models.transformer == str(install / "models" / "diffusion_models" / "flux1-dev.safetensors")
 
 
 # ---------------------------------------------------------------- formats
