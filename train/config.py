@@ -94,11 +94,20 @@ PIXELS = Range(ge=16, multiple_of=16, why="pixels; FLUX latents come in 16-pixel
 
 @dataclass
 class ModelsConfig:
-    base: str  # a diffusers FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/)
-    transformer: str | None = None  # optional BFL single file (e.g. flux1-dev.safetensors) replacing base/transformer
-    adapter: str | None = None  # withanyone.safetensors to start from; None = fresh adapter
-    antelopev2: str = ""  # insightface models root holding models/antelopev2/
-    siglip: str = ""  # SigLIP folder or single safetensors
+    # where the model files come from: a ComfyUI folder (every file from its model folders and
+    # extra_model_paths.yaml, train/comfyui_files.py) or a diffusers FLUX.1 folder (transformer/,
+    # vae/, text_encoder*/, tokenizer*/); exactly one of the two
+    comfyui: str | None = None
+    base: str | None = None
+    # a BFL single file (e.g. flux1-dev.safetensors or its fp8 file); with comfyui a name in
+    # diffusion_models/ (or unet/) or a path, chosen when there are several; with base it replaces base/transformer
+    transformer: str | None = None
+    vae: str | None = None  # comfyui only: the autoencoder (ae.safetensors) in vae/, by name or path
+    clip_l: str | None = None  # comfyui only: CLIP-L in text_encoders/ (or clip/), by name or path
+    t5: str | None = None  # comfyui only: T5-XXL in text_encoders/ (or clip/), by name or path
+    adapter: str | None = None  # withanyone.safetensors to start from (comfyui: a name in withanyone/); None = fresh
+    antelopev2: str = ""  # insightface models root holding models/antelopev2/ (comfyui: found in insightface/)
+    siglip: str = ""  # SigLIP folder or single safetensors (comfyui: found in siglip/)
 
 
 @dataclass
@@ -616,12 +625,30 @@ _PHASE_CHOICES = {
 }
 DATA_SOURCES = ("manifest", "multiid2m", "mix")
 MULTIID2M_PATH_KEYS = ("shards", "refs", "cluster_centers", "landmarks")
-PATH_KEYS = (("models", ("base", "transformer", "adapter", "antelopev2", "siglip")),
+# models.* keys that, with models.comfyui, may name a file inside the install's model folders
+COMFYUI_NAMED_KEYS = ("transformer", "vae", "clip_l", "t5", "adapter")
+PATH_KEYS = (("models", ("comfyui", "base", "transformer", "vae", "clip_l", "t5", "adapter", "antelopev2", "siglip")),
              ("data", ("manifest", "negatives", "text_cache")), ("", ("output_dir",)))
+
+
+def _validate_models(models: ModelsConfig) -> None:
+    if models.comfyui and models.base:
+        raise ConfigError("models.comfyui and models.base are both set: use one (models.comfyui takes every file "
+                          "from a ComfyUI install; models.base is a diffusers FLUX.1 folder); unset the other, "
+                          "e.g. --set models.base=null")
+    if not models.comfyui and not models.base:
+        raise ConfigError("set models.comfyui to your ComfyUI folder (or models.base to a diffusers FLUX.1 folder)")
+    if not models.comfyui:
+        named = [k for k in ("vae", "clip_l", "t5") if getattr(models, k)]
+        if named:
+            raise ConfigError(f"models.{', models.'.join(named)} choose files of a ComfyUI install: set "
+                              "models.comfyui, or unset them (models.base holds its own vae/ and text encoders)")
 
 
 def validate(config: Config) -> Config:
     from .data import DataOptions
+
+    _validate_models(config.models)
 
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
@@ -701,7 +728,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             value = getattr(obj, name)
             if value:
                 base = cwd if from_command_line(f"{section}.{name}" if section else name) else file_base
-                setattr(obj, name, str((base / os.path.expanduser(value)).resolve()))
+                resolved = (base / os.path.expanduser(value)).resolve()
+                if section == "models" and name in COMFYUI_NAMED_KEYS and config.models.comfyui \
+                        and not os.path.isabs(os.path.expanduser(value)) and not resolved.exists():
+                    continue  # a file name (or sub/name) inside the install's model folders
+                setattr(obj, name, str(resolved))
     if config.data.multiid2m is not None:
         section = config.data.multiid2m
         for name in MULTIID2M_PATH_KEYS:
@@ -787,6 +818,10 @@ def check_output_dir(output_dir: str) -> None:
 FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
+def _uses_id_losses(config: Config) -> bool:
+    return any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
+
+
 def check_paths(config: Config) -> None:
     """Fail fast, before any model loads, on a path that does not exist (never a hub request), or an
     ``output_dir`` that cannot be written.
@@ -801,9 +836,12 @@ def check_paths(config: Config) -> None:
 
     check_output_dir(config.output_dir)
     m, d = config.models, config.data
-    if not Path(m.base).is_dir():
+    uses_id_losses = _uses_id_losses(config)
+    if m.comfyui:
+        resolve_comfyui(config, hint)
+    elif not Path(m.base).is_dir():
         fail("models.base", m.base, "a diffusers FLUX.1 folder with " + ", ".join(f"{f}/" for f in FLUX_FOLDERS))
-    for folder in FLUX_FOLDERS:
+    for folder in FLUX_FOLDERS if not m.comfyui else ():
         if folder == "transformer" and m.transformer:
             continue
         if not (Path(m.base) / folder).is_dir():
@@ -824,10 +862,30 @@ def check_paths(config: Config) -> None:
         except FileNotFoundError as exc:
             raise ConfigError(f"data.multiid2m.shards: {exc}{hint}") from exc
         _check_multiid2m_refs(d.multiid2m, hint)
-    uses_id_losses = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
     if uses_id_losses and not m.antelopev2:
         raise ConfigError("models.antelopev2 is empty but a phase uses the ID losses: set it to the insightface "
                           "models root holding models/antelopev2/")
     if config.train.branch != "arcface" and not m.siglip:
         raise ConfigError(f"models.siglip is empty but train.branch={config.train.branch} trains the SigLIP branch: "
                           "set it to the siglip-base-patch16-256-i18n folder")
+
+
+def resolve_comfyui(config: Config, hint: str = "") -> None:
+    """With ``models.comfyui``: find every model file in the install (headers only) and set the
+    ``models.*`` keys to their absolute paths; a missing or ambiguous file is a ConfigError."""
+    from .comfyui_files import ComfyUIFilesError, resolve_comfyui_models
+
+    m = config.models
+    try:
+        found = resolve_comfyui_models(
+            m.comfyui, transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5=m.t5, adapter=m.adapter,
+            antelopev2=m.antelopev2 or None, siglip=m.siglip or None,
+            need_antelopev2=_uses_id_losses(config), need_siglip=config.train.branch != "arcface")
+    except ComfyUIFilesError as exc:
+        raise ConfigError(f"{exc}{hint}") from exc
+    m.comfyui = str(found.root)  # the portable package's ComfyUI/ when its parent was given
+    for key in ("transformer", "vae", "clip_l", "t5", "adapter"):
+        value = getattr(found, key)
+        setattr(m, key, str(value) if value else None)
+    m.antelopev2 = str(found.antelopev2) if found.antelopev2 else ""
+    m.siglip = str(found.siglip) if found.siglip else ""

@@ -77,15 +77,20 @@ class Denoiser(nn.Module):
 class TextEncoder(nn.Module):
     """CLIP (pooled) + T5 (sequence), frozen, as FLUX uses them."""
 
-    def __init__(self, base: Path, t5_length: int = 512, dtype: torch.dtype = torch.float32):
+    def __init__(self, base: Path | None, t5_length: int = 512, dtype: torch.dtype = torch.float32,
+                 parts: tuple | None = None):
+        """From a diffusers folder ``base``, or ``parts`` = (clip_tokenizer, clip, t5_tokenizer, t5) already loaded."""
         super().__init__()
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        if parts is not None:
+            self.clip_tokenizer, self.clip, self.t5_tokenizer, self.t5 = parts
+        else:
+            from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        local = {"local_files_only": True}
-        self.clip_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer", **local)
-        self.t5_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer_2", **local)
-        self.clip = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype, **local)
-        self.t5 = T5EncoderModel.from_pretrained(base / "text_encoder_2", torch_dtype=dtype, **local)
+            local = {"local_files_only": True}
+            self.clip_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer", **local)
+            self.t5_tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer_2", **local)
+            self.clip = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype, **local)
+            self.t5 = T5EncoderModel.from_pretrained(base / "text_encoder_2", torch_dtype=dtype, **local)
         self.clip.eval().requires_grad_(False)
         self.t5.eval().requires_grad_(False)
         self.t5_length = min(t5_length, self.t5_tokenizer.model_max_length)
@@ -142,6 +147,10 @@ def load_transformer(config: Config) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     dtype = torch.float32 if config.train.mode == "full" else frozen_dtype(config)  # full: fp32 master weights
+    if config.models.comfyui:  # bf16, fp8 or ComfyUI's scaled fp8: upcast on load
+        from .comfyui_files import load_flux
+
+        return load_flux(config.models.transformer, dtype)
     if config.models.transformer:
         return flux_from_bfl_state(load_safetensors(config.models.transformer), dtype=dtype)
     return FluxTransformer2DModel.from_pretrained(Path(config.models.base) / "transformer", torch_dtype=dtype,
@@ -202,15 +211,34 @@ def siglip_hidden_size(path: str | None) -> int:
     return int(raw.get("vision_config", raw).get("hidden_size", 768))
 
 
-def load_models(config: Config) -> ModelSet:
-    from diffusers import AutoencoderKL
+def load_vae_and_text(config: Config, dtype: torch.dtype) -> tuple[nn.Module, TextEncoder]:
+    """The frozen VAE and text encoders, from the ComfyUI install's single files or the diffusers folder."""
+    if config.models.comfyui:
+        from .comfyui_files import CLIP_TOKENIZER, T5_TOKENIZER, load_clip_l, load_t5, load_vae
 
-    base = Path(config.models.base)
+        root = Path(config.models.comfyui)
+        clip_tokenizer, clip = load_clip_l(config.models.clip_l, root / CLIP_TOKENIZER, dtype)
+        t5_tokenizer, t5 = load_t5(config.models.t5, root / T5_TOKENIZER, dtype)
+        vae = load_vae(config.models.vae, dtype)
+        text = TextEncoder(None, dtype=dtype, parts=(clip_tokenizer, clip, t5_tokenizer, t5))
+    else:
+        from diffusers import AutoencoderKL
+
+        base = Path(config.models.base)
+        vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype, local_files_only=True)
+        text = TextEncoder(base, dtype=dtype)
+    vae.eval().requires_grad_(False)
+    return vae, text
+
+
+def load_models(config: Config) -> ModelSet:
+    if config.models.comfyui:
+        from .config import resolve_comfyui
+
+        resolve_comfyui(config)  # idempotent: names become paths, checked before anything loads
     dtype = frozen_dtype(config)
     transformer = load_transformer(config)
-    vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype, local_files_only=True)
-    vae.eval().requires_grad_(False)
-    text = TextEncoder(base, dtype=dtype)
+    vae, text = load_vae_and_text(config, dtype)
     siglip = arcface = None
     siglip_dim = siglip_hidden_size(config.models.siglip)
     if config.models.siglip and config.train.branch != "arcface":  # the ArcFace branch never reads SigLIP
