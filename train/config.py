@@ -97,6 +97,8 @@ class TrainConfig:
     guidance: float = 1.0  # FLUX.1-dev distilled guidance fed to the model during training
     id_weight: float = 1.0
     siglip_weight: float = 1.0
+    # a step with a non-finite loss or gradient is skipped (never applied); this many in a row stop the run
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -303,6 +305,9 @@ def validate(config: Config) -> Config:
             DataOptions.from_phase(phase, config.data.buckets)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
+    if config.train.max_nonfinite_steps < 1:
+        raise ConfigError("train.max_nonfinite_steps must be a whole number >= 1 (1 stops at the first step with "
+                          f"a non-finite loss or gradient); got {config.train.max_nonfinite_steps!r}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
     data = config.data
