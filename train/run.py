@@ -630,11 +630,23 @@ class Trainer:
         if self.nonfinite_in_row < limit:
             return
         poisoned = first_nonfinite((self.param_names.get(id(p), "a parameter"), p.detach()) for p in self.params)
-        cause = (f"the trainable weight {poisoned} itself is not finite, so resume from the newest checkpoint "
-                 "with a lower learning rate" if poisoned is not None else
-                 "check the data named in the warnings above, lower the learning rate (train.optimizer.lr, "
-                 "phases.N.lr) or keep gradient clipping on (train.optimizer.max_grad_norm), then rerun to "
-                 "resume from the newest checkpoint")
+        models = self.models
+        frozen = first_nonfinite(
+            (f"{what} {name}", p.detach())
+            for what, module in (("FLUX", models.denoiser), ("VAE", models.vae), ("text encoders", models.text),
+                                 ("ArcFace", models.arcface), ("SigLIP", getattr(models.siglip, "model", None)))
+            if isinstance(module, torch.nn.Module)
+            for name, p in module.named_parameters() if not p.requires_grad)
+        if poisoned is not None:
+            cause = (f"the trainable weight {poisoned} itself is not finite, so resume from the newest checkpoint "
+                     "with a lower learning rate")
+        elif frozen is not None:
+            cause = (f"the frozen model weight {frozen} is not finite: the model files under models.* are damaged; "
+                     "download or convert them again")
+        else:
+            cause = ("check the data named in the warnings above, lower the learning rate (train.optimizer.lr, "
+                     "phases.N.lr) or keep gradient clipping on (train.optimizer.max_grad_norm), then rerun to "
+                     "resume from the newest checkpoint")
         raise TrainingStopped(
             f"stopped at step {self.step}: {self.nonfinite_in_row} steps in a row had a {problem} "
             f"(train.max_nonfinite_steps={limit}); none of them was applied and no checkpoint holds a non-finite "
