@@ -175,6 +175,8 @@ class TrainConfig:
     guidance: Annotated[float, NON_NEGATIVE] = 1.0  # FLUX.1-dev distilled guidance fed to the model during training
     id_weight: Annotated[float, NON_NEGATIVE] = 1.0
     siglip_weight: Annotated[float, NON_NEGATIVE] = 1.0
+    # a step with a non-finite loss or gradient is skipped (never applied); this many in a row stop the run
+    max_nonfinite_steps: Annotated[int, AT_LEAST_1] = 5
 
 
 @dataclass

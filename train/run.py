@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -23,7 +24,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.checkpointing import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint  # noqa: E402
+from train.checkpointing import (  # noqa: E402
+    CheckpointError,
+    choose_resume_checkpoint,
+    first_nonfinite,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
 from train.config import Config, ConfigError, check_paths, load_config, resolved_paths  # noqa: E402
 from train.data import (  # noqa: E402
     BucketBatchSampler,
@@ -61,6 +69,15 @@ logger = logging.getLogger("withanyone.train")
 
 # in a manifest + MultiID-2M mix, manifest identity ids are moved here so they never meet the shards' ids
 MANIFEST_ID_OFFSET = 1 << 60
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on; the message is one line saying why and what to do."""
+
+
+def finite_or_none(values: dict) -> dict:
+    """A NaN or an infinity becomes None (``null`` in JSON): the loss log and trainer.json stay valid JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def main_process_first(accelerator, work, what: str):
@@ -185,6 +202,10 @@ class Trainer:
         self.data_events: dict[str, int] = {}
         self.last_key = None
         self.last_lr = self.schedule.lr_at(0, opt.lr, opt.warmup_steps)
+        # steps whose loss or gradients were not finite: skipped, never applied (global step numbers)
+        self.nonfinite_steps: list[int] = []
+        self.nonfinite_in_row = 0
+        self.param_names = {id(p): n for n, p in self.models.denoiser.named_parameters()}
         self.memory_estimate = None
         if acc.is_main_process:
             self._log_memory_estimate()
@@ -258,9 +279,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
-        remove_partial(self.output_dir) if self.accelerator.is_main_process else None
-        self.accelerator.wait_for_everyone()
-        latest = latest_checkpoint(self.output_dir)
+        acc = self.accelerator
+
+        def choose():
+            remove_partial(self.output_dir)
+            return choose_resume_checkpoint(self.output_dir)  # damaged ones are set aside, with a warning
+
+        chosen = main_process_first(acc, choose, "checking the checkpoints")
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [None if chosen is None else (chosen[0], str(chosen[1]))]
+            broadcast_object_list(box, from_process=0)
+            chosen = None if box[0] is None else (box[0][0], Path(box[0][1]))
+        latest = chosen
         if latest is None:
             logger.info("starting a new run in %s", self.output_dir)
             self._trim_loss_log()
@@ -273,6 +305,8 @@ class Trainer:
         self.stream_state = state.get("stream")
         self.sampler_phase = state["phase"]
         self.skipped_images = state.get("skipped_images", 0)
+        self.nonfinite_steps = list(state.get("nonfinite_steps", []))
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self._trim_loss_log()
         logger.info("resuming from %s (step %d, phase %s)", folder, self.step, state["phase_name"])
 
@@ -505,27 +539,42 @@ class Trainer:
             batch = self._next_batch()
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 97 + acc.process_index)
             losses = self.compute_losses(batch, active.phase, generator)
-            acc.backward(losses["total"])
-            if acc.sync_gradients and cfg.train.optimizer.max_grad_norm > 0:
+            # every rank gets the same answer: a non-finite loss anywhere skips backward everywhere (under
+            # DeepSpeed backward also steps), a non-finite gradient skips the optimizer step
+            problem = self._agree(self._loss_problem(losses))
+            if problem is None:
+                acc.backward(losses["total"])
+                problem = self._agree(self._gradient_problem())
+            if problem is None and acc.sync_gradients and cfg.train.optimizer.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, cfg.train.optimizer.max_grad_norm)
             lr = self.schedule.lr_at(self.step, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps)
             for group in self.optimizer.param_groups:  # once per optimizer step, from the phase's first step
                 group["lr"] = lr
             self.last_lr = lr
-            self.optimizer.step()
+            if problem is None:
+                self.optimizer.step()
+                self.nonfinite_in_row = 0
+            else:  # never applied: weights and optimizer state (moments, step count) stay as they are
+                self.nonfinite_steps.append(self.step + 1)
+                self.nonfinite_in_row += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            values = {f"loss/{k}": acc.reduce(v.detach().reshape(1), reduction="mean").item() for k, v in losses.items()}
+            values = finite_or_none(
+                {f"loss/{k}": acc.reduce(v.detach().reshape(1), reduction="mean").item() for k, v in losses.items()})
             self.last_losses = values
-            self._record({**values, "lr": lr}, active)
+            self._record({**values, "lr": lr, **({"skipped": True, "reason": problem} if problem else {})}, active)
+            if problem is not None:
+                self._skipped_step(problem, active)
             if self.step % cfg.log_every == 0 or self.step == total:
                 values.update({"lr": lr, "phase": active.index})
                 if cfg.tensorboard:
-                    acc.log(values, step=self.step)
+                    acc.log({k: v for k, v in values.items() if v is not None}, step=self.step)
                 logger.info("step %d/%d phase %s: %s", self.step, total, active.phase.name,
-                            " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items() if k.startswith("loss")))
+                            " ".join(f"{k.split('/')[-1]} {'nan' if v is None else format(v, '.4g')}"
+                                     for k, v in values.items() if k.startswith("loss")))
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss/total']:.4f}", phase=active.phase.name)
+            total_loss = values.get("loss/total")
+            bar.set_postfix(loss="skipped" if total_loss is None else f"{total_loss:.4f}", phase=active.phase.name)
             if self.step % cfg.checkpoint.every == 0 or self.step == total:
                 self.save(active)
             if cfg.sample.every and self.step % cfg.sample.every == 0:
@@ -536,14 +585,81 @@ class Trainer:
                     self.skipped_images)
         if self.data_events:
             logger.info("data: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.data_events.items())))
+        if self.nonfinite_steps:
+            logger.warning("%d step(s) skipped for a non-finite loss or gradient (never applied): %s",
+                           len(self.nonfinite_steps), self._step_list())
+        else:
+            logger.info("no step skipped for a non-finite loss or gradient")
         acc.end_training()
+
+    def _step_list(self) -> str:
+        steps = self.nonfinite_steps
+        shown = ", ".join(str(s) for s in steps[:20])
+        return f"steps {shown}" + (f" and {len(steps) - 20} more (losses.jsonl rows with \"skipped\": true)"
+                                   if len(steps) > 20 else "")
+
+    @staticmethod
+    def _loss_problem(losses: dict[str, torch.Tensor]) -> str | None:
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        return f"non-finite loss ({', '.join(bad)})" if bad else None
+
+    def _gradient_problem(self) -> str | None:
+        # (DeepSpeed keeps the gradients in its engine: there p.grad is None and only the loss is checked)
+        grads = [(self.param_names.get(id(p), "a parameter"), p.grad) for p in self.params if p.grad is not None]
+        # one device sync for all gradients; the name is looked up only when one is bad
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            return f"non-finite gradient (first: {first_nonfinite(grads)})"
+        return None
+
+    def _agree(self, problem: str | None) -> str | None:
+        """Every rank takes part and gets the same answer: one rank stepping while another skips would split
+        the weights (and DDP would wait forever for a backward that one rank skipped)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return problem
+        flag = acc.reduce(torch.tensor([0.0 if problem is None else 1.0], device=acc.device), reduction="sum")
+        if problem is None and float(flag.item()) > 0:
+            return "non-finite loss or gradient on another process"
+        return problem
+
+    def _skipped_step(self, problem: str, active) -> None:
+        limit = self.config.train.max_nonfinite_steps
+        logger.warning("step %d (phase %s) skipped: %s; weights and optimizer state unchanged (%d in a row, "
+                       "the run stops at %d: train.max_nonfinite_steps)", self.step, active.phase.name, problem,
+                       self.nonfinite_in_row, limit)
+        if self.nonfinite_in_row < limit:
+            return
+        poisoned = first_nonfinite((self.param_names.get(id(p), "a parameter"), p.detach()) for p in self.params)
+        models = self.models
+        frozen = first_nonfinite(
+            (f"{what} {name}", p.detach())
+            for what, module in (("FLUX", models.denoiser), ("VAE", models.vae), ("text encoders", models.text),
+                                 ("ArcFace", models.arcface), ("SigLIP", getattr(models.siglip, "model", None)))
+            if isinstance(module, torch.nn.Module)
+            for name, p in module.named_parameters() if not p.requires_grad)
+        if poisoned is not None:
+            cause = (f"the trainable weight {poisoned} itself is not finite, so resume from the newest checkpoint "
+                     "with a lower learning rate")
+        elif frozen is not None:
+            cause = (f"the frozen model weight {frozen} is not finite: the model files under models.* are damaged; "
+                     "download or convert them again")
+        else:
+            cause = ("check the data named in the warnings above, lower the learning rate (train.optimizer.lr, "
+                     "phases.N.lr) or keep gradient clipping on (train.optimizer.max_grad_norm), then rerun to "
+                     "resume from the newest checkpoint")
+        raise TrainingStopped(
+            f"stopped at step {self.step}: {self.nonfinite_in_row} steps in a row had a {problem} "
+            f"(train.max_nonfinite_steps={limit}); none of them was applied and no checkpoint holds a non-finite "
+            f"tensor. {cause[0].upper() + cause[1:]}")
 
     def _record(self, values: dict, active) -> None:
         """Append this step's losses to ``<output_dir>/losses.jsonl`` (main process)."""
         if not self.accelerator.is_main_process:
             return
         with open(self.output_dir / "losses.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": self.step, "phase": active.phase.name, **values}) + "\n")
+            # allow_nan=False: a NaN that slipped past finite_or_none stops here instead of writing bare NaN
+            fh.write(json.dumps(finite_or_none({"step": self.step, "phase": active.phase.name, **values}),
+                                allow_nan=False) + "\n")
 
     def save(self, active) -> None:
         cfg = self.config
@@ -558,11 +674,13 @@ class Trainer:
                         "workers": cfg.data.num_workers, "world": self.accelerator.num_processes}
                        if self.stream is not None else None),
             "skipped_images": self.skipped_images,
-            "losses": getattr(self, "last_losses", {}),
+            "losses": finite_or_none(getattr(self, "last_losses", {})),
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_row": self.nonfinite_in_row,
         }
         alpha = cfg.train.lora.alpha if cfg.train.mode == "lora" else None
         save_checkpoint(self.accelerator, cfg.output_dir, self.step, self.models, state, alpha, cfg.checkpoint.keep,
-                        adapter_metadata={"branch": cfg.train.branch})
+                        adapter_metadata={"branch": cfg.train.branch}, optimizer=self.optimizer)
 
     def sample(self) -> None:
         from train.sampling import sample_image, save_sample
@@ -608,7 +726,11 @@ def main(argv: list[str] | None = None) -> None:
         check_paths(config)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    Trainer(config).run()
+    try:
+        Trainer(config).run()
+    except (TrainingStopped, CheckpointError) as exc:  # already one line saying what to do: no traceback
+        logger.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
