@@ -56,6 +56,8 @@ class DataConfig:
     buckets: list[list[int]] = field(default_factory=lambda: [[512, 512]])
     text_cache: str | None = None  # folder for cached text-encoder outputs
     num_workers: int = 4  # DataLoader worker processes per training process (0 = load in the trainer)
+    max_bad_fraction: float = 0.01  # share of samples read that may be skipped as bad before the run stops
+    max_image_pixels: int = 150_000_000  # photos above are skipped (named); 0 = no limit
 
 
 @dataclass
@@ -320,6 +322,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("data.multiid2m.shuffle_buffer must be at least 1")
     if config.data.num_workers < 0 or config.data.batch_size <= 0:
         raise ConfigError("data.num_workers must be >= 0 and data.batch_size positive")
+    if not (isinstance(data.max_bad_fraction, (int, float)) and 0.0 <= data.max_bad_fraction <= 1.0):
+        raise ConfigError(f"data.max_bad_fraction must be a share in [0, 1] (0.01 = 1 %); got {data.max_bad_fraction!r}")
+    if isinstance(data.max_image_pixels, bool) or not isinstance(data.max_image_pixels, int) or data.max_image_pixels < 0:
+        raise ConfigError(f"data.max_image_pixels must be a whole number of pixels >= 0 (0 = no limit); "
+                          f"got {data.max_image_pixels!r}")
     return config
 
 
