@@ -82,8 +82,8 @@ class SkipLedger:
             return
         if self.fraction <= self.max_fraction:
             return
-        listed = "\n".join(f"  {where}: {reason}: {message}" for where, reason, message in
-                           self.entries[:LISTED_IN_ERROR])
+        listed = "\n".join(f"  [{reason}] {message if where in message else f'{where}: {message}'}"
+                           for where, reason, message in self.entries[:LISTED_IN_ERROR])
         more = f"\n  ... and {len(self.entries) - LISTED_IN_ERROR} more" if len(self.entries) > LISTED_IN_ERROR else ""
         raise BadDataError(
             f"{len(self.entries)} of {self.read} samples read were bad ({100 * self.fraction:.2f} %, above "
