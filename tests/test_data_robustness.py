@@ -379,3 +379,28 @@ def test_a_run_over_damaged_shards_finishes_with_a_finite_adapter_naming_every_s
         assert where in caplog.text, where
     assert "skipped" in caplog.text and "bad sample(s) of" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_a_truncated_reference_tar_keeps_what_was_read_whole_and_names_the_rest(tmp_path, caplog):
+    from train.data.multiid2m_refs import open_references
+
+    path = tmp_path / "ref_000.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("alice", "bob"):
+            for suffix, data in (("npy", save_pickled_npy({"embeddings": [_emb(len(name))]})),
+                                 ("json", json.dumps({"bboxes": [[10, 12, 40, 44]]}).encode()), ("jpg", _jpg(1))):
+                info = tarfile.TarInfo(f"untar/{name}/1.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        cut = [m for m in tar.getmembers() if m.name == "untar/bob/1.jpg"][0].offset_data + 100
+    path.write_bytes(data[:cut])
+    with caplog.at_level(logging.WARNING):
+        refs = open_references(str(tmp_path / "ref_*.tar"), tmp_path / "cache")
+    assert refs.names() == ["alice", "bob"]
+    assert refs.read(refs.files("alice")[0])[1] == (10.0, 12.0, 40.0, 44.0)
+    assert "ref_000.tar is truncated or damaged after untar/bob/1.json" in caplog.text
+    assert refs.image(refs.files("alice")[0]).shape == (80, 96, 3)
+    with pytest.raises(FileNotFoundError):
+        refs.image(refs.files("bob")[0])  # its photo was cut off: the stream counts it as unreadable

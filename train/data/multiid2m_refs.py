@@ -126,11 +126,16 @@ def scan_tar(path: str) -> list[list]:
                         or base.rsplit(".", 1)[1] not in REFERENCE_SUFFIXES:
                     continue
                 if info.offset_data + info.size > size:
-                    raise ShardFormatError(f"{path}:{info.name}: the tar is truncated (member data past its end)")
+                    raise tarfile.ReadError(f"{info.name}: member data past the end of the file")
                 members.append([info.name, info.offset_data, info.size])
     except tarfile.TarError as exc:
-        raise ShardFormatError(f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
-                               "ref/tars/*.tar (uncompressed) or the folder they untar into") from exc
+        if not members:
+            raise ShardFormatError(f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
+                                   "ref/tars/*.tar (uncompressed) or the folder they untar into") from exc
+        # truncated: the references read whole are used, the rest of this tar is skipped (named)
+        logger.warning("reference tar %s is truncated or damaged after %s (%s): its %d reference member(s) before "
+                       "that are used, the rest is skipped; copy the tar again to use all of it", path,
+                       members[-1][0], exc, len(members))
     return members
 
 
