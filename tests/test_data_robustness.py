@@ -404,3 +404,21 @@ def test_a_truncated_reference_tar_keeps_what_was_read_whole_and_names_the_rest(
     assert refs.image(refs.files("alice")[0]).shape == (80, 96, 3)
     with pytest.raises(FileNotFoundError):
         refs.image(refs.files("bob")[0])  # its photo was cut off: the stream counts it as unreadable
+
+
+def test_a_prepared_negative_pool_with_broken_rows_loses_only_those(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from train.data import NegativePool
+
+    embeddings = torch.stack([torch.from_numpy(_emb(i)) for i in range(4)])
+    embeddings[1, 3] = float("nan")
+    embeddings[2] *= 1e30
+    save_file({"embeddings": embeddings, "identity_ids": torch.arange(4)}, str(tmp_path / "negatives.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        pool = NegativePool.load(tmp_path / "negatives.safetensors")
+    assert pool.identity_ids.tolist() == [0, 3] and torch.isfinite(pool.embeddings).all()
+    assert "negatives.safetensors: skipping 2 of 4 negative embeddings" in caplog.text and "rows [1, 2]" in caplog.text
+    save_file({"embeddings": embeddings[1:2], "identity_ids": torch.arange(1)}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match="nan.safetensors: every one of its 1 embeddings is non-finite"):
+        NegativePool.load(tmp_path / "nan.safetensors")
