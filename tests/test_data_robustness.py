@@ -422,3 +422,39 @@ def test_a_prepared_negative_pool_with_broken_rows_loses_only_those(tmp_path, ca
     save_file({"embeddings": embeddings[1:2], "identity_ids": torch.arange(1)}, str(tmp_path / "nan.safetensors"))
     with pytest.raises(ValueError, match="nan.safetensors: every one of its 1 embeddings is non-finite"):
         NegativePool.load(tmp_path / "nan.safetensors")
+
+
+@pytest.mark.parametrize("setting, match", [
+    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be a share in \[0, 1\] \(0.01 = 1 %\); got 1.5"),
+    ("data.max_bad_fraction=-0.1", "data.max_bad_fraction must be a share in"),
+    ("data.max_bad_fraction=.nan", "data.max_bad_fraction must be a share in"),
+    ("data.max_image_pixels=-1", r"data.max_image_pixels must be a whole number of pixels >= 0 \(0 = no limit\)"),
+])
+def test_the_data_limits_are_range_checked(tmp_path, monkeypatch, setting, match):
+    from train.config import ConfigError, load_config
+
+    monkeypatch.setenv("WITHANYONE_SHARDS", str(tmp_path / "re_*.tar"))  # (named in the config's comment too)
+    with pytest.raises(ConfigError, match=match):
+        load_config(CONFIG, [f"output_dir={tmp_path}", setting])
+    config = load_config(CONFIG, [f"output_dir={tmp_path}"])
+    assert config.data.max_bad_fraction == 0.01 and config.data.max_image_pixels == 150_000_000
+
+
+def test_a_run_with_more_bad_samples_than_allowed_stops_listing_them(tmp_path):
+    from train import run
+    from train.smoke_data import build_smoke_set
+
+    root = build_smoke_set(ROOT / ".cache" / "smoke")
+    expected = _damaged_smoke_shards(root, tmp_path / "shards")
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WITHANYONE_SHARDS", str(tmp_path / "shards" / "re_*.tar"))
+        mp.setenv("WITHANYONE_LANDMARKS", str(tmp_path / "landmarks"))
+        with pytest.raises(BadDataError) as info:  # the default data.max_bad_fraction: 1 %
+            run.main(["--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "phases.1.steps=1",
+                      "--set", "data.num_workers=0"])
+    message = str(info.value)
+    assert "above data.max_bad_fraction = 1 %" in message and "raise data.max_bad_fraction" in message
+    listed = [line.strip() for line in message.splitlines()[1:]]
+    assert listed and all(any(where in line for where in expected) for line in listed)
+    assert (out / "checkpoints" / "step-3" / "withanyone.safetensors").is_file()  # what was trained is kept
