@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -179,7 +178,7 @@ def test_too_many_bad_samples_stop_the_run_listing_them():
     ledger.check()  # 100 read: too few to judge yet
     ledger.seen(100)
     with pytest.raises(BadDataError, match=r"(?s)3 of 200 samples read were bad \(1.50 %, above data.max_bad_fraction "
-                                           r"= 1 %\): box_outside 1, json 2.*\[box_outside\] s.tar:a: face box lies outside\n"):
+                                           r"= 1 %\); by reason: box_outside 1, json 2.*\[box_outside\] s.tar:a: face box lies outside\n"):
         ledger.check()
     ok = SkipLedger(max_fraction=0.05)
     ok.seen(3)

@@ -382,11 +382,11 @@ class Trainer:
                 self.data_events[event] = self.data_events.get(event, 0) + 1
             self.skips.add(batch.get("bad", ()))
             self.skips.seen(batch["read"] if "read" in batch else len(batch["keys"]))
-            self.skips.check()
             if batch["skipped"]:
                 self.skipped_images += len(batch["skipped"])
                 logger.warning("%d unreadable image(s) skipped so far", self.skipped_images)
             if batch["size"]:
+                self._check_skips()  # once per step on every rank (a collective when there are several)
                 return batch
             empty += 1
             for _, reason in batch["dropped"]:
@@ -396,6 +396,14 @@ class Trainer:
                     f"phase {self.schedule.phases[self.phase_index].name}: no usable item in {empty} batches in a row "
                     f"(dropped: {reasons or 'unreadable images'}); for paired references lower "
                     "paired_min_similarity or set paired_fallback: self")
+
+    def _check_skips(self, final: bool = False) -> None:
+        """Stop above data.max_bad_fraction, judged on every process's counts (one decision for all ranks)."""
+        totals = torch.tensor([len(self.skips.entries), self.skips.read], dtype=torch.float64,
+                              device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        self.skips.check(final, tuple(totals.tolist()))
 
     # ------------------------------------------------------------------ step
     def _encode_text(self, captions: list[str]):
@@ -552,8 +560,8 @@ class Trainer:
         if self.data_events:
             logger.info("data: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.data_events.items())))
         logger.info("data: %s", self.skips.summary())
+        self._check_skips(final=True)
         acc.end_training()
-        self.skips.check(final=True)
 
     def _record(self, values: dict, active) -> None:
         """Append this step's losses to ``<output_dir>/losses.jsonl`` (main process)."""

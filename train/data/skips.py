@@ -75,17 +75,20 @@ class SkipLedger:
                 + (f" and {len(self.other)} bad reference/centre file(s)" if self.other else "")
                 + f": {reasons}{where}")
 
-    def check(self, final: bool = False) -> None:
+    def check(self, final: bool = False, totals: tuple[float, float] | None = None) -> None:
         """Raise :class:`BadDataError` when the bad share is above ``max_fraction`` (judged after
-        ``min_samples`` samples, or at the end of the run whatever the count)."""
-        if not self.entries or (not final and self.read < self.min_samples):
+        ``min_samples`` samples, or at the end of the run whatever the count). ``totals``: (bad, read)
+        summed over every process, so all ranks take the same decision (none waits for a stopped one)."""
+        bad, read = totals if totals is not None else (len(self.entries), self.read)
+        if not bad or (not final and read < self.min_samples):
             return
-        if self.fraction <= self.max_fraction:
+        if bad / max(read, bad, 1) <= self.max_fraction:
             return
         listed = "\n".join(f"  [{reason}] {message if where in message else f'{where}: {message}'}"
                            for where, reason, message in self.entries[:LISTED_IN_ERROR])
         more = f"\n  ... and {len(self.entries) - LISTED_IN_ERROR} more" if len(self.entries) > LISTED_IN_ERROR else ""
         raise BadDataError(
-            f"{len(self.entries)} of {self.read} samples read were bad ({100 * self.fraction:.2f} %, above "
-            f"data.max_bad_fraction = {100 * self.max_fraction:g} %): {', '.join(f'{r} {n}' for r, n in self.counts().items())}."
+            f"{int(bad)} of {int(read)} samples read were bad ({100 * bad / max(read, bad, 1):.2f} %, above "
+            f"data.max_bad_fraction = {100 * self.max_fraction:g} %); by reason: "
+            f"{', '.join(f'{r} {n}' for r, n in self.counts().items())}."
             f" Fix or remove them (or raise data.max_bad_fraction to train on the rest):\n{listed}{more}")
