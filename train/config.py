@@ -134,6 +134,9 @@ class DataConfig:
     buckets: list[list[Annotated[int, PIXELS]]] = field(default_factory=lambda: [[512, 512]])
     text_cache: str | None = None  # folder for cached text-encoder outputs
     num_workers: Annotated[int, NON_NEGATIVE] = 4  # DataLoader worker processes per training process (0 = load in the trainer)
+    # share of samples read that may be skipped as bad before the run stops
+    max_bad_fraction: Annotated[float, FRACTION] = 0.01
+    max_image_pixels: Annotated[int, NON_NEGATIVE] = 150_000_000  # photos above are skipped (named); 0 = no limit
 
 
 @dataclass

@@ -3,7 +3,10 @@
     python train/prepare.py --images PHOTOS --out DATA --antelopev2 MODELS_ROOT
 
 - Photos: ``*.jpg|jpeg|png|webp|bmp`` anywhere under ``--images``; a caption next to each
-  photo as ``<name>.txt`` (missing captions are counted and left empty).
+  photo as ``<name>.txt`` (missing captions are counted and left empty). Read upright (EXIF
+  orientation applied), any colour mode to RGB; a photo above ``--max-image-pixels`` is skipped
+  and named. ``--out`` (and any earlier output folder: it holds ``.withanyone-prepare-output``)
+  is never read as photos, even when it lies inside ``--images``.
 - Identities: photos in per-person subfolders (``PHOTOS/alice/*.jpg``) give their largest
   face that person's identity; every other face is grouped by clustering the normalised
   ArcFace embeddings (cosine >= ``--cluster-threshold``, single linkage), joining a named
@@ -42,15 +45,32 @@ if __package__ in (None, ""):
 from train.clustering import EXACT_BELOW, ClusterSearch, assign_identities  # noqa: E402
 from train.config import AT_LEAST_1, COSINE, NON_NEGATIVE, Range, number_arg  # noqa: E402
 from train.data import IdentityIndex, Manifest, NegativePool, load_rgb, parse_record  # noqa: E402
+from withanyone_core.faces.images import DEFAULT_MAX_PIXELS  # noqa: E402
 
 logger = logging.getLogger("withanyone.prepare")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 PARTIAL = "faces.partial.jsonl"
+# left in every --out folder: a folder holding it is prepare's output, never read as photos
+OUTPUT_MARKER = ".withanyone-prepare-output"
 
 
-def find_photos(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def find_photos(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Photos under ``root``, leaving out ``exclude`` (the --out folder when it lies inside) and every
+    folder prepare wrote (it holds :data:`OUTPUT_MARKER`), so a rerun never reads its own outputs."""
+    skip = [exclude.resolve()] if exclude is not None else []
+    photos = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        if OUTPUT_MARKER in files or here.resolve() in skip:
+            if here != root:
+                logger.info("not reading %s: it is prepare's output folder", here)
+            dirs[:] = []
+            if here != root or OUTPUT_MARKER in files:
+                continue
+        dirs.sort()
+        photos.extend(here / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and (here / f).is_file())
+    return sorted(photos)
 
 
 def read_partial(path: Path) -> dict[str, dict]:
@@ -73,6 +93,8 @@ def read_partial(path: Path) -> dict[str, dict]:
             if not line.endswith(b"\n"):
                 break  # a complete object whose newline never reached the disk: redo it
             good_end += len(line)
+            if entry.get("retry"):  # too large for the limit then: checked again (from its header) with today's
+                continue
             done[entry["image"]] = _compact(entry)
     if good_end < path.stat().st_size:
         with open(path, "r+b") as fh:  # append after the last whole line only
@@ -88,11 +110,14 @@ def _compact(entry: dict) -> dict:
     return entry
 
 
-def analyse_photo(photo: Path, rel: str, analyzer, min_face: int) -> dict:
+def analyse_photo(photo: Path, rel: str, analyzer, min_face: int, max_pixels: int | None = None) -> dict:
     """One photo's detections (box, landmarks, score, embedding per face), or its read error."""
+    from withanyone_core.faces import ImageTooLargeError
+
     entry: dict = {"image": rel, "faces": [], "error": None}
     try:
-        image = load_rgb(photo)  # the reader training uses (8/16-bit alike)
+        # the reader training uses: upright (EXIF orientation), any mode, at most max_pixels
+        image = load_rgb(photo, max_pixels)
         entry["height"], entry["width"] = int(image.shape[0]), int(image.shape[1])
         for face in analyzer.analyze(image, image_name=rel):
             w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
@@ -106,12 +131,13 @@ def analyse_photo(photo: Path, rel: str, analyzer, min_face: int) -> dict:
             })
     except (OSError, ValueError) as exc:
         entry["error"] = str(exc)
+        entry["retry"] = isinstance(exc, ImageTooLargeError)  # a later run with a higher limit reads it
         logger.warning("skipping %s: %s", rel, exc)
     return entry
 
 
 def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int,
-               analyse_many=None) -> dict[str, dict]:
+               analyse_many=None, max_pixels: int | None = None) -> dict[str, dict]:
     """Every photo's detections, resumable; ``analyse_many(todo)`` (Ray) yields the entries of
     ``[(photo, rel), ...]`` in any order, else ``analyzer`` runs here, one photo after another."""
     partial = out / PARTIAL
@@ -121,7 +147,7 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
     todo = [(photo, photo.relative_to(images_root).as_posix()) for photo in photos]
     todo = [(photo, rel) for photo, rel in todo if rel not in done]
     entries = (analyse_many(todo) if analyse_many is not None
-               else (analyse_photo(photo, rel, analyzer, min_face) for photo, rel in todo))
+               else (analyse_photo(photo, rel, analyzer, min_face, max_pixels) for photo, rel in todo))
     with open(partial, "a", encoding="utf-8") as fh:
         for number, entry in enumerate(entries, 1):
             rel = entry["image"]
@@ -213,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--det-thresh", type=number_arg(float, Range(gt=0, le=1)), default=0.4)
     parser.add_argument("--det-size", type=number_arg(int, Range(ge=32, multiple_of=32)), default=640)
     parser.add_argument("--min-face", type=number_arg(int, NON_NEGATIVE), default=32, help="ignore faces smaller than this many pixels")
+    parser.add_argument("--max-image-pixels", type=number_arg(int, NON_NEGATIVE), default=DEFAULT_MAX_PIXELS,
+                        metavar="PIXELS",
+                        help="photos with more pixels are skipped, named in the log and summary.json (a decompression "
+                             f"bomb, a huge scan); default {DEFAULT_MAX_PIXELS} (150 megapixels), 0 = no limit")
     parser.add_argument("--cluster-threshold", type=number_arg(float, COSINE), default=0.5,
                         help="cosine similarity that joins two faces into one identity")
     parser.add_argument("--cluster-index", choices=["auto", "exact", "faiss"], default="auto",
@@ -234,10 +264,16 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not args.images.is_dir():
         parser.error(f"--images {args.images} is not a folder")
+    if args.max_image_pixels < 0:
+        parser.error(f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
+    if args.images.resolve() == args.out.resolve():
+        parser.error(f"--out {args.out} is the --images folder: give an output folder of its own (e.g. {args.out}/data "
+                     "is fine, it is never read as photos)")
     from withanyone_core.faces import FaceAnalyzer
 
     args.out.mkdir(parents=True, exist_ok=True)
-    photos = find_photos(args.images)
+    (args.out / OUTPUT_MARKER).write_text("written by train/prepare.py: this folder is never read as photos\n")
+    photos = find_photos(args.images, exclude=args.out)
     if not photos:
         parser.error(f"no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.images}")
     analyzer_kwargs = {"providers": args.providers, "det_thresh": args.det_thresh, "det_size": args.det_size}
@@ -251,11 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         prepare_ray.start(args.ray)
         analyzer, analyse_many = None, prepare_ray.detector_pool(args.antelopev2, analyzer_kwargs, args.min_face,
-                                                                 args.ray_actors)
+                                                                 args.ray_actors, args.max_image_pixels)
         shard_map, block_map = prepare_ray.parallel_map, prepare_ray.block_map
     else:
         analyzer, analyse_many = FaceAnalyzer(args.antelopev2, **analyzer_kwargs), None
-    entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many)
+    entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many, args.max_image_pixels)
     summary = build_outputs(entries, args.images, args.out, args.cluster_threshold, search, block_map)
     if args.format == "multiid2m":
         from train.data.multiid2m_write import write_multiid2m

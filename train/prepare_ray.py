@@ -36,21 +36,23 @@ def start(address: str = "local", num_cpus: int | None = None) -> None:
 class _Detector:
     """One FaceAnalyzer per actor; rows {"photo", "rel"} -> rows {"entry": JSON of the detections}."""
 
-    def __init__(self, antelopev2: str, analyzer_kwargs: dict, min_face: int):
+    def __init__(self, antelopev2: str, analyzer_kwargs: dict, min_face: int, max_pixels: int | None = None):
         from withanyone_core.faces import FaceAnalyzer
 
         self.analyzer = FaceAnalyzer(antelopev2, **analyzer_kwargs)
         self.min_face = min_face
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:
         from train.prepare import analyse_photo
 
-        entries = [json.dumps(analyse_photo(Path(photo), rel, self.analyzer, self.min_face))
+        entries = [json.dumps(analyse_photo(Path(photo), rel, self.analyzer, self.min_face,
+                                                self.max_pixels))
                    for photo, rel in zip(batch["photo"], batch["rel"])]
         return {"entry": entries}
 
 
-def detector_pool(antelopev2, analyzer_kwargs: dict, min_face: int, actors: int = 0):
+def detector_pool(antelopev2, analyzer_kwargs: dict, min_face: int, actors: int = 0, max_pixels: int | None = None):
     """``analyse_many(todo)`` for :func:`train.prepare.detect_all`: the entries, streamed from the pool."""
     import ray
 
@@ -68,7 +70,7 @@ def detector_pool(antelopev2, analyzer_kwargs: dict, min_face: int, actors: int 
         dataset = ray.data.from_items([{"photo": str(photo), "rel": rel} for photo, rel in todo])
         results = dataset.map_batches(
             _Detector, fn_constructor_kwargs={"antelopev2": str(antelopev2), "analyzer_kwargs": kwargs,
-                                              "min_face": min_face},
+                                              "min_face": min_face, "max_pixels": max_pixels},
             batch_size=8, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
         logger.info("Ray: detecting %d photos on %d actor(s)", len(todo), actors)
         for row in results.iter_rows():

@@ -34,12 +34,14 @@ from train.checkpointing import (  # noqa: E402
 )
 from train.config import Config, ConfigError, check_paths, load_config, resolved_paths  # noqa: E402
 from train.data import (  # noqa: E402
+    BadDataError,
     BucketBatchSampler,
     DataOptions,
     IdentityIndex,
     Manifest,
     NegativePool,
     TextEmbeddingCache,
+    SkipLedger,
     WithAnyoneDataset,
     collate,
     state_after,
@@ -137,7 +139,14 @@ class Trainer:
                     p.data = p.data.to(frozen_dtype(config))
         if config.train.gradient_checkpointing:
             self.models.denoiser.handle.enable_gradient_checkpointing()  # keeps identities on recomputation
-        self.manifest = Manifest.load(config.data.manifest) if config.data.source != "multiid2m" else None
+        # every bad sample is skipped and named; above data.max_bad_fraction the run stops (train/data/skips.py)
+        self.skips = SkipLedger(config.data.max_bad_fraction, self.output_dir / (
+            "skipped.jsonl" if acc.is_main_process else f"skipped-rank{acc.process_index}.jsonl"))
+        self.manifest = (Manifest.load(config.data.manifest, strict=False)
+                         if config.data.source != "multiid2m" else None)
+        if self.manifest is not None:
+            self.skips.add(self.manifest.bad)
+            self.skips.seen(len(self.manifest.bad))  # its records count as read when their batches are
         self.index = IdentityIndex(self.manifest) if self.manifest is not None else None
         self.stream = self._open_multiid2m() if config.data.source != "manifest" else None
         if config.data.negatives:
@@ -259,14 +268,17 @@ class Trainer:
                 refs = open_references(section.refs, cache)
             if acc.is_main_process and getattr(refs, "scanned", 0):
                 logger.info("indexed %d reference tar(s) into %s", refs.scanned, Path(cache) / "ref-index")
-        centres = read_cluster_centres(section.cluster_centers) if section.cluster_centers else {}
+        bad_centres: list = []
+        centres = read_cluster_centres(section.cluster_centers, bad_centres) if section.cluster_centers else {}
+        self.skips.add(bad_centres, samples=False)
         numbers = IdentityNumbers(sorted(set(refs.names() if refs else []) | set(centres)))
         if any(p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in cfg.phases):
             # the release has no landmarks: the GT-aligned ID loss needs them, detected once and cached
             def detect() -> int:
                 from withanyone_core.faces import FaceAnalyzer
 
-                return detect_landmarks(shards, cache, FaceAnalyzer(cfg.models.antelopev2, providers="auto"))
+                return detect_landmarks(shards, cache, FaceAnalyzer(cfg.models.antelopev2, providers="auto"),
+                                        max_pixels=cfg.data.max_image_pixels)
 
             detected = main_process_first(acc, detect, "detecting the GT landmarks")
             if detected:
@@ -322,7 +334,8 @@ class Trainer:
 
         phase, cfg = active.phase, self.config
         acc = self.accelerator
-        options = DataOptions.from_phase(phase, cfg.data.buckets, siglip_crops=self.models.siglip is not None)
+        options = DataOptions.from_phase(phase, cfg.data.buckets, siglip_crops=self.models.siglip is not None,
+                                         max_image_pixels=cfg.data.max_image_pixels)
         workers = cfg.data.num_workers
         context = "fork" if workers and sys.platform == "linux" else None
         resuming = self.sampler_state is not None and self.sampler_phase == active.index
@@ -402,10 +415,13 @@ class Trainer:
                 self.stream_consumed += 1
             for event in batch["events"]:
                 self.data_events[event] = self.data_events.get(event, 0) + 1
+            self.skips.add(batch.get("bad", ()))
+            self.skips.seen(batch["read"] if "read" in batch else len(batch["keys"]))
             if batch["skipped"]:
                 self.skipped_images += len(batch["skipped"])
                 logger.warning("%d unreadable image(s) skipped so far", self.skipped_images)
             if batch["size"]:
+                self._check_skips()  # once per step on every rank (a collective when there are several)
                 return batch
             empty += 1
             for _, reason in batch["dropped"]:
@@ -415,6 +431,14 @@ class Trainer:
                     f"phase {self.schedule.phases[self.phase_index].name}: no usable item in {empty} batches in a row "
                     f"(dropped: {reasons or 'unreadable images'}); for paired references lower "
                     "paired_min_similarity or set paired_fallback: self")
+
+    def _check_skips(self, final: bool = False) -> None:
+        """Stop above data.max_bad_fraction, judged on every process's counts (one decision for all ranks)."""
+        totals = torch.tensor([len(self.skips.entries), self.skips.read], dtype=torch.float64,
+                              device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        self.skips.check(final, tuple(totals.tolist()))
 
     # ------------------------------------------------------------------ step
     def _encode_text(self, captions: list[str]):
@@ -590,6 +614,8 @@ class Trainer:
                            len(self.nonfinite_steps), self._step_list())
         else:
             logger.info("no step skipped for a non-finite loss or gradient")
+        logger.info("data: %s", self.skips.summary())
+        self._check_skips(final=True)
         acc.end_training()
 
     def _step_list(self) -> str:
@@ -691,18 +717,16 @@ class Trainer:
         s = cfg.sample
         # the same identities and layout every time: the first record, unpaired, at the sample size
         options = DataOptions(buckets=((s.width, s.height),), crop="center", min_face_size=0.0,
-                              siglip_crops=self.models.siglip is not None)
-        if self.manifest is not None:
-            item = WithAnyoneDataset(self.manifest, options, index=self.index)[0]
-        else:  # the first sample of the first shard
-            from train.data.multiid2m import MultiID2MStream, iter_tar_samples, parse_sample
+                              siglip_crops=self.models.siglip is not None, max_image_pixels=cfg.data.max_image_pixels)
+        if getattr(self, "sample_item", None) is None:  # the first record/sample that loads whole, found once
+            from train.sampling import pick_sample_item
 
-            shard = self.stream["shards"][0]
-            stream = MultiID2MStream([shard], options, 1, numbers=self.stream["numbers"],
-                                     landmarks=self.stream["landmarks"])
-            item = stream.item(parse_sample(shard, *next(iter_tar_samples(shard))), 0)
+            self.sample_item = pick_sample_item(options, self.manifest, self.index, self.stream["shards"] if
+                                                self.stream else (), self.stream and self.stream["numbers"],
+                                                self.stream and self.stream["landmarks"]) or {"skipped": True}
+        item = self.sample_item
         if "skipped" in item:
-            logger.warning("sample skipped: the first record's image is unreadable")
+            logger.warning("sample skipped: none of the first records/samples loads (each was named above)")
             return
         arcface = item["ref_embeddings"][None].to(acc.device)
         siglip = self._siglip(item["ref_siglip_crops"][None]) if "ref_siglip_crops" in item else self._no_siglip(arcface)
@@ -728,7 +752,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     try:
         Trainer(config).run()
-    except (TrainingStopped, CheckpointError) as exc:  # already one line saying what to do: no traceback
+    except (TrainingStopped, CheckpointError, BadDataError) as exc:  # says what to do already: no traceback
         logger.error("%s", exc)
         raise SystemExit(1) from None
 

@@ -39,6 +39,57 @@ def sample_image(models: ModelSet, denoiser, prompt: str, arcface: torch.Tensor,
     return (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+# samples tried for the fixed identities of the periodic samples before giving up (each bad one is named)
+SAMPLE_SEARCH_LIMIT = 200
+
+
+def pick_sample_item(options, manifest=None, index=None, shards=(), numbers=None, landmarks=None,
+                     limit: int = SAMPLE_SEARCH_LIMIT) -> dict | None:
+    """The item whose identities and layout every periodic sample (``sample.every``) uses: the first
+    record of the manifest, else the first sample of the shards, that loads whole. A bad one (the
+    stream skipped it too) is passed over with a warning naming it; None when none of the first
+    ``limit`` loads (the sample step is then skipped, the run goes on)."""
+    tried = 0
+    if manifest is not None:
+        from train.data import WithAnyoneDataset
+
+        dataset = WithAnyoneDataset(manifest, options, index=index)
+        for position in range(min(len(dataset), limit)):
+            item = dataset[position]
+            tried += 1
+            if "skipped" not in item and "dropped" not in item:
+                return item
+            logger.warning("sample step: passing over %s (%s)", dataset.where(position),
+                           item.get("error", item.get("reason", "unusable")))
+        return None
+    from train.data.multiid2m import MultiID2MStream, ShardFormatError, UnsafePickleError, iter_tar_samples, parse_sample
+
+    stream = MultiID2MStream(list(shards), options, 1, numbers=numbers, landmarks=landmarks)
+    for shard in shards:
+        samples = iter_tar_samples(shard)
+        while tried < limit:
+            try:
+                key, members = next(samples)
+            except StopIteration:
+                break
+            except ShardFormatError as exc:
+                logger.warning("sample step: passing over the rest of %s (%s)", shard, exc)
+                break
+            tried += 1
+            try:
+                sample = parse_sample(shard, key, members, options.max_image_pixels)
+            except UnsafePickleError:
+                raise
+            except ShardFormatError as exc:
+                logger.warning("sample step: passing over %s:%s (%s)", shard, key, exc)
+                continue
+            item = stream.safe_item(sample, 0)
+            if "skipped" not in item and "dropped" not in item:
+                return item
+            logger.warning("sample step: passing over %s (%s)", sample.where, item.get("error", "unusable"))
+    return None
+
+
 def save_sample(image: np.ndarray, folder: Path, step: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"

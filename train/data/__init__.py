@@ -5,7 +5,8 @@
 - :mod:`.images`: the one image reader, crop rules, reference crops;
 - :mod:`.dataset`: what a phase asks of the data (:class:`DataOptions`) and its items;
 - :mod:`.sampler`: the resumable, rank-sharded bucket batch sampler;
-- :mod:`.cache`: cached text-encoder outputs.
+- :mod:`.cache`: cached text-encoder outputs;
+- :mod:`.skips`: every bad sample skipped, named and counted; the stop rule (``data.max_bad_fraction``).
 """
 
 from .cache import TextEmbeddingCache
@@ -14,9 +15,10 @@ from .identities import IdentityIndex, NegativePool
 from .images import crop_to_bucket, faces_inside, fit_to_bucket, load_rgb, square_crop
 from .records import EMBEDDING_DIM, Manifest, ManifestError, Person, Record, parse_record
 from .sampler import BucketBatchSampler, ItemKey, state_after
+from .skips import BadDataError, SkipLedger
 
 __all__ = [
-    "EMBEDDING_DIM", "BucketBatchSampler", "DataOptions", "IdentityIndex", "ItemKey", "Manifest", "ManifestError",
-    "NegativePool", "Person", "Record", "TextEmbeddingCache", "WithAnyoneDataset", "collate", "crop_to_bucket",
+    "EMBEDDING_DIM", "BadDataError", "BucketBatchSampler", "DataOptions", "IdentityIndex", "ItemKey", "Manifest", "ManifestError",
+    "NegativePool", "Person", "Record", "SkipLedger", "TextEmbeddingCache", "WithAnyoneDataset", "collate", "crop_to_bucket",
     "faces_inside", "fit_to_bucket", "fixed_prompt", "load_rgb", "parse_record", "square_crop", "state_after",
 ]

@@ -52,6 +52,7 @@ class DataOptions:
     paired_fallback: str = "skip"  # skip the item | use the photo itself, when no candidate qualifies
     buckets: tuple[tuple[int, int], ...] = ((512, 512),)
     siglip_crops: bool = True
+    max_image_pixels: int | None = None  # photos above are skipped (None: the reader's default, 0: no limit)
 
     def __post_init__(self):
         if self.prompt_mode not in ("caption", "fixed"):
@@ -78,12 +79,13 @@ class DataOptions:
 
     @classmethod
     def phase_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("buckets", "siglip_crops")]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("buckets", "siglip_crops", "max_image_pixels")]
 
     @classmethod
-    def from_phase(cls, phase, buckets, siglip_crops: bool = True) -> "DataOptions":
+    def from_phase(cls, phase, buckets, siglip_crops: bool = True, max_image_pixels: int | None = None) -> "DataOptions":
         return cls(**{name: getattr(phase, name) for name in cls.phase_fields()},
-                   buckets=tuple((int(w), int(h)) for w, h in buckets), siglip_crops=siglip_crops)
+                   buckets=tuple((int(w), int(h)) for w, h in buckets), siglip_crops=siglip_crops,
+                   max_image_pixels=max_image_pixels)
 
 
 _NUMBER_WORDS = {1: "one person", 2: "two people", 3: "three people", 4: "four people"}
@@ -167,19 +169,48 @@ class WithAnyoneDataset:
             return None, "paired_no_similar_reference"
         return best, None
 
+    def where(self, position: int) -> str:
+        """The manifest line and photo of the item at ``position`` (what a warning names)."""
+        r_idx = self.record_indices[position]
+        line = self.manifest.lines[r_idx] if self.manifest.lines else r_idx + 1
+        return f"{self.manifest.name} line {line} ({self.manifest.records[r_idx].image})"
+
     def __getitem__(self, key: int | ItemKey) -> dict:
+        """The item at ``key``; a record that fails to load is skipped (``skipped``, ``skip_reason``,
+        ``error`` naming the manifest line and photo), never raised: one bad record never stops a run."""
         if not isinstance(key, ItemKey):
             key = ItemKey(self.epoch, -1, int(key))
+        try:
+            return self._item(key)
+        except Exception as exc:  # noqa: BLE001 - named, logged and counted by the trainer instead
+            where = self.where(key.position)
+            message = f"{where}: {type(exc).__name__}: {exc}"
+            logger.warning("skipping a record that failed to load (item_error): %s", message)
+            return {"skipped": str(self.manifest.image_path(self.manifest.records[self.record_indices[key.position]])),
+                    "skip_reason": "item_error", "error": message, "key": key, "where": where}
+
+    def _item(self, key: ItemKey) -> dict:
+        from withanyone_core.faces import ImageTooLargeError
+
         opts = self.options
         r_idx = self.record_indices[key.position]
         record = self.manifest.records[r_idx]
         rng = self._rng(key.epoch, key.position)
         path = self.manifest.image_path(record)
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, opts.max_image_pixels)
         except (OSError, ValueError) as exc:
+            reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "image_unreadable"
             logger.warning("skipping unreadable image %s (%s)", path, exc)
-            return {"skipped": str(path), "key": key}
+            return {"skipped": str(path), "key": key, "skip_reason": reason, "where": self.where(key.position),
+                    "error": f"{self.where(key.position)}: {exc}"}
+        if (image.shape[1], image.shape[0]) != (record.width, record.height):
+            message = (f"{self.where(key.position)}: the photo is {image.shape[1]}x{image.shape[0]} (upright), the "
+                       f"manifest says {record.width}x{record.height}; its boxes would be misplaced. Prepare it again "
+                       "(python train/prepare.py): photos changed, or were prepared before EXIF orientation was applied")
+            logger.warning("skipping %s", message)
+            return {"skipped": str(path), "key": key, "skip_reason": "image_size_mismatch", "error": message,
+                    "where": self.where(key.position)}
         width, height = opts.buckets[self.bucket_of[key.position]]
         photo_boxes = np.array([p.box for p in record.persons], dtype=np.float64)
         pixels, scale, x0, y0 = crop_to_bucket(image, width, height, photo_boxes, opts.crop, rng)
@@ -197,7 +228,8 @@ class WithAnyoneDataset:
                 if found is not None:
                     other = self.manifest.records[found[0]]
                     try:
-                        ref_image = load_rgb(self.manifest.image_path(other)) if opts.siglip_crops else None
+                        ref_image = (load_rgb(self.manifest.image_path(other), opts.max_image_pixels)
+                                     if opts.siglip_crops else None)
                         ref_person = other.persons[found[1]]
                     except (OSError, ValueError) as exc:
                         reason = "paired_reference_unreadable"
@@ -253,6 +285,10 @@ def collate(items: list[dict]) -> dict:
     """
     batch: dict = {
         "skipped": [item["skipped"] for item in items if "skipped" in item],
+        # (where, reason, message) of the skipped items: what the trainer counts against data.max_bad_fraction
+        "bad": [(item.get("where", item["skipped"]), item.get("skip_reason", "image_unreadable"),
+                 item.get("error", item["skipped"]))
+                for item in items if "skipped" in item],
         "dropped": [(item["dropped"], item["reason"]) for item in items if "dropped" in item],
         "keys": [item["key"] for item in items if "key" in item],
         "events": [e for item in items for e in item.get("events", ())],

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .records import Manifest
+from .records import EMBEDDING_NORM_RANGE, Manifest
 
 
 class IdentityIndex:
@@ -75,7 +76,23 @@ class NegativePool:
         if missing:
             raise ValueError(f"{path} is not a negative pool (missing {sorted(missing)}); "
                              "rebuild it with `python train/prepare.py`")
-        return cls(tensors["embeddings"], tensors["identity_ids"])
+        embeddings, ids = tensors["embeddings"].float(), tensors["identity_ids"]
+        if embeddings.ndim != 2 or ids.ndim != 1 or embeddings.shape[0] != ids.shape[0]:
+            raise ValueError(f"{path}: a negative pool holds embeddings [P, D] and identity_ids [P], got "
+                             f"{list(embeddings.shape)} and {list(ids.shape)}; rebuild it with `python train/prepare.py`")
+        norms = embeddings.double().norm(dim=1)
+        good = torch.isfinite(embeddings).all(dim=1) & (norms >= EMBEDDING_NORM_RANGE[0]) & (norms <= EMBEDDING_NORM_RANGE[1])
+        bad = (~good).nonzero().flatten().tolist()
+        if bad:
+            if len(bad) == len(good):
+                raise ValueError(f"{path}: every one of its {len(bad)} embeddings is non-finite or of an impossible "
+                                 "norm; rebuild it with `python train/prepare.py`")
+            logging.getLogger(__name__).warning(
+                "%s: skipping %d of %d negative embeddings that are non-finite or of an impossible norm (rows %s%s); "
+                "rebuild it with `python train/prepare.py`", path, len(bad), len(good), bad[:10],
+                " ..." if len(bad) > 10 else "")
+            embeddings, ids = embeddings[good], ids[good]
+        return cls(embeddings, ids)
 
     def sample(self, k: int, exclude_identities: Sequence[int] | torch.Tensor,
                generator: torch.Generator | None = None) -> torch.Tensor:

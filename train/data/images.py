@@ -1,6 +1,6 @@
 """Pixels: the one image reader, the training crop rules and the reference crops.
 
-Every photo (8-bit, 16-bit, grey, RGBA) is read by ``withanyone_core.faces.load_image``,
+Every photo (8-bit, 16-bit, grey, palette, CMYK, RGBA; EXIF-rotated) is read by ``withanyone_core.faces.load_image``,
 the reader ``prepare.py`` uses too, so both see the same RGB uint8 pixels.
 """
 
@@ -19,11 +19,12 @@ CROP_RULES = ("keep_faces", "center")
 MIN_VISIBLE_FACE = 0.75
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """RGB uint8 image; raises OSError/ValueError for missing or unreadable files."""
+def load_rgb(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """RGB uint8 image, upright (EXIF orientation applied); raises OSError/ValueError for missing, unreadable
+    or over-large (above ``max_pixels``) files."""
     from withanyone_core.faces import load_image
 
-    return load_image(path)
+    return load_image(path, max_pixels)
 
 
 def square_crop(image: np.ndarray, box: Sequence[float], size: int = SIGLIP_CROP) -> np.ndarray:

@@ -36,6 +36,7 @@ import os
 import pickle
 import random
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,14 @@ import torch
 
 from .dataset import DataOptions, collate, cosine, training_caption
 from .images import crop_to_bucket, faces_inside, square_crop
-from .records import EMBEDDING_DIM
+from .records import EMBEDDING_DIM, box_problem, embedding_problem
 
 if TYPE_CHECKING:
     from .multiid2m_refs import ReferenceTars
 
 logger = logging.getLogger(__name__)
 
+COMPRESSED_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.zstd")
 # the authors keep samples with 1..5 faces (negativeloader_full.process_item)
 MAX_PERSONS = 5
 # the authors build each identity's negative set from at most 200 reference embeddings
@@ -60,11 +62,40 @@ MAX_REFS_PER_IDENTITY = 200
 
 
 class ShardFormatError(ValueError):
-    """A shard member that does not follow the MultiID-2M layout; the message names shard and member."""
+    """A shard member that does not follow the MultiID-2M layout; the message names shard and member.
+
+    ``reason`` is the short name a run's summary counts it under (see :mod:`train.data.skips`).
+    """
+
+    def __init__(self, message: str, reason: str = "format"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # raised in DataLoader workers: keep the reason across the pickle
+        return (type(self), (str(self), self.reason))
 
 
 class UnsafePickleError(ShardFormatError):
     """A pickle that asks for anything but numpy's array globals: refused, nothing was run."""
+
+    def __init__(self, message: str, reason: str = "unsafe_pickle"):
+        super().__init__(message, reason)
+
+
+def check_boxes(boxes: np.ndarray, width: int, height: int, where: str) -> None:
+    """Raise :class:`ShardFormatError` unless every ``[x1, y1, x2, y2]`` is finite, not inverted, and inside
+    the ``width x height`` photo (up to :data:`~train.data.records.BOX_MARGIN` of the box's size)."""
+    for box in boxes:
+        problem = box_problem(box, width, height)
+        if problem is not None:
+            raise ShardFormatError(f"{where}: {problem[1]} (after its crop)", problem[0])
+
+
+def check_embeddings(embeddings: np.ndarray, where: str) -> None:
+    for embedding in embeddings:
+        problem = embedding_problem(embedding)
+        if problem is not None:
+            raise ShardFormatError(f"{where}: {problem[1]}", problem[0])
 
 
 # everything np.save of a dict of arrays/lists/numbers needs, and nothing that can run code
@@ -184,45 +215,106 @@ def person_names(meta: dict, count: int) -> list[str | None]:
 def embeddings_of(arrays: dict, where: str) -> np.ndarray:
     value = arrays.get("embeddings", arrays.get("embedding"))
     if value is None:
-        raise ShardFormatError(f"{where}: no 'embeddings' (or 'embedding') in the .npy")
-    emb = np.asarray(value, dtype=np.float32).reshape(-1, EMBEDDING_DIM) if np.size(value) else np.zeros((0, 512))
-    return emb.astype(np.float32)
+        raise ShardFormatError(f"{where}: no 'embeddings' (or 'embedding') in the .npy", "embedding_shape")
+    try:
+        emb = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ShardFormatError(f"{where}: embeddings are not numbers ({exc})", "embedding_shape") from exc
+    if emb.size == 0:
+        return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    if emb.shape[-1] != EMBEDDING_DIM or emb.ndim > 2:
+        raise ShardFormatError(f"{where}: embeddings of shape {list(emb.shape)}; expected [faces, {EMBEDDING_DIM}] "
+                               "(raw antelopev2 vectors)", "embedding_shape")
+    emb = emb.reshape(-1, EMBEDDING_DIM)
+    check_embeddings(emb, where)
+    return emb
 
 
-def _image_size(data: bytes, where: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+def _image_size(data: bytes, where: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) as the photo is shown (EXIF orientation applied), from the header only."""
+    from withanyone_core.faces import ImageReadError, ImageTooLargeError, image_size
 
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ShardFormatError(f"{where}: the .jpg is not an image ({exc})") from exc
+        return image_size(data, where, max_pixels)
+    except ImageTooLargeError as exc:
+        raise ShardFormatError(str(exc), "image_too_large") from exc
+    except ImageReadError as exc:
+        raise ShardFormatError(f"{where}: the .jpg is not an image ({exc})", "image_unreadable") from exc
 
 
-def parse_sample(shard: str, key: str, members: dict[str, bytes]) -> StreamSample:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _boxes_of(value, where: str) -> np.ndarray:
+    try:
+        boxes = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ShardFormatError(f"{where}: bboxes are not numbers ({exc})", "box_shape") from exc
+    if boxes.size % 4 or (boxes.ndim and boxes.shape[-1] != 4 and boxes.size):
+        raise ShardFormatError(f"{where}: bboxes of shape {list(boxes.shape)}; expected [faces, 4] "
+                               "([x1, y1, x2, y2] each)", "box_shape")
+    return boxes.reshape(-1, 4)
+
+
+def _crop_of(meta: dict, width: int, height: int, where: str) -> tuple[float, float]:
+    """The corner of the photo inside the original (``crop`` = [x1, y1, x2, y2]); (0, 0) without one."""
+    crop = meta.get("crop")
+    if crop is None or (isinstance(crop, list) and not crop):
+        return 0.0, 0.0
+    if not isinstance(crop, list) or len(crop) != 4 or not all(_is_number(v) for v in crop):
+        raise ShardFormatError(f"{where}: crop must be [x1, y1, x2, y2] (4 numbers), got {json.dumps(crop)[:80]}",
+                               "crop")
+    x1, y1, x2, y2 = (float(v) for v in crop)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x1 < 0 or y1 < 0 or x2 <= x1 or y2 <= y1:
+        raise ShardFormatError(f"{where}: crop {crop} must be finite, non-negative, with x2 > x1 and y2 > y1",
+                               "crop")
+    return x1, y1
+
+
+def parse_sample(shard: str, key: str, members: dict[str, bytes], max_pixels: int | None = None) -> StreamSample:
+    """One sample, validated: JSON shape, crop, boxes (finite, not inverted, inside the photo), embeddings
+    (shape, finite, plausible norm), image header (decodable size, at most ``max_pixels``). Anything else
+    raises :class:`ShardFormatError` naming shard and member, with a ``reason``."""
     where = f"{shard}:{key}"
     for suffix in ("jpg", "json", "npy"):
         if suffix not in members:
-            raise ShardFormatError(f"{where}: no {key}.{suffix} (a sample is .jpg + .json + .npy)")
+            raise ShardFormatError(f"{where}: no {key}.{suffix} (a sample is .jpg + .json + .npy)", "missing_member")
     try:
         meta = json.loads(members["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardFormatError(f"{where}.json: not valid JSON ({exc})") from exc
+        raise ShardFormatError(f"{where}.json: not valid JSON ({exc})", "json") from exc
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"{where}.json: expected a JSON object ({{\"caption_en\": ..., \"crop\": ...}}), got "
+                               f"a {type(meta).__name__}", "json")
+    caption = meta.get("caption_en")
+    if caption is not None and not isinstance(caption, str):
+        raise ShardFormatError(f"{where}.json: caption_en must be a string, got {json.dumps(caption)[:80]}", "json")
+    for field_name in ("name", "names", "keyword"):
+        if field_name in meta and not (meta[field_name] is None or isinstance(meta[field_name], str)
+                                       or (isinstance(meta[field_name], list)
+                                           and all(isinstance(n, (str, type(None))) for n in meta[field_name]))):
+            raise ShardFormatError(f"{where}.json: {field_name} must be a string or a list of strings, got "
+                                   f"{json.dumps(meta[field_name])[:80]}", "json")
+    quality = meta.get("aesthetics_score")
+    if quality is not None and not (_is_number(quality) and math.isfinite(quality)):
+        raise ShardFormatError(f"{where}.json: aesthetics_score must be a finite number, got "
+                               f"{json.dumps(quality)[:80]}", "json")
     arrays = load_npy(members["npy"], f"{where}.npy")
     if not isinstance(arrays, dict) or "bboxes" not in arrays:
-        raise ShardFormatError(f"{where}.npy: expected a dict with 'bboxes' and 'embeddings'")
-    boxes = np.asarray(arrays["bboxes"], dtype=np.float64).reshape(-1, 4)
+        raise ShardFormatError(f"{where}.npy: expected a dict with 'bboxes' and 'embeddings'", "npy")
+    boxes = _boxes_of(arrays["bboxes"], f"{where}.npy")
     embeddings = embeddings_of(arrays, f"{where}.npy")
     if len(embeddings) != len(boxes):
-        raise ShardFormatError(f"{where}.npy: {len(boxes)} boxes but {len(embeddings)} embeddings")
-    width, height = _image_size(members["jpg"], f"{where}.jpg")
-    crop = meta.get("crop") or [0, 0, width, height]
-    boxes = boxes - np.array([crop[0], crop[1], crop[0], crop[1]], dtype=np.float64)
+        raise ShardFormatError(f"{where}.npy: {len(boxes)} boxes but {len(embeddings)} embeddings", "embedding_shape")
+    width, height = _image_size(members["jpg"], f"{where}.jpg", max_pixels)
+    cx, cy = _crop_of(meta, width, height, f"{where}.json")
+    boxes = boxes - np.array([cx, cy, cx, cy], dtype=np.float64)
+    check_boxes(boxes, width, height, where)
     names = person_names(meta, len(boxes))
     persons = tuple(StreamPerson(n, tuple(float(v) for v in b), e) for n, b, e in zip(names, boxes, embeddings))
-    quality = meta.get("aesthetics_score")
-    return StreamSample(shard, key, members["jpg"], int(width), int(height), str(meta.get("caption_en") or ""),
-                        float(quality) if isinstance(quality, (int, float)) else 1.0, persons)
+    return StreamSample(shard, key, members["jpg"], int(width), int(height), caption or "",
+                        float(quality) if quality is not None else 1.0, persons)
 
 
 # ------------------------------------------------------------------ shards
@@ -230,33 +322,67 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     """Sorted shard paths of one or more globs (``,`` separates globs in one string)."""
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
-    found = sorted({path for pattern in patterns for path in glob.glob(os.path.expanduser(pattern.strip()))
-                    if path.endswith(".tar")})
+    matched = {path for pattern in patterns for path in glob.glob(os.path.expanduser(pattern.strip()))}
+    found = sorted(path for path in matched if path.endswith(".tar"))
+    compressed = sorted(path for path in matched if path.lower().endswith(COMPRESSED_SHARD_SUFFIXES))
+    if compressed and found:
+        logger.warning("%d compressed shard(s) matching %s are left out (first: %s): only plain .tar shards are "
+                       "read; gunzip them to .tar to train on them", len(compressed), list(patterns), compressed[0])
+    elif compressed:
+        first = compressed[0]
+        raise FileNotFoundError(
+            f"compressed {first[first.lower().rindex('.tar'):]} shards are not supported: gunzip them to .tar "
+            f"(e.g. `gunzip -k {first}`; bzip2/xz/zstd: `bunzip2 -k`, `unxz -k`, `unzstd`) and point "
+            f"data.multiid2m.shards at the .tar files ({len(compressed)} compressed shard(s) match "
+            f"{list(patterns)}). Shards are streamed many times per run; a plain tar is read without decompressing")
     if not found:
         raise FileNotFoundError(f"no .tar shard matches {list(patterns)}: point data.multiid2m.shards at the "
                                 "MultiID-2M tars (e.g. /data/MultiID-2M/train_rec/re_*.tar)")
     return found
 
 
+def _is_plain_tar(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return not (head.startswith((b"\x1f\x8b", b"BZh", b"\x28\xb5\x2f\xfd")) or head == b"\xfd7zXZ\x00")
+
+
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) of consecutive members sharing a key (webdataset's grouping rule)."""
+    """(key, {suffix: bytes}) of consecutive members sharing a key (webdataset's grouping rule).
+
+    A truncated or unreadable tar raises :class:`ShardFormatError` (reason ``shard_unreadable``)
+    naming the shard and the last sample read whole; the samples before it were yielded.
+    """
     key, members = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = info.name
-            base = name.rsplit("/", 1)[-1]
-            if base.startswith(".") or "." not in base:
-                continue
-            prefix = name[: len(name) - len(base)]
-            stem, suffix = base.split(".", 1)
-            member_key = prefix + stem
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = member_key, {}
-            members[suffix.lower()] = tar.extractfile(info).read()
+    last_whole = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                name = info.name
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith(".") or "." not in base:
+                    continue
+                prefix = name[: len(name) - len(base)]
+                stem, suffix = base.split(".", 1)
+                member_key = prefix + stem
+                if member_key != key:
+                    if key is not None:
+                        yield key, members
+                        last_whole = key
+                    key, members = member_key, {}
+                members[suffix.lower()] = tar.extractfile(info).read()
+            end = tar.offset
+        if _is_plain_tar(path) and os.path.getsize(path) - end < tarfile.BLOCKSIZE:
+            # cut at a member boundary: tarfile ends quietly, but a whole tar ends with zero blocks after its members
+            raise tarfile.ReadError(f"no end-of-archive block after byte {end} of {os.path.getsize(path)}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        after = f"after sample {last_whole}" if last_whole is not None else "before its first sample"
+        lost = f"; sample {key} and everything after it are lost" if key is not None else ""
+        raise ShardFormatError(f"{path}: unreadable tar {after} ({type(exc).__name__}: {exc}){lost}. "
+                               "The shard is truncated or damaged: copy it again (compare its size or checksum "
+                               "with the source)", "shard_unreadable") from exc
     if key is not None:
         yield key, members
 
@@ -266,16 +392,28 @@ def reference_entry(npy: bytes, meta: bytes | None, where: str) -> tuple[np.ndar
     """A reference's (first embedding, first box from its JSON's ``bboxes``, else its .npy's)."""
     arrays = load_npy(npy, where)
     if not isinstance(arrays, dict):
-        raise ShardFormatError(f"{where}: expected a dict with 'embeddings'")
-    embedding = embeddings_of(arrays, where)[0]
+        raise ShardFormatError(f"{where}: expected a dict with 'embeddings'", "npy")
+    embeddings = embeddings_of(arrays, where)
+    if not len(embeddings):
+        raise ShardFormatError(f"{where}: no embedding in the .npy", "embedding_shape")
     boxes = None
     if meta is not None:
-        boxes = json.loads(meta.decode("utf-8")).get("bboxes")
+        try:
+            parsed = json.loads(meta.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShardFormatError(f"{where}: its .json is not valid JSON ({exc})", "json") from exc
+        if not isinstance(parsed, dict):
+            raise ShardFormatError(f"{where}: its .json must be an object, got a {type(parsed).__name__}", "json")
+        boxes = parsed.get("bboxes")
     if boxes is None:
         boxes = arrays.get("bboxes")
-    box = tuple(float(v) for v in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[0]) if boxes is not None \
-        and np.size(boxes) else None
-    return embedding, box
+    box = None
+    if boxes is not None and np.size(boxes):
+        box = tuple(float(v) for v in _boxes_of(boxes, where)[0])
+        problem = box_problem(box, math.inf, math.inf)  # finite, not inverted (its photo's size is checked on use)
+        if problem is not None:
+            raise ShardFormatError(f"{where}: {problem[1]}", problem[0])
+    return embeddings[0], box
 
 
 class ReferenceFolder:
@@ -315,16 +453,18 @@ class ReferenceFolder:
         meta_path = npy.with_suffix(".json")
         return reference_entry(npy.read_bytes(), meta_path.read_bytes() if meta_path.is_file() else None, str(npy))
 
-    def image(self, npy: Path) -> np.ndarray:
-        """The reference photo beside the .npy (``<stem>.jpg``), RGB uint8."""
+    def image(self, npy: Path, max_pixels: int | None = None) -> np.ndarray:
+        """The reference photo beside the .npy (``<stem>.jpg``), RGB uint8, upright."""
         from withanyone_core.faces import load_image
 
-        return load_image(npy.with_suffix(".jpg"))
+        return load_image(npy.with_suffix(".jpg"), max_pixels)
 
 
-def read_cluster_centres(source: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_cluster_centres(source: str | os.PathLike, skipped: list | None = None) -> dict[str, np.ndarray]:
     """``<folder>/<name>.npy``, or the members ``[.../]<name>.npy`` of ``ref/cluster_centers.tar``
-    (one streaming pass, never untarred) -> the identity's 512-d centre (plain or pickled .npy)."""
+    (one streaming pass, never untarred) -> the identity's 512-d centre (plain or pickled .npy).
+    A centre that is not 512 finite numbers of a plausible norm is skipped with a warning naming it
+    (and appended to ``skipped`` as (where, reason, message))."""
     found: dict[str, tuple[bytes, str]] = {}
     source = Path(source)
     if source.is_file():
@@ -343,7 +483,26 @@ def read_cluster_centres(source: str | os.PathLike) -> dict[str, np.ndarray]:
     out = {}
     for name in sorted(found):
         data, where = found[name]
-        out[name] = np.asarray(load_npy(data, where), dtype=np.float32).reshape(-1)[:EMBEDDING_DIM]
+        try:
+            value = load_npy(data, where)
+            try:
+                centre = np.asarray(value, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise ShardFormatError(f"{where}: not an array of numbers ({exc})", "embedding_shape") from exc
+            if centre.size < EMBEDDING_DIM or centre.size % EMBEDDING_DIM:
+                raise ShardFormatError(f"{where}: a cluster centre of shape {list(centre.shape)}; expected "
+                                       f"[{EMBEDDING_DIM}] (or [k, {EMBEDDING_DIM}]: the first is used)",
+                                       "embedding_shape")
+            centre = centre.reshape(-1, EMBEDDING_DIM)[0]
+            check_embeddings(centre[None], where)
+        except UnsafePickleError:
+            raise
+        except ShardFormatError as exc:
+            logger.warning("cluster centres: skipping %s (%s): %s", name, exc.reason, exc)
+            if skipped is not None:
+                skipped.append((where, exc.reason, str(exc)))
+            continue
+        out[name] = centre
     return out
 
 
@@ -352,13 +511,14 @@ def landmark_file(cache_dir: str | os.PathLike, shard: str) -> Path:
     return Path(cache_dir) / f"{Path(shard).stem}-{digest}.landmarks.json"
 
 
-def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detector, iou_min: float = 0.3) -> int:
+def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detector, iou_min: float = 0.3,
+                     max_pixels: int | None = None) -> int:
     """Detect the GT faces' 5 landmarks once per shard and cache them (the release has none).
 
     Each GT box takes the detection that overlaps it most (IoU >= ``iou_min``); a box with
     none gets ``null`` and its face leaves the GT-aligned ID loss. Returns shards detected now.
     """
-    from withanyone_core.faces import load_image
+    from withanyone_core.faces import ImageReadError, decode_image
 
     from ..losses import box_iou
 
@@ -366,21 +526,28 @@ def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detect
     done = 0
     for shard in shards:
         target = landmark_file(cache_dir, shard)
-        if target.is_file():
+        if target.is_file() and read_landmark_file(target) is not None:
             continue
         table: dict[str, list] = {}
-        for key, members in iter_tar_samples(shard):
+        samples, complete = iter_tar_samples(shard), True
+        while True:
             try:
-                sample = parse_sample(shard, key, members)
-                from PIL import Image
-
-                image = load_image(np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB")))
+                key, members = next(samples)
+            except StopIteration:
+                break
+            except ShardFormatError as exc:  # truncated: what was read is used, not cached (re-read next run)
+                logger.warning("landmarks: skipping the rest of shard %s: %s", shard, exc)
+                complete = False
+                break
+            try:
+                sample = parse_sample(shard, key, members, max_pixels)
+                image = decode_image(sample.image, f"{sample.where}.jpg", max_pixels)
+                faces = detector.detect(image)
             except UnsafePickleError:
                 raise
-            except (ShardFormatError, OSError) as exc:
+            except (ShardFormatError, ImageReadError, OSError, ValueError) as exc:
                 logger.warning("landmarks: skipping %s:%s (%s)", shard, key, exc)
                 continue
-            faces = detector.detect(image)
             gt = np.array([p.box for p in sample.persons], dtype=np.float64).reshape(-1, 4)
             found = np.array([f.bbox[:4] for f in faces], dtype=np.float64).reshape(-1, 4)
             rows = [None] * len(gt)
@@ -391,11 +558,46 @@ def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detect
                     if iou[i, j] >= iou_min:
                         rows[i] = [[float(x), float(y)] for x, y in faces[j].kps]
             table[key] = rows
+        if not complete:
+            fallback = Path(cache_dir) / "partial"
+            fallback.mkdir(exist_ok=True)
+            target = fallback / target.name  # read by this run, replaced once the shard reads whole
         tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"shard": os.path.abspath(shard), "landmarks": table}))
         os.replace(tmp, target)
         done += 1
     return done
+
+
+def _landmark_row(row):
+    """A cached row: None, or 5 finite [x, y] points (else None: the face leaves the GT-aligned ID loss)."""
+    if row is None:
+        return None
+    try:
+        points = np.asarray(row, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return row if points.shape == (5, 2) and np.isfinite(points).all() else False
+
+
+def read_landmark_file(path: Path) -> dict[str, list] | None:
+    """A shard's cached landmarks, validated; None (with a warning naming it) for a damaged file."""
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))["landmarks"]
+        if not isinstance(table, dict) or not all(isinstance(rows, list) for rows in table.values()):
+            raise ValueError("expected {key: [rows]}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("landmark cache %s is unreadable (%s); it is detected again", path, exc)
+        return None
+    out = {}
+    for key, rows in table.items():
+        checked = [_landmark_row(r) for r in rows]
+        if any(r is False for r in checked):
+            logger.warning("landmark cache %s: %s has a row that is not 5 finite [x, y] points; its faces leave "
+                           "the GT-aligned ID loss", path, key)
+            checked = [None if r is False else r for r in checked]
+        out[key] = checked
+    return out
 
 
 def load_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike | None) -> dict[tuple[str, str], list]:
@@ -404,9 +606,18 @@ def load_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike | None) -
         return out
     for shard in shards:
         path = landmark_file(cache_dir, shard)
-        if path.is_file():
-            for key, rows in json.loads(path.read_text(encoding="utf-8"))["landmarks"].items():
-                out[(shard, key)] = rows
+        if not path.is_file():
+            path = Path(cache_dir) / "partial" / path.name  # a truncated shard's samples read so far
+        table = read_landmark_file(path) if path.is_file() else None
+        for key, rows in (table or {}).items():
+            out[(shard, key)] = rows
+    return out
+
+
+def _count_reasons(bad) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _, reason, _ in bad:
+        out[reason] = out.get(reason, 0) + 1
     return out
 
 
@@ -458,12 +669,21 @@ def negative_pool_tensors(refs: ReferenceFolder | ReferenceTars | None, centres:
             ids.append(numbers.ids.get(name, (1 << 56) + _stable_id(name)))
     if not embs:
         for shard in shards:
-            for key, members in iter_tar_samples(shard):
+            samples = iter_tar_samples(shard)
+            while True:
+                try:
+                    key, members = next(samples)
+                except StopIteration:
+                    break
+                except ShardFormatError as exc:
+                    logger.warning("negative pool: skipping the rest of shard %s: %s", shard, exc)
+                    break
                 try:
                     sample = parse_sample(shard, key, members)
                 except UnsafePickleError:
                     raise
-                except ShardFormatError:
+                except ShardFormatError as exc:
+                    logger.warning("negative pool: skipping %s:%s (%s)", shard, key, exc)
                     continue
                 for i, person in enumerate(sample.persons):
                     embs.append(person.embedding)
@@ -513,7 +733,15 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         buffer: list = []
         counter = 0
         for shard in mine:
-            for key, members in iter_tar_samples(shard):
+            samples = iter_tar_samples(shard)
+            while True:
+                try:
+                    key, members = next(samples)
+                except StopIteration:
+                    break
+                except ShardFormatError as exc:  # truncated/unreadable: the rest of this shard is skipped
+                    yield shard, None, exc
+                    break
                 counter += 1
                 if every is not None and (counter - 1) % every != slot:
                     continue
@@ -550,13 +778,20 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         whose share has one sample of a group per epoch still fills its batches.
         """
         pending = {} if pending is None else pending
+        counts = {} if counts is None else counts
         for shard, key, members in self.raw_samples(epoch, slot, slots):
+            if key is None:  # the shard could not be read on
+                logger.warning("skipping the rest of shard %s: %s", shard, members)
+                counts.setdefault("bad", []).append((shard, members.reason, str(members)))
+                continue
+            counts["read"] = counts.get("read", 0) + 1
             try:
-                sample = parse_sample(shard, key, members)
+                sample = parse_sample(shard, key, members, self.options.max_image_pixels)
             except UnsafePickleError:
                 raise
             except ShardFormatError as exc:
-                logger.warning("skipping a malformed sample: %s", exc)
+                logger.warning("skipping a bad sample (%s): %s", exc.reason, exc)
+                counts.setdefault("bad", []).append((f"{shard}:{key}", exc.reason, str(exc)))
                 continue
             if self._usable(sample) is not None:
                 continue
@@ -575,18 +810,27 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         slot = self.rank * workers + worker
         to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
         epoch, produced, pending = 0, 0, {}
+        counts: dict = {}  # bad samples and samples read are carried to the next batch, across epochs too
         while True:
-            counts: dict = {}
+            counts["usable"] = 0
             for group in self.grouped(epoch, slot, slots, pending, counts):
-                if produced < to_skip:
+                bad, read = counts.pop("bad", []), counts.pop("read", 0)
+                if produced < to_skip:  # consumed before the resume: its skips were counted then
                     produced += 1
                     continue
                 produced += 1
-                yield collate([self.item(sample, epoch) for sample in group])
+                batch = collate([self.safe_item(sample, epoch) for sample in group])
+                batch["bad"] = bad + batch["bad"]
+                batch["read"] = read
+                yield batch
             if not counts.get("usable"):
+                bad = counts.get("bad", [])
+                reasons = ", ".join(f"{r} {n}" for r, n in sorted(_count_reasons(bad).items()))
                 raise RuntimeError(f"slot {slot} of {slots} (rank x DataLoader worker) got no usable sample from "
-                                   f"{len(self.shards)} shard(s) in epoch {epoch}: give more shards/samples, fewer "
-                                   "data.num_workers, or lower the phase's min_face_size / min_quality")
+                                   f"{len(self.shards)} shard(s) in epoch {epoch}"
+                                   + (f" ({len(bad)} bad: {reasons}; first: {bad[0][2]})" if bad else "")
+                                   + ": give more shards/samples, fewer data.num_workers, or lower the phase's "
+                                   "min_face_size / min_quality")
             epoch += 1
 
     # ---- items
@@ -619,27 +863,53 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
         image = None
         if opts.siglip_crops:
             try:
-                image = self.refs.image(path)
-            except (OSError, ValueError):
+                image = self.refs.image(path, opts.max_image_pixels)
+            except (OSError, ValueError) as exc:
+                logger.warning("paired reference %s unreadable (%s)", path, exc)
+                return None, "paired_reference_unreadable"
+            problem = box_problem(box, image.shape[1], image.shape[0])
+            if problem is not None:
+                logger.warning("paired reference %s: %s", path, problem[1])
                 return None, "paired_reference_unreadable"
         return (embedding, image, box), None
 
+    def safe_item(self, sample: StreamSample, epoch: int) -> dict:
+        """:meth:`item`, with any failure turned into a skipped item naming shard and member (and logged)."""
+        try:
+            return self.item(sample, epoch)
+        except UnsafePickleError:
+            raise
+        except ShardFormatError as exc:
+            logger.warning("skipping a bad sample (%s): %s", exc.reason, exc)
+            return {"skipped": sample.where, "skip_reason": exc.reason, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - one sample must never stop the run; named and counted instead
+            message = f"{sample.where}: {type(exc).__name__}: {exc}"
+            logger.warning("skipping a sample that failed to load (item_error): %s", message)
+            return {"skipped": sample.where, "skip_reason": "item_error", "error": message}
+
     def item(self, sample: StreamSample, epoch: int) -> dict:
-        from PIL import Image
+        from withanyone_core.faces import ImageReadError, ImageTooLargeError, decode_image
 
         opts = self.options
         rng = random.Random(f"{self.seed}:{epoch}:{sample.where}")
         try:
-            with Image.open(io.BytesIO(sample.image)) as img:
-                image = np.asarray(img.convert("RGB"))
-        except OSError as exc:
+            image = decode_image(sample.image, f"{sample.where}.jpg", opts.max_image_pixels)
+        except ImageReadError as exc:
+            reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "image_unreadable"
             logger.warning("skipping unreadable image %s (%s)", sample.where, exc)
-            return {"skipped": sample.where}
+            return {"skipped": sample.where, "skip_reason": reason, "error": str(exc)}
+        if image.shape[1] != sample.width or image.shape[0] != sample.height:
+            raise ShardFormatError(f"{sample.where}.jpg: decoded {image.shape[1]}x{image.shape[0]}, but its header "
+                                   f"says {sample.width}x{sample.height}", "image_unreadable")
         width, height = opts.buckets[self._bucket(sample)]
         photo_boxes = np.array([p.box for p in sample.persons], dtype=np.float64)
         pixels, scale, x0, y0 = crop_to_bucket(image, width, height, photo_boxes, opts.crop, rng)
         boxes = torch.tensor(photo_boxes, dtype=torch.float32) * scale - torch.tensor([x0, y0, x0, y0])
         rows = self.landmarks.get((sample.shard, sample.key)) or [None] * len(sample.persons)
+        if len(rows) != len(sample.persons):  # a stale cache from other shards of the same name
+            logger.warning("%s: %d cached landmark rows for %d faces; its faces leave the GT-aligned ID loss",
+                           sample.where, len(rows), len(sample.persons))
+            rows = [None] * len(sample.persons)
         has_landmarks = torch.tensor([r is not None for r in rows])
         landmarks = torch.tensor([r if r is not None else [[0.0, 0.0]] * 5 for r in rows], dtype=torch.float32)
         landmarks = landmarks * scale - torch.tensor([x0, y0])

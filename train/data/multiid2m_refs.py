@@ -126,11 +126,16 @@ def scan_tar(path: str) -> list[list]:
                         or base.rsplit(".", 1)[1] not in REFERENCE_SUFFIXES:
                     continue
                 if info.offset_data + info.size > size:
-                    raise ShardFormatError(f"{path}:{info.name}: the tar is truncated (member data past its end)")
+                    raise tarfile.ReadError(f"{info.name}: member data past the end of the file")
                 members.append([info.name, info.offset_data, info.size])
     except tarfile.TarError as exc:
-        raise ShardFormatError(f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
-                               "ref/tars/*.tar (uncompressed) or the folder they untar into") from exc
+        if not members:
+            raise ShardFormatError(f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
+                                   "ref/tars/*.tar (uncompressed) or the folder they untar into") from exc
+        # truncated: the references read whole are used, the rest of this tar is skipped (named)
+        logger.warning("reference tar %s is truncated or damaged after %s (%s): its %d reference member(s) before "
+                       "that are used, the rest is skipped; copy the tar again to use all of it", path,
+                       members[-1][0], exc, len(members))
     return members
 
 
@@ -254,12 +259,12 @@ class ReferenceTars:
         meta = self._bytes(ref, ref.json, "json") if ref.json is not None else None
         return reference_entry(self._bytes(ref, ref.npy, "npy"), meta, str(ref))
 
-    def image(self, ref: RefMember) -> np.ndarray:
+    def image(self, ref: RefMember, max_pixels: int | None = None) -> np.ndarray:
         """The reference photo beside the .npy (``<stem>.jpg``), RGB uint8, decoded as ``load_image`` decodes files."""
         where = f"{ref.tar}:{ref.member[:-4]}.jpg"
         if ref.jpg is None:
             raise FileNotFoundError(f"{where}: not in the tar (a reference is <stem>.npy + .json + .jpg)")
-        return decode_image(self._bytes(ref, ref.jpg, "jpg"), where)
+        return decode_image(self._bytes(ref, ref.jpg, "jpg"), where, max_pixels)
 
     # ---- per-process file handles
     def _file(self, tar: str) -> io.BufferedReader:
@@ -287,24 +292,11 @@ class ReferenceTars:
         self._open = OrderedDict()
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8, with the mode rules of ``withanyone_core.faces.load_image``."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8, upright: ``withanyone_core.faces.decode_image`` (the one photo reader)."""
+    from withanyone_core.faces import decode_image as decode
 
-    from withanyone_core.faces import ImageReadError, to_rgb_uint8
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                arr = np.asarray(img).astype(np.uint16)
-            elif img.mode in ("I", "F", "L", "LA", "RGB", "RGBA"):
-                arr = np.asarray(img)
-            else:
-                arr = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageReadError(f"{where} could not be read as an image ({exc})") from exc
-    return to_rgb_uint8(arr, where)
+    return decode(data, where, max_pixels)
 
 
 def is_reference_folder(spec: str) -> bool:

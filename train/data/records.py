@@ -11,6 +11,7 @@ Manifest (one JSON object per line, paths relative to the manifest file)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,48 @@ from pathlib import Path
 import numpy as np
 
 EMBEDDING_DIM = 512
+# a face box may reach past the photo's border by this share of its own width/height (detectors
+# place boxes of faces at the edge slightly outside); further out, the record/sample is bad
+BOX_MARGIN = 0.25
+# raw antelopev2 embeddings have norms of about 15-35 (normalised ones 1): outside this, the vector is broken
+EMBEDDING_NORM_RANGE = (1e-3, 1e3)
+
+
+def box_problem(box, width: float, height: float) -> tuple[str, str] | None:
+    """(reason, text) when ``[x1, y1, x2, y2]`` is not finite, inverted, or outside the ``width x height``
+    photo by more than :data:`BOX_MARGIN` of its size; None for a good box."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(np.isfinite([x1, y1, x2, y2])):
+        return "box_not_finite", f"face box {[x1, y1, x2, y2]} is not finite"
+    if not (x2 > x1 and y2 > y1):
+        return "box_inverted", f"face box {[x1, y1, x2, y2]} is empty or inverted (x2 <= x1 or y2 <= y1)"
+    mx, my = BOX_MARGIN * (x2 - x1), BOX_MARGIN * (y2 - y1)
+    if x1 < -mx or y1 < -my or x2 > width + mx or y2 > height + my:
+        return "box_outside", (f"face box {[round(v, 1) for v in (x1, y1, x2, y2)]} lies outside the "
+                               f"{width:g}x{height:g} photo")
+    return None
+
+
+def embedding_problem(embedding: np.ndarray) -> tuple[str, str] | None:
+    """(reason, text) for a non-finite embedding or one whose norm no ArcFace vector has; None when good."""
+    if not np.isfinite(embedding).all():
+        return "embedding_not_finite", "an embedding holds NaN or infinite values"
+    norm = float(np.linalg.norm(np.asarray(embedding, dtype=np.float64)))
+    low, high = EMBEDDING_NORM_RANGE
+    if not low <= norm <= high:
+        return "embedding_norm", (f"embedding norm {norm:.4g} is outside [{low:g}, {high:g}] (raw ArcFace embeddings "
+                                  "have norms of about 15-35)")
+    return None
 
 
 class ManifestError(ValueError):
-    """A manifest line that cannot be used; the message names the file and line."""
+    """A manifest line that cannot be used; the message names the file and line.
+
+    ``reason`` is the short name a run's summary counts it under (see :mod:`train.data.skips`)."""
+
+    def __init__(self, message: str, reason: str = "manifest_line"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -82,7 +121,7 @@ def _finite_floats(value, shape: tuple[int, ...], what: str, where: str) -> np.n
     return array
 
 
-def _parse_person(raw: dict, where: str) -> Person:
+def _parse_person(raw: dict, where: str, width: int | None = None, height: int | None = None) -> Person:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: a person must be an object with {sorted(_PERSON_KEYS)}")
     unknown, missing = set(raw) - _PERSON_KEYS, _PERSON_KEYS - set(raw)
@@ -93,9 +132,16 @@ def _parse_person(raw: dict, where: str) -> Person:
         raise ManifestError(f"{where}: identity must be a non-empty string id, got {identity!r}")
     box = _finite_floats(raw["box"], (4,), "box [x1, y1, x2, y2]", where)
     if not (box[2] > box[0] and box[3] > box[1]):
-        raise ManifestError(f"{where}: box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box.tolist()}")
+        raise ManifestError(f"{where}: box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box.tolist()}",
+                            "box_inverted")
+    problem = box_problem(box, width, height) if width is not None else None
+    if problem is not None:
+        raise ManifestError(f"{where}: {problem[1]}", problem[0])
     landmarks = _finite_floats(raw["landmarks"], (5, 2), "landmarks (5 [x, y] points)", where)
     embedding = _finite_floats(raw["embedding"], (EMBEDDING_DIM,), "embedding", where).astype(np.float32)
+    problem = embedding_problem(embedding)
+    if problem is not None:
+        raise ManifestError(f"{where}: {problem[1]}", problem[0])
     return Person(str(identity), tuple(float(v) for v in box),
                   tuple((float(x), float(y)) for x, y in landmarks), embedding)
 
@@ -116,7 +162,8 @@ def parse_record(raw: dict, where: str) -> Record:
     quality = _finite_floats(raw.get("quality", 1.0), (), "quality", where)
     if not isinstance(raw["persons"], list):
         raise ManifestError(f"{where}: persons must be a list of objects")
-    persons = tuple(_parse_person(p, f"{where}, person {i + 1}") for i, p in enumerate(raw["persons"]))
+    persons = tuple(_parse_person(p, f"{where}, person {i + 1}", raw["width"], raw["height"])
+                    for i, p in enumerate(raw["persons"]))
     if not persons:
         raise ManifestError(f"{where}: a record needs at least one person")
     names = [p.identity for p in persons]
@@ -130,9 +177,13 @@ def parse_record(raw: dict, where: str) -> Record:
 class Manifest:
     """All records of a dataset, with image paths resolved against ``root``."""
 
-    def __init__(self, records: Sequence[Record], root: Path):
+    def __init__(self, records: Sequence[Record], root: Path, name: str = "manifest",
+                 lines: Sequence[int] | None = None, bad: Sequence[tuple[str, str, str]] = ()):
         self.records = list(records)
         self.root = Path(root)
+        self.name = name  # the file name warnings use
+        self.lines = list(lines) if lines is not None else None  # each record's line number in the file
+        self.bad = list(bad)  # (where, reason, message) of the lines skipped by a lenient load
 
     def __len__(self) -> int:
         return len(self.records)
@@ -141,24 +192,37 @@ class Manifest:
         return self.root / record.image
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Manifest":
+    def load(cls, path: str | os.PathLike, strict: bool = True) -> "Manifest":
+        """Every record of the file. ``strict``: the first bad line raises :class:`ManifestError`;
+        otherwise (the trainer) a bad line is skipped with a warning naming it, and listed in ``bad``."""
         path = Path(path)
         if not path.is_file():
             raise ManifestError(f"manifest not found: {path} (build one with `python train/prepare.py`)")
-        records = []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
+        records, lines, bad = [], [], []
+        with open(path, "rb") as fh:
+            for number, data in enumerate(fh, 1):
                 where = f"{path.name} line {number}"
                 try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from exc
-                records.append(parse_record(raw, where))
+                    line = data.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    try:
+                        raw = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ManifestError(f"{where}: not valid JSON ({exc.msg})", "json") from exc
+                    records.append(parse_record(raw, where))
+                    lines.append(number)
+                except (ManifestError, UnicodeDecodeError) as exc:
+                    if isinstance(exc, UnicodeDecodeError):
+                        exc = ManifestError(f"{where}: not UTF-8 text ({exc.reason})", "json")
+                    if strict:
+                        raise exc
+                    logging.getLogger(__name__).warning("skipping a bad manifest line (%s): %s", exc.reason, exc)
+                    bad.append((where, exc.reason, str(exc)))
         if not records:
-            raise ManifestError(f"{path} holds no records")
-        return cls(records, path.parent)
+            raise ManifestError(f"{path} holds no usable record"
+                                + (f" ({len(bad)} bad line(s), first: {bad[0][2]})" if bad else ""))
+        return cls(records, path.parent, path.name, lines, bad)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename)."""

@@ -23,7 +23,15 @@ from .analysis import (
     select_face,
 )
 from .crops import arcface_crop, siglip_crop, square_box
-from .images import ImageReadError, load_image, to_rgb_uint8
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    ImageTooLargeError,
+    decode_image,
+    image_size,
+    load_image,
+    to_rgb_uint8,
+)
 from .layout import (
     FRAMINGS,
     PhotoFraming,
@@ -39,10 +47,10 @@ from .layout import (
 )
 
 __all__ = [
-    "ANTELOPEV2_FILES", "DEFAULT_FACE_CHOICE", "DETECTOR_FILE", "FACE_CHOICES", "FRAMINGS", "RECOGNIZER_FILE", "Face",
+    "ANTELOPEV2_FILES", "DEFAULT_FACE_CHOICE", "DEFAULT_MAX_PIXELS", "DETECTOR_FILE", "FACE_CHOICES", "FRAMINGS", "RECOGNIZER_FILE", "Face",
     "FaceIndexError",
-    "FaceAnalyzer", "FaceModelsNotFound", "ImageReadError", "NoFaceError", "PhotoFraming", "PhotoLayout",
-    "arcface_crop", "box_masks", "boxes_from_mask", "count_noun", "find_antelopev2_dir", "fit_boxes",
+    "FaceAnalyzer", "FaceModelsNotFound", "ImageReadError", "ImageTooLargeError", "NoFaceError", "PhotoFraming", "PhotoLayout",
+    "arcface_crop", "box_masks", "boxes_from_mask", "count_noun", "decode_image", "find_antelopev2_dir", "fit_boxes", "image_size",
     "layout_boxes_from_image", "layout_from_faces", "layout_from_photo", "load_image", "map_face_boxes",
     "no_face_message", "onnx_providers", "photo_framing", "rank_faces", "select_face", "siglip_crop", "square_box",
     "to_rgb_uint8",
