@@ -77,6 +77,16 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warm-up over the first global steps, then each phase's lr
     max_grad_norm: float = 1.0
+    # adamw (torch, the authors') | adamw8bit (bitsandbytes: 8-bit states, 2 instead of 8 bytes per parameter)
+    name: str = "adamw"
+
+
+@dataclass
+class AdapterLoraConfig:
+    """LoRA on the trained adapter branch's linear layers (rank 0 = off: the whole branch trains)."""
+
+    rank: int = 0
+    alpha: float | None = None  # None = rank (scale 1)
 
 
 @dataclass
@@ -97,6 +107,11 @@ class TrainConfig:
     guidance: float = 1.0  # FLUX.1-dev distilled guidance fed to the model during training
     id_weight: float = 1.0
     siglip_weight: float = 1.0
+    # memory-lean options (README, training guide, "Memory"); the defaults are the authors' recipe
+    frozen_storage: str = "default"  # default (frozen_dtype) | fp8_e4m3fn: the frozen FLUX's block weights in fp8
+    adapter_lora: AdapterLoraConfig = field(default_factory=AdapterLoraConfig)
+    release_text_encoders: bool = False  # cache every caption's embeddings at the start, then drop T5 and CLIP
+    idle_branch_on_cpu: bool = False  # the adapter branch a one-branch run leaves off stays in CPU memory
 
 
 @dataclass
@@ -320,7 +335,29 @@ def validate(config: Config) -> Config:
         raise ConfigError("data.multiid2m.shuffle_buffer must be at least 1")
     if config.data.num_workers < 0 or config.data.batch_size <= 0:
         raise ConfigError("data.num_workers must be >= 0 and data.batch_size positive")
+    _validate_lean(config)
     return config
+
+
+LEAN_CHOICES = {"train.frozen_storage": ("default", "fp8_e4m3fn"), "train.optimizer.name": ("adamw", "adamw8bit")}
+
+
+def _validate_lean(config: Config) -> None:
+    """The memory-lean keys: known choices, and only the combinations the trainer can run."""
+    t = config.train
+    for key, value in (("train.frozen_storage", t.frozen_storage), ("train.optimizer.name", t.optimizer.name)):
+        if value not in LEAN_CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(LEAN_CHOICES[key])}; got {value!r}")
+    if t.frozen_storage != "default" and t.mode != "adapter":
+        raise ConfigError(f"train.frozen_storage={t.frozen_storage} stores the frozen FLUX in fp8, but train.mode="
+                          f"{t.mode} trains FLUX weights: use train.mode=adapter or train.frozen_storage=default")
+    if t.adapter_lora.rank < 0 or (t.adapter_lora.alpha is not None and t.adapter_lora.alpha <= 0):
+        raise ConfigError("train.adapter_lora.rank must be >= 0 (0 = off) and alpha positive (or unset = rank)")
+    if t.release_text_encoders and config.data.source != "manifest" and any(
+            p.prompt_mode == "caption" for p in config.phases):
+        raise ConfigError("train.release_text_encoders needs every caption before training, but the MultiID-2M "
+                          "shards' captions are only read while streaming: use it with data.source=manifest, or "
+                          "with fixed-prompt phases only, or set train.release_text_encoders=false")
 
 
 def resolved_paths(config: Config) -> list[tuple[str, str]]:

@@ -84,20 +84,29 @@ FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out
 GLINTR100_PARAMS = 65_150_000  # antelopev2's glintr100.onnx: 261 MB of fp32 weights (IResNet-100)
 
 
+# the memory-lean mode of train/configs/consumer-24gb.yaml (README, training guide, "Memory")
+LEAN = dict(frozen_storage="fp8_e4m3fn", optimizer="adamw8bit", adapter_lora_rank=64, release_text=True,
+            idle_on_cpu=True)
+
+
 def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> dict[tuple[str, int], object]:
-    """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}."""
+    """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}.
+
+    Every mode's models are built on the meta device and changed by the trainer's own code
+    (fp8 storage, adapter LoRA, ...); weights, gradients and optimizer states are counted by the
+    trainer's accounting (train/memory.py) from those modules."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, \
         T5EncoderModel
 
     from train.config import LoraConfig
-    from train.memory import estimate_training_memory, lora_parameter_count, parameter_bytes
+    from train.lean import IDLE_MODULES, add_adapter_lora, store_frozen_fp8
+    from train.memory import device_frozen_bytes, estimate_training_memory, lora_parameter_count
     from train.models import BRANCH_PREFIXES
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 
     bf16 = torch.bfloat16
     with torch.device("meta"):
-        flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(bf16)
         t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                      num_heads=64, feed_forward_proj="gated-gelu")).to(bf16)
         clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
@@ -105,48 +114,72 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> 
                                             max_position_embeddings=77, projection_dim=768)).to(bf16)
         vae = AutoencoderKL(**FLUX_DEV_VAE).to(bf16)
         siglip = SiglipVisionModel(SiglipVisionConfig(image_size=256, patch_size=16))
-        adapter = IdentityAdapter(AdapterConfig())
-    encoders = parameter_bytes([t5, clip, vae]) + GLINTR100_PARAMS * 4  # ArcFace stays fp32
-    flux_bytes = parameter_bytes([flux])
-    lora_params = lora_parameter_count(flux, LoraConfig().targets, 32)
-    branch_params = {b: sum(p.numel() for n, p in adapter.named_parameters() if n.startswith(BRANCH_PREFIXES[b]))
-                     for b in ("arcface", "siglip", "both")}
+    for frozen_model in (t5, clip, vae, siglip):
+        frozen_model.requires_grad_(False)
+    arcface_bytes = GLINTR100_PARAMS * 4  # ArcFace stays fp32
     rows = {}
-    cases = {  # label: (mode, adapter branch)
-        "adapter": ("adapter", "arcface"), "adapter, both branches": ("adapter", "both"),
-        "lora": ("lora", "arcface"), "full": ("full", "arcface"),
+    cases = {  # label: (mode, adapter branch, lean options)
+        "adapter": ("adapter", "arcface", {}), "adapter, both branches": ("adapter", "both", {}),
+        "lora": ("lora", "arcface", {}), "full": ("full", "arcface", {}),
+        "adapter-lean": ("adapter", "arcface", LEAN),
     }
-    for label, (mode, branch) in cases.items():
-        trained = branch_params[branch]
-        idle_branch = branch_params["both"] - trained  # kept in bf16 while the other branch trains
-        frozen = encoders + 2 * idle_branch + (parameter_bytes([siglip]) if branch != "arcface" else 0)
-        if mode == "lora":
-            trained += lora_params
-        if mode == "full":
-            trained += sum(p.numel() for p in flux.parameters())
+    for label, (mode, branch, lean) in cases.items():
+        with torch.device("meta"):
+            flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(bf16).requires_grad_(False)
+            adapter = IdentityAdapter(AdapterConfig())
+        prefixes = BRANCH_PREFIXES[branch]
+        if lean.get("adapter_lora_rank"):  # the trainer's set_trainable path
+            params = add_adapter_lora(adapter, prefixes, lean["adapter_lora_rank"], float(lean["adapter_lora_rank"]),
+                                      bf16)
         else:
-            frozen += flux_bytes
+            params = [p for n, p in adapter.named_parameters() if n.startswith(prefixes)]
+            for n, p in adapter.named_parameters():
+                p.requires_grad_(n.startswith(prefixes))
+        for p in adapter.parameters():  # the idle branch (and a LoRA'd branch's base) in bf16, as the trainer does
+            if not p.requires_grad:
+                p.data = p.data.to(bf16)
+        if lean.get("frozen_storage"):
+            store_frozen_fp8(flux, lean["frozen_storage"])
+        numels = [p.numel() for p in params]
+        if mode == "lora":
+            numels.append(lora_parameter_count(flux, LoraConfig().targets, 32))
+        if mode == "full":
+            numels += [p.numel() for p in flux.parameters()]
+            flux_frozen = []
+        else:
+            flux_frozen = [flux]
+        encoders = [] if lean.get("release_text") else [t5, clip]
+        idle = [getattr(adapter, n) for n in IDLE_MODULES[branch]] if lean.get("idle_on_cpu") else []
+        frozen = device_frozen_bytes([*flux_frozen, adapter, vae, *encoders,
+                                      siglip if branch != "arcface" else None], idle) + arcface_bytes
         for zero, n in ((0, 1), (2, ranks)):
+            if zero and lean.get("optimizer", "adamw") != "adamw":
+                continue  # DeepSpeed brings its own optimizer: the lean mode is for one GPU
             rows[(label, zero)] = estimate_training_memory(
-                frozen_bytes=frozen, trainable_params=trained, transformer_config=flux.config,
+                frozen_bytes=frozen, trainable_params=sum(numels), transformer_config=flux.config,
                 vae_config=vae.config, batch=1, height=size, width=size, text_tokens=text_tokens,
                 compute_dtype=bf16, gradient_checkpointing=True, id_losses=True, adapter_config=adapter.config,
                 adapter_branches={"arcface": ("arc",), "both": ("arc", "sig")}[branch], zero_stage=zero,
-                num_processes=n)
+                num_processes=n, optimizer=lean.get("optimizer", "adamw"),
+                trainable_numels=numels if zero == 0 and lean else None,
+                frozen_storage=lean.get("frozen_storage", "default"),
+                adapter_lora_rank=lean.get("adapter_lora_rank", 0))
     return rows
 
 
 def report_memory() -> None:
     rows = flux_dev_memory()
     logger.info("memory per GPU at FLUX.1-dev, 512 px, batch 1, bf16, gradient checkpointing, ID losses on "
-                "(GB: frozen weights + trainable weights + gradients + AdamW + activations = total):")
+                "(GB: frozen weights + trainable weights + gradients + optimizer states + activations = total):")
     for (label, zero), est in rows.items():
         where = "1 GPU           " if zero == 0 else "ZeRO-2 over 8   "
         logger.info("  %-24s %s %5.1f + %5.1f + %5.1f + %6.1f + %4.1f = %6.1f", label, where,
                     est.frozen_weights / 1e9, est.trainable_weights / 1e9, est.gradients / 1e9, est.optimizer / 1e9,
                     est.activations / 1e9, est.total / 1e9)
-    logger.info("train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB per GPU",
-                rows[("adapter", 0)].total / 1e9, rows[("lora", 0)].total / 1e9, rows[("full", 2)].total / 1e9)
+    logger.info("  adapter-lean: %s", ", ".join(f"{k} {v}" for k, v in LEAN.items()))
+    logger.info("train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB, "
+                "adapter-lean %.1f GB per GPU", rows[("adapter", 0)].total / 1e9, rows[("lora", 0)].total / 1e9,
+                rows[("full", 2)].total / 1e9, rows[("adapter-lean", 0)].total / 1e9)
 
 
 def mask_cost(batch: int, height: int, width: int, persons: int, heads: int, reps: int) -> tuple[float, float]:
