@@ -315,3 +315,27 @@ def test_text_encoders_leave_memory(smoke_set, tmp_path):
     assert t5() is None and isinstance(models.text, CachedText) and cached is models.text
     with pytest.raises(RuntimeError, match="was not cached before the text encoders were released"):
         models.text(["a caption nobody listed"])
+
+
+# ------------------------------------------------------------------ FLUX.1-dev size
+def test_a_mode_fits_22_gb_at_flux_dev_size():
+    """The bench's memory line (tests/bench/bench_train.py): adapter-lean at FLUX.1-dev, 512², batch 1."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench.bench_train import flux_dev_memory
+
+    rows = flux_dev_memory(labels=("adapter", "adapter-lean"))
+    lean, adapter = rows[("adapter-lean", 0)], rows[("adapter", 0)]
+    assert lean.total <= 22e9 < adapter.total
+    assert lean.frozen_weights < 0.5 * adapter.frozen_weights  # fp8 FLUX, no T5/CLIP, the SigLIP branch on the CPU
+    assert lean.optimizer < 0.02 * adapter.optimizer  # LoRA rank 64 (59 M parameters), 8-bit states
+
+
+def test_gpu_check_lean_measurement_runs_at_tiny_size():
+    """tests/gpu/gpu_check.py's lean-mode measurement (run at FLUX.1-dev size where CUDA exists), on the CPU."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "gpu")]
+    import gpu_check
+
+    result = gpu_check.lean_training_peak("cpu", tiny=True)
+    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["estimate"].static > 0 and result["estimate"].activations > 0 and result["peak"] == 0
+    assert result["optimizer"] == ("adamw8bit" if HAS_BNB else "adamw")

@@ -89,7 +89,8 @@ LEAN = dict(frozen_storage="fp8_e4m3fn", optimizer="adamw8bit", adapter_lora_ran
             idle_on_cpu=True)
 
 
-def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> dict[tuple[str, int], object]:
+def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
+                    labels: tuple[str, ...] | None = None) -> dict[tuple[str, int], object]:
     """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}.
 
     Every mode's models are built on the meta device and changed by the trainer's own code
@@ -124,6 +125,8 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> 
         "adapter-lean": ("adapter", "arcface", LEAN),
     }
     for label, (mode, branch, lean) in cases.items():
+        if labels is not None and label not in labels:
+            continue
         with torch.device("meta"):
             flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(bf16).requires_grad_(False)
             adapter = IdentityAdapter(AdapterConfig())
