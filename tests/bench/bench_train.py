@@ -1,9 +1,10 @@
 """Training benchmark: the smoke config measured side by side in one run, and memory at FLUX.1-dev size.
 
 - steps/s and peak memory (RSS growth of the process, CPU; CUDA peak allocated on a GPU)
-  for adapter-only vs adapter + LoRA training, next to the trainer's own memory estimate;
+  for adapter-only vs adapter + LoRA vs adapter-lean training, next to the trainer's own memory estimate;
 - per-GPU memory at FLUX.1-dev size (512 px, batch 1, bf16, gradient checkpointing) for
-  each training mode, with and without DeepSpeed ZeRO-2 over 8 ranks: parameters counted
+  each training mode (adapter-lean: train/configs/consumer-24gb.yaml's options), with and without
+  DeepSpeed ZeRO-2 over 8 ranks: parameters counted
   from the real architectures built on the meta device, activations measured there (see
   train/memory.py); ends with the one-line summary;
 - per-step cost of building the region masks/layout: the reference's loop-built
@@ -51,13 +52,24 @@ def _rss_mb() -> float:
     return _peak_rss_mb()
 
 
+def lean_overrides() -> list[str]:
+    """The adapter-lean mode on the smoke set (LoRA rank 16 on the tiny adapter; plain AdamW without bitsandbytes)."""
+    import importlib.util
+
+    optimizer = LEAN["optimizer"] if importlib.util.find_spec("bitsandbytes") else "adamw"
+    return ["train.mode=adapter", "train.branch=arcface", f"train.frozen_storage={LEAN['frozen_storage']}",
+            f"train.optimizer.name={optimizer}", "train.adapter_lora.rank=16", "train.release_text_encoders=true",
+            "train.idle_branch_on_cpu=true", "train.gradient_checkpointing=true"]
+
+
 def train_speed(mode: str, steps: int) -> tuple[float, float, float]:
     from train.config import load_config
     from train.run import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         phases = f"phases=[{{name: bench, steps: {steps}, paired_ratio: 0.5, min_face_size: 32}}]"
-        config = load_config(SMOKE, [f"output_dir={out}", f"train.mode={mode}", "train.lora.rank=16", phases,
+        modes = lean_overrides() if mode == "adapter-lean" else [f"train.mode={mode}"]
+        config = load_config(SMOKE, [f"output_dir={out}", *modes, "train.lora.rank=16", phases,
                                      f"checkpoint.every={steps + 1}", "sample.every=0", "tensorboard=false"])
         config.checkpoint.every = steps  # one save at the end only
         if torch.cuda.is_available():
@@ -214,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each mode")
-    parser.add_argument("--mode", choices=["adapter", "lora"], help=argparse.SUPPRESS)  # one child run
+    parser.add_argument("--mode", choices=["adapter", "lora", "adapter-lean"], help=argparse.SUPPRESS)  # one child run
     parser.add_argument("--memory-only", action="store_true", help="only the FLUX.1-dev memory table")
     args = parser.parse_args()
     if args.mode:
@@ -226,7 +238,7 @@ def main() -> None:
         return
     build_smoke_set(ROOT / ".cache" / "smoke")
     results = {}
-    runs: dict[str, list[dict]] = {"adapter": [], "lora": []}
+    runs: dict[str, list[dict]] = {"adapter": [], "lora": [], "adapter-lean": []}
     for _ in range(args.rounds):  # interleaved, separate processes (peak memory is per process)
         for mode in runs:
             out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
@@ -235,10 +247,12 @@ def main() -> None:
     unit = "allocated on the GPU" if torch.cuda.is_available() else "process RSS growth"
     median = {mode: statistics.median(r["speed"] for r in rows) for mode, rows in runs.items()}
     for mode, rows in runs.items():
-        logger.info("%-8s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate "
+        logger.info("%-12s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate "
                     "%.0f MB", mode, median[mode], len(rows), max(r["speed"] for r in rows),
                     max(r["peak"] for r in rows), unit, rows[0]["estimate"])
     logger.info("LoRA vs adapter-only: %.2fx the step time (medians)", median["adapter"] / median["lora"])
+    logger.info("adapter-lean vs adapter-only: %.2fx the step time (medians; tiny model on this device)",
+                median["adapter"] / median["adapter-lean"])
     for label, shape in (("smoke batch (2 x 128 px, 2 persons, 2 heads)", (2, 128, 128, 2, 2)),
                          ("FLUX.1-dev batch (2 x 512 px, 2 persons, 24 heads)", (2, 512, 512, 2, 24))):
         ref, ours = mask_cost(*shape, reps=20)
