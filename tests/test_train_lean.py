@@ -205,7 +205,9 @@ MODES = {
     "fp8": ["train.frozen_storage=fp8_e4m3fn", "train.mixed_precision=bf16"],
     "adapter-lora": ["train.adapter_lora.rank=4", "train.mixed_precision=bf16"],
     "adamw8bit": ["train.optimizer.name=adamw8bit"],
-    "lean": ["train.branch=arcface", "train.frozen_storage=fp8_e4m3fn", "train.optimizer.name=adamw8bit",
+    # every lean option (8-bit AdamW where bitsandbytes is installed, so the rest is checked without it too)
+    "lean": ["train.branch=arcface", "train.frozen_storage=fp8_e4m3fn",
+             f"train.optimizer.name={'adamw8bit' if HAS_BNB else 'adamw'}",
              "train.adapter_lora.rank=4", "train.release_text_encoders=true", "train.idle_branch_on_cpu=true",
              "train.gradient_checkpointing=true", "train.mixed_precision=bf16", "sample.every=1"],
 }
@@ -350,8 +352,6 @@ def test_lean_run_resumes_bit_identically(smoke_set, tmp_path, fresh_accelerate)
     from train import run
 
     lean = [o for o in MODES["lean"] if not o.startswith("sample.")]
-    if not HAS_BNB:
-        lean = [o for o in lean if "adamw8bit" not in o]
     phases = "phases=[{name: two, steps: 2, min_face_size: 32, text_dropout: 0.5}]"
     # mixed precision is fixed per process by accelerate: resetting it between the runs keeps bf16
     from accelerate.state import AcceleratorState
@@ -370,3 +370,26 @@ def test_lean_run_resumes_bit_identically(smoke_set, tmp_path, fresh_accelerate)
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-2")
     train(tmp_path / "resumed")
     assert len(losses(tmp_path / "full")) == 2 and losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
+def test_adapter_activations_under_checkpointing_are_one_blocks_worth():
+    """The adapter's residual runs in each block's forward hook, inside the checkpointed call: with gradient
+    checkpointing only the block being recomputed holds its adapter activations (without it, every block does)."""
+    from train.memory import _adapter_block_activations, transformer_activations
+    from withanyone_core.adapter import AdapterConfig
+
+    flux = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                axes_dims_rope=(16, 24, 24))
+    adapter = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2, siglip_dim=32)
+    one_block = _adapter_block_activations(adapter, ("arc",), 1, 256, 2, torch.bfloat16)
+    assert one_block > 0
+    for ckpt, blocks in ((True, 1), (False, 4)):
+        bare = transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, ckpt)
+        with_adapter = transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, ckpt, adapter_config=adapter)
+        assert with_adapter - bare == blocks * one_block
+    lora = _adapter_block_activations(adapter, ("arc",), 1, 256, 2, torch.bfloat16, lora_rank=4)
+    assert lora > one_block  # LoRA keeps its rank-4 intermediates too
+    fp8 = transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, False, frozen_storage="fp8_e4m3fn")
+    plain = transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, False)
+    assert 0 <= fp8 - plain <= 4 * 40  # the fp8 layers keep their weight (a parameter) and 4-byte scale, no cast copy
