@@ -234,9 +234,9 @@ def captions_of_run(config, manifest=None, max_persons: int = 4) -> list[str]:
     from train.data.dataset import fixed_prompt
 
     wanted: dict[str, None] = {}
-    persons = max_persons
+    persons = max_persons  # MultiID-2M photos (a stream or a mix) are not counted up front
     if manifest is not None and len(manifest):
-        persons = max(max(len(r.persons) for r in manifest.records), 1)
+        persons = max(persons, *(len(r.persons) for r in manifest.records))
     for phase in config.phases:
         if phase.text_dropout > 0:
             wanted[""] = None
