@@ -5,7 +5,7 @@ file (and a ``COMPLETE`` marker naming them) is on disk, so a kill -9 at any mom
 leaves either the previous checkpoints or a temp folder that resume ignores and removes.
 
 Contents: ``withanyone.safetensors`` (the adapter, official key layout, loads in the
-ComfyUI adapter loader), ``lora.safetensors`` when LoRA trains (keys ComfyUI's LoRA
+ComfyUI adapter loader; with ``train.adapter_lora`` its LoRA merged in), ``lora.safetensors`` when LoRA trains (keys ComfyUI's LoRA
 loader applies to FLUX: ``transformer.<diffusers module>.lora_A/lora_B.weight`` and
 ``.alpha``), ``accelerate/`` (model, optimizer, RNG states of every rank)
 and ``trainer.json`` (global step, phase, data position). The marker records every file's
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 
 from withanyone_core.checkpoints import save_adapter
+
+from .lean import MergedAdapterView, has_adapter_lora
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, models, trai
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter = accelerator.unwrap_model(models.denoiser).adapter
+        if has_adapter_lora(adapter):  # train.adapter_lora: the LoRA merged, a normal full adapter file
+            adapter = MergedAdapterView(adapter)
         save_adapter(adapter, tmp / "withanyone.safetensors", metadata={"step": str(step), **(adapter_metadata or {})})
         files = ["withanyone.safetensors", "accelerate", "trainer.json"]
         if lora_alpha is not None:

@@ -158,6 +158,16 @@ class OptimConfig:
     eps: Annotated[float, POSITIVE] = 1e-8
     warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # linear warm-up over the first global steps, then each phase's lr
     max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0  # 0 = no clipping
+    # adamw (torch, the authors') | adamw8bit (bitsandbytes: 8-bit states, 2 instead of 8 bytes per parameter)
+    name: str = "adamw"
+
+
+@dataclass
+class AdapterLoraConfig:
+    """LoRA on the trained adapter branch's linear layers (rank 0 = off: the whole branch trains)."""
+
+    rank: Annotated[int, NON_NEGATIVE] = 0
+    alpha: Annotated[float, POSITIVE] | None = None  # None = rank (scale 1)
 
 
 @dataclass
@@ -180,6 +190,11 @@ class TrainConfig:
     siglip_weight: Annotated[float, NON_NEGATIVE] = 1.0
     # a step with a non-finite loss or gradient is skipped (never applied); this many in a row stop the run
     max_nonfinite_steps: Annotated[int, AT_LEAST_1] = 5
+    # memory-lean options (README, training guide, "Memory"); the defaults are the authors' recipe
+    frozen_storage: str = "default"  # default (frozen_dtype) | fp8_e4m3fn: the frozen FLUX's block weights in fp8
+    adapter_lora: AdapterLoraConfig = field(default_factory=AdapterLoraConfig)
+    release_text_encoders: bool = False  # cache every caption's embeddings at the start, then drop T5 and CLIP
+    idle_branch_on_cpu: bool = False  # the adapter branch a one-branch run leaves off stays in CPU memory
 
 
 @dataclass
@@ -691,7 +706,29 @@ def validate(config: Config) -> Config:
         raise ConfigError("data.multiid2m is set but data.source is manifest: set data.source to multiid2m or mix")
     if len(data.mix) != 2 or min(data.mix) < 0 or sum(data.mix) <= 0:
         raise ConfigError(f"data.mix must be two non-negative weights [manifest, multiid2m], not both 0; got {data.mix}")
+    _validate_lean(config)
     return config
+
+
+LEAN_CHOICES = {"train.frozen_storage": ("default", "fp8_e4m3fn"), "train.optimizer.name": ("adamw", "adamw8bit")}
+
+
+def _validate_lean(config: Config) -> None:
+    """The memory-lean keys: known choices, and only the combinations the trainer can run."""
+    t = config.train
+    for key, value in (("train.frozen_storage", t.frozen_storage), ("train.optimizer.name", t.optimizer.name)):
+        if value not in LEAN_CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(LEAN_CHOICES[key])}; got {value!r}")
+    if t.frozen_storage != "default" and t.mode != "adapter":
+        raise ConfigError(f"train.frozen_storage={t.frozen_storage} stores the frozen FLUX in fp8, but train.mode="
+                          f"{t.mode} trains FLUX weights: use train.mode=adapter or train.frozen_storage=default")
+    if t.adapter_lora.rank < 0 or (t.adapter_lora.alpha is not None and t.adapter_lora.alpha <= 0):
+        raise ConfigError("train.adapter_lora.rank must be >= 0 (0 = off) and alpha positive (or unset = rank)")
+    if t.release_text_encoders and config.data.source != "manifest" and any(
+            p.prompt_mode == "caption" for p in config.phases):
+        raise ConfigError("train.release_text_encoders needs every caption before training, but the MultiID-2M "
+                          "shards' captions are only read while streaming: use it with data.source=manifest, or "
+                          "with fixed-prompt phases only, or set train.release_text_encoders=false")
 
 
 def resolved_paths(config: Config) -> list[tuple[str, str]]:

@@ -25,6 +25,12 @@ GB = 1e9
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
 
 
+def device_frozen_bytes(modules: Iterable[nn.Module | None], offloaded: Iterable[nn.Module] = ()) -> float:
+    """Frozen parameter and buffer bytes the training device holds: ``modules`` less ``offloaded``
+    (modules kept in CPU memory, e.g. the idle adapter branch)."""
+    return parameter_bytes(modules, trainable=False) - parameter_bytes(list(offloaded), trainable=False)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per GPU."""
@@ -39,9 +45,14 @@ class MemoryEstimate:
     def total(self) -> float:
         return self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer + self.activations
 
+    @property
+    def static(self) -> float:
+        """Weights, gradients and optimizer states: what does not depend on the batch."""
+        return self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer
+
     def describe(self) -> str:
         return (f"{self.total / GB:.1f} GB (frozen weights {self.frozen_weights / GB:.1f}, trainable weights "
-                f"{self.trainable_weights / GB:.1f}, gradients {self.gradients / GB:.1f}, AdamW states "
+                f"{self.trainable_weights / GB:.1f}, gradients {self.gradients / GB:.1f}, optimizer states "
                 f"{self.optimizer / GB:.1f}, activations {self.activations / GB:.1f})")
 
 
@@ -61,14 +72,25 @@ def parameter_bytes(modules: Iterable[nn.Module | None], trainable: bool | None 
     return float(total)
 
 
-def optimizer_memory(trainable_params: int, zero_stage: int = 0, num_processes: int = 1) -> tuple[float, float, float]:
-    """(trainable weights, gradients, AdamW states) in bytes per GPU for ``trainable_params`` parameters.
+def optimizer_memory(trainable_params: int, zero_stage: int = 0, num_processes: int = 1,
+                     optimizer: str = "adamw", trainable_numels: Iterable[int] | None = None
+                     ) -> tuple[float, float, float]:
+    """(trainable weights, gradients, optimizer states) in bytes per GPU for ``trainable_params`` parameters.
 
-    Plain DDP / one GPU: fp32 master weights, fp32 gradients, two fp32 AdamW states
-    (16 bytes per parameter). DeepSpeed ZeRO-2 (bf16): bf16 weights on every rank;
+    Plain DDP / one GPU: fp32 master weights, fp32 gradients, and the optimizer's states:
+    AdamW two fp32 states (16 bytes per parameter in all), 8-bit AdamW two uint8 states plus
+    block scales (see :func:`train.lean.optimizer_state_bytes`; given ``trainable_numels``, the
+    per-tensor sizes, the count is exact). DeepSpeed ZeRO-2 (bf16): bf16 weights on every rank;
     fp32 master weights, AdamW states and gradients partitioned over the ranks.
     """
     p = float(trainable_params)
+    if zero_stage == 0 and (optimizer != "adamw" or trainable_numels is not None):
+        from .lean import optimizer_state_bytes
+
+        numels = list(trainable_numels) if trainable_numels is not None else [int(p)]
+        return 4 * p, 4 * p, optimizer_state_bytes(numels, optimizer)
+    if optimizer != "adamw":
+        raise ValueError(f"the {optimizer} states are not estimated under DeepSpeed ZeRO (it brings its own optimizer)")
     if zero_stage >= 2:
         n = max(1, num_processes)
         return 2 * p + 4 * p / n, 4 * p / n, 4 * ADAMW_STATES * p / n
@@ -123,12 +145,19 @@ class _SavedTensors:
 def transformer_activations(transformer_config: dict, batch: int, height: int, width: int, text_tokens: int,
                             dtype: torch.dtype, gradient_checkpointing: bool,
                             adapter_config=None, adapter_branches: tuple[str, ...] = ("arc",),
-                            persons: int = 2) -> float:
-    """Activation bytes of one FLUX (+ adapter) forward kept for backward, measured on the meta device."""
+                            persons: int = 2, frozen_storage: str = "default", adapter_lora_rank: int = 0) -> float:
+    """Activation bytes of one FLUX (+ adapter) forward kept for backward, measured on the meta device.
+
+    The adapter's residual runs in a forward hook of each block, so with gradient checkpointing it
+    is recomputed with its block: only one block's adapter activations are alive at a time."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"), _quiet_diffusers():
         model = FluxTransformer2DModel.from_config(dict(transformer_config)).to(dtype).requires_grad_(False)
+    if frozen_storage != "default":  # the layers the trainer runs (they keep no cast weight for backward)
+        from .lean import store_frozen_fp8
+
+        store_frozen_fp8(model, frozen_storage)
     image_tokens = (height // 16) * (width // 16)
     seq = image_tokens + text_tokens
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
@@ -163,12 +192,14 @@ def transformer_activations(transformer_config: dict, batch: int, height: int, w
         flux = counter.bytes
     adapter = 0.0
     if adapter_config is not None and adapter_branches:
-        adapter = len(blocks) * _adapter_block_activations(adapter_config, adapter_branches, batch, image_tokens,
-                                                          persons, dtype)
+        adapter = _adapter_block_activations(adapter_config, adapter_branches, batch, image_tokens, persons, dtype,
+                                             adapter_lora_rank)
+        adapter *= 1 if gradient_checkpointing else len(blocks)
     return float(flux + adapter)
 
 
-def _adapter_block_activations(adapter_config, branches, batch, image_tokens, persons, dtype) -> float:
+def _adapter_block_activations(adapter_config, branches, batch, image_tokens, persons, dtype,
+                               lora_rank: int = 0) -> float:
     """Saved bytes of one block's identity residual (every image token in some box: the upper bound)."""
     from withanyone_core.adapter import IdentityCrossAttention
 
@@ -178,6 +209,10 @@ def _adapter_block_activations(adapter_config, branches, batch, image_tokens, pe
         per_person = cfg.arc_tokens if branch == "arc" else cfg.sig_tokens_per_person
         with torch.device("meta"):
             block = IdentityCrossAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim).to(dtype)
+        if lora_rank:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig(r=lora_rank, target_modules=["to_q", "to_kv", "to_out"]), block)
         img = torch.empty(batch, image_tokens, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         ids = torch.empty(batch, persons * per_person, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         counter = _SavedTensors(block.parameters(), attention=(image_tokens, persons * per_person))
@@ -205,10 +240,13 @@ def estimate_training_memory(*, frozen_bytes: float, trainable_params: int, tran
                              batch: int, height: int, width: int, text_tokens: int, compute_dtype: torch.dtype,
                              gradient_checkpointing: bool, id_losses: bool, adapter_config=None,
                              adapter_branches: tuple[str, ...] = ("arc",), persons: int = 2,
-                             zero_stage: int = 0, num_processes: int = 1) -> MemoryEstimate:
-    weights, grads, optim = optimizer_memory(trainable_params, zero_stage, num_processes)
+                             zero_stage: int = 0, num_processes: int = 1, optimizer: str = "adamw",
+                             trainable_numels: Iterable[int] | None = None, frozen_storage: str = "default",
+                             adapter_lora_rank: int = 0) -> MemoryEstimate:
+    weights, grads, optim = optimizer_memory(trainable_params, zero_stage, num_processes, optimizer, trainable_numels)
     acts = transformer_activations(transformer_config, batch, height, width, text_tokens, compute_dtype,
-                                   gradient_checkpointing, adapter_config, adapter_branches, persons)
+                                   gradient_checkpointing, adapter_config, adapter_branches, persons,
+                                   frozen_storage, adapter_lora_rank)
     if id_losses:
         acts += decoder_activations(vae_config, batch, height, width, compute_dtype)
     return MemoryEstimate(frozen_bytes, weights, grads, optim, acts)

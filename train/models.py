@@ -257,13 +257,23 @@ def load_models(config: Config) -> ModelSet:
     return ModelSet(Denoiser(transformer, adapter), vae, text, arcface, siglip)
 
 
-def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both") -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze what ``mode`` and ``branch`` train; returns exactly those parameters."""
+def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both", adapter_lora=None,
+                  frozen: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what ``mode`` and ``branch`` train; returns exactly those parameters.
+
+    With ``adapter_lora`` (a rank > 0) the branch trains through LoRA on its linear layers: its
+    base weights are frozen in ``frozen`` and only the LoRA weights train (see train/lean.py)."""
     transformer, adapter = models.transformer, models.adapter
     transformer.requires_grad_(False)
     prefixes = BRANCH_PREFIXES[branch]
-    for name, p in adapter.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
+    if adapter_lora is not None and adapter_lora.rank > 0:
+        from .lean import add_adapter_lora
+
+        add_adapter_lora(adapter, prefixes, adapter_lora.rank,
+                         adapter_lora.alpha if adapter_lora.alpha is not None else float(adapter_lora.rank), frozen)
+    else:
+        for name, p in adapter.named_parameters():
+            p.requires_grad_(name.startswith(prefixes))
     if mode == "lora":
         from peft import LoraConfig as PeftLoraConfig
 
@@ -282,6 +292,18 @@ def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both") 
     elif mode != "adapter":
         raise ValueError(f"unknown training mode {mode!r}")
     params = [p for p in models.denoiser.parameters() if p.requires_grad]
-    logger.info("training %s (adapter branch %s): %.2f M parameters", mode, branch,
+    logger.info("training %s (adapter branch %s%s): %.2f M parameters", mode, branch,
+                f", LoRA rank {adapter_lora.rank}" if adapter_lora is not None and adapter_lora.rank > 0 else "",
                 sum(p.numel() for p in params) / 1e6)
     return params
+
+
+def apply_frozen_storage(models: ModelSet, config: Config) -> None:
+    """``train.frozen_storage``: the frozen FLUX blocks' weights in fp8, cast to the compute dtype on use."""
+    if config.train.frozen_storage == "default":
+        return
+    from .lean import store_frozen_fp8
+
+    count = store_frozen_fp8(models.transformer, config.train.frozen_storage)
+    logger.info("frozen FLUX: %d block linear layers stored in %s (cast on use)", count,
+                config.train.frozen_storage)

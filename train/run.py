@@ -58,6 +58,7 @@ from train.losses import (  # noqa: E402
 )
 from train.models import (  # noqa: E402
     ModelSet,
+    apply_frozen_storage,
     branch_weights,
     frozen_dtype,
     load_models,
@@ -65,6 +66,7 @@ from train.models import (  # noqa: E402
     set_trainable,
     unpack_latents,
 )
+from train.lean import build_optimizer, cache_and_release_text, captions_of_run, offload_idle_branch  # noqa: E402
 from train.phases import PhaseSchedule  # noqa: E402
 
 logger = logging.getLogger("withanyone.train")
@@ -131,7 +133,9 @@ class Trainer:
                 logger.info("%s = %s", key, path)
         torch.manual_seed(config.seed)
         self.models: ModelSet = load_models(config)
-        self.params = set_trainable(self.models, config.train.mode, config.train.lora, config.train.branch)
+        self.params = set_trainable(self.models, config.train.mode, config.train.lora, config.train.branch,
+                                    config.train.adapter_lora, frozen_dtype(config))
+        apply_frozen_storage(self.models, config)
         self.id_weight, self.siglip_weight = branch_weights(config)
         if config.train.mixed_precision == "bf16":  # the idle branch of a one-branch run needs no fp32 copy
             for p in self.models.adapter.parameters():
@@ -184,10 +188,11 @@ class Trainer:
                 ids = torch.cat([ids, manifest_pool.identity_ids + MANIFEST_ID_OFFSET])
             self.pool = NegativePool(embs, ids)
         self.text_cache = TextEmbeddingCache(config.data.text_cache) if config.data.text_cache else None
+        if config.train.release_text_encoders:  # before FLUX reaches the GPU: T5 and CLIP leave first
+            cache_and_release_text(self.models, captions_of_run(config, self.manifest), acc.device, self.text_cache)
         self.schedule = PhaseSchedule(config.phases)
         opt = config.train.optimizer
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.schedule.lr_at(0, opt.lr, opt.warmup_steps),
-                                           weight_decay=opt.weight_decay, betas=tuple(opt.betas), eps=opt.eps)
+        self.optimizer = build_optimizer(self.params, opt, self.schedule.lr_at(0, opt.lr, opt.warmup_steps))
         # no scheduler object: the learning rate is a function of the global step (PhaseSchedule.lr_at),
         # set once per optimizer step, so it cannot depend on the number of processes
         self.denoiser, self.optimizer = acc.prepare(self.models.denoiser, self.optimizer)
@@ -203,6 +208,8 @@ class Trainer:
                 module.to(device)
         if self.models.siglip is not None:
             self.models.siglip.model.to(device)
+        self.offloaded = offload_idle_branch(self.models.adapter, config.train.branch) \
+            if config.train.idle_branch_on_cpu else 0
         self.step = 0
         self.phase_index = -1
         self.sampler: BucketBatchSampler | None = None
@@ -222,7 +229,8 @@ class Trainer:
             acc.init_trackers("withanyone")
 
     def _log_memory_estimate(self) -> None:
-        from train.memory import estimate_training_memory, parameter_bytes
+        from train.lean import IDLE_MODULES
+        from train.memory import device_frozen_bytes, estimate_training_memory
 
         cfg, acc, models = self.config, self.accelerator, self.models
         plugin = getattr(acc.state, "deepspeed_plugin", None)
@@ -233,9 +241,12 @@ class Trainer:
         compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else frozen_dtype(cfg)
         try:
             estimate = estimate_training_memory(
-                frozen_bytes=parameter_bytes([models.denoiser, models.vae, models.text, models.arcface,
-                                              getattr(models.siglip, "model", None)], trainable=False),
+                frozen_bytes=device_frozen_bytes(
+                    [models.denoiser, models.vae, models.text, models.arcface, getattr(models.siglip, "model", None)],
+                    [getattr(models.adapter, n) for n in IDLE_MODULES[cfg.train.branch]] if self.offloaded else ()),
                 trainable_params=sum(p.numel() for p in self.params),
+                optimizer=cfg.train.optimizer.name, trainable_numels=[p.numel() for p in self.params],
+                frozen_storage=cfg.train.frozen_storage, adapter_lora_rank=cfg.train.adapter_lora.rank,
                 transformer_config=models.transformer.config, vae_config=models.vae.config,
                 batch=cfg.data.batch_size, height=height, width=width, text_tokens=models.text.t5_length,
                 compute_dtype=compute, gradient_checkpointing=cfg.train.gradient_checkpointing, id_losses=uses_id,

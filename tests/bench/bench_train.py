@@ -1,9 +1,10 @@
 """Training benchmark: the smoke config measured side by side in one run, and memory at FLUX.1-dev size.
 
 - steps/s and peak memory (RSS growth of the process, CPU; CUDA peak allocated on a GPU)
-  for adapter-only vs adapter + LoRA training, next to the trainer's own memory estimate;
+  for adapter-only vs adapter + LoRA vs adapter-lean training, next to the trainer's own memory estimate;
 - per-GPU memory at FLUX.1-dev size (512 px, batch 1, bf16, gradient checkpointing) for
-  each training mode, with and without DeepSpeed ZeRO-2 over 8 ranks: parameters counted
+  each training mode (adapter-lean: train/configs/consumer-24gb.yaml's options), with and without
+  DeepSpeed ZeRO-2 over 8 ranks: parameters counted
   from the real architectures built on the meta device, activations measured there (see
   train/memory.py); ends with the one-line summary;
 - per-step cost of building the region masks/layout: the reference's loop-built
@@ -51,13 +52,24 @@ def _rss_mb() -> float:
     return _peak_rss_mb()
 
 
+def lean_overrides() -> list[str]:
+    """The adapter-lean mode on the smoke set (LoRA rank 16 on the tiny adapter; plain AdamW without bitsandbytes)."""
+    import importlib.util
+
+    optimizer = LEAN["optimizer"] if importlib.util.find_spec("bitsandbytes") else "adamw"
+    return ["train.mode=adapter", "train.branch=arcface", f"train.frozen_storage={LEAN['frozen_storage']}",
+            f"train.optimizer.name={optimizer}", "train.adapter_lora.rank=16", "train.release_text_encoders=true",
+            "train.idle_branch_on_cpu=true", "train.gradient_checkpointing=true"]
+
+
 def train_speed(mode: str, steps: int) -> tuple[float, float, float]:
     from train.config import load_config
     from train.run import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         phases = f"phases=[{{name: bench, steps: {steps}, paired_ratio: 0.5, min_face_size: 32}}]"
-        config = load_config(SMOKE, [f"output_dir={out}", f"train.mode={mode}", "train.lora.rank=16", phases,
+        modes = lean_overrides() if mode == "adapter-lean" else [f"train.mode={mode}"]
+        config = load_config(SMOKE, [f"output_dir={out}", *modes, "train.lora.rank=16", phases,
                                      f"checkpoint.every={steps + 1}", "sample.every=0", "tensorboard=false"])
         config.checkpoint.every = steps  # one save at the end only
         if torch.cuda.is_available():
@@ -84,20 +96,30 @@ FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out
 GLINTR100_PARAMS = 65_150_000  # antelopev2's glintr100.onnx: 261 MB of fp32 weights (IResNet-100)
 
 
-def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> dict[tuple[str, int], object]:
-    """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}."""
+# the memory-lean mode of train/configs/consumer-24gb.yaml (README, training guide, "Memory")
+LEAN = dict(frozen_storage="fp8_e4m3fn", optimizer="adamw8bit", adapter_lora_rank=64, release_text=True,
+            idle_on_cpu=True)
+
+
+def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
+                    labels: tuple[str, ...] | None = None) -> dict[tuple[str, int], object]:
+    """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}.
+
+    Every mode's models are built on the meta device and changed by the trainer's own code
+    (fp8 storage, adapter LoRA, ...); weights, gradients and optimizer states are counted by the
+    trainer's accounting (train/memory.py) from those modules."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, \
         T5EncoderModel
 
     from train.config import LoraConfig
-    from train.memory import estimate_training_memory, lora_parameter_count, parameter_bytes
+    from train.lean import IDLE_MODULES, add_adapter_lora, store_frozen_fp8
+    from train.memory import device_frozen_bytes, estimate_training_memory, lora_parameter_count
     from train.models import BRANCH_PREFIXES
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 
     bf16 = torch.bfloat16
     with torch.device("meta"):
-        flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(bf16)
         t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                      num_heads=64, feed_forward_proj="gated-gelu")).to(bf16)
         clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
@@ -105,48 +127,74 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8) -> 
                                             max_position_embeddings=77, projection_dim=768)).to(bf16)
         vae = AutoencoderKL(**FLUX_DEV_VAE).to(bf16)
         siglip = SiglipVisionModel(SiglipVisionConfig(image_size=256, patch_size=16))
-        adapter = IdentityAdapter(AdapterConfig())
-    encoders = parameter_bytes([t5, clip, vae]) + GLINTR100_PARAMS * 4  # ArcFace stays fp32
-    flux_bytes = parameter_bytes([flux])
-    lora_params = lora_parameter_count(flux, LoraConfig().targets, 32)
-    branch_params = {b: sum(p.numel() for n, p in adapter.named_parameters() if n.startswith(BRANCH_PREFIXES[b]))
-                     for b in ("arcface", "siglip", "both")}
+    for frozen_model in (t5, clip, vae, siglip):
+        frozen_model.requires_grad_(False)
+    arcface_bytes = GLINTR100_PARAMS * 4  # ArcFace stays fp32
     rows = {}
-    cases = {  # label: (mode, adapter branch)
-        "adapter": ("adapter", "arcface"), "adapter, both branches": ("adapter", "both"),
-        "lora": ("lora", "arcface"), "full": ("full", "arcface"),
+    cases = {  # label: (mode, adapter branch, lean options)
+        "adapter": ("adapter", "arcface", {}), "adapter, both branches": ("adapter", "both", {}),
+        "lora": ("lora", "arcface", {}), "full": ("full", "arcface", {}),
+        "adapter-lean": ("adapter", "arcface", LEAN),
     }
-    for label, (mode, branch) in cases.items():
-        trained = branch_params[branch]
-        idle_branch = branch_params["both"] - trained  # kept in bf16 while the other branch trains
-        frozen = encoders + 2 * idle_branch + (parameter_bytes([siglip]) if branch != "arcface" else 0)
-        if mode == "lora":
-            trained += lora_params
-        if mode == "full":
-            trained += sum(p.numel() for p in flux.parameters())
+    for label, (mode, branch, lean) in cases.items():
+        if labels is not None and label not in labels:
+            continue
+        with torch.device("meta"):
+            flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(bf16).requires_grad_(False)
+            adapter = IdentityAdapter(AdapterConfig())
+        prefixes = BRANCH_PREFIXES[branch]
+        if lean.get("adapter_lora_rank"):  # the trainer's set_trainable path
+            params = add_adapter_lora(adapter, prefixes, lean["adapter_lora_rank"], float(lean["adapter_lora_rank"]),
+                                      bf16)
         else:
-            frozen += flux_bytes
+            params = [p for n, p in adapter.named_parameters() if n.startswith(prefixes)]
+            for n, p in adapter.named_parameters():
+                p.requires_grad_(n.startswith(prefixes))
+        for p in adapter.parameters():  # the idle branch (and a LoRA'd branch's base) in bf16, as the trainer does
+            if not p.requires_grad:
+                p.data = p.data.to(bf16)
+        if lean.get("frozen_storage"):
+            store_frozen_fp8(flux, lean["frozen_storage"])
+        numels = [p.numel() for p in params]
+        if mode == "lora":
+            numels.append(lora_parameter_count(flux, LoraConfig().targets, 32))
+        if mode == "full":
+            numels += [p.numel() for p in flux.parameters()]
+            flux_frozen = []
+        else:
+            flux_frozen = [flux]
+        encoders = [] if lean.get("release_text") else [t5, clip]
+        idle = [getattr(adapter, n) for n in IDLE_MODULES[branch]] if lean.get("idle_on_cpu") else []
+        frozen = device_frozen_bytes([*flux_frozen, adapter, vae, *encoders,
+                                      siglip if branch != "arcface" else None], idle) + arcface_bytes
         for zero, n in ((0, 1), (2, ranks)):
+            if zero and lean.get("optimizer", "adamw") != "adamw":
+                continue  # DeepSpeed brings its own optimizer: the lean mode is for one GPU
             rows[(label, zero)] = estimate_training_memory(
-                frozen_bytes=frozen, trainable_params=trained, transformer_config=flux.config,
+                frozen_bytes=frozen, trainable_params=sum(numels), transformer_config=flux.config,
                 vae_config=vae.config, batch=1, height=size, width=size, text_tokens=text_tokens,
                 compute_dtype=bf16, gradient_checkpointing=True, id_losses=True, adapter_config=adapter.config,
                 adapter_branches={"arcface": ("arc",), "both": ("arc", "sig")}[branch], zero_stage=zero,
-                num_processes=n)
+                num_processes=n, optimizer=lean.get("optimizer", "adamw"),
+                trainable_numels=numels if zero == 0 and lean else None,
+                frozen_storage=lean.get("frozen_storage", "default"),
+                adapter_lora_rank=lean.get("adapter_lora_rank", 0))
     return rows
 
 
 def report_memory() -> None:
     rows = flux_dev_memory()
     logger.info("memory per GPU at FLUX.1-dev, 512 px, batch 1, bf16, gradient checkpointing, ID losses on "
-                "(GB: frozen weights + trainable weights + gradients + AdamW + activations = total):")
+                "(GB: frozen weights + trainable weights + gradients + optimizer states + activations = total):")
     for (label, zero), est in rows.items():
         where = "1 GPU           " if zero == 0 else "ZeRO-2 over 8   "
         logger.info("  %-24s %s %5.1f + %5.1f + %5.1f + %6.1f + %4.1f = %6.1f", label, where,
                     est.frozen_weights / 1e9, est.trainable_weights / 1e9, est.gradients / 1e9, est.optimizer / 1e9,
                     est.activations / 1e9, est.total / 1e9)
-    logger.info("train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB per GPU",
-                rows[("adapter", 0)].total / 1e9, rows[("lora", 0)].total / 1e9, rows[("full", 2)].total / 1e9)
+    logger.info("  adapter-lean: %s", ", ".join(f"{k} {v}" for k, v in LEAN.items()))
+    logger.info("train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB, "
+                "adapter-lean %.1f GB per GPU", rows[("adapter", 0)].total / 1e9, rows[("lora", 0)].total / 1e9,
+                rows[("full", 2)].total / 1e9, rows[("adapter-lean", 0)].total / 1e9)
 
 
 def mask_cost(batch: int, height: int, width: int, persons: int, heads: int, reps: int) -> tuple[float, float]:
@@ -178,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each mode")
-    parser.add_argument("--mode", choices=["adapter", "lora"], help=argparse.SUPPRESS)  # one child run
+    parser.add_argument("--mode", choices=["adapter", "lora", "adapter-lean"], help=argparse.SUPPRESS)  # one child run
     parser.add_argument("--memory-only", action="store_true", help="only the FLUX.1-dev memory table")
     args = parser.parse_args()
     if args.mode:
@@ -190,7 +238,7 @@ def main() -> None:
         return
     build_smoke_set(ROOT / ".cache" / "smoke")
     results = {}
-    runs: dict[str, list[dict]] = {"adapter": [], "lora": []}
+    runs: dict[str, list[dict]] = {"adapter": [], "lora": [], "adapter-lean": []}
     for _ in range(args.rounds):  # interleaved, separate processes (peak memory is per process)
         for mode in runs:
             out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
@@ -199,10 +247,12 @@ def main() -> None:
     unit = "allocated on the GPU" if torch.cuda.is_available() else "process RSS growth"
     median = {mode: statistics.median(r["speed"] for r in rows) for mode, rows in runs.items()}
     for mode, rows in runs.items():
-        logger.info("%-8s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate "
+        logger.info("%-12s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate "
                     "%.0f MB", mode, median[mode], len(rows), max(r["speed"] for r in rows),
                     max(r["peak"] for r in rows), unit, rows[0]["estimate"])
     logger.info("LoRA vs adapter-only: %.2fx the step time (medians)", median["adapter"] / median["lora"])
+    logger.info("adapter-lean vs adapter-only: %.2fx the step time (medians; tiny model on this device)",
+                median["adapter"] / median["adapter-lean"])
     for label, shape in (("smoke batch (2 x 128 px, 2 persons, 2 heads)", (2, 128, 128, 2, 2)),
                          ("FLUX.1-dev batch (2 x 512 px, 2 persons, 24 heads)", (2, 512, 512, 2, 24))):
         ref, ours = mask_cost(*shape, reps=20)

@@ -9,7 +9,9 @@ On a machine with CUDA:
    weights, 1024 x 1024, two people, the full-size adapter (2.78 B parameters, bf16) through the
    pack's own patch: the per-step time patched vs unpatched (difference of a long and a short run,
    interleaved, minimum over repetitions) and the peak VRAM of a sampling run with and without the
-   adapter, printed as ratios.
+   adapter, printed as ratios;
+3. the memory-lean training mode (train/configs/consumer-24gb.yaml) at FLUX.1-dev size, 512 px: the peak
+   of three training steps printed beside the trainer's estimate (:func:`lean_training_peak`).
 
 Without CUDA it says so and exits 0. ``--dry-run`` runs part 2 on the CPU at a tiny size (1 + 1
 blocks, 128 px), so the script itself is tested everywhere (tests/test_gpu_check.py).
@@ -150,6 +152,118 @@ def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtyp
     return result
 
 
+def lean_training_peak(device: str, tiny: bool = False, steps: int = 3, size: int = 512) -> dict:
+    """Peak memory of ``steps`` training steps of the adapter-lean mode (train/configs/consumer-24gb.yaml) at
+    FLUX.1-dev size (random weights), next to the trainer's estimate for the same modules.
+
+    Built with the trainer's own pieces: the FLUX blocks' weights in fp8 (cast on use), the ArcFace branch
+    through LoRA rank 64, the idle SigLIP branch in CPU memory, 8-bit AdamW (bitsandbytes; plain AdamW with a
+    log line where it is not installed, e.g. a CPU dry run), gradient checkpointing, bf16 autocast; the text
+    encoders are released (random stand-ins for their cached embeddings); the VAE decodes the prediction and a
+    stand-in for the ID loss reads it, so the decoder's activations count. Not built: the ArcFace network
+    (0.26 GB, added to the estimate's frozen weights as the bench does)."""
+    import importlib.util
+
+    from bench.bench_train import FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE, GLINTR100_PARAMS, LEAN
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from train.config import OptimConfig
+    from train.lean import IDLE_MODULES, add_adapter_lora, build_optimizer, offload_idle_branch, store_frozen_fp8
+    from train.losses import flow_matching_loss
+    from train.memory import device_frozen_bytes, estimate_training_memory
+    from train.models import BRANCH_PREFIXES, Denoiser, pack_latents, unpack_latents
+    from withanyone_core.adapter import AdapterConfig, IdentityAdapter
+
+    bf16, cuda = torch.bfloat16, device == "cuda"
+    flux_cfg = dict(FLUX_DEV_TRANSFORMER)
+    vae_cfg = dict(FLUX_DEV_VAE)
+    text_tokens = 512
+    if tiny:
+        flux_cfg.update(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
+                        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24))
+        vae_cfg.update(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+        text_tokens, size = 16, 128
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**flux_cfg).to(bf16)
+        vae = AutoencoderKL(**vae_cfg).to(bf16)
+    for model in (flux, vae):  # random weights made in place (no fp32 copy of 12 B parameters)
+        model.to_empty(device=device).requires_grad_(False)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, 0.5 / p.shape[1] ** 0.5)
+                else:
+                    p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    store_frozen_fp8(flux, LEAN["frozen_storage"])
+    hidden = flux_cfg["num_attention_heads"] * flux_cfg["attention_head_dim"]
+    adapter = IdentityAdapter(AdapterConfig(hidden_size=hidden, num_heads=flux_cfg["num_attention_heads"],
+                                            num_double_blocks=flux_cfg["num_layers"],
+                                            num_single_blocks=flux_cfg["num_single_layers"]))
+    params = add_adapter_lora(adapter, BRANCH_PREFIXES["arcface"], LEAN["adapter_lora_rank"],
+                              float(LEAN["adapter_lora_rank"]), bf16)
+    for p in adapter.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(bf16)
+    denoiser = Denoiser(flux, adapter.to(device))
+    offload_idle_branch(adapter, "arcface")
+    denoiser.handle.enable_gradient_checkpointing()
+    name = LEAN["optimizer"] if importlib.util.find_spec("bitsandbytes") else "adamw"
+    if name != LEAN["optimizer"]:
+        logger.info("bitsandbytes is not installed: the lean check runs plain AdamW")
+    optimizer = build_optimizer(params, OptimConfig(name=name), 1e-4)
+    idle = [getattr(adapter, n) for n in IDLE_MODULES["arcface"]]
+    estimate = estimate_training_memory(
+        frozen_bytes=device_frozen_bytes([denoiser, vae], idle) + GLINTR100_PARAMS * 4,
+        trainable_params=sum(p.numel() for p in params), transformer_config=flux.config, vae_config=vae.config,
+        batch=1, height=size, width=size, text_tokens=text_tokens, compute_dtype=bf16, gradient_checkpointing=True,
+        id_losses=True, adapter_config=adapter.config, adapter_branches=("arc",), optimizer=name,
+        trainable_numels=[p.numel() for p in params], frozen_storage=LEAN["frozen_storage"],
+        adapter_lora_rank=LEAN["adapter_lora_rank"])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(0)
+    boxes = [[(0.15 * size, 0.2 * size, 0.4 * size, 0.45 * size), (0.6 * size, 0.2 * size, 0.85 * size, 0.45 * size)]]
+    started = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        clean = pack_latents(torch.randn(1, 16, size // 8, size // 8, generator=g)).to(device)
+        noise = torch.randn(clean.shape, generator=g).to(device)
+        t = torch.full((1,), 0.5, device=device)
+        noisy = (1 - t.view(-1, 1, 1)) * clean + t.view(-1, 1, 1) * noise
+        text = torch.randn(1, text_tokens, flux_cfg["joint_attention_dim"], generator=g).to(device)
+        pooled = torch.randn(1, flux_cfg["pooled_projection_dim"], generator=g).to(device)
+        arcface = (20 * torch.randn(1, 2, 512, generator=g)).to(device)
+        siglip = torch.zeros(1, 2, 256, adapter.config.siglip_dim, device=device)
+        with torch.autocast(device_type=device, dtype=bf16):
+            v = denoiser(noisy, t, text, pooled, torch.ones(1, device=device), arcface, siglip, boxes, size, size,
+                         1.0, 0.0)
+            z = unpack_latents(noisy - t.view(-1, 1, 1) * v, size, size)
+            image = vae.decode(z.to(bf16)).sample.float()
+        loss = flow_matching_loss(v, noise, clean) + 1e-3 * image.square().mean()  # the ID loss's stand-in
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    return {"peak": peak, "estimate": estimate, "seconds": time.perf_counter() - started, "losses": losses,
+            "optimizer": name, "size": size}
+
+
+def report_lean(result: dict, tiny: bool) -> None:
+    est = result["estimate"]
+    where = "tiny, CPU" if tiny else "FLUX.1-dev, 19 + 38 blocks"
+    peak = f"peak {result['peak'] / 1e9:.1f} GB allocated" if result["peak"] else "peak not measured on the CPU"
+    logger.info("gpu lean training %d² batch 1 (%s, %s): %s over %d steps vs the estimate %.1f GB (static %.1f + "
+                "activations %.1f; the estimate leaves out the CUDA context); %.1f s", result["size"], where,
+                result["optimizer"], peak,
+                len(result["losses"]), est.total / 1e9, est.static / 1e9, est.activations / 1e9, result["seconds"])
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +301,7 @@ def main() -> int:
         logger.info("gpu bench 1024: peak VRAM %.1f GB with the adapter vs %.1f GB without (%.3fx)",
                     result["peak_patched"] / 1e9, result["peak_unpatched"] / 1e9,
                     result["peak_patched"] / result["peak_unpatched"])
+    report_lean(lean_training_peak("cpu" if args.dry_run else "cuda", tiny=args.dry_run), args.dry_run)
     logger.info("gpu check finished in %.0f s", time.perf_counter() - started)
     return status
 
