@@ -92,6 +92,31 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 
 
 @needs_bnb
+def test_importing_bitsandbytes_reaches_no_network():
+    """bitsandbytes 0.50 asks the hub for a CPU kernel at import (on AVX512-BF16 CPUs); the trainer's import
+    must not. A fresh interpreter (transformers imported first, as in the trainer) records every connect."""
+    import subprocess
+
+    code = (
+        "import socket, sys\n"
+        "attempts = []\n"
+        "def refuse(*args, **kwargs):\n"
+        "    attempts.append(repr(args)[:80])\n"
+        "    raise OSError('network refused by the test')\n"
+        "socket.getaddrinfo = socket.create_connection = refuse\n"
+        "socket.socket.connect = socket.socket.connect_ex = refuse\n"
+        "import transformers\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from train.lean import bitsandbytes\n"
+        "bnb = bitsandbytes()\n"
+        "assert hasattr(bnb.optim, 'AdamW8bit')\n"
+        "print('ATTEMPTS', attempts)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ATTEMPTS []" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@needs_bnb
 def test_adamw8bit_follows_adamw_on_cpu():
     from train.config import OptimConfig
     from train.lean import build_optimizer

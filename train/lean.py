@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -109,12 +110,32 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def bitsandbytes():
+    """bitsandbytes, imported without letting it reach the network.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes (0.50) asks the ``kernels`` package to fetch a 4-bit
+    CPU kernel from the Hugging Face hub (HF_HUB_OFFLINE no longer helps once huggingface_hub is imported).
+    The 8-bit optimizer does not use that kernel, and nothing here may download: ``kernels`` is hidden
+    during the import, so bitsandbytes takes its own fallback."""
+    hidden = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)  # its fallback's warning is about the hidden download, not about us
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
         raise ImportError("train.optimizer.name=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
                           "(or pip install -r requirements-train.txt), or set train.optimizer.name=adamw") from exc
+    finally:
+        cpu_ops_log.setLevel(level)
+        if hidden is _ABSENT:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
     return bnb
+
+
+_ABSENT = object()
 
 
 def build_optimizer(params: list[nn.Parameter], opt, lr: float) -> torch.optim.Optimizer:
