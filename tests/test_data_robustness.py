@@ -424,10 +424,11 @@ def test_a_prepared_negative_pool_with_broken_rows_loses_only_those(tmp_path, ca
 
 
 @pytest.mark.parametrize("setting, match", [
-    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be a share in \[0, 1\] \(0.01 = 1 %\); got 1.5"),
-    ("data.max_bad_fraction=-0.1", "data.max_bad_fraction must be a share in"),
-    ("data.max_bad_fraction=.nan", "data.max_bad_fraction must be a share in"),
-    ("data.max_image_pixels=-1", r"data.max_image_pixels must be a whole number of pixels >= 0 \(0 = no limit\)"),
+    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be in \[0, 1\]; got 1.5"),
+    ("data.max_bad_fraction=-0.1", r"data.max_bad_fraction must be in \[0, 1\]; got -0.1"),
+    ("data.max_bad_fraction=.nan", "data.max_bad_fraction must be a finite number; got nan"),
+    ("data.max_image_pixels=-1", "data.max_image_pixels must be >= 0; got -1"),
+    ("data.max_image_pixels=1.5", r"data.max_image_pixels: expected int \(a whole number\), got 1.5"),
 ])
 def test_the_data_limits_are_range_checked(tmp_path, monkeypatch, setting, match):
     from train.config import ConfigError, load_config
