@@ -9,6 +9,7 @@ Rerunning with the same ``output_dir`` resumes from the newest complete checkpoi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -351,6 +352,10 @@ class Trainer:
         context = "fork" if workers and sys.platform == "linux" else None
         resuming = self.sampler_state is not None and self.sampler_phase == active.index
         self.sampler = self.batches = self.stream_batches = None
+        if workers and context == "fork":
+            # a forked worker must not inherit garbage it would collect itself: an unreachable onnxruntime
+            # session (face models) blocks forever in its destructor there (its thread pool stayed behind)
+            gc.collect()
         size = []
         if self.manifest is not None:
             dataset = WithAnyoneDataset(self.manifest, options, seed=cfg.seed + active.index, index=self.index)
