@@ -42,3 +42,14 @@ def tiny_comfy_models(tmp_path_factory):
         return base
 
     return new_base
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test():
+    """Each test's garbage is collected in the process that made it. A later test that forks (DataLoader
+    workers) would otherwise hand the children unreachable onnxruntime sessions, and a child that collects
+    one blocks forever in its destructor (its thread pool lives only in the parent)."""
+    yield
+    import gc
+
+    gc.collect()

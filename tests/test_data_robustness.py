@@ -440,7 +440,7 @@ def test_the_data_limits_are_range_checked(tmp_path, monkeypatch, setting, match
     assert config.data.max_bad_fraction == 0.01 and config.data.max_image_pixels == 150_000_000
 
 
-def test_a_run_with_more_bad_samples_than_allowed_stops_listing_them(tmp_path):
+def test_a_run_with_more_bad_samples_than_allowed_stops_listing_them(tmp_path, caplog):
     from train import run
     from train.smoke_data import build_smoke_set
 
@@ -450,10 +450,13 @@ def test_a_run_with_more_bad_samples_than_allowed_stops_listing_them(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WITHANYONE_SHARDS", str(tmp_path / "shards" / "re_*.tar"))
         mp.setenv("WITHANYONE_LANDMARKS", str(tmp_path / "landmarks"))
-        with pytest.raises(BadDataError) as info:  # the default data.max_bad_fraction: 1 %
+        with pytest.raises(SystemExit) as info:  # the default data.max_bad_fraction: 1 %
             run.main(["--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "phases.1.steps=1",
                       "--set", "data.num_workers=0"])
-    message = str(info.value)
+    assert info.value.code == 1  # stopped with its message, not a traceback
+    stops = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "withanyone.train"]
+    assert len(stops) == 1
+    message = stops[0]
     assert "above data.max_bad_fraction = 1 %" in message and "raise data.max_bad_fraction" in message
     listed = [line.strip() for line in message.splitlines()[1:]]
     assert listed and all(any(where in line for where in expected) for line in listed)

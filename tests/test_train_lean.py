@@ -92,7 +92,7 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 
 
 @needs_bnb
-def test_importing_bitsandbytes_reaches_no_network():
+def test_importing_bitsandbytes_or_peft_reaches_no_network():
     """bitsandbytes 0.50 asks the hub for a CPU kernel at import (on AVX512-BF16 CPUs); the trainer's import
     must not. A fresh interpreter (transformers imported first, as in the trainer) records every connect."""
     import subprocess
@@ -107,7 +107,8 @@ def test_importing_bitsandbytes_reaches_no_network():
         "socket.socket.connect = socket.socket.connect_ex = refuse\n"
         "import transformers\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-        "from train.lean import bitsandbytes\n"
+        "from train.lean import bitsandbytes, peft\n"
+        "peft()\n"  # peft imports bitsandbytes whenever it is installed
         "bnb = bitsandbytes()\n"
         "assert hasattr(bnb.optim, 'AdamW8bit')\n"
         "print('ATTEMPTS', attempts)\n")

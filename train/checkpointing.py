@@ -52,9 +52,17 @@ class DamagedCheckpoint(CheckpointError):
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
     for name, tensor in named:
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not _all_finite(tensor):
             return name
     return None
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    if tensor.element_size() > 1:
+        return bool(torch.isfinite(tensor).all())
+    # fp8 (e.g. train.frozen_storage): torch has no isfinite for it; upcast a slice at a time, not the whole
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk].float()).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _nested_tensors(obj: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
@@ -109,33 +110,48 @@ def store_frozen_fp8(transformer: nn.Module, storage: str = "fp8_e4m3fn") -> int
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
-def bitsandbytes():
-    """bitsandbytes, imported without letting it reach the network.
+@contextlib.contextmanager
+def _without_hub_kernels():
+    """Imports inside run with the ``kernels`` package hidden.
 
-    On CPUs with AVX512-BF16, importing bitsandbytes (0.50) asks the ``kernels`` package to fetch a 4-bit
-    CPU kernel from the Hugging Face hub (HF_HUB_OFFLINE no longer helps once huggingface_hub is imported).
-    The 8-bit optimizer does not use that kernel, and nothing here may download: ``kernels`` is hidden
-    during the import, so bitsandbytes takes its own fallback."""
+    On CPUs with AVX512-BF16, importing bitsandbytes (0.50) asks ``kernels`` to fetch a 4-bit CPU kernel from
+    the Hugging Face hub (HF_HUB_OFFLINE no longer helps once huggingface_hub is imported), and peft imports
+    bitsandbytes whenever it is installed. Nothing here may download and neither the 8-bit optimizer nor LoRA
+    uses that kernel: with ``kernels`` hidden, bitsandbytes takes its own fallback."""
     hidden = sys.modules.get("kernels", _ABSENT)
     sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
     cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = cpu_ops_log.level
     cpu_ops_log.setLevel(logging.ERROR)  # its fallback's warning is about the hidden download, not about us
     try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise ImportError("train.optimizer.name=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
-                          "(or pip install -r requirements-train.txt), or set train.optimizer.name=adamw") from exc
+        yield
     finally:
         cpu_ops_log.setLevel(level)
         if hidden is _ABSENT:
             del sys.modules["kernels"]
         else:
             sys.modules["kernels"] = hidden
-    return bnb
 
 
 _ABSENT = object()
+
+
+def bitsandbytes():
+    """bitsandbytes, imported without letting it reach the network."""
+    try:
+        with _without_hub_kernels():
+            import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ImportError("train.optimizer.name=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
+                          "(or pip install -r requirements-train.txt), or set train.optimizer.name=adamw") from exc
+    return bnb
+
+
+def peft():
+    """peft, imported without letting it reach the network (it imports bitsandbytes when installed)."""
+    with _without_hub_kernels():
+        import peft as module
+    return module
 
 
 def build_optimizer(params: list[nn.Parameter], opt, lr: float) -> torch.optim.Optimizer:
@@ -181,7 +197,7 @@ def add_adapter_lora(adapter: nn.Module, prefixes: tuple[str, ...], rank: int, a
                      frozen: torch.dtype) -> list[nn.Parameter]:
     """LoRA (peft) on the linear layers of the branches ``prefixes``; base weights frozen in ``frozen``,
     LoRA weights fp32 master copies. Returns the LoRA parameters (the only trainable ones)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    LoraConfig, inject_adapter_in_model = peft().LoraConfig, peft().inject_adapter_in_model
 
     pattern = adapter_lora_pattern(prefixes)
     targets = [n for n, m in adapter.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
@@ -210,7 +226,7 @@ def has_adapter_lora(adapter: nn.Module) -> bool:
 def merged_adapter_state(adapter: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's state dict in the official key layout with each LoRA merged into its weight
     (``W + scaling * B @ A`` in fp32); layers without LoRA keep their dtype."""
-    from peft.tuners.lora import Linear as LoraLinear
+    LoraLinear = peft().tuners.lora.Linear
 
     state: dict[str, torch.Tensor] = {}
     for name, module in adapter.named_modules():

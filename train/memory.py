@@ -210,9 +210,9 @@ def _adapter_block_activations(adapter_config, branches, batch, image_tokens, pe
         with torch.device("meta"):
             block = IdentityCrossAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim).to(dtype)
         if lora_rank:
-            from peft import LoraConfig, inject_adapter_in_model
+            from train.lean import peft
 
-            inject_adapter_in_model(LoraConfig(r=lora_rank, target_modules=["to_q", "to_kv", "to_out"]), block)
+            peft().inject_adapter_in_model(peft().LoraConfig(r=lora_rank, target_modules=["to_q", "to_kv", "to_out"]), block)
         img = torch.empty(batch, image_tokens, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         ids = torch.empty(batch, persons * per_person, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         counter = _SavedTensors(block.parameters(), attention=(image_tokens, persons * per_person))

@@ -275,7 +275,9 @@ def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both", 
         for name, p in adapter.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
     if mode == "lora":
-        from peft import LoraConfig as PeftLoraConfig
+        from train.lean import peft
+
+        PeftLoraConfig = peft().LoraConfig
 
         present = {name.split(".", 2)[-1] for name, _ in transformer.named_modules()}
         targets = [t for t in lora.targets if any(n == t or n.endswith("." + t) for n in present)]
