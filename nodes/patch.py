@@ -140,10 +140,19 @@ class DiffusionModelWrapper:
             patches["dit"] = {**dit, **missing}
             transformer_options["patches_replace"] = patches
 
-    def __call__(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                 transformer_options=None, **kwargs):
+    def __call__(self, executor, *args, **kwargs):
+        # the diffusion model's forward, whatever its signature: arguments are found by name, never by position
+        # (upstream inserts and renames them between versions), and passed on exactly as they came
+        call = _bind(executor, args, kwargs)
+        x, timestep, context = call["x"], call["timestep"], call["context"]
+        if call.get("transformer_options") is None:  # a dict of this call's own, never a signature's default
+            if "transformer_options" in call.positional:
+                args = call.replace(args, "transformer_options", {})
+            else:
+                kwargs = {**kwargs, "transformer_options": {}}
+            call = _bind(executor, args, kwargs)
+        transformer_options = call["transformer_options"]
         cond = self.conditioning
-        transformer_options = {} if transformer_options is None else transformer_options
         sigmas = transformer_options.get("sigmas", timestep)
         sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
         transient = None
@@ -159,12 +168,52 @@ class DiffusionModelWrapper:
         else:
             transformer_options.pop(cond.key, None)
         try:
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+            return executor(*args, **kwargs)
         finally:
             transformer_options.pop(cond.key, None)
             transformer_options.pop(cond.key + ".txt", None)
             if transient is not None:
                 transient.release()
+
+
+# the names ComfyUI's diffusion-model forwards (FLUX ``_forward``) give these inputs, in the order they had when
+# the signature cannot be read
+FORWARD_NAMES = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
+
+
+class _Bound(dict):
+    """A call's arguments by name; ``positional`` maps a name to its index in ``args``."""
+
+    def __init__(self, named: dict, positional: dict):
+        super().__init__(named)
+        self.positional = positional
+
+    def replace(self, args: tuple, name: str, value) -> tuple:
+        args = list(args)
+        args[self.positional[name]] = value
+        return tuple(args)
+
+
+def _bind(executor, args: tuple, kwargs: dict) -> _Bound:
+    """Name the arguments of a DIFFUSION_MODEL wrapper call from the wrapped forward's own signature."""
+    import inspect
+
+    names = None
+    try:
+        params = list(inspect.signature(getattr(executor, "original", executor)).parameters.values())
+        if all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:len(args)]):
+            names = [p.name for p in params[:len(args)]]
+    except (TypeError, ValueError):
+        pass
+    if names is None or len(names) < len(args):
+        names = list(FORWARD_NAMES[:len(args)])
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    missing = [n for n in ("x", "timestep", "context") if n not in named]
+    if missing:
+        raise TypeError(f"WithAnyone: the diffusion model was called without {', '.join(missing)}; this ComfyUI's "
+                        "FLUX forward is not one the pack knows: please report the ComfyUI version")
+    return _Bound(named, {n: i for i, n in enumerate(names)})
 
 
 def _chain_has(patch, conditioning: IdentityConditioning) -> bool:

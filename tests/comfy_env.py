@@ -54,3 +54,25 @@ def import_pack():
     sys.modules["withanyone_pack"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def release_comfy_models() -> list[str]:
+    """Unload every model ComfyUI holds and collect what nothing references any more, while ComfyUI's modules are
+    still alive (conftest.py calls it at session end). A ModelPatcher first collected at interpreter exit runs
+    ``detach()`` against torn-down modules and prints an ``ON_DETACH`` traceback. Returns the patchers still
+    referenced (logged: whatever keeps them, a test module's cache or global, should release them itself)."""
+    import gc
+    import logging
+
+    mm = sys.modules.get("comfy.model_management")
+    patcher_module = sys.modules.get("comfy.model_patcher")
+    if mm is None or patcher_module is None:
+        return []
+    mm.unload_all_models()
+    mm.current_loaded_models.clear()
+    gc.collect()
+    alive = [type(o).__name__ for o in gc.get_objects() if issubclass(type(o), patcher_module.ModelPatcher)]
+    if alive:
+        logging.getLogger(__name__).warning("%d ModelPatcher(s) still referenced at session end: %s", len(alive),
+                                            ", ".join(sorted(set(alive))))
+    return alive

@@ -13,6 +13,40 @@ for path in (ROOT, ROOT / "tests"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("PIL").setLevel(logging.INFO)
 
+# The ComfyUI-facing test modules: `make test` runs them on every ComfyUI in tools/get_comfyui.py (one
+# process per ComfyUI: its modules are process-global once imported), and their test ids name the ComfyUI
+# version the process runs ("[comfyui-0.3.75]", "[case-comfyui-0.30.0]").
+COMFY_FACING = ("test_e2e_golden", "test_kontext_golden", "test_comfy_host", "test_comfy_patch", "test_nodes",
+                "test_comfy_server", "test_workflow_runs", "test_web")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def comfyui(request):
+    """The ComfyUI version a ComfyUI-facing test runs on (None elsewhere): pytest_generate_tests puts it in the id."""
+    return getattr(request, "param", None)
+
+
+def _running_comfyui_version() -> str:
+    from comfy_env import comfyui_dir  # puts tools/ on sys.path
+    from get_comfyui import tree_version
+
+    return tree_version(comfyui_dir())
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rpartition(".")[2] in COMFY_FACING:
+        version = _running_comfyui_version()
+        metafunc.parametrize("comfyui", [version], ids=[f"comfyui-{version}"], scope="session")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Release the models ComfyUI still holds while its modules are alive: a ModelPatcher collected at interpreter
+    exit runs detach() against torn-down modules and prints an ON_DETACH traceback."""
+    if "comfy.model_management" in sys.modules:
+        from comfy_env import release_comfy_models
+
+        release_comfy_models()
+
 
 @pytest.fixture(scope="session")
 def tiny_comfy_models(tmp_path_factory):

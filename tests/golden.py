@@ -20,7 +20,12 @@ DEFAULT_GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
 
 
 def golden_dir() -> Path:
-    return Path(os.environ.get("WITHANYONE_GOLDEN_DIR", DEFAULT_GOLDEN_DIR))
+    """``$WITHANYONE_GOLDEN_DIR``, else ``golden/`` of the shared folder (``$WITHANYONE_SHARED``, else ../shared)."""
+    if os.environ.get("WITHANYONE_GOLDEN_DIR"):
+        return Path(os.environ["WITHANYONE_GOLDEN_DIR"])
+    if os.environ.get("WITHANYONE_SHARED"):
+        return Path(os.environ["WITHANYONE_SHARED"]) / "golden"
+    return DEFAULT_GOLDEN_DIR
 
 
 @dataclass(frozen=True)

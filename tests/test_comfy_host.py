@@ -98,6 +98,30 @@ def test_loader_uses_comfy_cast_layers_and_follows_the_model_dtype(pack, adapter
     assert fp8_bytes < 0.51 * bf16_bytes
 
 
+def test_adapter_and_siglip_get_the_patcher_class_comfyui_gives_its_own_models(pack, adapter_file, tmp_path,
+                                                                              monkeypatch):
+    """ComfyUI started with dynamic VRAM rebinds comfy.model_patcher.CoreModelPatcher (to ModelPatcherDynamic, as
+    its main.py does when comfy-aimdo works) and builds CLIP vision and ControlNets with it: so do the loaders.
+    A ComfyUI without CoreModelPatcher (before 0.17) gets ModelPatcher."""
+    import comfy.model_patcher
+
+    from withanyone_core.testing.siglip import build_tiny_siglip
+
+    class Rebound(comfy.model_patcher.ModelPatcher):  # stands in for ModelPatcherDynamic, which needs a GPU
+        pass
+
+    build_tiny_siglip(tmp_path / "tiny-siglip", hidden_size=768)
+    monkeypatch.setattr(pack.nodes.loaders, "resolve_siglip", lambda name: str(tmp_path / name))
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", Rebound, raising=False)
+    assert type(_load(pack, adapter_file)) is Rebound
+    siglip = pack.nodes.loaders.WithAnyoneSiglipLoader.execute("tiny-siglip").result[0]
+    assert type(siglip.patcher) is Rebound
+    monkeypatch.delattr(comfy.model_patcher, "CoreModelPatcher")
+    assert type(_load(pack, adapter_file)) is comfy.model_patcher.ModelPatcher
+    siglip = pack.nodes.loaders.WithAnyoneSiglipLoader.execute("tiny-siglip").result[0]
+    assert type(siglip.patcher) is comfy.model_patcher.ModelPatcher
+
+
 def test_partial_load_gives_the_same_latent_as_a_full_load(pack, flux, adapter_file, identities, monkeypatch):
     """ComfyUI's lowvram path (ModelPatcher.load with a memory budget) leaves most adapter modules offloaded
     with cast-on-use weights; sampling must match a full load. The CPU has no VRAM budget, so ComfyUI

@@ -337,3 +337,53 @@ def test_identity_tokens_are_encoded_once_per_sampling_run(flux, identities, mon
     assert len(calls) == 1
     fresh = _apply(model, adapter_patcher, identities)  # a new Apply: nothing cached yet
     assert torch.equal(_sample(fresh, steps=3), first) and len(calls) == 2
+
+
+@pytest.mark.parametrize("layout", ["today", "keyword_options", "inserted_argument", "no_options"])
+def test_wrapper_finds_its_inputs_by_name_whatever_the_forward_signature(flux, identities, patch_module, layout):
+    """Upstream inserts arguments into FLUX's forwards between versions (timestep_zero_index, attention_mask): the
+    DIFFUSION_MODEL wrapper reads x, context and transformer_options by the wrapped forward's own names and passes
+    every argument on as it came; a call without transformer_options gets a dict of its own."""
+    import comfy.patcher_extension
+
+    model, adapter, _ = flux
+    patched = _apply(model, adapter, identities)
+    wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL]
+    wrapper = next(w for ws in wrapper.values() for w in ws if isinstance(w, patch_module.DiffusionModelWrapper))
+    key = wrapper.conditioning.key
+    seen = {}
+
+    def today(x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, transformer_options={},
+              **kwargs):
+        seen.update(options=transformer_options, state=transformer_options.get(key), y=y, kwargs=kwargs)
+        return x
+
+    def inserted(x, timestep, timestep_zero_index, context, y=None, transformer_options=None, attention_mask=None):
+        seen.update(options=transformer_options, state=transformer_options.get(key), y=y, zero=timestep_zero_index,
+                    mask=attention_mask)
+        return x
+
+    x, context, y = torch.zeros(1, 16, H // 8, W // 8), torch.zeros(1, 7, 768), torch.ones(1, 768)
+    sigma = torch.tensor([1.0])
+    shared_default = today.__defaults__[-1]
+    if layout == "today":
+        options = {"sigmas": sigma}
+        # through ComfyUI's own executor, as Flux.forward calls its DIFFUSION_MODEL wrappers
+        executor = comfy.patcher_extension.WrapperExecutor.new_executor(today, [wrapper])
+        executor.execute(x, sigma, context, y, None, None, None, options, extra=1)
+        assert seen["kwargs"] == {"extra": 1}
+    elif layout == "keyword_options":
+        options = {"sigmas": sigma}
+        wrapper(today, x, sigma, context, y=y, transformer_options=options)
+    elif layout == "inserted_argument":
+        options = {"sigmas": sigma}
+        wrapper(inserted, x, sigma, "zero", context, y, options, attention_mask="mask")
+        assert seen["zero"] == "zero" and seen["mask"] == "mask"
+    else:
+        options = None
+        wrapper(today, x, sigma, context, y=y)
+    assert seen["y"] is y and isinstance(seen["state"], patch_module._ForwardState)
+    assert seen["state"].text_tokens == 7 and seen["state"].main_tokens == (H // 16) * (W // 16)
+    if options is not None:
+        assert seen["options"] is options and key not in options  # the call's own dict, cleaned after the call
+    assert shared_default == {}  # the signature's default dict was never written

@@ -8,7 +8,7 @@ region mask (exactly). One test per case.
 Both hosts run every case:
 
 - ComfyUI's own Flux (``comfy.ldm.flux.model.Flux``, built at the set's size from its BFL
-  keys, which ComfyUI uses unchanged) with the pack's Apply patches and the adapter loaded by
+  keys by the running ComfyUI's model detection and model config, as its loaders do) with the pack's Apply patches and the adapter loaded by
   the pack's ComfyUI loader (manual-cast layers). The reference image goes in as
   ``ref_latents``, so ComfyUI builds the reference tokens and their ids (1, row, col) itself,
   as it does for a user's ReferenceLatent: this is the path the pack's face-edit workflow runs.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,13 @@ import pytest
 import torch
 
 from comfy_env import import_comfyui
+from golden import golden_dir
 from withanyone_core.checkpoints import load_adapter, load_safetensors
 from withanyone_core.host import IdentityRequest, IdentityRun
 from withanyone_core.layout import TokenGrid
 
 TOLERANCE = 1e-4
 MODEL_KIND = "withanyone_kontext"
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class KontextSet:
 
 
 def discover() -> list[KontextSet]:
-    root = Path(os.environ.get("WITHANYONE_GOLDEN_DIR", DEFAULT_DIR))
+    root = golden_dir()
     sets = []
     for path in sorted(root.glob("*_ke.json")):
         spec = json.loads(path.read_text())
@@ -104,26 +103,26 @@ class KontextModels:
 
     def __init__(self, gset: KontextSet):
         pack = _pack_modules()  # puts ComfyUI on sys.path
+        import comfy.model_detection
         import comfy.model_patcher
-        import comfy.supported_models
 
         from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
 
         cfg = gset.spec["config"]
         state = load_safetensors(gset.model_path)
         flux_keys = {k: v for k, v in state.items() if not k.startswith(("ipa.", "arcface_in.", "siglip_in."))}
-        # ComfyUI's Flux at the set's size (its detection fixes FLUX.1's 3072 width, so build it from the config)
-        unet_config = {
-            "image_model": "flux", "in_channels": cfg["in_channels"] // 4, "out_channels": cfg["in_channels"] // 4,
-            "patch_size": 2, "vec_in_dim": cfg["vec_in_dim"], "context_in_dim": cfg["context_in_dim"],
-            "hidden_size": cfg["hidden_size"], "mlp_ratio": cfg["mlp_ratio"], "num_heads": cfg["num_heads"],
-            "depth": cfg["depth"], "depth_single_blocks": cfg["depth_single_blocks"], "axes_dim": cfg["axes_dim"],
-            "theta": cfg["theta"], "qkv_bias": cfg["qkv_bias"], "guidance_embed": cfg["guidance_embed"],
-        }
-        model_config = comfy.supported_models.Flux(unet_config)
+        # ComfyUI's Flux built as its own loader builds one: the running ComfyUI's model detection reads the
+        # config from the keys (and adds the fields its FluxParams needs, e.g. txt_ids_dims since 0.4), the model
+        # config converts the keys (BFL QK-norm `.scale` -> `.weight` since 0.14). Detection fixes FLUX.1's head
+        # layout (24 heads of 16+56+56), which no key shows: the set's head layout replaces it.
+        unet_config = comfy.model_detection.detect_unet_config(flux_keys, "")
+        assert unet_config is not None and unet_config.get("image_model") == "flux", "ComfyUI does not see a FLUX"
+        unet_config.update({k: cfg[k] for k in ("num_heads", "axes_dim", "theta", "mlp_ratio", "qkv_bias")})
+        model_config = comfy.model_detection.model_config_from_unet_config(unet_config, flux_keys)
         model_config.set_inference_dtype(torch.float32, None)
-        base = model_config.get_model({})
-        base.diffusion_model.load_state_dict(flux_keys, strict=True)  # every key, nothing left at random
+        comfy_keys = model_config.process_unet_state_dict(dict(flux_keys))
+        base = model_config.get_model(comfy_keys)
+        base.diffusion_model.load_state_dict(comfy_keys, strict=True)  # every key, nothing left at random
         self.comfy_model = comfy.model_patcher.ModelPatcher(base, load_device="cpu", offload_device="cpu")
         self.comfy_adapter = pack.nodes.loaders.load_adapter_patcher(str(gset.model_path), "fp32")
         self.patch = pack.nodes.patch
@@ -184,6 +183,13 @@ class KontextModels:
 @functools.lru_cache(maxsize=2)
 def _models(set_name: str) -> KontextModels:
     return KontextModels(next(s for s in SETS if s.name == set_name))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    """The models (ComfyUI patchers among them) go when the module's tests are done, not at interpreter exit."""
+    yield
+    _models.cache_clear()
 
 
 def test_kontext_golden_data_found():

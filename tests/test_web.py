@@ -163,7 +163,10 @@ def test_server_log_has_no_missing_modules(pinned_server):
     log = json.load(urllib.request.urlopen(pinned_server + "/internal/logs/raw", timeout=30))
     text = "\n".join(entry["m"] for entry in log["entries"])
     missing = set(re.findall(r"No module named '([\w.]+)'", text))
-    assert missing <= {"torchaudio"}, f"ComfyUI's log names missing modules: {sorted(missing)}"
+    # PyOpenGL (ComfyUI 0.30's requirement, via comfy-angle) notes at INFO that its optional C speed-up, in no
+    # ComfyUI requirements file, is absent: "No OpenGL_accelerate module loaded: No module named ..."
+    optional = set(re.findall(r"No (\w+) module loaded: No module named '\1'", text))
+    assert missing - optional <= {"torchaudio"}, f"ComfyUI's log names missing modules: {sorted(missing - optional)}"
 
 
 def _our_nodes(url: str) -> dict:

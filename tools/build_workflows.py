@@ -9,7 +9,8 @@ missing-models dialog reads them), a Markdown note saying which file goes where,
 ``.jpg`` thumbnail of the same stem (the picture the template card shows). ComfyUI 0.3.75
 and its frontends (1.32.9 .. 1.58.1) title a custom node's template card with the file
 name, so the file names are the titles. tests/test_comfy_server.py rebuilds everything
-against a real server and fails if a file differs, so edit here and rerun.
+against a real server and fails if a file differs, so edit here and rerun. Built on another ComfyUI, a file
+that differs only in unlinked outputs of output nodes (workflows.version_neutral) is kept as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if __name__ == "__main__":  # tools/kontext_workflows.py imports this module by 
     sys.modules.setdefault("build_workflows", sys.modules[__name__])
 
 from get_comfyui import ROOT  # noqa: E402
-from workflows import Graph, render_thumbnail, thumbnail_jpeg  # noqa: E402
+from workflows import Graph, render_thumbnail, thumbnail_jpeg, version_neutral  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from withanyone_core import recipe  # noqa: E402  (the authors' recipe: steps, guidance, size, share)
@@ -493,7 +494,11 @@ def main() -> None:
             stale.unlink()
             logging.info("removed %s (no spec of that name)", stale.name)
     for name, workflow in built.items():
-        (WORKFLOWS_DIR / f"{name}.json").write_text(dumps(workflow), encoding="utf-8")
+        path = WORKFLOWS_DIR / f"{name}.json"
+        if path.is_file() and version_neutral(json.loads(path.read_text(encoding="utf-8")), info) == \
+                version_neutral(workflow, info):
+            workflow = json.loads(path.read_text(encoding="utf-8"))  # only sockets this ComfyUI adds differ: kept
+        path.write_text(dumps(workflow), encoding="utf-8")
         (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_jpeg(thumbnail(name, workflow)))
         logging.info("wrote example_workflows/%s.json and .jpg", name)
 

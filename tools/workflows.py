@@ -162,6 +162,20 @@ class Graph:
         }
 
 
+def version_neutral(workflow: dict, object_info: dict) -> dict:
+    """A copy of ``workflow`` for comparing workflows built on different ComfyUIs: output nodes (``output_node``
+    in their definition) lose their unlinked outputs. Output nodes gain output sockets across versions (Save and
+    Preview Image have an ``IMAGE`` output since ComfyUI 0.26), and the frontend gives a loaded node the sockets
+    of the running server's definition, so an unlinked one says nothing about the workflow."""
+    import copy
+
+    out = copy.deepcopy(workflow)
+    for node in out["nodes"]:
+        if object_info.get(node["type"], {}).get("output_node"):
+            node["outputs"] = [o for o in node.get("outputs", []) if o.get("links")]
+    return out
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API-format prompt the frontend would send for ``workflow`` (active nodes only)."""
     links = {link[0]: link for link in workflow["links"]}

@@ -13,10 +13,17 @@ On a machine with CUDA:
 3. the memory-lean training mode (train/configs/consumer-24gb.yaml) at FLUX.1-dev size, 512 px: the peak
    of three training steps printed beside the trainer's estimate (:func:`lean_training_peak`).
 
+The benchmark runs once per configuration, each in a process of its own (ComfyUI is process-global):
+ComfyUI 0.3.75, and ComfyUI 0.30.0 with dynamic VRAM off and on (tools/get_comfyui.py's trees; "on" is set
+up as 0.30's main.py does: comfy-aimdo initialised, ``CoreModelPatcher`` rebound to ``ModelPatcherDynamic``;
+the FLUX loader and the pack's loaders then build their patchers with it). A configuration this machine
+cannot run (no comfy-aimdo, no working aimdo device) is reported as skipped, with the reason.
+
 Without CUDA it says so and exits 0. ``--dry-run`` runs part 2 on the CPU at a tiny size (1 + 1
-blocks, 128 px), so the script itself is tested everywhere (tests/test_gpu_check.py).
+blocks, 128 px) in this process, so the script itself is tested everywhere (tests/test_gpu_check.py).
 
     .venv/bin/python tests/gpu/gpu_check.py [--dry-run] [--skip-tests] [--reps 3]
+    .venv/bin/python tests/gpu/gpu_check.py --bench-only [--dynamic-vram on|off]   # one configuration
 """
 
 from __future__ import annotations
@@ -71,8 +78,7 @@ def _random_state(config: dict, device: str, dtype: torch.dtype) -> dict[str, to
 def _random_adapter(config: dict, device: str, dtype: torch.dtype):
     """The full-size adapter (official layout), random, with ComfyUI's cast-on-use layers, in a ModelPatcher."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-    from withanyone_pack.nodes.loaders import adapter_operations
+    from withanyone_pack.nodes.loaders import adapter_operations, auxiliary_patcher
 
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 
@@ -90,8 +96,7 @@ def _random_adapter(config: dict, device: str, dtype: torch.dtype):
             state[name] = torch.randn(p.shape, generator=g, device=device) * (1.0 / p.shape[1] ** 0.5)
         state[name] = state[name].to(dtype)
     adapter.load_state_dict(state, assign=True)
-    return comfy.model_patcher.ModelPatcher(adapter.eval(), load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return auxiliary_patcher(adapter.eval(), mm.get_torch_device(), mm.unet_offload_device())
 
 
 def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtype) -> dict:
@@ -264,27 +269,106 @@ def report_lean(result: dict, tiny: bool) -> None:
                 len(result["losses"]), est.total / 1e9, est.static / 1e9, est.activations / 1e9, result["seconds"])
 
 
+# (ComfyUI version, dynamic VRAM) the benchmark runs in, each in a process of its own
+CONFIGURATIONS = (("0.3.75", "off"), ("0.30.0", "off"), ("0.30.0", "on"))
+
+
+def start_aimdo() -> str | None:
+    """comfy-aimdo's process-wide start, before anything touches CUDA (as ComfyUI's main.py); why not, or None."""
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return "comfy-aimdo is not installed (ComfyUI before 0.17 has no dynamic VRAM)"
+    try:
+        comfy_aimdo.control.init()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no dynamic VRAM here, said as such
+        return f"comfy-aimdo did not start: {exc}"
+    return None
+
+
+def enable_dynamic_vram() -> str | None:
+    """Dynamic VRAM as ComfyUI's main.py enables it: aimdo on every torch device, ``CoreModelPatcher`` rebound to
+    ``ModelPatcherDynamic``. Asks the running ComfyUI for each part; returns why it cannot (None: enabled)."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic") or not hasattr(comfy.model_patcher, "CoreModelPatcher"):
+        return "this ComfyUI has no ModelPatcherDynamic"
+    import comfy_aimdo.control
+
+    devices = mm.get_all_torch_devices() if hasattr(mm, "get_all_torch_devices") else [mm.get_torch_device()]
+    try:
+        ok = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)
+    except TypeError:  # comfy-aimdo 0.4.9's protocol: device indices only
+        ok = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if not ok:
+        return "comfy-aimdo found no device it can manage"
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return None
+
+
+def run_configurations(reps: int) -> int:
+    """The benchmark in every configuration, each a process on its ComfyUI tree (tools/get_comfyui.py)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from get_comfyui import environment
+
+    status = 0
+    for version, dynamic in CONFIGURATIONS:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--bench-only", "--dynamic-vram", dynamic, "--reps",
+               str(reps)]
+        logger.info("gpu bench: ComfyUI %s, dynamic VRAM %s", version, dynamic)
+        done = subprocess.run(cmd, cwd=ROOT, env=environment(version), timeout=600)
+        status = status or done.returncode
+    return status
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the benchmark on the CPU at a tiny size")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--bench-only", action="store_true", help="one benchmark in this process, no tests")
+    parser.add_argument("--dynamic-vram", choices=["on", "off"], default="off",
+                        help="with --bench-only: ComfyUI's dynamic VRAM (comfy-aimdo) on or off")
     args = parser.parse_args()
     started = time.perf_counter()
     if not args.dry_run and not torch.cuda.is_available():
         logger.info("gpu check: no CUDA device here; nothing to check (the CPU suite covers the rest)")
         return 0
+    if args.dynamic_vram == "on":
+        if args.dry_run:
+            logger.info("gpu bench: dynamic VRAM skipped: it needs a CUDA device")
+            return 0
+        why = start_aimdo()
+        if why:
+            logger.info("gpu bench: dynamic VRAM skipped: %s", why)
+            return 0
+    if not args.dry_run and not args.bench_only:
+        status = 0 if args.skip_tests else run_cuda_tests()
+        if not args.skip_tests:
+            logger.info("gpu check: CUDA tests %s", "passed" if status == 0 else f"FAILED (exit {status})")
+        status = run_configurations(args.reps) or status
+        report_lean(lean_training_peak("cuda"), False)  # once, in this process (it needs no ComfyUI)
+        logger.info("gpu check finished in %.0f s", time.perf_counter() - started)
+        return status
     status = 0
-    if not args.dry_run and not args.skip_tests:
-        status = run_cuda_tests()
-        logger.info("gpu check: CUDA tests %s", "passed" if status == 0 else f"FAILED (exit {status})")
     import_comfyui()
     import_pack()
     import importlib
 
     importlib.import_module("withanyone_pack.nodes.loaders")
     importlib.import_module("withanyone_pack.nodes.patch")
+    if args.dynamic_vram == "on":
+        why = enable_dynamic_vram()
+        if why:
+            logger.info("gpu bench: dynamic VRAM skipped: %s", why)
+            return 0
+    import comfyui_version
+
+    logger.info("gpu bench on ComfyUI %s, dynamic VRAM %s", comfyui_version.__version__, args.dynamic_vram)
     if args.dry_run:
         config = {**FLUX_DEV, "context_in_dim": 4096, "depth": 1, "depth_single_blocks": 1}
         result = benchmark(config, 128, 1, "cpu", torch.float32)
@@ -301,7 +385,8 @@ def main() -> int:
         logger.info("gpu bench 1024: peak VRAM %.1f GB with the adapter vs %.1f GB without (%.3fx)",
                     result["peak_patched"] / 1e9, result["peak_unpatched"] / 1e9,
                     result["peak_patched"] / result["peak_unpatched"])
-    report_lean(lean_training_peak("cpu" if args.dry_run else "cuda", tiny=args.dry_run), args.dry_run)
+    if args.dry_run:  # on a GPU the parent process measures it once, not once per ComfyUI configuration
+        report_lean(lean_training_peak("cpu", tiny=True), True)
     logger.info("gpu check finished in %.0f s", time.perf_counter() - started)
     return status
 
