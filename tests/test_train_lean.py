@@ -198,9 +198,10 @@ def test_lean_keys_are_validated(smoke_set, tmp_path, monkeypatch):
 
 
 def test_consumer_config_combines_every_lean_mode(monkeypatch, tmp_path):
-    for var in ("FLUX_DEV", "INSIGHTFACE", "DATA"):
+    for var in ("COMFYUI", "DATA"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     config = load_config(ROOT / "train" / "configs" / "consumer-24gb.yaml")
+    assert config.models.comfyui == str(tmp_path / "comfyui") and not config.models.base  # the user's install
     t = config.train
     assert (t.mode, t.branch, t.frozen_storage, t.optimizer.name, t.adapter_lora.rank) == \
         ("adapter", "arcface", "fp8_e4m3fn", "adamw8bit", 64)
