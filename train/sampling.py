@@ -62,31 +62,26 @@ def pick_sample_item(options, manifest=None, index=None, shards=(), numbers=None
             logger.warning("sample step: passing over %s (%s)", dataset.where(position),
                            item.get("error", item.get("reason", "unusable")))
         return None
-    from train.data.multiid2m import MultiID2MStream, ShardFormatError, UnsafePickleError, iter_tar_samples, parse_sample
+    from train.data.multiid2m import MultiID2MStream, parsed_samples
 
     stream = MultiID2MStream(list(shards), options, 1, numbers=numbers, landmarks=landmarks)
+
+    def count_bad(_exc) -> bool:
+        nonlocal tried
+        tried += 1
+        return tried >= limit
+
     for shard in shards:
-        samples = iter_tar_samples(shard)
-        while tried < limit:
-            try:
-                key, members = next(samples)
-            except StopIteration:
-                break
-            except ShardFormatError as exc:
-                logger.warning("sample step: passing over the rest of %s (%s)", shard, exc)
-                break
+        for _, sample in parsed_samples(shard, "sample step", options.max_image_pixels, count_bad):
             tried += 1
-            try:
-                sample = parse_sample(shard, key, members, options.max_image_pixels)
-            except UnsafePickleError:
-                raise
-            except ShardFormatError as exc:
-                logger.warning("sample step: passing over %s:%s (%s)", shard, key, exc)
-                continue
             item = stream.safe_item(sample, 0)
             if "skipped" not in item and "dropped" not in item:
                 return item
             logger.warning("sample step: passing over %s (%s)", sample.where, item.get("error", "unusable"))
+            if tried >= limit:
+                return None
+        if tried >= limit:
+            return None
     return None
 
 

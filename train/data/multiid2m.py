@@ -37,7 +37,7 @@ import pickle
 import random
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -387,6 +387,37 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
+def parsed_samples(shard: str, what: str, max_pixels: int | None = None,
+                   on_bad: Callable[[ShardFormatError], bool | None] | None = None,
+                   ) -> Iterator[tuple[str, StreamSample]]:
+    """(key, sample) of one shard for the passes outside the stream (landmarks, negatives, the sample step).
+
+    A bad sample is skipped with a warning naming it (``what`` says which pass), an unreadable rest of
+    the shard ends it with one; ``on_bad`` sees each of those errors (returning True ends the pass). A pickle that would run code still
+    stops everything (:class:`UnsafePickleError`)."""
+    samples = iter_tar_samples(shard)
+    while True:
+        try:
+            key, members = next(samples)
+        except StopIteration:
+            return
+        except ShardFormatError as exc:
+            logger.warning("%s: skipping the rest of shard %s: %s", what, shard, exc)
+            if on_bad is not None:
+                on_bad(exc)
+            return
+        try:
+            sample = parse_sample(shard, key, members, max_pixels)
+        except UnsafePickleError:
+            raise
+        except ShardFormatError as exc:
+            logger.warning("%s: skipping %s:%s (%s)", what, shard, key, exc)
+            if on_bad is not None and on_bad(exc):
+                return
+            continue
+        yield key, sample
+
+
 # ------------------------------------------------------------------ references, landmarks, negatives
 def reference_entry(npy: bytes, meta: bytes | None, where: str) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """A reference's (first embedding, first box from its JSON's ``bboxes``, else its .npy's)."""
@@ -529,23 +560,17 @@ def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detect
         if target.is_file() and read_landmark_file(target) is not None:
             continue
         table: dict[str, list] = {}
-        samples, complete = iter_tar_samples(shard), True
-        while True:
+        truncated: list[ShardFormatError] = []
+
+        def note_truncated(exc: ShardFormatError) -> None:
+            if exc.reason == "shard_unreadable":  # what was read is used, not cached (re-read next run)
+                truncated.append(exc)
+
+        for key, sample in parsed_samples(shard, "landmarks", max_pixels, note_truncated):
             try:
-                key, members = next(samples)
-            except StopIteration:
-                break
-            except ShardFormatError as exc:  # truncated: what was read is used, not cached (re-read next run)
-                logger.warning("landmarks: skipping the rest of shard %s: %s", shard, exc)
-                complete = False
-                break
-            try:
-                sample = parse_sample(shard, key, members, max_pixels)
                 image = decode_image(sample.image, f"{sample.where}.jpg", max_pixels)
                 faces = detector.detect(image)
-            except UnsafePickleError:
-                raise
-            except (ShardFormatError, ImageReadError, OSError, ValueError) as exc:
+            except (ImageReadError, OSError, ValueError) as exc:
                 logger.warning("landmarks: skipping %s:%s (%s)", shard, key, exc)
                 continue
             gt = np.array([p.box for p in sample.persons], dtype=np.float64).reshape(-1, 4)
@@ -558,7 +583,7 @@ def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detect
                     if iou[i, j] >= iou_min:
                         rows[i] = [[float(x), float(y)] for x, y in faces[j].kps]
             table[key] = rows
-        if not complete:
+        if truncated:
             fallback = Path(cache_dir) / "partial"
             fallback.mkdir(exist_ok=True)
             target = fallback / target.name  # read by this run, replaced once the shard reads whole
@@ -669,22 +694,7 @@ def negative_pool_tensors(refs: ReferenceFolder | ReferenceTars | None, centres:
             ids.append(numbers.ids.get(name, (1 << 56) + _stable_id(name)))
     if not embs:
         for shard in shards:
-            samples = iter_tar_samples(shard)
-            while True:
-                try:
-                    key, members = next(samples)
-                except StopIteration:
-                    break
-                except ShardFormatError as exc:
-                    logger.warning("negative pool: skipping the rest of shard %s: %s", shard, exc)
-                    break
-                try:
-                    sample = parse_sample(shard, key, members)
-                except UnsafePickleError:
-                    raise
-                except ShardFormatError as exc:
-                    logger.warning("negative pool: skipping %s:%s (%s)", shard, key, exc)
-                    continue
+            for _, sample in parsed_samples(shard, "negative pool"):
                 for i, person in enumerate(sample.persons):
                     embs.append(person.embedding)
                     ids.append(numbers.of(person.name, sample, i))
