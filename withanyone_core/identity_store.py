@@ -47,7 +47,7 @@ TENSOR_NAMES = ("arcface", "siglip", "photo_embeddings")
 SUFFIX = ".safetensors"
 _PACK_ROOT = Path(__file__).resolve().parents[1]
 # The values an encoded person may hold. Real antelopev2 (glintr100) raw ArcFace embeddings have norms of about
-# 15-35 (issue 19's measurement on real photos; blurred or small faces run lower). The tiny stand-in recognizer of
+# 15-35 on real photos (blurred or small faces run lower). The tiny stand-in recognizer of
 # withanyone_core/testing is scaled to the same range (19.7-21.1 on its painted faces), so it cannot measure the
 # real range. 1-100 leaves a wide margin on both sides and still refuses what is no embedding (zeros, x1e30).
 ARCFACE_NORM_RANGE = (1.0, 100.0)
