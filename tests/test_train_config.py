@@ -18,10 +18,9 @@ from train.losses import (
     id_loss,
     match_detections,
     sample_timesteps,
-    shift_mu,
-    time_shift,
 )
 from train.phases import PhaseSchedule
+from withanyone_core.recipe import flux_mu, time_shift
 
 BASE = textwrap.dedent(
     """
@@ -105,7 +104,7 @@ def test_timestep_sampling_modes():
     assert 0 < small.min() and large.max() < 1
     assert abs(small.median().item() - 0.62) < 0.02  # mu = 0.5 at 256 tokens: sigmoid(0.5)
     assert large.median() > small.median()  # bigger images are pushed towards noise
-    assert shift_mu(4096) == pytest.approx(1.15) and time_shift(1.0, torch.tensor([0.0])).item() == 0.0
+    assert flux_mu(4096) == pytest.approx(1.15) and time_shift(1.0, torch.tensor([0.0])).item() == 0.0
 
 
 def test_id_loss_of_ground_truth_is_zero_and_gate():

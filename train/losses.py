@@ -8,27 +8,15 @@ clean latent is ``x_t - t * v``. Pixels are float RGB in [0, 1] (see train/model
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def shift_mu(image_tokens: int, base_tokens: int = 256, max_tokens: int = 4096,
-             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's resolution-dependent shift: linear in the number of image tokens."""
-    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
-    return base_shift + slope * (image_tokens - base_tokens)
+from withanyone_core.recipe import flux_mu, shifted_schedule, time_shift
 
 
 TRAIN_SCHEDULE_STEPS = 1000  # the authors' get_schedule(999, ...): 1000 shifted values from 1 to 0
-
-
-def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
-    """FLUX's time shift exp(mu) / (exp(mu) + 1/t - 1); t = 0 stays 0."""
-    safe = t.clamp(min=1e-12)
-    return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1.0 / safe - 1.0)), torch.zeros_like(t))
 
 
 def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator,
@@ -39,9 +27,9 @@ def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator,
     ``linspace(1, 0, 1000)`` shifted with mu for the image's token count.
     ``logit_normal``: sigmoid of a standard normal, then the same shift (SD3-style).
     """
-    mu = shift_mu(image_tokens)
+    mu = flux_mu(image_tokens)
     if mode == "shifted_uniform":
-        schedule = time_shift(mu, torch.linspace(1.0, 0.0, TRAIN_SCHEDULE_STEPS, dtype=torch.float64))
+        schedule = shifted_schedule(TRAIN_SCHEDULE_STEPS - 1, mu, torch.float64)
         return schedule[torch.randint(TRAIN_SCHEDULE_STEPS, (batch,), generator=generator)].float()
     if mode == "logit_normal":
         return time_shift(mu, torch.sigmoid(torch.randn(batch, generator=generator)))

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .losses import shift_mu
+from withanyone_core.recipe import flux_mu, shifted_schedule
+
 from .models import ModelSet, pack_latents, unpack_latents
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,7 @@ def sample_image(models: ModelSet, denoiser, prompt: str, arcface: torch.Tensor,
     g = torch.Generator().manual_seed(seed)
     channels = models.vae.config.latent_channels
     latents = pack_latents(torch.randn(1, channels, height // 8, width // 8, generator=g)).to(device)
-    mu = shift_mu(latents.shape[1])
-    ts = torch.linspace(1.0, 0.0, steps + 1)
-    ts = torch.where(ts > 0, np.exp(mu) / (np.exp(mu) + (1.0 / ts.clamp(min=1e-9) - 1.0)), ts)
+    ts = shifted_schedule(steps, flux_mu(latents.shape[1]))  # FLUX's own mu, from the token count
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         t = torch.full((1,), float(t_cur), device=device)
         v = denoiser(latents, t, text, pooled, torch.full((1,), guidance, device=device), arcface, siglip,

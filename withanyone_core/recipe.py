@@ -33,19 +33,35 @@ def authors_image_seq_len(latent_height: int, latent_width: int) -> int:
     return (latent_width * latent_height) // 256
 
 
+def flux_mu(image_seq_len: float, base_seq: int = 256, max_seq: int = 4096, base_shift: float = BASE_SHIFT,
+            max_shift: float = MAX_SHIFT) -> float:
+    """FLUX's resolution-dependent shift: linear in the sequence length it is given (``base_shift`` at
+    ``base_seq``, ``max_shift`` at ``max_seq``)."""
+    slope = (max_shift - base_shift) / (max_seq - base_seq)
+    return slope * image_seq_len + (base_shift - slope * base_seq)
+
+
+def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """FLUX's time shift ``e^mu / (e^mu + (1 / t - 1))``, in ``t``'s dtype; t = 0 stays 0."""
+    safe = t.clamp(min=1e-12)
+    return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1.0 / safe - 1.0)), torch.zeros_like(t))
+
+
+def shifted_schedule(steps: int, mu: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``linspace(1, 0, steps + 1)`` shifted with ``mu``: FLUX's sigmas (the sampler's, and the trainer's
+    timestep table)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return time_shift(mu, torch.linspace(1, 0, steps + 1, dtype=dtype))
+
+
 def authors_mu(latent_height: int, latent_width: int) -> float:
-    seq = authors_image_seq_len(latent_height, latent_width)
-    slope = (MAX_SHIFT - BASE_SHIFT) / (4096 - 256)
-    return slope * seq + (BASE_SHIFT - slope * 256)
+    return flux_mu(authors_image_seq_len(latent_height, latent_width))
 
 
 def authors_sigmas(steps: int, latent_height: int, latent_width: int) -> torch.Tensor:
     """The authors' ``steps + 1`` sigmas (1 down to 0) for a latent of that size, float32."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    mu = authors_mu(latent_height, latent_width)
-    t = torch.linspace(1, 0, steps + 1)
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+    return shifted_schedule(steps, authors_mu(latent_height, latent_width))
 
 
 def branch_weights(mode: str, siglip_share: float, id_weight: float = 1.0,
