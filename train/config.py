@@ -247,6 +247,11 @@ class PhaseConfig:
     temperature: Annotated[float, POSITIVE] = 0.1
     reset_optimizer: bool = False
 
+    @property
+    def uses_id_losses(self) -> bool:
+        """The phase trains with the ID or the ID-contrastive loss (it needs the face models)."""
+        return self.loss.id > 0 or self.loss.contrastive > 0
+
 
 @dataclass
 class Config:
@@ -861,7 +866,7 @@ FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokeniz
 
 
 def _uses_id_losses(config: Config) -> bool:
-    return any(p.loss.id > 0 or p.loss.contrastive > 0 for p in config.phases)
+    return any(p.uses_id_losses for p in config.phases)
 
 
 def check_paths(config: Config) -> None:

@@ -198,7 +198,7 @@ class Trainer:
         # set once per optimizer step, so it cannot depend on the number of processes
         self.denoiser, self.optimizer = acc.prepare(self.models.denoiser, self.optimizer)
         self.detector = None
-        if any(not p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in config.phases):
+        if any(not p.gt_aligned and p.uses_id_losses for p in config.phases):
             from withanyone_core.faces import FaceAnalyzer
 
             # the authors' pre-training ID loss detects faces on the prediction (antelopev2's SCRFD)
@@ -237,7 +237,7 @@ class Trainer:
         plugin = getattr(acc.state, "deepspeed_plugin", None)
         zero_stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
         width, height = max((tuple(b) for b in cfg.data.buckets), key=lambda wh: wh[0] * wh[1])
-        uses_id = any(p.loss.id > 0 or p.loss.contrastive > 0 for p in cfg.phases)
+        uses_id = any(p.uses_id_losses for p in cfg.phases)
         branches = {"arcface": ("arc",), "siglip": ("sig",), "both": ("arc", "sig")}[cfg.train.branch]
         compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else frozen_dtype(cfg)
         try:
@@ -284,7 +284,7 @@ class Trainer:
         centres = read_cluster_centres(section.cluster_centers, bad_centres) if section.cluster_centers else {}
         self.skips.add(bad_centres, samples=False)
         numbers = IdentityNumbers(sorted(set(refs.names() if refs else []) | set(centres)))
-        if any(p.gt_aligned and (p.loss.id > 0 or p.loss.contrastive > 0) for p in cfg.phases):
+        if any(p.gt_aligned and p.uses_id_losses for p in cfg.phases):
             # the release has no landmarks: the GT-aligned ID loss needs them, detected once and cached
             def detect() -> int:
                 from withanyone_core.faces import FaceAnalyzer
@@ -500,7 +500,7 @@ class Trainer:
             velocity = self.denoiser(noisy, t, text, pooled, torch.full((b,), cfg.train.guidance, device=device),
                                      arcface, siglip, boxes, height, width, self.id_weight, self.siglip_weight)
         losses = {"flow": flow_matching_loss(velocity, noise, clean)}
-        if phase.loss.id > 0 or phase.loss.contrastive > 0:
+        if phase.uses_id_losses:
             losses.update(self._identity_losses(batch, phase, noisy, velocity, t, height, width, generator))
         losses["total"] = sum(getattr(phase.loss, k) * v for k, v in losses.items())
         return losses
