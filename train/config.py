@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -126,7 +126,7 @@ class MultiID2MConfig:
 @dataclass
 class DataConfig:
     manifest: str | None = None  # JSONL manifest from prepare.py (source manifest or mix)
-    source: str = "manifest"  # manifest | multiid2m | mix
+    source: Literal["manifest", "multiid2m", "mix"] = "manifest"
     multiid2m: MultiID2MConfig | None = None
     mix: list[Annotated[float, FINITE]] = field(default_factory=lambda: [1.0, 1.0])  # source weights [manifest, multiid2m]
     negatives: str | None = None  # negatives.safetensors from prepare.py; None = built from the manifest
@@ -149,6 +149,10 @@ class LoraConfig:
     ])
 
 
+# adamw: torch's (the authors'); adamw8bit: bitsandbytes' 8-bit states (2 instead of 8 bytes per parameter)
+OptimizerName = Literal["adamw", "adamw8bit"]
+
+
 @dataclass
 class OptimConfig:
     # the authors' optimizer: AdamW, lr 1e-4, no weight decay, constant learning rate
@@ -158,8 +162,7 @@ class OptimConfig:
     eps: Annotated[float, POSITIVE] = 1e-8
     warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # linear warm-up over the first global steps, then each phase's lr
     max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0  # 0 = no clipping
-    # adamw (torch, the authors') | adamw8bit (bitsandbytes: 8-bit states, 2 instead of 8 bytes per parameter)
-    name: str = "adamw"
+    name: OptimizerName = "adamw"
 
 
 @dataclass
@@ -172,18 +175,19 @@ class AdapterLoraConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = "adapter"  # adapter | lora | full
+    mode: Literal["adapter", "lora", "full"] = "adapter"
     # which adapter branch trains: the authors train arcface and siglip separately and merge
     # them (train/merge.py); "both" trains them jointly
-    branch: str = "arcface"  # arcface | siglip | both
+    branch: Literal["arcface", "siglip", "both"] = "arcface"
     lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
-    mixed_precision: str = "no"  # no | bf16
+    mixed_precision: Literal["no", "bf16"] = "no"
     # dtype of the frozen FLUX, T5, CLIP and VAE; auto = bf16 with bf16 mixed precision, else fp32.
     # Trainable weights always keep fp32 master copies.
-    frozen_dtype: str = "auto"  # auto | bf16 | fp32
-    timesteps: str = "shifted_uniform"  # shifted_uniform (authors) | logit_normal
-    adapter_init: str = "authors"  # a fresh adapter: authors (small random) | zero (output projections 0: FLUX unchanged)
+    frozen_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    timesteps: Literal["shifted_uniform", "logit_normal"] = "shifted_uniform"  # shifted_uniform: the authors'
+    # a fresh adapter: authors (small random) | zero (output projections 0: FLUX unchanged)
+    adapter_init: Literal["authors", "zero"] = "authors"
     gradient_checkpointing: bool = False
     guidance: Annotated[float, NON_NEGATIVE] = 1.0  # FLUX.1-dev distilled guidance fed to the model during training
     id_weight: Annotated[float, NON_NEGATIVE] = 1.0
@@ -191,7 +195,8 @@ class TrainConfig:
     # a step with a non-finite loss or gradient is skipped (never applied); this many in a row stop the run
     max_nonfinite_steps: Annotated[int, AT_LEAST_1] = 5
     # memory-lean options (README, training guide, "Memory"); the defaults are the authors' recipe
-    frozen_storage: str = "default"  # default (frozen_dtype) | fp8_e4m3fn: the frozen FLUX's block weights in fp8
+    # default: frozen_dtype; fp8_e4m3fn: the frozen FLUX's block weights in fp8
+    frozen_storage: Literal["default", "fp8_e4m3fn"] = "default"
     adapter_lora: AdapterLoraConfig = field(default_factory=AdapterLoraConfig)
     release_text_encoders: bool = False  # cache every caption's embeddings at the start, then drop T5 and CLIP
     idle_branch_on_cpu: bool = False  # the adapter branch a one-branch run leaves off stays in CPU memory
@@ -241,8 +246,9 @@ class PhaseConfig:
     # True: generated faces aligned with the ground-truth landmarks; False (the authors'
     # pre-training mode): faces detected on the prediction, matched to the GT boxes by IoU
     gt_aligned: bool = True
-    contrastive_positive: str = "gt"  # gt (authors) | reference (the paper's Eq. 7 text)
-    batch_negatives: str = "gt"  # gt: the batch's other GT faces (authors) | generated: other generated faces
+    contrastive_positive: Literal["gt", "reference"] = "gt"  # gt: the authors'; reference: the paper's Eq. 7 text
+    # gt: the batch's other GT faces (authors) | generated: other generated faces
+    batch_negatives: Literal["gt", "generated"] = "gt"
     negatives: Annotated[int, NON_NEGATIVE] = 4033  # extended negatives per face from the pool (the authors' 4,033)
     temperature: Annotated[float, POSITIVE] = 0.1
     reset_optimizer: bool = False
@@ -505,6 +511,11 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {_show(value)} is not a valid {annotation}")
+    if origin is Literal:  # a choice: the annotation is the one list of what is allowed
+        allowed = typing.get_args(annotation)
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(allowed)}; got {_show(value)}")
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, where)
     if origin is list:
@@ -636,19 +647,6 @@ def numeric_keys_without_range(cls: type = None, prefix: str = "") -> list[str]:
     return missing
 
 
-_CHOICES = {
-    "train.mode": ("adapter", "lora", "full"),
-    "train.branch": ("arcface", "siglip", "both"),
-    "train.mixed_precision": ("no", "bf16"),
-    "train.frozen_dtype": ("auto", "bf16", "fp32"),
-    "train.timesteps": ("shifted_uniform", "logit_normal"),
-    "train.adapter_init": ("authors", "zero"),
-}
-_PHASE_CHOICES = {
-    "contrastive_positive": ("gt", "reference"),
-    "batch_negatives": ("gt", "generated"),
-}
-DATA_SOURCES = ("manifest", "multiid2m", "mix")
 MULTIID2M_PATH_KEYS = ("shards", "refs", "cluster_centers", "landmarks")
 # models.* keys that, with models.comfyui, may name a file inside the install's model folders
 COMFYUI_NAMED_KEYS = ("transformer", "vae", "clip_l", "t5", "adapter")
@@ -675,11 +673,6 @@ def validate(config: Config) -> Config:
 
     _validate_models(config.models)
 
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {_show(value)}")
     if not config.output_dir.strip():
         raise ConfigError("output_dir is empty: give the folder for the checkpoints, samples and logs")
     if not config.phases:
@@ -693,16 +686,11 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"data.buckets: {exc}") from exc
     for i, phase in enumerate(config.phases):
         where = f"phases[{i}] ({phase.name})"  # numbers: checked against their declared Range while read
-        for name, allowed in _PHASE_CHOICES.items():
-            if getattr(phase, name) not in allowed:
-                raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}; got {_show(getattr(phase, name))}")
         try:  # the data rules live in DataOptions: checked there, once
             DataOptions.from_phase(phase, config.data.buckets)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
     data = config.data
-    if data.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}; got {_show(data.source)}")
     if data.source in ("manifest", "mix") and not data.manifest:
         raise ConfigError(f"data.source={data.source} needs data.manifest (build it with `python train/prepare.py`)")
     if data.source in ("multiid2m", "mix") and data.multiid2m is None:
@@ -715,15 +703,9 @@ def validate(config: Config) -> Config:
     return config
 
 
-LEAN_CHOICES = {"train.frozen_storage": ("default", "fp8_e4m3fn"), "train.optimizer.name": ("adamw", "adamw8bit")}
-
-
 def _validate_lean(config: Config) -> None:
-    """The memory-lean keys: known choices, and only the combinations the trainer can run."""
+    """The memory-lean keys: only the combinations the trainer can run."""
     t = config.train
-    for key, value in (("train.frozen_storage", t.frozen_storage), ("train.optimizer.name", t.optimizer.name)):
-        if value not in LEAN_CHOICES[key]:
-            raise ConfigError(f"{key} must be one of {', '.join(LEAN_CHOICES[key])}; got {value!r}")
     if t.frozen_storage != "default" and t.mode != "adapter":
         raise ConfigError(f"train.frozen_storage={t.frozen_storage} stores the frozen FLUX in fp8, but train.mode="
                           f"{t.mode} trains FLUX weights: use train.mode=adapter or train.frozen_storage=default")

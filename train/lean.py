@@ -25,11 +25,14 @@ import gc
 import logging
 import re
 import sys
+import typing
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from train.config import OptimizerName
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def store_frozen_fp8(transformer: nn.Module, storage: str = "fp8_e4m3fn") -> int
 
 
 # ------------------------------------------------------------------ optimizers
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = typing.get_args(OptimizerName)
 
 
 @contextlib.contextmanager
