@@ -79,11 +79,18 @@ def tiny_comfy_models(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _collect_garbage_after_each_test():
-    """Each test's garbage is collected in the process that made it. A later test that forks (DataLoader
-    workers) would otherwise hand the children unreachable onnxruntime sessions, and a child that collects
-    one blocks forever in its destructor (its thread pool lives only in the parent)."""
+def _isolate_process_state():
+    """What one test leaves in the process does not reach the next.
+
+    - Its garbage is collected here: a later test that forks (DataLoader workers) would otherwise hand the
+      children unreachable onnxruntime sessions, and a child that collects one blocks forever in its
+      destructor (its thread pool lives only in the parent).
+    - accelerate's process-wide state is reset: it keeps the first trainer's mixed precision, and a later
+      in-process run asking for another one is refused."""
     yield
     import gc
 
     gc.collect()
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)

@@ -9,6 +9,7 @@ a real ComfyUI through the pack's loader.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,12 @@ def test_extra_model_paths_are_read_as_comfyui_reads_them(tmp_path, monkeypatch)
     ours = model_folders(root)
 
     folder_paths = import_comfyui()
-    from utils.extra_config import load_extra_path_config
+    # ComfyUI's own reader, loaded from its file: another top-level "utils" module may already be imported
+    spec = importlib.util.spec_from_file_location("comfyui_extra_config",
+                                                  Path(folder_paths.__file__).parent / "utils" / "extra_config.py")
+    extra_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extra_config)
+    load_extra_path_config = extra_config.load_extra_path_config
 
     saved = (copy.deepcopy(folder_paths.folder_names_and_paths), folder_paths.models_dir)
     try:
