@@ -17,6 +17,7 @@ they all see the same pixels a photo viewer (and ComfyUI's LoadImage) shows:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -140,18 +141,27 @@ def _pixels(img, name: str) -> np.ndarray:
     return to_rgb_uint8(arr, name)
 
 
-def _read(fh, name: str, max_pixels: int | None) -> np.ndarray:
+@contextlib.contextmanager
+def _opened(fh, name: str, max_pixels: int | None, unreadable: str):
+    """The image's header, open and within ``max_pixels`` (:class:`ImageTooLargeError` otherwise); a file that
+    is no image raises :class:`ImageReadError` with ``unreadable`` (``{name}``, ``{exc}``) as its message."""
     from PIL import UnidentifiedImageError
 
     limit = _limit(max_pixels)
     try:
         img = _open(fh, name, limit)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{name} could not be read as an image ({exc}); re-export it as PNG or JPEG") from exc
+        raise ImageReadError(unreadable.format(name=name, exc=exc)) from exc
     with img:
         width, height = img.size
         if limit is not None and width * height > limit:
             raise ImageTooLargeError(too_large_message(name, width, height, limit))
+        yield img
+
+
+def _read(fh, name: str, max_pixels: int | None) -> np.ndarray:
+    unreadable = "{name} could not be read as an image ({exc}); re-export it as PNG or JPEG"
+    with _opened(fh, name, max_pixels, unreadable) as img:
         try:
             img.load()
             return _pixels(img, name)
@@ -184,15 +194,5 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.nd
 
 def image_size(data: bytes, name: str, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) of encoded image bytes as :func:`decode_image` would return them, from the header only."""
-    from PIL import UnidentifiedImageError
-
-    limit = _limit(max_pixels)
-    try:
-        img = _open(io.BytesIO(data), name, limit)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{name} is not an image ({exc})") from exc
-    with img:
-        width, height = img.size
-        if limit is not None and width * height > limit:
-            raise ImageTooLargeError(too_large_message(name, width, height, limit))
+    with _opened(io.BytesIO(data), name, max_pixels, "{name} is not an image ({exc})") as img:
         return upright_size(img)
