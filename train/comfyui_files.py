@@ -32,6 +32,8 @@ from typing import Mapping
 
 import torch
 
+from withanyone_core.offline import settle_bitsandbytes
+
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -483,6 +485,7 @@ def load_flux(path: str | os.PathLike, dtype: torch.dtype):
 
 
 def _ldm_vae_config(state: Mapping[str, torch.Tensor]) -> dict:
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
 
     downs = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
@@ -528,6 +531,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype):
     the configuration comes from the shapes. FLUX.1's scaling (0.3611) and shift (0.1159) are not in
     the file and apply to a 16-channel autoencoder; GroupNorm's 32 groups are used where the widths allow.
     """
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 

@@ -20,11 +20,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import re
-import sys
 import typing
 from collections.abc import Iterable
 
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config import OptimizerName
+from withanyone_core.offline import settle_bitsandbytes, without_hub_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -113,36 +112,10 @@ def store_frozen_fp8(transformer: nn.Module, storage: str = "fp8_e4m3fn") -> int
 OPTIMIZERS = typing.get_args(OptimizerName)
 
 
-@contextlib.contextmanager
-def _without_hub_kernels():
-    """Imports inside run with the ``kernels`` package hidden.
-
-    On CPUs with AVX512-BF16, importing bitsandbytes (0.50) asks ``kernels`` to fetch a 4-bit CPU kernel from
-    the Hugging Face hub (HF_HUB_OFFLINE no longer helps once huggingface_hub is imported), and peft imports
-    bitsandbytes whenever it is installed. Nothing here may download and neither the 8-bit optimizer nor LoRA
-    uses that kernel: with ``kernels`` hidden, bitsandbytes takes its own fallback."""
-    hidden = sys.modules.get("kernels", _ABSENT)
-    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
-    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops_log.level
-    cpu_ops_log.setLevel(logging.ERROR)  # its fallback's warning is about the hidden download, not about us
-    try:
-        yield
-    finally:
-        cpu_ops_log.setLevel(level)
-        if hidden is _ABSENT:
-            del sys.modules["kernels"]
-        else:
-            sys.modules["kernels"] = hidden
-
-
-_ABSENT = object()
-
-
 def bitsandbytes():
     """bitsandbytes, imported without letting it reach the network."""
     try:
-        with _without_hub_kernels():
+        with without_hub_kernels():
             import bitsandbytes as bnb
     except ImportError as exc:
         raise ImportError("train.optimizer.name=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
@@ -152,8 +125,8 @@ def bitsandbytes():
 
 def peft():
     """peft, imported without letting it reach the network (it imports bitsandbytes when installed)."""
-    with _without_hub_kernels():
-        import peft as module
+    settle_bitsandbytes()
+    import peft as module
     return module
 
 

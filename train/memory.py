@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from withanyone_core.offline import settle_bitsandbytes
+
 logger = logging.getLogger(__name__)
 
 GB = 1e9
@@ -150,6 +152,7 @@ def transformer_activations(transformer_config: dict, batch: int, height: int, w
 
     The adapter's residual runs in a forward hook of each block, so with gradient checkpointing it
     is recomputed with its block: only one block's adapter activations are alive at a time."""
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"), _quiet_diffusers():
@@ -224,6 +227,7 @@ def _adapter_block_activations(adapter_config, branches, batch, image_tokens, pe
 
 def decoder_activations(vae_config: dict, batch: int, height: int, width: int, dtype: torch.dtype) -> float:
     """Saved bytes of a VAE decode kept for the ID losses' backward (measured on the meta device)."""
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import AutoencoderKL
 
     with torch.device("meta"), _quiet_diffusers():

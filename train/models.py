@@ -23,6 +23,7 @@ from torch import nn
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 from withanyone_core.checkpoints import load_adapter, load_safetensors
 from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
+from withanyone_core.offline import settle_bitsandbytes
 
 from .config import Config
 
@@ -144,6 +145,7 @@ def branch_weights(config: Config) -> tuple[float, float]:
 
 
 def load_transformer(config: Config) -> nn.Module:
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import FluxTransformer2DModel
 
     dtype = torch.float32 if config.train.mode == "full" else frozen_dtype(config)  # full: fp32 master weights
@@ -222,6 +224,7 @@ def load_vae_and_text(config: Config, dtype: torch.dtype) -> tuple[nn.Module, Te
         vae = load_vae(config.models.vae, dtype)
         text = TextEncoder(None, dtype=dtype, parts=(clip_tokenizer, clip, t5_tokenizer, t5))
     else:
+        settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
         from diffusers import AutoencoderKL
 
         base = Path(config.models.base)

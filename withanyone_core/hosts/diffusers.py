@@ -35,6 +35,7 @@ from torch import nn
 from ..adapter import BlockInputs, IdentityAdapter
 from ..host import IdentityRequest, IdentityRun
 from ..layout import BatchBoxes, TokenGrid
+from ..offline import settle_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def attach_adapter(transformer: nn.Module, adapter: IdentityAdapter) -> AdapterH
 
 def flux_from_bfl_state(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, **config_overrides):
     """Build a diffusers ``FluxTransformer2DModel`` from a BFL-layout state dict (any size)."""
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import FluxTransformer2DModel
 
     from ..checkpoints import bfl_flux_config, bfl_to_diffusers, strip_wrapper_prefixes

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..offline import settle_bitsandbytes
+
 FLUX_CONFIG = {
     "in_channels": 64, "vec_in_dim": 768, "context_in_dim": 768, "hidden_size": 3072, "mlp_ratio": 4.0,
     "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000,
@@ -62,6 +64,7 @@ def clip_l_state(seed: int = 0) -> dict[str, torch.Tensor]:
 def flux_vae_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights in the shape of FLUX.1's ``ae.safetensors`` (16 latent channels, ~84M),
     in diffusers' layout, which ComfyUI's VAELoader converts on load."""
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..offline import settle_bitsandbytes
+
 logger = logging.getLogger(__name__)
 
 TINY_HIDDEN = 128  # 2 heads of 64
@@ -45,6 +47,7 @@ def _word_tokenizer(max_length: int, bos: bool):
 
 def build_tiny_flux_folder(root: str | Path, seed: int = 0) -> Path:
     """Write the tiny diffusers FLUX folder under ``root`` once; returns its path."""
+    settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
