@@ -446,3 +446,17 @@ def test_dataloader_workers_give_the_same_batches_and_resume(tmp_path):
     assert all(same(a, b) for a, b in zip(plain, workers))  # across an epoch end (6 batches per epoch)
     resumed = batches(2, state_after(workers[3]["keys"][-1]), count=5)  # the state of the 4th batch consumed
     assert all(same(a, b) for a, b in zip(plain[4:], resumed))
+
+
+def test_a_mix_draws_each_step_from_seed_and_step_alone():
+    """data.source=mix: the part serving a step depends on (seed, step) only, so every process and every resume
+    draws the same, in the proportion of data.mix."""
+    from train.data.sources import MixedSource
+
+    manifest, stream = object(), object()  # for_step only chooses between its two parts
+    mix = MixedSource(manifest, stream, (3.0, 1.0), seed=7)
+    picks = [mix.for_step(step) for step in range(4000)]
+    assert picks == [MixedSource(manifest, stream, (3.0, 1.0), seed=7).for_step(step) for step in range(4000)]
+    assert 0.72 < sum(p is manifest for p in picks) / len(picks) < 0.78
+    assert picks != [MixedSource(manifest, stream, (3.0, 1.0), seed=8).for_step(step) for step in range(4000)]
+    assert all(MixedSource(manifest, stream, (1.0, 0.0), seed=7).for_step(step) is manifest for step in range(200))

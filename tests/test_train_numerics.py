@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import run
+from train import objective, run
 from train.checkpointing import CheckpointError, verify_checkpoint
 from train.smoke_data import build_smoke_set
 from withanyone_core.checkpoints import load_safetensors
@@ -70,7 +70,7 @@ def test_nonfinite_steps_are_skipped_and_never_applied(smoke_set, tmp_path, monk
     never reaches the loop any more (the readers reject it). The hook wraps the real flow-matching loss of
     the real run at two chosen steps; everything else (backward, the check, optimizer, checkpoints) is real."""
     calls = []
-    real_loss = run.flow_matching_loss
+    real_loss = objective.flow_matching_loss
 
     def poisoned(velocity, noise, clean):
         calls.append(1)
@@ -80,7 +80,7 @@ def test_nonfinite_steps_are_skipped_and_never_applied(smoke_set, tmp_path, monk
             return real_loss(_InfGradient.apply(velocity), noise, clean)
         return real_loss(velocity, noise, clean)
 
-    monkeypatch.setattr(run, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(objective, "flow_matching_loss", poisoned)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
         _train(out, "checkpoint.every=1", "checkpoint.keep=20", "sample.every=0")
@@ -207,14 +207,14 @@ def test_every_rank_skips_together(smoke_set, tmp_path):
     out = tmp_path / "ddp"
     script.write_text(
         "import sys, torch\n"
-        "from train import run\n"
+        "from train import objective, run\n"
         "from train.config import load_config\n"
-        "real, calls = run.flow_matching_loss, []\n"
+        "real, calls = objective.flow_matching_loss, []\n"
         "def hooked(velocity, noise, clean):\n"
         "    calls.append(1)\n"
         "    loss = real(velocity, noise, clean)\n"
         "    return loss + float('nan') if trainer.accelerator.process_index == 1 and len(calls) == 2 else loss\n"
-        "run.flow_matching_loss = hooked\n"
+        "objective.flow_matching_loss = hooked\n"
         f"config = load_config({str(SMOKE)!r}, sys.argv[1:])\n"
         "trainer = run.Trainer(config)\n"
         "trainer.run()\n"

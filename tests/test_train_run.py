@@ -164,7 +164,7 @@ def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(trainer.models.vae, "decode", lambda *a, **k: decodes.append(1) or original(*a, **k))
 
     open_gate = phase.__class__(**{**phase.__dict__, "id_gate": 1.0, "loss": phase.loss.__class__(0.0, 1.0, 0.0)})
-    losses = trainer.compute_losses(batch, open_gate, torch.Generator().manual_seed(0))
+    losses = trainer.objective(batch, open_gate, torch.Generator().manual_seed(0))
     losses["total"].backward()
     grads = [p.grad for p in trainer.params if p.grad is not None and p.grad.abs().sum() > 0]
     assert losses["id"] > 0 and len(grads) > 0 and decodes
@@ -172,7 +172,7 @@ def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch, caplog):
 
     decodes.clear()
     closed = phase.__class__(**{**phase.__dict__, "id_gate": 0.0, "loss": phase.loss.__class__(0.0, 1.0, 1.0)})
-    losses = trainer.compute_losses(batch, closed, torch.Generator().manual_seed(0))
+    losses = trainer.objective(batch, closed, torch.Generator().manual_seed(0))
     assert "id" not in losses and "contrastive" not in losses and not decodes  # no decode at all above the gate
 
 

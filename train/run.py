@@ -14,12 +14,10 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):
@@ -34,47 +32,22 @@ from train.checkpointing import (  # noqa: E402
     save_checkpoint,
 )
 from train.config import Config, ConfigError, check_paths, load_config, resolved_paths  # noqa: E402
-from train.data import (  # noqa: E402
-    BadDataError,
-    BucketBatchSampler,
-    DataOptions,
-    IdentityIndex,
-    Manifest,
-    NegativePool,
-    TextEmbeddingCache,
-    SkipLedger,
-    WithAnyoneDataset,
-    collate,
-    state_after,
-)
-from train.losses import (  # noqa: E402
-    contrastive_loss,
-    detected_landmarks,
-    face_embeddings,
-    flow_matching_loss,
-    id_gate,
-    id_loss,
-    predicted_clean,
-    sample_timesteps,
-)
+from train.data import BadDataError, DataOptions, NegativePool, SkipLedger, TextEmbeddingCache  # noqa: E402
+from train.data.sources import DataSource, PhaseLoading, open_data_source  # noqa: E402
 from train.models import (  # noqa: E402
     ModelSet,
     apply_frozen_storage,
     branch_weights,
     frozen_dtype,
     load_models,
-    pack_latents,
     set_trainable,
-    unpack_latents,
 )
+from train.objective import Conditioning, TrainingObjective  # noqa: E402
 from train.lean import build_optimizer, cache_and_release_text, captions_of_run, offload_idle_branch  # noqa: E402
 from train.phases import PhaseSchedule  # noqa: E402
+from train.processes import main_process_first  # noqa: E402
 
 logger = logging.getLogger("withanyone.train")
-
-# in a manifest + MultiID-2M mix, manifest identity ids are moved here so they never meet the shards' ids
-MANIFEST_ID_OFFSET = 1 << 60
-
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on; the message is one line saying why and what to do."""
@@ -83,28 +56,6 @@ class TrainingStopped(RuntimeError):
 def finite_or_none(values: dict) -> dict:
     """A NaN or an infinity becomes None (``null`` in JSON): the loss log and trainer.json stay valid JSON."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-
-
-def main_process_first(accelerator, work, what: str):
-    """``work()`` on the main process only, then every process goes on; if it raised, every
-    process stops with its message instead of waiting at a barrier for a rank that is gone
-    (a corrupt tar during indexing would otherwise hang the others until the NCCL timeout)."""
-    error, result = None, None
-    if accelerator.is_main_process:
-        try:
-            result = work()
-        except Exception as exc:  # re-raised below, after the other ranks have been told
-            error = exc
-    message = [f"{type(error).__name__}: {error}" if error is not None else None]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(message, from_process=0)  # a collective: also the barrier
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise RuntimeError(f"the main process failed while {what}: {message[0]}")
-    return result
 
 
 class Trainer:
@@ -147,50 +98,13 @@ class Trainer:
         # every bad sample is skipped and named; above data.max_bad_fraction the run stops (train/data/skips.py)
         self.skips = SkipLedger(config.data.max_bad_fraction, self.output_dir / (
             "skipped.jsonl" if acc.is_main_process else f"skipped-rank{acc.process_index}.jsonl"))
-        self.manifest = (Manifest.load(config.data.manifest, strict=False)
-                         if config.data.source != "multiid2m" else None)
-        if self.manifest is not None:
-            self.skips.add(self.manifest.bad)
-            self.skips.seen(len(self.manifest.bad))  # its records count as read when their batches are
-        self.index = IdentityIndex(self.manifest) if self.manifest is not None else None
-        self.stream = self._open_multiid2m() if config.data.source != "manifest" else None
-        if config.data.negatives:
-            self.pool = NegativePool.load(config.data.negatives)
-        elif self.stream is None:
-            self.pool = NegativePool.from_manifest(self.manifest, self.index)
-        else:
-            import hashlib
-
-            from train.data.multiid2m import negative_pool_tensors
-
-            # built once (the authors cache theirs as ref_dict.pth), keyed by what it is built from
-            section = config.data.multiid2m
-            # (reference tars by path, size and mtime, so a changed tar builds a new pool; a folder by its path)
-            refs = self.stream["refs"]
-            digest = hashlib.sha1(json.dumps([refs.fingerprint() if refs else None, section.cluster_centers,
-                                              self.stream["shards"]]).encode("utf-8"))
-            for name, centre in sorted(self.stream["centres"].items()):  # changed centres build a new pool
-                digest.update(name.encode("utf-8") + np.ascontiguousarray(centre, dtype=np.float32).tobytes())
-            cached = Path(self.stream["cache"]) / f"negatives-{digest.hexdigest()[:12]}.safetensors"
-
-            def build_pool() -> None:
-                if not cached.is_file():
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    NegativePool(*negative_pool_tensors(self.stream["refs"], self.stream["centres"],
-                                                        self.stream["numbers"], self.stream["shards"])).save(cached)
-                    logger.info("negative pool written to %s", cached)
-
-            main_process_first(self.accelerator, build_pool, "building the negative pool")
-            stream_pool = NegativePool.load(cached)
-            embs, ids = stream_pool.embeddings, stream_pool.identity_ids
-            if self.manifest is not None:  # mix: the manifest's identities get ids of their own
-                manifest_pool = NegativePool.from_manifest(self.manifest, self.index)
-                embs = torch.cat([embs, manifest_pool.embeddings])
-                ids = torch.cat([ids, manifest_pool.identity_ids + MANIFEST_ID_OFFSET])
-            self.pool = NegativePool(embs, ids)
+        # the manifest, MultiID-2M shards or a mix: loaders, resume state, negatives, the sample item
+        self.data: DataSource = open_data_source(config, acc, self.skips, self.output_dir)
+        self.pool = (NegativePool.load(config.data.negatives) if config.data.negatives
+                     else self.data.negative_pool(acc))
         self.text_cache = TextEmbeddingCache(config.data.text_cache) if config.data.text_cache else None
         if config.train.release_text_encoders:  # before FLUX reaches the GPU: T5 and CLIP leave first
-            cache_and_release_text(self.models, captions_of_run(config, self.manifest), acc.device, self.text_cache)
+            cache_and_release_text(self.models, captions_of_run(config, self.data.manifest), acc.device, self.text_cache)
         self.schedule = PhaseSchedule(config.phases)
         opt = config.train.optimizer
         self.optimizer = build_optimizer(self.params, opt, self.schedule.lr_at(0, opt.lr, opt.warmup_steps))
@@ -211,13 +125,15 @@ class Trainer:
             self.models.siglip.model.to(device)
         self.offloaded = offload_idle_branch(self.models.adapter, config.train.branch) \
             if config.train.idle_branch_on_cpu else 0
+        self.conditioning = Conditioning(self.models, device, self.text_cache)
+        self.data_events: dict[str, int] = {}
+        self.objective = TrainingObjective(acc, self.models, self.denoiser, self.conditioning, self.pool,
+                                           self.detector, config.train, self.id_weight, self.siglip_weight,
+                                           self.data_events)
         self.step = 0
         self.phase_index = -1
-        self.sampler: BucketBatchSampler | None = None
-        self.sampler_state: dict | None = None
+        self.resume_state: dict | None = None  # the checkpoint's, until the phase it was saved in starts
         self.skipped_images = 0
-        self.data_events: dict[str, int] = {}
-        self.last_key = None
         self.last_lr = self.schedule.lr_at(0, opt.lr, opt.warmup_steps)
         # steps whose loss or gradients were not finite: skipped, never applied (global step numbers)
         self.nonfinite_steps: list[int] = []
@@ -261,46 +177,6 @@ class Trainer:
                     else "process", estimate.describe(), width, height, cfg.data.batch_size,
                     f", ZeRO-{zero_stage} over {acc.num_processes}" if zero_stage else "")
 
-    def _open_multiid2m(self) -> dict:
-        """Shards, references, cluster centres, identity numbers and the GT landmarks of MultiID-2M."""
-        from train.data.multiid2m import (IdentityNumbers, detect_landmarks, expand_shards, load_landmarks,
-                                          read_cluster_centres)
-        from train.data.multiid2m_refs import open_references
-
-        cfg, acc = self.config, self.accelerator
-        section = cfg.data.multiid2m
-        shards = expand_shards(section.shards)
-        cache = section.landmarks or str(self.output_dir / "landmarks")
-        refs = None
-        if section.refs:
-            # a folder, or the released tars read in place: the main process indexes them once (cached in
-            # <cache>/ref-index/), the other ranks then read that index instead of scanning every tar too
-            refs = main_process_first(acc, lambda: open_references(section.refs, cache), "indexing the references")
-            if not acc.is_main_process:
-                refs = open_references(section.refs, cache)
-            if acc.is_main_process and getattr(refs, "scanned", 0):
-                logger.info("indexed %d reference tar(s) into %s", refs.scanned, Path(cache) / "ref-index")
-        bad_centres: list = []
-        centres = read_cluster_centres(section.cluster_centers, bad_centres) if section.cluster_centers else {}
-        self.skips.add(bad_centres, samples=False)
-        numbers = IdentityNumbers(sorted(set(refs.names() if refs else []) | set(centres)))
-        if any(p.gt_aligned and p.uses_id_losses for p in cfg.phases):
-            # the release has no landmarks: the GT-aligned ID loss needs them, detected once and cached
-            def detect() -> int:
-                from withanyone_core.faces import FaceAnalyzer
-
-                return detect_landmarks(shards, cache, FaceAnalyzer(cfg.models.antelopev2, providers="auto"),
-                                        max_pixels=cfg.data.max_image_pixels)
-
-            detected = main_process_first(acc, detect, "detecting the GT landmarks")
-            if detected:
-                logger.info("detected GT landmarks of %d shard(s) into %s", detected, cache)
-        logger.info("MultiID-2M: %d shard(s), %s, %d identities with cluster centres", len(shards),
-                    f"references from {refs.description}" if refs else "references are the training photos themselves",
-                    len(centres))
-        return {"shards": shards, "refs": refs, "centres": centres, "numbers": numbers,
-                "landmarks": load_landmarks(shards, cache), "cache": cache}
-
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
         acc = self.accelerator
@@ -325,9 +201,7 @@ class Trainer:
         state = load_checkpoint(self.accelerator, folder)
         self.step = state["step"]
         self.phase_index = -1
-        self.sampler_state = state["sampler"]
-        self.stream_state = state.get("stream")
-        self.sampler_phase = state["phase"]
+        self.resume_state = state
         self.skipped_images = state.get("skipped_images", 0)
         self.nonfinite_steps = list(state.get("nonfinite_steps", []))
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
@@ -342,57 +216,20 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in lines))
 
     def _enter_phase(self, active) -> None:
-        from torch.utils.data import DataLoader
-
         phase, cfg = active.phase, self.config
         acc = self.accelerator
         options = DataOptions.from_phase(phase, cfg.data.buckets, siglip_crops=self.models.siglip is not None,
                                          max_image_pixels=cfg.data.max_image_pixels)
-        workers = cfg.data.num_workers
-        context = "fork" if workers and sys.platform == "linux" else None
-        resuming = self.sampler_state is not None and self.sampler_phase == active.index
-        self.sampler = self.batches = self.stream_batches = None
-        if workers and context == "fork":
+        saved = self.resume_state if self.resume_state and self.resume_state["phase"] == active.index else None
+        self.resume_state = None
+        self.data.stop()
+        if cfg.data.num_workers and sys.platform == "linux":
             # a forked worker must not inherit garbage it would collect itself: an unreachable onnxruntime
             # session (face models) blocks forever in its destructor there (its thread pool stayed behind)
             gc.collect()
-        size = []
-        if self.manifest is not None:
-            dataset = WithAnyoneDataset(self.manifest, options, seed=cfg.seed + active.index, index=self.index)
-            self.dataset = dataset
-            self.sampler = BucketBatchSampler(dataset, cfg.data.batch_size, seed=cfg.seed + active.index,
-                                              num_replicas=acc.num_processes, rank=acc.process_index)
-            if resuming:
-                self.sampler.load_state_dict(self.sampler_state)
-            # workers only load items: every random choice comes from the item's key, so an item is
-            # the same with or without workers, and the saved position is that of the last batch consumed
-            self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-                                     prefetch_factor=2 if workers else None, multiprocessing_context=context)
-            self.batches = iter(self.loader)
-            size.append(f"{len(dataset)} records")
-        self.stream_consumed = 0
-        if self.stream is not None:
-            from train.data.multiid2m import MultiID2MStream
-
-            saved = getattr(self, "stream_state", None) if resuming else None
-            layout = {"workers": workers, "world": acc.num_processes}
-            if saved is not None and {k: saved[k] for k in layout} != layout:
-                raise RuntimeError(
-                    f"the checkpoint's MultiID-2M stream position was saved with {saved['world']} process(es) x "
-                    f"{saved['workers']} DataLoader worker(s); resume with the same (now {acc.num_processes} x "
-                    f"{workers}: set data.num_workers / the process count back) or start a new output_dir")
-            self.stream_consumed = int(saved["batches"]) if saved is not None else 0
-            stream = MultiID2MStream(
-                self.stream["shards"], options, cfg.data.batch_size, seed=cfg.seed + active.index,
-                rank=acc.process_index, world_size=acc.num_processes,
-                shuffle_buffer=cfg.data.multiid2m.shuffle_buffer, refs=self.stream["refs"],
-                numbers=self.stream["numbers"], landmarks=self.stream["landmarks"], skip_batches=self.stream_consumed)
-            self.stream_loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                                            prefetch_factor=2 if workers else None, multiprocessing_context=context)
-            self.stream_batches = iter(self.stream_loader)
-            size.append(f"{len(self.stream['shards'])} MultiID-2M shards")
-        self.sampler_state = self.stream_state = None
-        self.last_key = None
+        reads = self.data.start_phase(PhaseLoading(options, cfg.data.batch_size, cfg.seed + active.index,
+                                                   acc.process_index, acc.num_processes, cfg.data.num_workers),
+                                      saved)
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
         if phase.reset_optimizer and self.step == active.start_step and self.step > 0:
             getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
@@ -402,33 +239,16 @@ class Trainer:
                     "contrastive %.2g (%s), lr %.2g, %s", active.index + 1, len(self.schedule.phases),
                     phase.name, active.start_step, active.end_step - 1, phase.prompt_mode, phase.paired_ratio,
                     phase.loss.flow, phase.loss.id, phase.loss.contrastive,
-                    "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, " + ".join(size))
-
-    def _source_of_step(self) -> str:
-        """manifest or multiid2m: a mix draws it from (seed, step), the same on every process and resume."""
-        if self.stream is None:
-            return "manifest"
-        if self.manifest is None:
-            return "multiid2m"
-        w_manifest, w_stream = self.config.data.mix
-        draw = random.Random(f"{self.config.seed}:mix:{self.step}").random()
-        return "manifest" if draw * (w_manifest + w_stream) < w_manifest else "multiid2m"
+                    "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, reads)
 
     def _next_batch(self) -> dict:
         empty, reasons = 0, {}
-        source = self._source_of_step()
-        if self.stream is not None and self.manifest is not None:
-            self.data_events[f"batches_from_{source}"] = self.data_events.get(f"batches_from_{source}", 0) + 1
+        source = self.data.for_step(self.step)  # a mix draws one of its parts from (seed, step)
+        if source is not self.data:
+            name = f"batches_from_{source.kind}"
+            self.data_events[name] = self.data_events.get(name, 0) + 1
         while True:
-            if source == "manifest":
-                batch = next(self.batches)
-                if batch["keys"]:
-                    self.last_key = batch["keys"][-1]
-                if self.stream is not None and "identity_ids" in batch:
-                    batch["identity_ids"] = batch["identity_ids"] + MANIFEST_ID_OFFSET
-            else:
-                batch = next(self.stream_batches)
-                self.stream_consumed += 1
+            batch = source.next_batch()
             for event in batch["events"]:
                 self.data_events[event] = self.data_events.get(event, 0) + 1
             self.skips.add(batch.get("bad", ()))
@@ -442,7 +262,7 @@ class Trainer:
             empty += 1
             for _, reason in batch["dropped"]:
                 reasons[reason] = reasons.get(reason, 0) + 1
-            if empty >= max(100, len(self.sampler) if source == "manifest" else 0):  # a whole epoch without one usable item
+            if empty >= source.patience:
                 raise RuntimeError(
                     f"phase {self.schedule.phases[self.phase_index].name}: no usable item in {empty} batches in a row "
                     f"(dropped: {reasons or 'unreadable images'}); for paired references lower "
@@ -455,110 +275,6 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         self.skips.check(final, tuple(totals.tolist()))
-
-    # ------------------------------------------------------------------ step
-    def _encode_text(self, captions: list[str]):
-        if self.text_cache is None:
-            return self.models.text(captions)
-        texts, pooled = [], []
-        for caption in captions:
-            cached = self.text_cache.get(caption)
-            if cached is None:
-                t, p = self.models.text([caption])
-                cached = {"t5": t[0], "pooled": p[0]}
-                self.text_cache.put(caption, cached)
-            texts.append(cached["t5"].to(self.accelerator.device))
-            pooled.append(cached["pooled"].to(self.accelerator.device))
-        return torch.stack(texts), torch.stack(pooled)
-
-    @torch.no_grad()
-    def _siglip(self, crops: torch.Tensor) -> torch.Tensor:
-        b, n = crops.shape[:2]
-        feats = self.models.siglip.encode([c.numpy() for c in crops.reshape(b * n, *crops.shape[2:])])
-        return feats.reshape(b, n, *feats.shape[1:]).to(self.accelerator.device)
-
-    def compute_losses(self, batch: dict, phase, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        acc, models, cfg = self.accelerator, self.models, self.config
-        device = acc.device
-        pixels = batch["pixels"].to(device)
-        b, _, height, width = pixels.shape
-        vae = models.vae
-        vae_dtype = next(vae.parameters()).dtype
-        with torch.no_grad():
-            dist = vae.encode((pixels * 2 - 1).to(vae_dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
-            latents = mean + std * torch.randn(mean.shape, generator=generator).to(device)
-            clean = pack_latents((latents - vae.config.shift_factor) * vae.config.scaling_factor)
-        noise = torch.randn(clean.shape, generator=generator).to(device)
-        t = sample_timesteps(b, clean.shape[1], generator, cfg.train.timesteps).to(device)
-        noisy = (1 - t.view(-1, 1, 1)) * clean + t.view(-1, 1, 1) * noise
-        text, pooled = self._encode_text(batch["caption"])
-        arcface = batch["ref_embeddings"].to(device)
-        siglip = self._siglip(batch["ref_siglip_crops"]) if "ref_siglip_crops" in batch else self._no_siglip(arcface)
-        boxes = batch["boxes"].tolist()
-        with acc.autocast():
-            velocity = self.denoiser(noisy, t, text, pooled, torch.full((b,), cfg.train.guidance, device=device),
-                                     arcface, siglip, boxes, height, width, self.id_weight, self.siglip_weight)
-        losses = {"flow": flow_matching_loss(velocity, noise, clean)}
-        if phase.uses_id_losses:
-            losses.update(self._identity_losses(batch, phase, noisy, velocity, t, height, width, generator))
-        losses["total"] = sum(getattr(phase.loss, k) * v for k, v in losses.items())
-        return losses
-
-    def _no_siglip(self, arcface: torch.Tensor) -> torch.Tensor:
-        """Zero SigLIP features for the ArcFace branch (its forward never uses them; the SigLIP weight is 0)."""
-        cfg = self.models.adapter.config
-        return arcface.new_zeros(*arcface.shape[:2], 256, cfg.siglip_dim)
-
-    def _identity_losses(self, batch, phase, noisy, velocity, t, height, width, generator):
-        acc, models = self.accelerator, self.models
-        if models.arcface is None:
-            raise ConfigError(f"phase {phase.name} uses ID losses: set models.antelopev2 to the insightface models root")
-        gated = id_gate(t, phase.id_gate)
-        n = batch["num_persons"]
-        b = t.shape[0]
-        generated_mode = phase.batch_negatives == "generated"
-        if generated_mode:
-            # every rank must agree on skipping, or the contrastive gather would wait forever
-            if acc.reduce(gated.any().float().reshape(1), reduction="sum").item() == 0:
-                return {}
-        elif not bool(gated.any()):
-            return {}
-        generated = torch.zeros(b, n, 512, device=acc.device)
-        # a face counts when its sample passed the gate, the face is whole in the crop and,
-        # without GT alignment, the detector found every face on the prediction
-        valid = gated[:, None].cpu() & batch["id_valid"]
-        if gated.any():
-            idx = gated.nonzero().flatten()
-            vae = models.vae
-            z = unpack_latents(predicted_clean(noisy[idx], velocity[idx].float(), t[idx]), height, width)
-            z = z / vae.config.scaling_factor + vae.config.shift_factor
-            images = ((vae.decode(z.to(next(vae.parameters()).dtype)).sample.float() + 1) / 2).clamp(0, 1)
-            if phase.gt_aligned:
-                landmarks = batch["landmarks"][idx.cpu()]
-            else:
-                landmarks, found = detected_landmarks(images, batch["boxes"][idx.cpu()], self.detector)
-                valid[idx.cpu()] &= found[:, None]
-                self.data_events["faces_not_detected"] = (self.data_events.get("faces_not_detected", 0)
-                                                          + int((~found).sum()))
-                images, landmarks, idx = images[found.to(images.device)], landmarks[found], idx[found.to(idx.device)]
-            if idx.numel():  # only faces that exist are embedded (no alignment on made-up landmarks)
-                generated = generated.index_put((idx,), face_embeddings(images, landmarks.to(acc.device),
-                                                                        models.arcface).float())
-        valid = valid.to(acc.device)
-        out = {}
-        gt = batch["gt_embeddings"].to(acc.device)
-        if phase.loss.id > 0:
-            out["id"] = id_loss(generated[valid], gt[valid]) if valid.any() else generated.sum() * 0.0
-        if phase.loss.contrastive > 0:
-            ids = batch["identity_ids"].to(acc.device).reshape(-1)
-            positives = gt if phase.contrastive_positive == "gt" else batch["ref_embeddings"].to(acc.device)
-            flat_valid = valid.reshape(-1)
-            negatives = self.pool.sample_per_anchor(phase.negatives, ids.cpu(), generator).to(acc.device)
-            out["contrastive"] = contrastive_loss(
-                generated.reshape(b * n, -1), flat_valid, positives.reshape(b * n, -1), ids, negatives,
-                phase.temperature, batch_keys=None if generated_mode else gt.reshape(b * n, -1))
-        return out
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -578,7 +294,7 @@ class Trainer:
                 self._enter_phase(active)
             batch = self._next_batch()
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 97 + acc.process_index)
-            losses = self.compute_losses(batch, active.phase, generator)
+            losses = self.objective(batch, active.phase, generator)
             # every rank gets the same answer: a non-finite loss anywhere skips backward everywhere (under
             # DeepSpeed backward also steps), a non-finite gradient skips the optimizer step
             problem = self._agree(self._loss_problem(losses))
@@ -620,7 +336,7 @@ class Trainer:
             if cfg.sample.every and self.step % cfg.sample.every == 0:
                 self.sample()
         bar.close()
-        self.batches = self.loader = self.stream_batches = self.stream_loader = None  # stops the workers
+        self.data.stop()  # ends the DataLoader workers
         logger.info("finished %d steps in %.0f s; %d unreadable images skipped", total, time.time() - started,
                     self.skipped_images)
         if self.data_events:
@@ -709,12 +425,7 @@ class Trainer:
             "step": self.step,
             "phase": active.index if self.step < active.end_step else active.index + 1,
             "phase_name": active.phase.name,
-            # the batch after the last one consumed (a prefetching DataLoader has read further)
-            "sampler": ({"epoch": 0, "position": 0} if self.step >= active.end_step or self.sampler is None
-                        else state_after(self.last_key) if self.last_key is not None else self.sampler.state_dict()),
-            "stream": ({"batches": self.stream_consumed if self.step < active.end_step else 0,
-                        "workers": cfg.data.num_workers, "world": self.accelerator.num_processes}
-                       if self.stream is not None else None),
+            **self.data.state(phase_done=self.step >= active.end_step),  # "sampler" and "stream"
             "skipped_images": self.skipped_images,
             "losses": finite_or_none(getattr(self, "last_losses", {})),
             "nonfinite_steps": self.nonfinite_steps,
@@ -735,17 +446,13 @@ class Trainer:
         options = DataOptions(buckets=((s.width, s.height),), crop="center", min_face_size=0.0,
                               siglip_crops=self.models.siglip is not None, max_image_pixels=cfg.data.max_image_pixels)
         if getattr(self, "sample_item", None) is None:  # the first record/sample that loads whole, found once
-            from train.sampling import pick_sample_item
-
-            self.sample_item = pick_sample_item(options, self.manifest, self.index, self.stream["shards"] if
-                                                self.stream else (), self.stream and self.stream["numbers"],
-                                                self.stream and self.stream["landmarks"]) or {"skipped": True}
+            self.sample_item = self.data.sample_item(options) or {"skipped": True}
         item = self.sample_item
         if "skipped" in item:
             logger.warning("sample skipped: none of the first records/samples loads (each was named above)")
             return
-        arcface = item["ref_embeddings"][None].to(acc.device)
-        siglip = self._siglip(item["ref_siglip_crops"][None]) if "ref_siglip_crops" in item else self._no_siglip(arcface)
+        arcface, siglip = self.conditioning.identities(
+            {k: item[k][None] for k in ("ref_embeddings", "ref_siglip_crops") if k in item})
         with acc.autocast():
             image = sample_image(self.models, acc.unwrap_model(self.denoiser), s.prompt, arcface, siglip,
                                  [item["boxes"].tolist()], s.width, s.height, s.steps, s.seed, cfg.train.guidance,

@@ -7,6 +7,8 @@
 - :mod:`.sampler`: the resumable, rank-sharded bucket batch sampler;
 - :mod:`.cache`: cached text-encoder outputs;
 - :mod:`.skips`: every bad sample skipped, named and counted; the stop rule (``data.max_bad_fraction``).
+- :mod:`.sources`: where a run's batches come from (manifest, MultiID-2M, mix), one interface for the trainer;
+- :mod:`.multiid2m`, :mod:`.multiid2m_refs`, :mod:`.multiid2m_write`: the released MultiID-2M format.
 """
 
 from .cache import TextEmbeddingCache
