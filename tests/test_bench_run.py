@@ -9,8 +9,8 @@ import json
 import pytest
 from PIL import Image
 
-from comfy_env import ROOT  # noqa: F401  (puts tools/ on sys.path)
-from comfy_server import ComfyServer
+from comfy_env import ROOT  # noqa: F401  (the pack's folder on sys.path)
+from tools.common.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,8 @@ def _bench(root):
 
 
 def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_models):
-    import bench_run
-    from demo import TINY_NAMES
+    import tools.bench_run as bench_run
+    from tools.demo import TINY_NAMES
 
     from withanyone_core import bench_eval
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from comfy_env import ROOT  # noqa: F401  (puts tools/ on sys.path)
+from comfy_env import ROOT  # noqa: F401  (the pack's folder on sys.path)
 from withanyone_core.bench.samples import list_samples, samples_from_index
 
 
@@ -40,7 +40,7 @@ def test_hf2bench_index_with_boxes_and_crop(tmp_path):
 
 
 def test_boxes_follow_the_square_crop_of_the_ground_truth():
-    import bench_run
+    import tools.bench_run as bench_run
 
     # a 1000 x 600 photo, faces on the right: the 600 px square is pushed right, then scaled to 512
     boxes = bench_run.output_boxes(1000, 600, [[700, 100, 800, 220], [850, 120, 950, 240]], 512)

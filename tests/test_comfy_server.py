@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from comfy_env import ROOT
-from comfy_server import ComfyServer  # tools/, put on sys.path by comfy_env
+from tools.common.comfy_server import ComfyServer
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def server(tmp_path_factory) -> ComfyServer:
 def _workflow_placeholders(base: Path) -> None:
     """Empty files under the names the shipped workflows use, so the server's file lists offer them
     (validation checks names, not contents; running these would fail at the first loader)."""
-    from build_workflows import PLACEHOLDER_INPUTS, PLACEHOLDER_MODELS
+    from tools.common.workflow_specs import PLACEHOLDER_INPUTS, PLACEHOLDER_MODELS
 
     for name in PLACEHOLDER_MODELS:
         (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -122,9 +122,9 @@ def test_layout_route_answers_every_bad_request_with_a_4xx(server):
 
 
 def test_a_missing_saved_person_is_refused_with_how_to_save_one(server):
-    from comfy_server import PromptRejected
+    from tools.common.comfy_server import PromptRejected
 
-    from build_workflows import SIGLIP_NAME
+    from tools.common.workflow_specs import SIGLIP_NAME
 
     prompt = {"1": {"class_type": "WithAnyoneLoadIdentity", "inputs": {"identity_name": "nobody.safetensors"}},
               "2": {"class_type": "WithAnyoneSiglipLoader", "inputs": {"siglip_name": SIGLIP_NAME}},
@@ -186,10 +186,10 @@ def test_shipped_workflows_are_templates_and_validate(server):
     server."""
     import io
 
-    from build_workflows import BUILDERS, MODEL_SOURCES, build_all, dumps, thumbnail
-    from comfy_server import PromptRejected, execution_error
+    from tools.common.workflow_specs import BUILDERS, MODEL_SOURCES, build_all, dumps, thumbnail
+    from tools.common.comfy_server import PromptRejected, execution_error
     from PIL import Image
-    from workflows import check_api, thumbnail_jpeg, ui_to_api, version_neutral
+    from tools.common.workflows import check_api, thumbnail_jpeg, ui_to_api, version_neutral
 
     comfy = server
     files = {p.stem: p for p in (ROOT / "example_workflows").glob("*.json")}
@@ -204,15 +204,15 @@ def test_shipped_workflows_are_templates_and_validate(server):
         workflow = json.loads(path.read_text(encoding="utf-8"))
         assert json.loads(_fetch(comfy, f"/api/workflow_templates/{pack}/{name}.json")) == workflow
         # built on this server equals the shipped file, output sockets other ComfyUIs add to output nodes aside
-        assert path.read_text(encoding="utf-8") == dumps(workflow), f"{name}: rerun tools/build_workflows.py"
+        assert path.read_text(encoding="utf-8") == dumps(workflow), f"{name}: rerun dev/build_workflows.py"
         assert dumps(version_neutral(workflow, info)) == dumps(version_neutral(rebuilt[name], info)), \
-            f"{name}: rerun tools/build_workflows.py"
+            f"{name}: rerun dev/build_workflows.py"
         served = _fetch(comfy, f"/api/workflow_templates/{pack}/{name}.jpg")
         assert served == path.with_suffix(".jpg").read_bytes()
         shipped = np.asarray(Image.open(io.BytesIO(served)).convert("RGB"), dtype=np.float32)
         fresh = np.asarray(Image.open(io.BytesIO(thumbnail_jpeg(thumbnail(name, rebuilt[name])))), dtype=np.float32)
         assert shipped.shape == fresh.shape == (512, 512, 3)
-        assert np.abs(shipped - fresh).mean() < 1.0, f"{name}.jpg: rerun tools/build_workflows.py"
+        assert np.abs(shipped - fresh).mean() < 1.0, f"{name}.jpg: rerun dev/build_workflows.py"
         for node in workflow["nodes"]:
             named = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v in MODEL_SOURCES]
             models = node["properties"].get("models", [])

@@ -1,4 +1,4 @@
-"""README's first command: `make demo` (tools/demo.py) on a machine without the real model files.
+"""README's first command: `make demo` (python -m tools.demo) on a machine without the real model files.
 
 It must say which files go where, then run the single-person workflow's graph on small
 random-weight models in a real ComfyUI server and save an image. COMFYUI_DIR points at a
@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from comfy_env import ROOT, comfyui_dir
-from comfy_server import free_port  # tools/, put on sys.path by comfy_env
-from demo import TINY_NAMES
+from tools.common.comfy_server import free_port
+from tools.demo import TINY_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,8 @@ def empty_comfyui(tmp_path):
 def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, tmp_path):
     demo_dir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "demo.py"), "--steps", "2", "--demo-dir", str(demo_dir)],
-        env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)}, capture_output=True, text=True, timeout=900)
+        [sys.executable, "-m", "tools.demo", "--steps", "2", "--demo-dir", str(demo_dir)],
+        env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)}, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     models = empty_comfyui / "models"
@@ -61,14 +61,14 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
     tail = log[log.index("Next:"):]
     python = Path(sys.executable).absolute()
     python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
-    assert f"COMFYUI_DIR={empty_comfyui} {python} tools/demo.py --serve --demo-dir {demo_dir}" in tail
+    assert f"COMFYUI_DIR={empty_comfyui} {python} -m tools.demo --serve --demo-dir {demo_dir}" in tail
     assert "http://127.0.0.1:8188" in tail and "COMFYUI_DIR=/path/to/ComfyUI make demo" in tail
 
     # --serve (`make comfyui-ui`): the browser UI on the same ComfyUI and small models, with the pack and templates
     port = free_port()
-    ui = subprocess.Popen([sys.executable, str(ROOT / "tools" / "demo.py"), "--serve", "--port", str(port),
+    ui = subprocess.Popen([sys.executable, "-m", "tools.demo", "--serve", "--port", str(port),
                            "--demo-dir", str(demo_dir)], env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline, info = f"http://127.0.0.1:{port}", time.time() + 300, None
         while info is None and time.time() < deadline and ui.poll() is None:
@@ -88,7 +88,7 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
 def test_help_states_the_recipe():
     from withanyone_core import recipe
 
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "tools.demo", "--help"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     assert f"real models: {recipe.DEFAULT_STEPS}, the authors' recipe" in " ".join(out.split())
     assert "make comfyui-ui" in " ".join(out.split()) and "8188" in out

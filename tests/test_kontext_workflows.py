@@ -1,4 +1,4 @@
-"""The Kontext workflow specs (tools/kontext_workflows.py) against a real ComfyUI server with the pack.
+"""The Kontext workflow specs (tools/common/workflow_specs.py) against a real ComfyUI server with the pack.
 
 Both workflows are built from the server's /object_info, converted to API format and accepted
 by the server (validation checks file names, so the models are empty placeholders; the run then
@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import comfy_env  # noqa: F401,I001  (puts tools/ on sys.path)
-from comfy_server import ComfyServer, execution_error
+import comfy_env  # noqa: F401,I001  (the pack's folder on sys.path)
+from tools.common.comfy_server import ComfyServer, execution_error
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> ComfyServer:
     from PIL import Image
 
-    from kontext_workflows import PLACEHOLDER_INPUTS, PLACEHOLDER_MODELS
+    from tools.common.workflow_specs import KONTEXT_PLACEHOLDER_INPUTS as PLACEHOLDER_INPUTS
+    from tools.common.workflow_specs import KONTEXT_PLACEHOLDER_MODELS as PLACEHOLDER_MODELS
     from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image
 
     base = tmp_path_factory.mktemp("comfy")
@@ -41,8 +42,8 @@ def server(tmp_path_factory) -> ComfyServer:
 
 @pytest.mark.slow
 def test_kontext_workflows_validate_on_the_server(server):
-    from kontext_workflows import kontext_builders
-    from workflows import check_api, ui_to_api
+    from tools.common.workflow_specs import kontext_builders
+    from tools.common.workflows import check_api, ui_to_api
 
     info = server.get_json("/object_info")
     assert {"WithAnyoneFaceEditPrepare", "WithAnyoneArcFaceIdentities", "ReferenceLatent"} <= set(info)

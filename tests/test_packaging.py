@@ -73,7 +73,7 @@ def test_registry_classifiers_and_comfyui_version():
     assert accelerators and set(accelerators) <= ACCELERATORS, accelerators
     requires = COMFY["requires-comfyui"]
     assert all(VERSION_PART.match(part.strip()) for part in requires.split(",")), requires
-    # the ComfyUI the tests run (tools/get_comfyui.py) is one the pack claims to support
+    # the ComfyUI the tests run (tools/common/get_comfyui.py) is one the pack claims to support
     low = re.match(r">=\s*(\d+)\.(\d+)\.(\d+)", requires)
     assert low and tuple(map(int, low.groups())) <= TESTED_COMFYUI, requires
 
@@ -199,9 +199,31 @@ def test_registry_package_holds_the_pack_and_leaves_out_the_tests(tmp_path):
     names = set(zipfile.ZipFile(archive).namelist())
     needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md", "nodes/__init__.py",
               "nodes/routes.py", "withanyone_core/__init__.py", "web/withanyone.js", "web/icon.png",
-              "web/docs/WithAnyoneLayout.md", "locales/en/nodeDefs.json", "locales/zh/nodeDefs.json"}
+              "web/docs/WithAnyoneLayout.md", "locales/en/nodeDefs.json", "locales/zh/nodeDefs.json",
+              # what a user runs besides the nodes: the trainer, the benchmark runner and the workflows
+              "train/run.py", "train/_script.py", "train/configs/comfyui.yaml", "tools/bench_run.py",
+              "tools/common/workflows.py", "example_workflows/WithAnyone - one person.json"}
     assert needed <= names, f"missing from the Registry package: {sorted(needed - names)}"
-    assert not [n for n in names if n.startswith(("tests/", ".ci/", ".github/"))]
+    # developer generators, test fixtures and CI stay in the repository
+    assert not [n for n in names if n.startswith(("tests/", "dev/", ".ci/", ".github/"))]
+
+
+def test_library_and_trainer_are_packages_of_the_project(tmp_path):
+    """`pip install -e ".[train]"` (make setup): `python -m train.run` works from any folder, and only the library
+    and the trainer are installed (the pack's nodes, tools and tests never become top-level names)."""
+    done = subprocess.run([sys.executable, "-m", "train.run", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "--config" in done.stdout, done.stderr[-2000:]
+    code = ("import importlib.util, json; print(json.dumps({n: importlib.util.find_spec(n) is not None "
+            "for n in ('withanyone_core', 'train', 'train.data.sources', 'nodes', 'tools', 'dev', 'tests')}))")
+    found = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert found == {"withanyone_core": True, "train": True, "train.data.sources": True, "nodes": False,
+                     "tools": False, "dev": False, "tests": False}
+    # a script inside a ComfyUI install (the project not installed) runs as its package module
+    for script in ("run", "merge", "prepare"):
+        done = subprocess.run([sys.executable, str(ROOT / "train" / f"{script}.py"), "--help"], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and "usage:" in done.stdout, (script, done.stderr[-2000:])
 
 
 def test_dev_setup_pins_torch_for_tests_only():

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from comfy_env import import_comfyui
 from comfyui_install import (_state, build_install, clip_l, flux_bfl, fp8_variant, t5, tiny_vae,
                              vae_to_bfl)
-from get_comfyui import comfyui_dir
+from tools.common.get_comfyui import comfyui_dir
 from train.comfyui_files import (ComfyUIFilesError, load_clip_l, load_flux, load_t5, load_vae, model_folders,
                                  resolve_comfyui_models)
 from train.config import ConfigError, check_paths, load_config

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from comfy_env import PACK_NAME, ROOT, import_comfyui, import_pack
-from comfy_server import ComfyServer  # tools/, put on sys.path by comfy_env
+from tools.common.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +205,7 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 def test_locales_cover_every_node_input_and_output(pinned_server):
     """locales/{en,zh}/nodeDefs.json against the live /object_info: every node's name and description, every
     input and output (name, and tooltip where the schema has one). English is the schema's own text; Chinese
-    is a translation (tooltips and descriptions hold Chinese characters). Fix: run tools/build_locales.py."""
+    is a translation (tooltips and descriptions hold Chinese characters). Fix: run dev/build_locales.py."""
     from build_locales import english_node_defs
 
     url = pinned_server
@@ -233,7 +233,7 @@ def test_locales_cover_every_node_input_and_output(pinned_server):
                     problems.append(f"zh: {node_id}.{part}.{key}.name missing")
                 if "tooltip" in slot and not CJK.search(got.get("tooltip", "")):
                     problems.append(f"zh: {node_id}.{part}.{key}.tooltip missing or untranslated")
-    assert not problems, "run tools/build_locales.py (it lists what to translate):\n" + "\n".join(problems)
+    assert not problems, "run dev/build_locales.py (it lists what to translate):\n" + "\n".join(problems)
     # ComfyUI serves them to the frontend
     served = json.load(urllib.request.urlopen(url + "/i18n", timeout=30))
     assert served["zh"]["nodeDefs"]["WithAnyoneLayout"] == locales["zh"]["WithAnyoneLayout"]
@@ -744,8 +744,8 @@ def test_identity_metrics_and_extension_listing(pinned_server, browser):
 
 def test_shipped_workflows_load_in_the_frontend_as_our_converter_reads_them(pinned_server, browser):
     """Each shipped workflow loads in the real frontend, and the prompt the frontend builds from it is
-    the one tools/workflows.py's ui_to_api (used by the server test and the demo) builds."""
-    from workflows import ui_to_api
+    the one tools/common/workflows.py's ui_to_api (used by the server test and the demo) builds."""
+    from tools.common.workflows import ui_to_api
 
     url = pinned_server
     info = json.load(urllib.request.urlopen(url + "/object_info", timeout=60))

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from comfy_env import ROOT
-from comfy_server import ComfyServer, execution_error  # tools/, put on sys.path by comfy_env
+from tools.common.comfy_server import ComfyServer, execution_error
 
 pytestmark = pytest.mark.slow
 SIZE = 640  # the tiny detector's painted faces are made for 640 px
@@ -24,7 +24,7 @@ SIZE = 640  # the tiny detector's painted faces are made for 640 px
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_comfy_models):
-    from build_workflows import GROUP_PHOTO, PERSON_PHOTOS, SMALL_FACES_PHOTO
+    from tools.common.workflow_specs import GROUP_PHOTO, PERSON_PHOTOS, SMALL_FACES_PHOTO
     from withanyone_core.testing.faces import paint_face, remove_green
 
     base = tiny_comfy_models(tmp_path_factory.mktemp("comfy"))  # models + input/PERSON_PHOTOS[0] with one face
@@ -40,8 +40,8 @@ def server(tmp_path_factory, tiny_comfy_models):
 
 
 def _tiny(workflow_name: str, info: dict, steps: int = 2) -> dict:
-    from demo import TINY_NAMES
-    from workflows import ui_to_api
+    from tools.demo import TINY_NAMES
+    from tools.common.workflows import ui_to_api
 
     workflow = json.loads((ROOT / "example_workflows" / f"{workflow_name}.json").read_text(encoding="utf-8"))
     prompt = ui_to_api(workflow, info)
@@ -120,8 +120,8 @@ def test_saved_people_need_no_face_analyzer_or_siglip(server):
     """'save people' (shipped) saves the two people 'saved people' (shipped) loads; Save writes again after its file
     was deleted by hand (ComfyUI's cache must not answer "already saved")."""
     comfy, base, _ = server
-    from build_workflows import SAVE_PEOPLE, SAVED_PEOPLE
-    from demo import TINY_NAMES
+    from tools.common.workflow_specs import SAVE_PEOPLE, SAVED_PEOPLE
+    from tools.demo import TINY_NAMES
 
     info = comfy.get_json("/object_info")
     folder = base / "models" / "withanyone" / "identities"

@@ -1,6 +1,6 @@
 """Generate MultiID-Bench outputs with the pack through a running ComfyUI, ready for bench_eval.
 
-    python tools/bench_run.py BENCH --out RESULTS --server http://127.0.0.1:8188
+    python -m tools.bench_run BENCH --out RESULTS --server http://127.0.0.1:8188
     python -m withanyone_core.bench_eval RESULTS --insightface ComfyUI/models/insightface
 
 BENCH holds one folder per sample: ``ori.jpg`` (the ground truth), ``ref_1.jpg`` ..
@@ -29,16 +29,11 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from comfy_server import ComfyServer, PromptRejected, execution_error  # noqa: E402
-from get_comfyui import ROOT  # noqa: E402
-from workflows import check_api, ui_to_api  # noqa: E402
-
-sys.path.insert(0, str(ROOT))  # withanyone_core
+from tools.common.comfy_server import ComfyServer, PromptRejected, execution_error
+from tools.common.get_comfyui import ROOT
+from tools.common.workflows import check_api, ui_to_api
 
 logger = logging.getLogger("withanyone.bench_run")
 
@@ -143,12 +138,12 @@ def _prune(prompt: dict) -> dict:
 
 def workflow_versions(path: Path, object_info: dict):
     """(label, UI workflow): the file itself, then, for a shipped workflow, the same graph rebuilt from
-    its spec in tools/build_workflows.py against the server's nodes (for a file older than the nodes)."""
+    its spec in dev/build_workflows.py against the server's nodes (for a file older than the nodes)."""
     yield path.name, json.loads(Path(path).read_text())
-    from build_workflows import BUILDERS
+    from tools.common.workflow_specs import BUILDERS
 
     if path.stem in BUILDERS and path.resolve().parent == (ROOT / "example_workflows"):
-        label = f"{path.name} rebuilt from tools/build_workflows.py"
+        label = f"{path.name} rebuilt from dev/build_workflows.py"
         try:
             yield label, BUILDERS[path.stem](object_info)
         except (KeyError, ValueError) as exc:  # the spec is older than the nodes too
@@ -280,7 +275,7 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python tools/bench_run.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.bench_run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", type=Path, help="MultiID-Bench folder (one folder per sample), or an hf2bench index "
                    "(p1.json / p2.json / p3.json)")

@@ -27,16 +27,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from build_workflows import (ADAPTER_FILE, CLIP_L_FILE, FLUX_FILE, PERSON_PHOTOS, SIGLIP_NAME,  # noqa: E402
-                             SINGLE_PERSON, VAE_FILE, WORKFLOWS_DIR)
-from comfy_server import ComfyServer, PromptRejected, execution_error, install_pack  # noqa: E402
-from get_comfyui import CACHE, ROOT, comfyui_dir  # noqa: E402
-from workflows import ui_to_api  # noqa: E402
-
-sys.path.insert(0, str(ROOT))  # withanyone_core, for the small models
-from withanyone_core import recipe  # noqa: E402  (the authors' recipe: the step count the help states)
+from tools.common.comfy_server import ComfyServer, PromptRejected, execution_error, install_pack
+from tools.common.get_comfyui import CACHE, ROOT, comfyui_dir
+from tools.common.workflow_specs import (ADAPTER_FILE, CLIP_L_FILE, FLUX_FILE, PERSON_PHOTOS, SIGLIP_NAME,
+                                         SINGLE_PERSON, VAE_FILE, WORKFLOWS_DIR)
+from tools.common.workflows import ui_to_api
+from withanyone_core import recipe  # the authors' recipe: the step count the help states
 
 logger = logging.getLogger("withanyone.demo")
 
@@ -212,7 +208,7 @@ def next_steps(comfy: Path, base: Path, demo_dir: Path, tiny: bool) -> str:
     if demo_dir != (CACHE / "demo").resolve() or tiny:
         extra = (" --tiny" if tiny else "") + (f" --demo-dir {demo_dir}" if demo_dir != (CACHE / "demo").resolve()
                                                else "")
-        start = f"{prefix}{_python()} tools/demo.py --serve{extra}"
+        start = f"{prefix}{_python()} -m tools.demo --serve{extra}"
     else:
         start = f"{prefix}make comfyui-ui"
     models = ("the small random-weight models" if base == demo_dir else "the model files in " + str(base / "models"))

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # python train/merge.py
+    import _script
+
+    _script.run_as_module("merge")
 
 from train.models import BRANCH_PREFIXES  # noqa: E402
 from withanyone_core.checkpoints import (  # noqa: E402

@@ -34,13 +34,14 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # python train/prepare.py
+    import _script
+
+    _script.run_as_module("prepare")
 
 from train.clustering import EXACT_BELOW, ClusterSearch, assign_identities  # noqa: E402
 from train.config import AT_LEAST_1, COSINE, NON_NEGATIVE, Range, number_arg  # noqa: E402

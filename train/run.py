@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # python train/run.py
+    import _script
+
+    _script.run_as_module("run")
 
 from train.checkpointing import (  # noqa: E402
     CheckpointError,

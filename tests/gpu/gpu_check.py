@@ -14,7 +14,7 @@ On a machine with CUDA:
    of three training steps printed beside the trainer's estimate (:func:`lean_training_peak`).
 
 The benchmark runs once per configuration, each in a process of its own (ComfyUI is process-global):
-ComfyUI 0.3.75, and ComfyUI 0.30.0 with dynamic VRAM off and on (tools/get_comfyui.py's trees; "on" is set
+ComfyUI 0.3.75, and ComfyUI 0.30.0 with dynamic VRAM off and on (tools/common/get_comfyui.py's trees; "on" is set
 up as 0.30's main.py does: comfy-aimdo initialised, ``CoreModelPatcher`` rebound to ``ModelPatcherDynamic``;
 the FLUX loader and the pack's loaders then build their patchers with it). A configuration this machine
 cannot run (no comfy-aimdo, no working aimdo device) is reported as skipped, with the reason.
@@ -310,9 +310,8 @@ def enable_dynamic_vram() -> str | None:
 
 
 def run_configurations(reps: int) -> int:
-    """The benchmark in every configuration, each a process on its ComfyUI tree (tools/get_comfyui.py)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from get_comfyui import environment
+    """The benchmark in every configuration, each a process on its ComfyUI tree (tools/common/get_comfyui.py)."""
+    from tools.common.get_comfyui import environment
 
     status = 0
     for version, dynamic in CONFIGURATIONS:

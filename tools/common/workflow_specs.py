@@ -1,35 +1,23 @@
-"""Write the example workflows in ``example_workflows/`` from the specs below.
+"""The example workflows' specs: each a function of a server's ``/object_info`` returning a UI-format workflow.
 
-    python tools/build_workflows.py          # starts a ComfyUI with the pack for /object_info
-
-The specs are the source; the JSON files are generated so that every widget value sits
-where the frontend expects it. Each file gets, on top of its spec: ``properties.models``
-(name, url, directory) on every node that names a public model file (the frontend's
-missing-models dialog reads them), a Markdown note saying which file goes where, and a
-``.jpg`` thumbnail of the same stem (the picture the template card shows). ComfyUI 0.3.75
-and its frontends (1.32.9 .. 1.58.1) title a custom node's template card with the file
-name, so the file names are the titles. tests/test_comfy_server.py rebuilds everything
-against a real server and fails if a file differs, so edit here and rerun. Built on another ComfyUI, a file
-that differs only in unlinked outputs of output nodes (workflows.version_neutral) is kept as it is.
+The JSON files in ``example_workflows/`` are generated from these (``python -m dev.build_workflows``) so that
+every widget value sits where the frontend expects it. Each file gets, on top of its spec: ``properties.models``
+(name, url, directory) on every node that names a public model file (the frontend's missing-models dialog reads
+them), a Markdown note saying which file goes where, and a ``.jpg`` thumbnail of the same stem (the picture the
+template card shows). ComfyUI 0.3.75 and its frontends (1.32.9 .. 1.58.1) title a custom node's template card with
+the file name, so the file names are the titles. The tests rebuild everything against a real server and fail if
+a file differs, so edit here and rerun the generator. ``tools.bench_run`` rebuilds a spec against the server it
+drives when a shipped file is older than the nodes.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
-import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-if __name__ == "__main__":  # tools/kontext_workflows.py imports this module by name while it runs as a script
-    sys.modules.setdefault("build_workflows", sys.modules[__name__])
+from withanyone_core import recipe  # the authors' recipe: steps, guidance, size, share
 
-from get_comfyui import ROOT  # noqa: E402
-from workflows import Graph, render_thumbnail, thumbnail_jpeg, version_neutral  # noqa: E402
-
-sys.path.insert(0, str(ROOT))
-from withanyone_core import recipe  # noqa: E402  (the authors' recipe: steps, guidance, size, share)
+from .get_comfyui import ROOT
+from .workflows import Graph, render_thumbnail
 
 WORKFLOWS_DIR = ROOT / "example_workflows"
 
@@ -381,28 +369,101 @@ PLACEHOLDER_MODELS = [f"diffusion_models/{FLUX_FILE}", f"text_encoders/{CLIP_L_F
                       *(f"withanyone/identities/{name}" for name in SAVED_PEOPLE)]
 PLACEHOLDER_INPUTS = [*PERSON_PHOTOS, LAYOUT_PHOTO, GROUND_TRUTH_PHOTO, GROUP_PHOTO, SMALL_FACES_PHOTO]
 
-# Kontext specs (tools/kontext_workflows.py), under card titles like the others
+# ------------------------------------------------------------------ FLUX.1 Kontext: WithAnyone.K and .Ke
+KONTEXT_FLUX_FILE = "flux1-kontext-dev.safetensors"
+K_ADAPTER_FILE = "withanyone_k.safetensors"  # WithAnyone.K.preview (two-branch keys, like the base adapter)
+KE_ADAPTER_FILE = "withanyone_ke.safetensors"  # WithAnyone.Ke.preview (ipa.*, arcface_in.*)
+EDIT_SOURCE_PHOTO = "withanyone_edit_source.png"
+
+KONTEXT_PLACEHOLDER_MODELS = [f"diffusion_models/{KONTEXT_FLUX_FILE}", f"withanyone/{K_ADAPTER_FILE}",
+                      f"withanyone/{KE_ADAPTER_FILE}", f"text_encoders/{CLIP_L_FILE}", f"text_encoders/{T5_FILE}",
+                      f"vae/{VAE_FILE}", f"siglip/{SIGLIP_NAME}/config.json"]
+KONTEXT_PLACEHOLDER_INPUTS = [EDIT_SOURCE_PHOTO, *PERSON_PHOTOS[:2]]
+
+
+def _kontext_models(g: Graph, prompt: str, adapter_file: str, siglip: bool):
+    unet = g.add("UNETLoader", (0, 0), title="FLUX.1 Kontext [dev]", unet_name=KONTEXT_FLUX_FILE,
+                 weight_dtype="default")
+    clip = g.add("DualCLIPLoader", (0, 130), clip_name1=CLIP_L_FILE, clip_name2=T5_FILE, type="flux")
+    vae = g.add("VAELoader", (0, 290), vae_name=VAE_FILE)
+    positive = g.add("CLIPTextEncode", (COL, 0), title="Prompt", text=prompt, clip=clip.out())
+    negative = g.add("CLIPTextEncode", (COL, 230), title="Negative (unused at cfg 1)", text="", clip=clip.out())
+    adapter = g.add("WithAnyoneAdapterLoader", (0, 420), adapter_name=adapter_file)
+    analyzer = g.add("WithAnyoneFaceAnalyzerLoader", (0, 530), provider="auto", detection_threshold=0.4,
+                     detection_size=640)
+    nodes = [unet, clip, vae, adapter, analyzer]
+    encoder = None
+    if siglip:
+        encoder = g.add("WithAnyoneSiglipLoader", (0, 700), siglip_name=SIGLIP_NAME)
+        nodes.append(encoder)
+    g.group("FLUX.1 Kontext and WithAnyone models", nodes, color="#444")
+    return unet, positive, negative, vae, adapter, analyzer, encoder
+
+
+def k_text_to_image(info: dict) -> dict:
+    g = Graph(info)
+    unet, positive, negative, vae, adapter, analyzer, siglip = _kontext_models(
+        g, "two friends laughing at a street food stall at night, neon signs, candid photo", K_ADAPTER_FILE, True)
+    identities = _people(g, 2, analyzer, siglip, x=0)
+    layout = g.add("WithAnyoneLayout", (4 * COL, 880), width=768, height=768, source="preset", people=2,
+                   boxes="0.18,0.22,0.40,0.52\n0.60,0.22,0.82,0.52")
+    g.add("PreviewImage", (5 * COL, 880), title="Where each face goes", images=layout.out("preview"))
+    latent = _sampler(g, unet, positive, negative, adapter, identities, layout, seed=21)
+    _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/kontext_k")
+    return g.to_ui("WithAnyone.K (preview): text-to-image with given people on FLUX.1 Kontext [dev], no reference "
+                   "image. The authors call it less stable than the base model on FLUX.1-dev.")
+
+
+def _arcface_people(g: Graph, count: int, analyzer, x: float, y: float = 880):
+    faces, nodes = {}, []
+    for k in range(count):
+        photo = g.add("LoadImage", (x, y + 380 * k), title=f"Person {k + 1}: who goes into face {k + 1}",
+                      image=PERSON_PHOTOS[k])
+        extract = g.add("WithAnyoneFaceExtract", (x + COL, y + 380 * k), title=f"Person {k + 1}: face",
+                        image=photo.out("IMAGE"), face_analyzer=analyzer.out(), face_index=0, min_face_size=64,
+                        face_choice="highest score")
+        faces[f"person_{k + 1}"] = extract.out("faces")
+        nodes += [photo, extract]
+    identities = g.add("WithAnyoneArcFaceIdentities", (x + 2 * COL, y), **faces)
+    g.group(f"{count} people, in the order of the numbered faces", nodes, color="#3f789e")
+    return identities
+
+
+def ke_face_edit(info: dict) -> dict:
+    g = Graph(info)
+    unet, positive, negative, vae, adapter, analyzer, _ = _kontext_models(g, "", KE_ADAPTER_FILE, False)
+    source = g.add("LoadImage", (4 * COL, 0), title="Source photo (near-square): its faces are replaced",
+                   image=EDIT_SOURCE_PHOTO)
+    prepare = g.add("WithAnyoneFaceEditPrepare", (5 * COL, 0), image=source.out("IMAGE"),
+                    face_analyzer=analyzer.out(), face_order="detection score", aspect_limit="authors (0.9-1.1)",
+                    megapixels=0.0, box_mapping="authors", min_blur_face=100, blur_radius=15.0)
+    g.add("PreviewImage", (6 * COL, 0), title="Faces found: face k gets person k", images=prepare.out("preview"))
+    g.add("PreviewImage", (6 * COL, 330), title="Kontext reference (faces blurred)", images=prepare.out("reference"))
+    encoded = g.add("VAEEncode", (5 * COL, 420), pixels=prepare.out("reference"), vae=vae.out())
+    referenced = g.add("ReferenceLatent", (5 * COL, 540), conditioning=positive.out(), latent=encoded.out())
+    identities = _arcface_people(g, 2, analyzer, x=0)
+    latent = _sampler(g, unet, referenced, negative, adapter, identities, prepare, seed=42)
+    _decode_and_save(g, latent.out(), vae, 3 * COL, "WithAnyone/kontext_edit")
+    return g.to_ui("WithAnyone.Ke (preview) face editing on FLUX.1 Kontext [dev], the authors' recipe: the source "
+                   "photo's faces (up to 4) are blurred into the Kontext reference and replaced by the given people "
+                   "(person k into face k, see the preview). Connect as many people as faces were found. The prompt "
+                   "is empty as in the authors' example; write one to change the scene too.")
+
+
+def kontext_builders() -> dict:
+    """The Kontext specs by file stem (BUILDERS holds them under their card titles)."""
+    return {"withanyone_kontext_k_text_to_image": k_text_to_image, "withanyone_kontext_ke_face_edit": ke_face_edit}
+
+
+# Kontext specs (below), under card titles like the others
 KONTEXT_TITLES = {"withanyone_kontext_k_text_to_image": "WithAnyone Kontext - people in a new picture (K)",
                   "withanyone_kontext_ke_face_edit": "WithAnyone Kontext - edit faces (Ke)"}
 
 
-def _kontext_specs():
-    """tools/kontext_workflows.py, run as a private copy: it imports this module, so a plain import would be
-    circular whichever of the two is imported first."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent / "kontext_workflows.py"
-    spec = importlib.util.spec_from_file_location("_withanyone_kontext_specs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_kontext = _kontext_specs()
-BUILDERS.update({KONTEXT_TITLES.get(name, name): build for name, build in _kontext.kontext_builders().items()})
-PLACEHOLDER_MODELS += [m for m in _kontext.PLACEHOLDER_MODELS if m not in PLACEHOLDER_MODELS
+BUILDERS.update({KONTEXT_TITLES.get(name, name): build for name, build in kontext_builders().items()})
+PLACEHOLDER_MODELS += [m for m in KONTEXT_PLACEHOLDER_MODELS if m not in PLACEHOLDER_MODELS
                        and not any(m.startswith(f + "/") for f in PLACEHOLDER_MODELS)]
-PLACEHOLDER_INPUTS += [i for i in _kontext.PLACEHOLDER_INPUTS if i not in PLACEHOLDER_INPUTS]
+PLACEHOLDER_INPUTS += [i for i in KONTEXT_PLACEHOLDER_INPUTS if i not in PLACEHOLDER_INPUTS]
 
 
 def _string_widgets(node: dict) -> list[str]:
@@ -479,29 +540,3 @@ def thumbnail(name: str, workflow: dict):
 
 def dumps(workflow: dict) -> str:
     return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from comfy_server import ComfyServer
-
-    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
-        info = server.get_json("/object_info")
-    WORKFLOWS_DIR.mkdir(exist_ok=True)
-    built = build_all(info)
-    for stale in sorted(WORKFLOWS_DIR.glob("*.json")) + sorted(WORKFLOWS_DIR.glob("*.jpg")):
-        if stale.stem not in built:
-            stale.unlink()
-            logging.info("removed %s (no spec of that name)", stale.name)
-    for name, workflow in built.items():
-        path = WORKFLOWS_DIR / f"{name}.json"
-        if path.is_file() and version_neutral(json.loads(path.read_text(encoding="utf-8")), info) == \
-                version_neutral(workflow, info):
-            workflow = json.loads(path.read_text(encoding="utf-8"))  # only sockets this ComfyUI adds differ: kept
-        path.write_text(dumps(workflow), encoding="utf-8")
-        (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_jpeg(thumbnail(name, workflow)))
-        logging.info("wrote example_workflows/%s.json and .jpg", name)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from get_comfyui import ROOT, comfyui_dir
+from .get_comfyui import ROOT, comfyui_dir
 
 PACK_NAME = "comfyui-withanyone"
 logger = logging.getLogger("comfy_server")
