@@ -43,7 +43,7 @@ comfyui-ui: setup
 COMFY_NEWEST := 0.30.0
 COMFY_NEWEST_TESTS := tests/test_e2e_golden.py tests/test_kontext_golden.py tests/test_comfy_host.py \
 	tests/test_comfy_patch.py tests/test_nodes.py tests/test_comfy_server.py tests/test_workflow_runs.py \
-	tests/test_web.py
+	tests/web
 
 test: setup
 	$(PY) -m tools.common.get_comfyui --version $(COMFY_NEWEST)

@@ -10,7 +10,7 @@ keyed by the English text, so a changed tooltip needs a new translation and the 
     .venv/bin/python -m dev.build_locales --object-info saved.json   # from a saved /object_info answer
 
 Missing translations stop the build with the list of English strings to add to ZH.
-tests/test_web.py checks against the live server that both files cover every node, input and output.
+tests/web/test_docs_and_locales.py checks against the live server that both files cover every node, input and output.
 """
 
 from __future__ import annotations

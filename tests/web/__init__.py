@@ -1,0 +1,1 @@
+"""Browser tests of web/withanyone.js against real ComfyUI frontends."""
