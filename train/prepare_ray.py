@@ -44,7 +44,7 @@ class _Detector:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:
-        from train.prepare import analyse_photo
+        from train.prepare_photos import analyse_photo
 
         entries = [json.dumps(analyse_photo(Path(photo), rel, self.analyzer, self.min_face,
                                                 self.max_pixels))
@@ -53,7 +53,7 @@ class _Detector:
 
 
 def detector_pool(antelopev2, analyzer_kwargs: dict, min_face: int, actors: int = 0, max_pixels: int | None = None):
-    """``analyse_many(todo)`` for :func:`train.prepare.detect_all`: the entries, streamed from the pool."""
+    """``analyse_many(todo)`` for :func:`train.prepare_photos.detect_all`: the entries, streamed from the pool."""
     import ray
 
     resources = ray.cluster_resources()
