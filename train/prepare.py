@@ -19,7 +19,7 @@
   ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
   ``summary.json``. ``--format multiid2m`` adds ``multiid2m/`` in the released MultiID-2M
   layout (``train/re_*.tar``, ``ref/untar/<name>/``, ``ref/cluster_centers/``,
-  ``landmarks/``), which ``data.source: multiid2m`` trains on (see train/data/multiid2m.py).
+  ``landmarks/``), which ``data.source: multiid2m`` trains on (see train/data/multiid2m/).
 - Resumable: each photo's detections are appended to ``faces.partial.jsonl`` as soon as
   they are computed (flushed and fsynced); a rerun skips photos already there, and a
   half-written last line from an interrupted run is cut off. Each shard and each chunk of
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many, args.max_image_pixels)
     summary = build_outputs(entries, args.images, args.out, args.cluster_threshold, search, block_map)
     if args.format == "multiid2m":
-        from train.data.multiid2m_write import write_multiid2m
+        from train.data.multiid2m.write import write_multiid2m
 
         summary["multiid2m"] = write_multiid2m(Manifest.load(args.out / "manifest.jsonl"), args.out / "multiid2m",
                                                per_shard=args.shard_size, shard_map=shard_map)

@@ -6,7 +6,7 @@ resumable ``faces.partial.jsonl``. The clustering's similarity search runs as on
 per row block (the embeddings, or the serialised faiss index, put in the object store
 once); the merges, identities and the manifest are computed on the driver exactly as
 without Ray. ``--format multiid2m`` shards and identity chunks are written as one Ray task
-each, resumable per unit (see train/data/multiid2m_write.py), so the output is the same
+each, resumable per unit (see train/data/multiid2m/write.py), so the output is the same
 bytes as the single-process path. With a ``ray://`` cluster, ``--images`` and ``--out``
 must be on a file system every node mounts at the same path. ``ADDRESS``: ``local`` (a
 Ray started here) or ``ray://...``.
