@@ -1,7 +1,7 @@
 """One bad sample never kills a run: every reader validates, skips and names what is bad.
 
 Damaged data is made the way it happens: real shards written by the project's own writer
-(the smoke set's MultiID-2M shards, train/data/multiid2m_write.py), then a member replaced
+(the smoke set's MultiID-2M shards, train/data/multiid2m/write.py), then a member replaced
 (NaN embedding, box outside the photo, a JSON list, ``"crop": "abc"``, a cut JPEG ...), a tar
 truncated mid-member; manifests with broken lines. The last test trains on such shards with
 DataLoader workers and checks the run finishes with a finite adapter, naming every skipped sample.
@@ -33,7 +33,7 @@ from train.data.multiid2m import (
     reference_entry,
     save_pickled_npy,
 )
-from train.data.multiid2m_write import write_shard
+from train.data.multiid2m.write import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=False, crop="center")
@@ -310,7 +310,7 @@ CONFIG = ROOT / "train" / "configs" / "smoke-multiid2m.yaml"
 
 
 def _damaged_smoke_shards(root: Path, folder: Path) -> dict[str, str]:
-    """The smoke set's shards (written by multiid2m_write) with DAMAGES inserted, the very first sample's
+    """The smoke set's shards (written by multiid2m.write) with DAMAGES inserted, the very first sample's
     embedding made NaN (the sample the periodic sample step used to read), a cut JPEG, and the last shard
     truncated mid-member. Returns {where: reason} of every bad sample."""
     folder.mkdir(parents=True)
@@ -381,7 +381,7 @@ def test_a_run_over_damaged_shards_finishes_with_a_finite_adapter_naming_every_s
 
 
 def test_a_truncated_reference_tar_keeps_what_was_read_whole_and_names_the_rest(tmp_path, caplog):
-    from train.data.multiid2m_refs import open_references
+    from train.data.multiid2m.references import open_references
 
     path = tmp_path / "ref_000.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:

@@ -29,7 +29,7 @@ from train.data.multiid2m import (
     parse_sample,
     person_names,
 )
-from train.data.multiid2m_write import write_shard
+from train.data.multiid2m.write import write_shard
 
 OPTIONS = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=False)
 

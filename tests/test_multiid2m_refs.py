@@ -32,7 +32,7 @@ from train.data.multiid2m import (
     read_cluster_centres,
     save_pickled_npy,
 )
-from train.data.multiid2m_refs import (
+from train.data.multiid2m.references import (
     CompressedTarError,
     ReferenceTars,
     expand_reference_tars,

@@ -227,7 +227,7 @@ def test_multiid2m_writing_resumes_per_shard_and_identity_chunk(tmp_path, caplog
     a lost or damaged shard is rewritten; a smaller collection removes the shards it no longer has."""
     import os
 
-    from train.data.multiid2m_write import write_multiid2m
+    from train.data.multiid2m.write import write_multiid2m
 
     models = tmp_path / "insightface"
     build_tiny_antelopev2(models)

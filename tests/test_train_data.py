@@ -390,7 +390,7 @@ def test_keep_faces_crop_and_faces_cut_by_the_crop(tmp_path):
 
 
 def test_one_image_reader_for_8_and_16_bit(tmp_path):
-    from train import prepare
+    from train import prepare_photos
 
     grey = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)
     Image.fromarray(grey).save(tmp_path / "deep.png")  # 16-bit greyscale PNG (mode I;16)
@@ -398,7 +398,7 @@ def test_one_image_reader_for_8_and_16_bit(tmp_path):
     deep, flat = load_rgb(tmp_path / "deep.png"), load_rgb(tmp_path / "flat.png")
     assert deep.dtype == np.uint8 and deep.shape == (48, 64, 3)
     assert np.abs(deep.astype(int) - flat.astype(int)).max() <= 1  # scaled by 257, not by the image's maximum
-    assert prepare.load_rgb is load_rgb  # prepare.py reads photos with the same function
+    assert prepare_photos.load_rgb is load_rgb  # prepare.py reads photos with the same function
 
 
 def _put_many(folder, worker):

@@ -775,7 +775,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def _check_multiid2m_refs(section: MultiID2MConfig, hint: str) -> None:
     """``refs``: a folder of ``<name>/`` or glob(s) of plain reference tars; ``cluster_centers``: a folder or a tar."""
-    from .data.multiid2m_refs import CompressedTarError, expand_reference_tars, is_reference_folder
+    from .data.multiid2m.references import CompressedTarError, expand_reference_tars, is_reference_folder
 
     if section.refs:
         if is_reference_folder(section.refs):
@@ -884,7 +884,7 @@ def check_paths(config: Config) -> None:
         if value and not Path(value).exists():
             fail(key, value, what)
     if d.multiid2m is not None:
-        from .data.multiid2m import expand_shards
+        from .data.multiid2m.format import expand_shards
 
         try:
             expand_shards(d.multiid2m.shards)

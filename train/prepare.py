@@ -19,7 +19,7 @@
   ``negatives.safetensors`` (the negative pool for the ID-contrastive loss) and
   ``summary.json``. ``--format multiid2m`` adds ``multiid2m/`` in the released MultiID-2M
   layout (``train/re_*.tar``, ``ref/untar/<name>/``, ``ref/cluster_centers/``,
-  ``landmarks/``), which ``data.source: multiid2m`` trains on (see train/data/multiid2m.py).
+  ``landmarks/``), which ``data.source: multiid2m`` trains on (see train/data/multiid2m/).
 - Resumable: each photo's detections are appended to ``faces.partial.jsonl`` as soon as
   they are computed (flushed and fsynced); a rerun skips photos already there, and a
   half-written last line from an interrupted run is cut off. Each shard and each chunk of
@@ -45,125 +45,11 @@ if __name__ == "__main__" and not __package__:  # python train/prepare.py
 
 from train.clustering import EXACT_BELOW, ClusterSearch, assign_identities  # noqa: E402
 from train.config import AT_LEAST_1, COSINE, NON_NEGATIVE, Range, number_arg  # noqa: E402
-from train.data import IdentityIndex, Manifest, NegativePool, load_rgb, parse_record  # noqa: E402
+from train.data import IdentityIndex, Manifest, NegativePool, parse_record  # noqa: E402
+from train.prepare_photos import IMAGE_SUFFIXES, OUTPUT_MARKER, PARTIAL, detect_all, find_photos  # noqa: E402,F401
 from withanyone_core.faces.images import DEFAULT_MAX_PIXELS  # noqa: E402
 
 logger = logging.getLogger("withanyone.prepare")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-PARTIAL = "faces.partial.jsonl"
-# left in every --out folder: a folder holding it is prepare's output, never read as photos
-OUTPUT_MARKER = ".withanyone-prepare-output"
-
-
-def find_photos(root: Path, exclude: Path | None = None) -> list[Path]:
-    """Photos under ``root``, leaving out ``exclude`` (the --out folder when it lies inside) and every
-    folder prepare wrote (it holds :data:`OUTPUT_MARKER`), so a rerun never reads its own outputs."""
-    skip = [exclude.resolve()] if exclude is not None else []
-    photos = []
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        if OUTPUT_MARKER in files or here.resolve() in skip:
-            if here != root:
-                logger.info("not reading %s: it is prepare's output folder", here)
-            dirs[:] = []
-            if here != root or OUTPUT_MARKER in files:
-                continue
-        dirs.sort()
-        photos.extend(here / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and (here / f).is_file())
-    return sorted(photos)
-
-
-def read_partial(path: Path) -> dict[str, dict]:
-    """Detections already done; a torn last line from a killed run is cut off the file.
-
-    Embeddings are held as float32 arrays (they were float32 before JSON), a quarter of the
-    memory of the parsed lists: a few hundred thousand photos fit in a few GB.
-    """
-    done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    good_end = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            try:
-                entry = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                logger.info("ignoring an incomplete line in %s (interrupted run)", path.name)
-                break
-            if not line.endswith(b"\n"):
-                break  # a complete object whose newline never reached the disk: redo it
-            good_end += len(line)
-            if entry.get("retry"):  # too large for the limit then: checked again (from its header) with today's
-                continue
-            done[entry["image"]] = _compact(entry)
-    if good_end < path.stat().st_size:
-        with open(path, "r+b") as fh:  # append after the last whole line only
-            fh.truncate(good_end)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return done
-
-
-def _compact(entry: dict) -> dict:
-    for face in entry["faces"]:
-        face["embedding"] = np.asarray(face["embedding"], dtype=np.float32)
-    return entry
-
-
-def analyse_photo(photo: Path, rel: str, analyzer, min_face: int, max_pixels: int | None = None) -> dict:
-    """One photo's detections (box, landmarks, score, embedding per face), or its read error."""
-    from withanyone_core.faces import ImageTooLargeError
-
-    entry: dict = {"image": rel, "faces": [], "error": None}
-    try:
-        # the reader training uses: upright (EXIF orientation), any mode, at most max_pixels
-        image = load_rgb(photo, max_pixels)
-        entry["height"], entry["width"] = int(image.shape[0]), int(image.shape[1])
-        for face in analyzer.analyze(image, image_name=rel):
-            w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
-            if min(w, h) < min_face:
-                continue
-            entry["faces"].append({
-                "box": [float(v) for v in face.bbox],
-                "landmarks": [[float(x), float(y)] for x, y in face.kps],
-                "score": float(face.score),
-                "embedding": [float(v) for v in face.embedding],
-            })
-    except (OSError, ValueError) as exc:
-        entry["error"] = str(exc)
-        entry["retry"] = isinstance(exc, ImageTooLargeError)  # a later run with a higher limit reads it
-        logger.warning("skipping %s: %s", rel, exc)
-    return entry
-
-
-def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int,
-               analyse_many=None, max_pixels: int | None = None) -> dict[str, dict]:
-    """Every photo's detections, resumable; ``analyse_many(todo)`` (Ray) yields the entries of
-    ``[(photo, rel), ...]`` in any order, else ``analyzer`` runs here, one photo after another."""
-    partial = out / PARTIAL
-    done = read_partial(partial)
-    if done:
-        logger.info("resuming: %d of %d photos already analysed", len(done), len(photos))
-    todo = [(photo, photo.relative_to(images_root).as_posix()) for photo in photos]
-    todo = [(photo, rel) for photo, rel in todo if rel not in done]
-    entries = (analyse_many(todo) if analyse_many is not None
-               else (analyse_photo(photo, rel, analyzer, min_face, max_pixels) for photo, rel in todo))
-    with open(partial, "a", encoding="utf-8") as fh:
-        for number, entry in enumerate(entries, 1):
-            rel = entry["image"]
-            fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-            done[rel] = _compact(entry)
-            if number % 50 == 0:
-                logger.info("analysed %d / %d photos", number, len(todo))
-    current = {photo.relative_to(images_root).as_posix() for photo in photos}
-    gone = sorted(set(done) - current)
-    if gone:
-        logger.warning("%d photo(s) analysed by an earlier run are no longer under --images and are left out "
-                       "(first: %s)", len(gone), gone[0])
-    return {rel: done[rel] for rel in sorted(current)}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -295,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     entries = detect_all(photos, args.images, args.out, analyzer, args.min_face, analyse_many, args.max_image_pixels)
     summary = build_outputs(entries, args.images, args.out, args.cluster_threshold, search, block_map)
     if args.format == "multiid2m":
-        from train.data.multiid2m_write import write_multiid2m
+        from train.data.multiid2m.write import write_multiid2m
 
         summary["multiid2m"] = write_multiid2m(Manifest.load(args.out / "manifest.jsonl"), args.out / "multiid2m",
                                                per_shard=args.shard_size, shard_map=shard_map)

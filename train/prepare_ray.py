@@ -6,7 +6,7 @@ resumable ``faces.partial.jsonl``. The clustering's similarity search runs as on
 per row block (the embeddings, or the serialised faiss index, put in the object store
 once); the merges, identities and the manifest are computed on the driver exactly as
 without Ray. ``--format multiid2m`` shards and identity chunks are written as one Ray task
-each, resumable per unit (see train/data/multiid2m_write.py), so the output is the same
+each, resumable per unit (see train/data/multiid2m/write.py), so the output is the same
 bytes as the single-process path. With a ``ray://`` cluster, ``--images`` and ``--out``
 must be on a file system every node mounts at the same path. ``ADDRESS``: ``local`` (a
 Ray started here) or ``ray://...``.
@@ -44,7 +44,7 @@ class _Detector:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:
-        from train.prepare import analyse_photo
+        from train.prepare_photos import analyse_photo
 
         entries = [json.dumps(analyse_photo(Path(photo), rel, self.analyzer, self.min_face,
                                                 self.max_pixels))
@@ -53,7 +53,7 @@ class _Detector:
 
 
 def detector_pool(antelopev2, analyzer_kwargs: dict, min_face: int, actors: int = 0, max_pixels: int | None = None):
-    """``analyse_many(todo)`` for :func:`train.prepare.detect_all`: the entries, streamed from the pool."""
+    """``analyse_many(todo)`` for :func:`train.prepare_photos.detect_all`: the entries, streamed from the pool."""
     import ray
 
     resources = ray.cluster_resources()

@@ -61,7 +61,8 @@ def pick_sample_item(options, manifest=None, index=None, shards=(), numbers=None
             logger.warning("sample step: passing over %s (%s)", dataset.where(position),
                            item.get("error", item.get("reason", "unusable")))
         return None
-    from train.data.multiid2m import MultiID2MStream, parsed_samples
+    from train.data.multiid2m.format import parsed_samples
+    from train.data.multiid2m.stream import MultiID2MStream
 
     stream = MultiID2MStream(list(shards), options, 1, numbers=numbers, landmarks=landmarks)
 

@@ -61,7 +61,7 @@ def build_smoke_set(root: str | Path) -> Path:
     shards = root / "multiid2m" / "train"
     if not (shards / "re_000000.tar").is_file():
         from train.data import Manifest
-        from train.data.multiid2m_write import write_manifest_shards
+        from train.data.multiid2m.write import write_manifest_shards
 
         # the same photos in MultiID-2M's released layout (smoke-multiid2m.yaml), 4 photos a shard
         write_manifest_shards(Manifest.load(data / "manifest.jsonl"), shards, per_shard=4,

@@ -8,7 +8,7 @@
 - :mod:`.cache`: cached text-encoder outputs;
 - :mod:`.skips`: every bad sample skipped, named and counted; the stop rule (``data.max_bad_fraction``).
 - :mod:`.sources`: where a run's batches come from (manifest, MultiID-2M, mix), one interface for the trainer;
-- :mod:`.multiid2m`, :mod:`.multiid2m_refs`, :mod:`.multiid2m_write`: the released MultiID-2M format.
+- :mod:`.multiid2m`: the released MultiID-2M format, a package (format, references, landmarks, identities, stream, write).
 """
 
 from .cache import TextEmbeddingCache

@@ -175,9 +175,10 @@ class MultiID2MSource(DataSource):
     kind = "multiid2m"
 
     def __init__(self, config, accelerator, skips: SkipLedger, output_dir: Path):
-        from train.data.multiid2m import (IdentityNumbers, detect_landmarks, expand_shards, load_landmarks,
-                                          read_cluster_centres)
-        from train.data.multiid2m_refs import open_references
+        from train.data.multiid2m.format import expand_shards
+        from train.data.multiid2m.identities import IdentityNumbers, read_cluster_centres
+        from train.data.multiid2m.landmarks import detect_landmarks, load_landmarks
+        from train.data.multiid2m.references import open_references
         from train.processes import main_process_first
 
         section = config.data.multiid2m
@@ -219,7 +220,7 @@ class MultiID2MSource(DataSource):
         self.layout = {"workers": config.data.num_workers, "world": accelerator.num_processes}
 
     def start_phase(self, loading: PhaseLoading, saved: dict | None) -> str:
-        from train.data.multiid2m import MultiID2MStream
+        from train.data.multiid2m.stream import MultiID2MStream
 
         saved_stream = saved.get("stream") if saved is not None else None
         layout = {"workers": loading.workers, "world": loading.world}
@@ -248,7 +249,7 @@ class MultiID2MSource(DataSource):
                 "stream": {"batches": 0 if phase_done else self.consumed, **self.layout}}
 
     def negative_pool(self, accelerator) -> NegativePool:
-        from train.data.multiid2m import negative_pool_tensors
+        from train.data.multiid2m.identities import negative_pool_tensors
         from train.processes import main_process_first
 
         # built once (the authors cache theirs as ref_dict.pth), keyed by what it is built from

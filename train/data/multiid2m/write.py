@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .multiid2m import landmark_file, save_pickled_npy
+from .format import save_pickled_npy
+from .landmarks import landmark_file
 
 logger = logging.getLogger("withanyone.prepare")
 

@@ -1,4 +1,5 @@
-"""MultiID-2M reference photos read from the released ``ref/tars/*.tar`` in place, never untarred.
+"""MultiID-2M reference photos: an untarred ``ref/untar/<name>/`` folder (:class:`ReferenceFolder`),
+or the released ``ref/tars/*.tar`` read in place, never untarred (:class:`ReferenceTars`).
 
 The authors untar ``ref/tars/`` into ``ref/untar/<name>/*.{npy,jpg,json}`` and list the
 folders. :class:`ReferenceTars` reads the same members by random access instead: one scan of
@@ -18,6 +19,7 @@ Compressed tars (``.tar.gz`` ...) have no random access: they are refused with w
 The object is pickled into DataLoader workers; file handles are opened lazily per process.
 """
 
+
 from __future__ import annotations
 
 import glob
@@ -25,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tarfile
 from collections import OrderedDict
@@ -34,9 +37,83 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .multiid2m import ReferenceFolder, ShardFormatError, reference_entry
+from ..records import box_problem
+from .format import ShardFormatError, _boxes_of, embeddings_of, load_npy
 
 logger = logging.getLogger(__name__)
+
+
+def reference_entry(npy: bytes, meta: bytes | None, where: str) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """A reference's (first embedding, first box from its JSON's ``bboxes``, else its .npy's)."""
+    arrays = load_npy(npy, where)
+    if not isinstance(arrays, dict):
+        raise ShardFormatError(f"{where}: expected a dict with 'embeddings'", "npy")
+    embeddings = embeddings_of(arrays, where)
+    if not len(embeddings):
+        raise ShardFormatError(f"{where}: no embedding in the .npy", "embedding_shape")
+    boxes = None
+    if meta is not None:
+        try:
+            parsed = json.loads(meta.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShardFormatError(f"{where}: its .json is not valid JSON ({exc})", "json") from exc
+        if not isinstance(parsed, dict):
+            raise ShardFormatError(f"{where}: its .json must be an object, got a {type(parsed).__name__}", "json")
+        boxes = parsed.get("bboxes")
+    if boxes is None:
+        boxes = arrays.get("bboxes")
+    box = None
+    if boxes is not None and np.size(boxes):
+        box = tuple(float(v) for v in _boxes_of(boxes, where)[0])
+        problem = box_problem(box, math.inf, math.inf)  # finite, not inverted (its photo's size is checked on use)
+        if problem is not None:
+            raise ShardFormatError(f"{where}: {problem[1]}", problem[0])
+    return embeddings[0], box
+
+
+class ReferenceFolder:
+    """``<root>/<name>/*.npy`` (+ .jpg, .json): the authors' per-identity reference photos, untarred.
+
+    One interface with :class:`ReferenceTars` (the same photos read
+    from ``ref/tars/*.tar`` directly): ``names()``, ``files(name)`` (handles, in file-name
+    order), ``read(handle)``, ``image(handle)``, ``description`` and ``fingerprint()``.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"reference folder {self.root} does not exist (untar ref/tars/ into it, or "
+                                    "set data.multiid2m.refs to the tars: /data/MultiID-2M/ref/tars/*.tar)")
+        self._files: dict[str, list[Path]] = {}
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
+
+    def fingerprint(self) -> str:
+        """What the negative pool's cache name is keyed by (the folder, as before tars were read)."""
+        return str(self.root)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def files(self, name: str) -> list[Path]:
+        if name not in self._files:
+            folder = self.root / name
+            self._files[name] = sorted(folder.glob("*.npy")) if folder.is_dir() else []
+        return self._files[name]
+
+    def read(self, npy: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
+        """(first embedding, first box from the JSON's ``bboxes``, else the .npy's)."""
+        meta_path = npy.with_suffix(".json")
+        return reference_entry(npy.read_bytes(), meta_path.read_bytes() if meta_path.is_file() else None, str(npy))
+
+    def image(self, npy: Path, max_pixels: int | None = None) -> np.ndarray:
+        """The reference photo beside the .npy (``<stem>.jpg``), RGB uint8, upright."""
+        from withanyone_core.faces import load_image
+
+        return load_image(npy.with_suffix(".jpg"), max_pixels)
+
 
 INDEX_VERSION = 1
 # member suffixes a reference uses; others (e.g. a README in the tar) are not indexed
