@@ -9,14 +9,14 @@ import torch
 from golden import DEFAULT_GOLDEN_DIR, REPO_ROOT as ROOT
 from make_golden import UNSEEN_CONFIG, bfl_shapes, random_model
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-from withanyone_core.checkpoints import (
-    CheckpointError,
-    bfl_to_diffusers,
+from withanyone_core.checkpoints.adapter_files import (
     check_adapter_state,
     infer_adapter_config,
     load_adapter,
     save_adapter,
 )
+from withanyone_core.checkpoints.flux_keys import bfl_to_diffusers
+from withanyone_core.checkpoints.reading import CheckpointError
 
 OFFICIAL_KEYS = DEFAULT_GOLDEN_DIR / "withanyone_official_keys.json"
 SMALL = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2)
@@ -122,7 +122,7 @@ LOAD_PEAK_SCRIPT = r"""
 import sys, threading, time
 sys.path.insert(0, {root!r})
 import torch
-from withanyone_core.checkpoints import load_adapter
+from withanyone_core.checkpoints.adapter_files import load_adapter
 
 def rss_kib():  # resident memory of every kind: anonymous, and file pages of any memory map
     with open("/proc/self/status") as fh:
@@ -157,7 +157,7 @@ def test_loading_peaks_near_one_copy_of_the_adapter(tmp_path):
     import sys
 
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
 
     config = AdapterConfig(hidden_size=1024, num_heads=16, num_double_blocks=4, num_single_blocks=4)
     with torch.device("meta"):

@@ -15,14 +15,14 @@ import torch
 
 from golden import DEFAULT_GOLDEN_DIR
 from withanyone_core.adapter import AdapterConfig, ArcFaceOnlyAdapter, IdentityAdapter
-from withanyone_core.checkpoints import (
-    CheckpointError,
+from withanyone_core.checkpoints.adapter_files import (
     detect_adapter_layout,
     infer_adapter_config,
     infer_adapter_variant,
     load_adapter,
     save_adapter,
 )
+from withanyone_core.checkpoints.reading import CheckpointError
 from withanyone_core.host import IdentityRequest, IdentityRun
 from withanyone_core.layout import TokenGrid, box_token_ranges, build_layout
 
@@ -49,7 +49,7 @@ def test_kontext_release_is_recognised_as_ke_with_its_exact_shapes(caplog):
     assert {k: list(v.shape) for k, v in adapter.state_dict().items()} == used
     assert sum(p.numel() for p in adapter.parameters()) == spec["num_params"]
 
-    with caplog.at_level(logging.INFO, logger="withanyone_core.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="withanyone_core.checkpoints.adapter_files"):
         loaded = load_adapter(_meta_state({**used, **unused}), device="meta")  # as released: siglip_in included
     assert isinstance(loaded, ArcFaceOnlyAdapter) and loaded.config.variant == "ke"
     assert "ignoring 6 siglip_in.* tensors" in caplog.text

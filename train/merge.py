@@ -26,11 +26,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.models import BRANCH_PREFIXES  # noqa: E402
-from withanyone_core.checkpoints import (  # noqa: E402
-    load_adapter,
+from withanyone_core.checkpoints.adapter_files import load_adapter, save_adapter  # noqa: E402
+from withanyone_core.checkpoints.reading import (  # noqa: E402
     load_safetensors,
     read_safetensors_metadata,
-    save_adapter,
     strip_wrapper_prefixes,
 )
 

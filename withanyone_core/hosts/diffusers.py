@@ -170,7 +170,8 @@ def flux_from_bfl_state(state: dict[str, torch.Tensor], dtype: torch.dtype = tor
     """Build a diffusers ``FluxTransformer2DModel`` from a BFL-layout state dict (any size)."""
     from diffusers import FluxTransformer2DModel
 
-    from ..checkpoints import bfl_flux_config, bfl_to_diffusers, strip_wrapper_prefixes
+    from ..checkpoints.flux_keys import bfl_flux_config, bfl_to_diffusers
+    from ..checkpoints.reading import strip_wrapper_prefixes
 
     state = strip_wrapper_prefixes(state)
     config = {**bfl_flux_config(state), **config_overrides}
