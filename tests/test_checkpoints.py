@@ -1,5 +1,6 @@
 """Safe loading of the adapter (official layout) and the size-aware BFL -> diffusers map."""
 
+import ast
 import json
 import pickle
 
@@ -178,3 +179,15 @@ def test_loading_peaks_near_one_copy_of_the_adapter(tmp_path):
     assert converted * 2 > 0.45 * file_bytes  # the converted copy is half the float32 file
     assert peak <= converted + 1.5 * largest + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB for {converted / 2**20:.0f} MiB"
     assert peak < 0.75 * file_bytes  # reading the whole file first would exceed the file size alone
+
+
+def test_checkpoint_rooms_import_only_downwards():
+    """reading <- adapter_files <- flux_keys: no room imports one above it, so there is no circle."""
+    rank = {"reading": 0, "adapter_files": 1, "flux_keys": 2}
+    folder = ROOT / "withanyone_core" / "checkpoints"
+    assert {p.stem for p in folder.glob("*.py")} == set(rank) | {"__init__"}
+    for room, level in rank.items():
+        tree = ast.parse((folder / f"{room}.py").read_text())
+        imported = {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert all(rank[name] < level for name in imported), (room, imported)
