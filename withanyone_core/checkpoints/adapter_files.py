@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import ADAPTER_VARIANTS, ARC_TOKENS, AdapterConfig, IdentityAdapter, adapter_for_config
+from ..adapter import ADAPTER_VARIANTS, ARC_TOKENS, AdapterConfig, IdentityAdapterBase, adapter_for_config
 from .reading import (
     CheckpointError,
     LazySafetensorsFile,
@@ -165,7 +165,7 @@ def _describe_flux(config: AdapterConfig) -> str:
     return f"a FLUX model with hidden size {config.hidden_size} and {config.num_blocks} blocks"
 
 
-def check_adapter_state(state: Mapping[str, object], adapter: IdentityAdapter, source: str = "checkpoint") -> None:
+def check_adapter_state(state: Mapping[str, object], adapter: IdentityAdapterBase, source: str = "checkpoint") -> None:
     """Raise a :class:`CheckpointError` naming missing/unexpected keys and wrong shapes."""
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -218,8 +218,8 @@ def load_adapter(
     operations=None,
     variant: str | None = None,
     transform=None,
-) -> IdentityAdapter:
-    """Build an :class:`IdentityAdapter` from a safetensors file (or a state dict).
+) -> IdentityAdapterBase:
+    """Build an identity adapter from a safetensors file (or a state dict).
 
     The config is inferred from the shapes unless given. The double/single split is
     read from the file's metadata or its FLUX keys when present, else FLUX.1's 19 + 38
@@ -310,7 +310,7 @@ def _double_block_count(state: Mapping[str, object], metadata: Mapping[str, str]
     return max(doubles) + 1 if doubles else None
 
 
-def save_adapter(adapter: IdentityAdapter, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save_adapter(adapter: IdentityAdapterBase, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Save in the official key layout (loadable by :func:`load_adapter` and the ComfyUI loader)."""
     from safetensors.torch import save_file
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import BlockInputs, IdentityAdapter
+from ..adapter import BlockInputs, IdentityAdapterBase
 from ..host import IdentityRequest, IdentityRun
 from ..layout import BatchBoxes, TokenGrid
 
@@ -56,7 +56,7 @@ class _BlockHook:
 class AdapterHandle:
     """An adapter attached to one diffusers FLUX transformer."""
 
-    def __init__(self, transformer: nn.Module, adapter: IdentityAdapter):
+    def __init__(self, transformer: nn.Module, adapter: IdentityAdapterBase):
         double = list(getattr(transformer, "transformer_blocks", []))
         single = list(getattr(transformer, "single_transformer_blocks", []))
         if not double:
@@ -161,7 +161,7 @@ class AdapterHandle:
         self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_block)
 
 
-def attach_adapter(transformer: nn.Module, adapter: IdentityAdapter) -> AdapterHandle:
+def attach_adapter(transformer: nn.Module, adapter: IdentityAdapterBase) -> AdapterHandle:
     """Attach ``adapter`` to a diffusers ``FluxTransformer2DModel`` (see module docs)."""
     return AdapterHandle(transformer, adapter)
 
