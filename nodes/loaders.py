@@ -152,7 +152,7 @@ def load_adapter_patcher(path: str, weight_dtype: str = "default"):
     fp8 storage is scaled per tensor (the largest weight maps to e4m3fn's largest value)."""
     import comfy.model_management as mm
 
-    from withanyone_core.checkpoints import FP8_DTYPES, load_adapter
+    from withanyone_core.checkpoints.adapter_files import FP8_DTYPES, load_adapter
 
     load_device = mm.get_torch_device()
     dtype = adapter_storage_dtype(weight_dtype, load_device)

@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from withanyone_core import recipe
+from withanyone_core.wording import count_noun
 
 from .schema import advanced
 from .types import ADAPTER, IDENTITIES, LAYOUT, Identities, Layout
@@ -29,15 +30,11 @@ WEIGHT_TIPS = {
 }
 
 
-def _count(n: int, singular: str, plural: str) -> str:
-    return f"{n} {singular if n == 1 else plural}"
-
-
 def check_counts(identities: Identities, layout: Layout | None) -> None:
     if layout is not None and layout.num_persons != identities.count:
         raise ValueError(
-            f"the layout has {_count(layout.num_persons, 'face box', 'face boxes')} but "
-            f"{_count(identities.count, 'identity is', 'identities are')} connected: give one box per person "
+            f"the layout has {count_noun(layout.num_persons, 'face box', 'face boxes')} but "
+            f"{count_noun(identities.count, 'identity is', 'identities are')} connected: give one box per person "
             "(box k is identity k), or change the number of persons"
         )
 

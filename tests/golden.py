@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from withanyone_core.checkpoints import load_adapter, load_safetensors
+from withanyone_core.checkpoints.adapter_files import load_adapter
+from withanyone_core.checkpoints.reading import load_safetensors
 from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

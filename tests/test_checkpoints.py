@@ -1,5 +1,6 @@
 """Safe loading of the adapter (official layout) and the size-aware BFL -> diffusers map."""
 
+import ast
 import json
 import pickle
 
@@ -9,14 +10,14 @@ import torch
 from golden import DEFAULT_GOLDEN_DIR, REPO_ROOT as ROOT
 from make_golden import UNSEEN_CONFIG, bfl_shapes, random_model
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-from withanyone_core.checkpoints import (
-    CheckpointError,
-    bfl_to_diffusers,
+from withanyone_core.checkpoints.adapter_files import (
     check_adapter_state,
     infer_adapter_config,
     load_adapter,
     save_adapter,
 )
+from withanyone_core.checkpoints.flux_keys import bfl_to_diffusers
+from withanyone_core.checkpoints.reading import CheckpointError
 
 OFFICIAL_KEYS = DEFAULT_GOLDEN_DIR / "withanyone_official_keys.json"
 SMALL = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2)
@@ -122,7 +123,7 @@ LOAD_PEAK_SCRIPT = r"""
 import sys, threading, time
 sys.path.insert(0, {root!r})
 import torch
-from withanyone_core.checkpoints import load_adapter
+from withanyone_core.checkpoints.adapter_files import load_adapter
 
 def rss_kib():  # resident memory of every kind: anonymous, and file pages of any memory map
     with open("/proc/self/status") as fh:
@@ -157,7 +158,7 @@ def test_loading_peaks_near_one_copy_of_the_adapter(tmp_path):
     import sys
 
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
 
     config = AdapterConfig(hidden_size=1024, num_heads=16, num_double_blocks=4, num_single_blocks=4)
     with torch.device("meta"):
@@ -178,3 +179,15 @@ def test_loading_peaks_near_one_copy_of_the_adapter(tmp_path):
     assert converted * 2 > 0.45 * file_bytes  # the converted copy is half the float32 file
     assert peak <= converted + 1.5 * largest + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB for {converted / 2**20:.0f} MiB"
     assert peak < 0.75 * file_bytes  # reading the whole file first would exceed the file size alone
+
+
+def test_checkpoint_rooms_import_only_downwards():
+    """reading <- adapter_files <- flux_keys: no room imports one above it, so there is no circle."""
+    rank = {"reading": 0, "adapter_files": 1, "flux_keys": 2}
+    folder = ROOT / "withanyone_core" / "checkpoints"
+    assert {p.stem for p in folder.glob("*.py")} == set(rank) | {"__init__"}
+    for room, level in rank.items():
+        tree = ast.parse((folder / f"{room}.py").read_text())
+        imported = {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert all(rank[name] < level for name in imported), (room, imported)

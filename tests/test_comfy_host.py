@@ -45,7 +45,7 @@ def flux(pack):
 
 @pytest.fixture(scope="module")
 def adapter_file(tmp_path_factory):
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
 
     path = tmp_path_factory.mktemp("adapter") / "withanyone.safetensors"
     save_adapter(flux_adapter(), path)

@@ -231,7 +231,7 @@ def test_trainer_lora_and_adapter_files_load_in_comfyui(flux, tmp_path):
     from peft import LoraConfig
 
     from train.checkpointing import lora_state_for_comfyui
-    from withanyone_core.checkpoints import load_adapter, save_adapter
+    from withanyone_core.checkpoints.adapter_files import load_adapter, save_adapter
     from withanyone_core.hosts.diffusers import flux_from_bfl_state
 
     model, adapter_patcher, state = flux

@@ -5,7 +5,7 @@ import torch
 
 from golden import position_ids
 from make_golden import UNSEEN_CONFIG, random_model
-from withanyone_core.checkpoints import load_adapter
+from withanyone_core.checkpoints.adapter_files import load_adapter
 from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
 
 H, W = 64, 96

@@ -109,7 +109,7 @@ def comfy():
 
 
 def _case_data(spec_path: Path, name: str, case_name: str):
-    from withanyone_core.checkpoints import load_safetensors
+    from withanyone_core.checkpoints.reading import load_safetensors
 
     spec = json.loads(spec_path.read_text())
     case = spec["cases"][case_name]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from golden import GoldenModel, discover
-from withanyone_core.checkpoints import load_safetensors
+from withanyone_core.checkpoints.reading import load_safetensors
 from withanyone_core.layout import TokenGrid, build_layout
 
 TOLERANCE = 1e-4

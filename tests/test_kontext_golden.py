@@ -31,7 +31,8 @@ import torch
 
 from comfy_env import import_comfyui
 from golden import golden_dir
-from withanyone_core.checkpoints import load_adapter, load_safetensors
+from withanyone_core.checkpoints.adapter_files import load_adapter
+from withanyone_core.checkpoints.reading import load_safetensors
 from withanyone_core.host import IdentityRequest, IdentityRun
 from withanyone_core.layout import TokenGrid
 

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from golden import DEFAULT_GOLDEN_DIR
-from withanyone_core.adapter import AdapterConfig, ArcFaceOnlyAdapter, IdentityAdapter
-from withanyone_core.checkpoints import (
-    CheckpointError,
+from withanyone_core.adapter import AdapterConfig, ArcFaceOnlyAdapter, IdentityAdapter, IdentityAdapterBase
+from withanyone_core.checkpoints.adapter_files import (
     detect_adapter_layout,
     infer_adapter_config,
     infer_adapter_variant,
     load_adapter,
     save_adapter,
 )
+from withanyone_core.checkpoints.reading import CheckpointError
 from withanyone_core.host import IdentityRequest, IdentityRun
 from withanyone_core.layout import TokenGrid, box_token_ranges, build_layout
 
@@ -49,7 +49,7 @@ def test_kontext_release_is_recognised_as_ke_with_its_exact_shapes(caplog):
     assert {k: list(v.shape) for k, v in adapter.state_dict().items()} == used
     assert sum(p.numel() for p in adapter.parameters()) == spec["num_params"]
 
-    with caplog.at_level(logging.INFO, logger="withanyone_core.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="withanyone_core.checkpoints.adapter_files"):
         loaded = load_adapter(_meta_state({**used, **unused}), device="meta")  # as released: siglip_in included
     assert isinstance(loaded, ArcFaceOnlyAdapter) and loaded.config.variant == "ke"
     assert "ignoring 6 siglip_in.* tensors" in caplog.text
@@ -95,6 +95,20 @@ def test_training_siglip_branch_and_foreign_files_are_refused_with_advice():
         detect_adapter_layout(sig_branch)
     with pytest.raises(CheckpointError, match="WithAnyone.Ke"):
         detect_adapter_layout({"img_in.weight": (3072, 64)})
+
+
+def test_the_two_adapters_are_siblings_over_one_base():
+    """Ke is not a two-branch adapter with parts missing: both build their own keys over a shared base."""
+    ke = ArcFaceOnlyAdapter(SMALL_KE)
+    two = IdentityAdapter(AdapterConfig(**{**SMALL_KE.to_dict(), "variant": "base"}))
+    assert isinstance(ke, IdentityAdapterBase) and isinstance(two, IdentityAdapterBase)
+    assert not isinstance(ke, IdentityAdapter) and not isinstance(two, ArcFaceOnlyAdapter)
+    assert ke.arc_blocks is ke.ipa and two.arc_blocks is two.ipa_arc
+    assert {k.split(".")[0] for k in ke.state_dict()} == {"ipa", "arcface_in"}
+    assert {k.split(".")[0] for k in two.state_dict()} == {"ipa_arc", "ipa_sig", "arcface_in_arc", "arcface_in_sig",
+                                                           "siglip_in_sig"}
+    with pytest.raises(TypeError, match="abstract"):
+        IdentityAdapterBase(SMALL_KE)
 
 
 def test_ke_round_trip_and_same_maths_as_the_arcface_branch(tmp_path):

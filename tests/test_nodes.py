@@ -51,7 +51,7 @@ def test_model_folders_registered_keeping_user_paths(comfy):
 def test_adapter_loader_reads_models_folder(comfy):
     _, nodes, models = comfy
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
 
     (models / "withanyone").mkdir(exist_ok=True)
     adapter = IdentityAdapter(AdapterConfig(128, 2, 1, 1))

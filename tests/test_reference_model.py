@@ -9,7 +9,7 @@ import torch
 
 from golden import discover
 from reference_flux import ReferenceWithAnyone, reference_mask
-from withanyone_core.checkpoints import load_safetensors
+from withanyone_core.checkpoints.reading import load_safetensors
 
 SETS = [s for s in discover() if s.name == "withanyone_tiny"]
 

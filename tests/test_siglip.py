@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from withanyone_core.checkpoints import CheckpointError
+from withanyone_core.checkpoints.reading import CheckpointError
 from withanyone_core.siglip import SHIPPED_CONFIG, SiglipEncoder
 from withanyone_core.testing.siglip import build_tiny_siglip, shipped_size_state
 

@@ -197,7 +197,7 @@ def test_missing_files_fail_naming_the_folders_searched(install, tmp_path):
 
 def test_portable_package_folder_and_adapter_by_name(install, tmp_path):
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
 
     portable = tmp_path / "ComfyUI_windows_portable"
     portable.mkdir()
@@ -348,7 +348,7 @@ def test_trained_from_a_comfyui_folder_the_adapter_runs_in_comfyui(tmp_path):
 
     from train import run
     from train.smoke_data import build_smoke_set
-    from withanyone_core.checkpoints import load_safetensors, read_safetensors_metadata
+    from withanyone_core.checkpoints.reading import load_safetensors, read_safetensors_metadata
 
     flux = flux_bfl(hidden=3072, heads=24, depth=1, single=0, context=64, vec=64)
     install = build_install(tmp_path / "ComfyUI", comfyui_dir(), flux=flux, t5_tokens=8)

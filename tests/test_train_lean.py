@@ -160,7 +160,7 @@ def test_merged_adapter_equals_the_adapter_with_its_lora(tmp_path):
     from train.lean import MergedAdapterView, add_adapter_lora, adapter_lora_pattern, has_adapter_lora
     from train.models import BRANCH_PREFIXES
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-    from withanyone_core.checkpoints import load_adapter, save_adapter
+    from withanyone_core.checkpoints.adapter_files import load_adapter, save_adapter
     from withanyone_core.layout import TokenGrid
 
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ def _check_lean_run(trainer, out: Path, smoke_set: Path, idle) -> None:
     on the CPU, and the checkpoint a full adapter equal to the trained adapter + LoRA."""
     from train.lean import CachedText, captions_of_run
     from train.models import TextEncoder
-    from withanyone_core.checkpoints import load_adapter
+    from withanyone_core.checkpoints.adapter_files import load_adapter
 
     models, config = trainer.models, trainer.config
     assert isinstance(models.text, CachedText)

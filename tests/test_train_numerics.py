@@ -22,7 +22,7 @@ import torch
 from train import objective, run
 from train.checkpointing import CheckpointError, verify_checkpoint
 from train.smoke_data import build_smoke_set
-from withanyone_core.checkpoints import load_safetensors
+from withanyone_core.checkpoints.reading import load_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "train" / "configs" / "smoke.yaml"

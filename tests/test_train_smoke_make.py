@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from withanyone_core.checkpoints import load_safetensors
+from withanyone_core.checkpoints.reading import load_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

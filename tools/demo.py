@@ -102,7 +102,7 @@ def build_tiny_models(base: Path) -> None:
     from PIL import Image
     from safetensors.torch import save_file
 
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
     from withanyone_core.testing.comfy_models import clip_l_state, flux_adapter, flux_state, flux_vae_state
     from withanyone_core.testing.faces import build_tiny_antelopev2, paint_face, remove_green
     from withanyone_core.testing.siglip import build_tiny_siglip

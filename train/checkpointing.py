@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from withanyone_core.checkpoints import save_adapter
+from withanyone_core.checkpoints.adapter_files import save_adapter
 
 from .lean import MergedAdapterView, has_adapter_lora
 

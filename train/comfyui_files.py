@@ -156,7 +156,7 @@ def _files_in(folders: list[Path]) -> list[tuple[str, Path]]:
 
 
 def _header(path: Path) -> dict[str, tuple[int, ...]]:
-    from withanyone_core.checkpoints import read_safetensors_shapes
+    from withanyone_core.checkpoints.reading import read_safetensors_shapes
 
     return read_safetensors_shapes(path)
 
@@ -322,7 +322,7 @@ def _fits(probe, want: int, what: str):
 
 
 def _adapter_check(path: Path) -> str | None:
-    from withanyone_core.checkpoints import adapter_keys
+    from withanyone_core.checkpoints.adapter_files import adapter_keys
 
     try:
         return None if adapter_keys(_header(path)) else "not a WithAnyone adapter (no ipa_*/arcface_in* tensors)"
@@ -475,7 +475,7 @@ def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype, source:
 
 def load_flux(path: str | os.PathLike, dtype: torch.dtype):
     """diffusers ``FluxTransformer2DModel`` from a BFL single file of any of the formats above."""
-    from withanyone_core.checkpoints import load_safetensors
+    from withanyone_core.checkpoints.reading import load_safetensors
     from withanyone_core.hosts.diffusers import flux_from_bfl_state
 
     state = _strip_flux_prefix(load_safetensors(path))
@@ -535,7 +535,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from withanyone_core.checkpoints import load_safetensors
+    from withanyone_core.checkpoints.reading import load_safetensors
 
     state = load_safetensors(path)
     for prefix in ("first_stage_model.", "vae."):
@@ -595,7 +595,7 @@ def load_clip_l(path: str | os.PathLike, tokenizer_dir: Path, dtype: torch.dtype
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from withanyone_core.checkpoints import load_safetensors
+    from withanyone_core.checkpoints.reading import load_safetensors
 
     state = dequantize_state(load_safetensors(path), dtype, str(path))
     state = {k: v for k, v in state.items() if k.startswith("text_model.")}
@@ -622,7 +622,7 @@ def load_t5(path: str | os.PathLike, tokenizer_dir: Path, dtype: torch.dtype):
     """
     from transformers import T5Config, T5EncoderModel
 
-    from withanyone_core.checkpoints import load_safetensors
+    from withanyone_core.checkpoints.reading import load_safetensors
 
     state = dequantize_state(load_safetensors(path), dtype, str(path))
     state = {k: v for k, v in state.items() if k.startswith(("shared.", "encoder."))}

@@ -227,7 +227,7 @@ def merged_adapter_state(adapter: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class MergedAdapterView:
-    """What :func:`withanyone_core.checkpoints.save_adapter` needs (``config``, ``state_dict()``),
+    """What :func:`withanyone_core.checkpoints.adapter_files.save_adapter` needs (``config``, ``state_dict()``),
     with the LoRA merged: the saved file is a normal full adapter."""
 
     def __init__(self, adapter: nn.Module):

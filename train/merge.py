@@ -27,11 +27,10 @@ if __name__ == "__main__" and not __package__:  # python train/merge.py
     _script.run_as_module("merge")
 
 from train.models import BRANCH_PREFIXES  # noqa: E402
-from withanyone_core.checkpoints import (  # noqa: E402
-    load_adapter,
+from withanyone_core.checkpoints.adapter_files import load_adapter, save_adapter  # noqa: E402
+from withanyone_core.checkpoints.reading import (  # noqa: E402
     load_safetensors,
     read_safetensors_metadata,
-    save_adapter,
     strip_wrapper_prefixes,
 )
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-from withanyone_core.checkpoints import load_adapter, load_safetensors
+from withanyone_core.checkpoints.adapter_files import load_adapter
+from withanyone_core.checkpoints.reading import load_safetensors
 from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
 from withanyone_core.offline import settle_bitsandbytes
 

@@ -22,6 +22,7 @@ the projections and the attention run in the run's compute dtype (the MODEL's).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
@@ -270,38 +271,65 @@ class BlockInputs:
         tokens = self.tokens if self.tokens.batch_size == 1 else self.tokens.repeat(times)
         allowed = None if self.layout.allowed is None else self.layout.allowed.repeat(times, 1, 1)
         layout = RegionLayout(self.layout.grid, self.layout.num_persons, allowed)
-        return IdentityAdapter.prepare_from(tokens, layout, self.id_weight, self.siglip_weight,
-                                            batch_size=self.batch_size * times, dtype=self.dtype)
+        return IdentityAdapterBase.prepare_from(tokens, layout, self.id_weight, self.siglip_weight,
+                                                batch_size=self.batch_size * times, dtype=self.dtype)
 
 
-class IdentityAdapter(nn.Module):
-    """WithAnyone's identity adapter for a FLUX model of any size.
+class IdentityAdapterBase(nn.Module, ABC):
+    """What the authors' two adapters share, whatever their key layout.
 
+    The config and its layout check, the ArcFace tokens' projection, the region plan
+    (:meth:`prepare`, :meth:`prepare_from`) and the per-block residual (:meth:`block_residual`, with
+    identity K/V computed once per run). A subclass builds its modules under its release's key
+    names and says which branches run (:meth:`_branches`), how identities become tokens
+    (:meth:`encode_identities`) and where its ArcFace branch's blocks are (:attr:`arc_blocks`).
     ``operations`` supplies the layer classes (see :data:`TORCH_OPERATIONS`).
     """
 
-    def __init__(self, config: AdapterConfig | None = None, operations=None, **overrides):
+    key_layout: str  # the key layout a subclass builds (see :attr:`AdapterConfig.layout`)
+    default_variant: str  # the release built when no config is given
+    other_class: str  # what builds the other layout, for the error message
+
+    def __init__(self, config: AdapterConfig | None = None, **overrides):
         super().__init__()
-        config = config or AdapterConfig()
+        config = config or AdapterConfig(variant=self.default_variant)
         if overrides:
             config = AdapterConfig(**{**config.to_dict(), **overrides})
-        if config.layout != "two_branch":
-            raise ValueError(f"{config.title} has the {config.layout} key layout: build it with "
-                             "adapter_for_config() (or ArcFaceOnlyAdapter)")
-        ops = TORCH_OPERATIONS if operations is None else operations
+        if config.layout != self.key_layout:
+            raise ValueError(f"{config.title} has the {config.layout} key layout: build it with {self.other_class}")
         self.config = config
-        d = config.hidden_size
-        self.ipa_arc = nn.ModuleList(
-            IdentityCrossAttention(d, config.num_heads, config.head_dim, operations=ops)
-            for _ in range(config.num_blocks)
+
+    @staticmethod
+    def _operations(operations):
+        return TORCH_OPERATIONS if operations is None else operations
+
+    def _cross_attention_blocks(self, ops) -> nn.ModuleList:
+        """One :class:`IdentityCrossAttention` per FLUX block (double blocks first)."""
+        cfg = self.config
+        return nn.ModuleList(
+            IdentityCrossAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim, operations=ops)
+            for _ in range(cfg.num_blocks)
         )
-        self.ipa_sig = nn.ModuleList(
-            IdentityCrossAttention(d, config.num_heads, config.head_dim, operations=ops)
-            for _ in range(config.num_blocks)
-        )
-        self.arcface_in_arc = TokenProjector(config.arcface_dim, 4 * d, config.arc_tokens * d, ops)
-        self.arcface_in_sig = TokenProjector(config.arcface_dim, 4 * d, config.arc_tokens * d, ops)
-        self.siglip_in_sig = TokenProjector(config.siglip_dim, d, d, ops)
+
+    def _arcface_projector(self, ops) -> TokenProjector:
+        """Raw 512-d ArcFace embedding -> ``arc_tokens`` tokens per person."""
+        cfg = self.config
+        d = cfg.hidden_size
+        return TokenProjector(cfg.arcface_dim, 4 * d, cfg.arc_tokens * d, ops)
+
+    @property
+    @abstractmethod
+    def arc_blocks(self) -> nn.ModuleList:
+        """The ArcFace branch's per-block cross-attention modules (``ipa_arc`` or ``ipa``)."""
+
+    @abstractmethod
+    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None,
+                          dtype: torch.dtype | None = None, with_siglip: bool = True) -> IdentityTokens:
+        """Project per-person embeddings into identity tokens."""
+
+    @abstractmethod
+    def _branches(self, inputs: BlockInputs):
+        """``(name, weight, blocks, id_tokens, tokens_per_person)`` of each branch this adapter runs."""
 
     # ------------------------------------------------------------------ tokens
     def _checked_arcface(self, arcface: torch.Tensor) -> torch.Tensor:
@@ -316,36 +344,6 @@ class IdentityAdapter(nn.Module):
     def _arc_tokens(self, projector: nn.Module, arcface: torch.Tensor) -> torch.Tensor:
         b, n, _ = arcface.shape
         return projector(arcface).view(b, n, self.config.arc_tokens, self.config.hidden_size)
-
-    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None,
-                          dtype: torch.dtype | None = None, with_siglip: bool = True) -> IdentityTokens:
-        """Project per-person embeddings into identity tokens.
-
-        arcface: ``[B, n, 512]`` raw insightface embeddings (not normalised);
-        siglip: ``[B, n, 256, 768]`` SigLIP last_hidden_state. Persons keep their order.
-        ``dtype``: compute dtype (default: the weights'). ``with_siglip=False`` skips the
-        SigLIP branch's tokens (its weight is 0 for the whole run).
-        """
-        cfg = self.config
-        arcface = self._checked_arcface(arcface)
-        b, n, _ = arcface.shape
-        dtype = dtype or self.weight_dtype
-        arcface = arcface.to(dtype)
-        arc = self._arc_tokens(self.arcface_in_arc, arcface).reshape(b, n * cfg.arc_tokens, -1)
-        if not with_siglip:
-            return IdentityTokens(arc=arc, sig=None, num_persons=n)
-        if siglip is None:
-            raise ValueError("SigLIP features are required: encode each reference face with the SigLIP encoder")
-        if siglip.ndim == 3:
-            siglip = siglip.unsqueeze(0)
-        if siglip.shape != (b, n, SIGLIP_TOKENS, cfg.siglip_dim):
-            raise ValueError(
-                f"SigLIP features must have shape [{b}, {n}, {SIGLIP_TOKENS}, {cfg.siglip_dim}] to match the "
-                f"ArcFace embeddings, got {tuple(siglip.shape)}"
-            )
-        siglip = siglip.to(dtype)
-        sig = torch.cat([self.siglip_in_sig(siglip), self._arc_tokens(self.arcface_in_sig, arcface)], dim=2)
-        return IdentityTokens(arc=arc, sig=sig.reshape(b, n * cfg.sig_tokens_per_person, -1), num_persons=n)
 
     def prepare(
         self,
@@ -389,12 +387,6 @@ class IdentityAdapter(nn.Module):
                            batch_size, dtype)
 
     # ---------------------------------------------------------------- residual
-    def _branches(self, inputs: BlockInputs):
-        cfg = self.config
-        tokens = inputs.tokens
-        yield "arc", inputs.id_weight, self.ipa_arc, tokens.arc, cfg.arc_tokens
-        yield "sig", inputs.siglip_weight, self.ipa_sig, tokens.sig, cfg.sig_tokens_per_person
-
     def identity_kv(self, inputs: BlockInputs, branch: str, block_index: int, module: IdentityCrossAttention,
                     id_tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's identity keys/values for the image batch; cached in the tokens when no gradient flows."""
@@ -453,44 +445,103 @@ class IdentityAdapter(nn.Module):
     @property
     def weight_dtype(self) -> torch.dtype:
         """Storage dtype of the projections (the compute dtype when none is given)."""
-        return self.ipa_arc[0].to_q.weight.dtype
+        return self.arc_blocks[0].to_q.weight.dtype
 
     # kept for callers of the first release
     to_q_dtype = weight_dtype
 
 
+class IdentityAdapter(IdentityAdapterBase):
+    """WithAnyone's identity adapter for a FLUX model of any size: ArcFace and SigLIP branches.
+
+    ``ipa_arc.{i}.*`` / ``ipa_sig.{i}.*`` per FLUX block, ``arcface_in_arc``, ``arcface_in_sig``
+    and ``siglip_in_sig`` projectors (WithAnyone on FLUX.1 and WithAnyone.K).
+    ``operations`` supplies the layer classes (see :data:`TORCH_OPERATIONS`).
+    """
+
+    key_layout = "two_branch"
+    default_variant = "base"
+    other_class = "adapter_for_config() (or ArcFaceOnlyAdapter)"
+
+    def __init__(self, config: AdapterConfig | None = None, operations=None, **overrides):
+        super().__init__(config, **overrides)
+        ops = self._operations(operations)
+        self.ipa_arc = self._cross_attention_blocks(ops)
+        self.ipa_sig = self._cross_attention_blocks(ops)
+        self.arcface_in_arc = self._arcface_projector(ops)
+        self.arcface_in_sig = self._arcface_projector(ops)
+        d = self.config.hidden_size
+        self.siglip_in_sig = TokenProjector(self.config.siglip_dim, d, d, ops)
+
+    @property
+    def arc_blocks(self) -> nn.ModuleList:
+        return self.ipa_arc
+
+    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None,
+                          dtype: torch.dtype | None = None, with_siglip: bool = True) -> IdentityTokens:
+        """Project per-person embeddings into identity tokens.
+
+        arcface: ``[B, n, 512]`` raw insightface embeddings (not normalised);
+        siglip: ``[B, n, 256, 768]`` SigLIP last_hidden_state. Persons keep their order.
+        ``dtype``: compute dtype (default: the weights'). ``with_siglip=False`` skips the
+        SigLIP branch's tokens (its weight is 0 for the whole run).
+        """
+        cfg = self.config
+        arcface = self._checked_arcface(arcface)
+        b, n, _ = arcface.shape
+        dtype = dtype or self.weight_dtype
+        arcface = arcface.to(dtype)
+        arc = self._arc_tokens(self.arcface_in_arc, arcface).reshape(b, n * cfg.arc_tokens, -1)
+        if not with_siglip:
+            return IdentityTokens(arc=arc, sig=None, num_persons=n)
+        if siglip is None:
+            raise ValueError("SigLIP features are required: encode each reference face with the SigLIP encoder")
+        if siglip.ndim == 3:
+            siglip = siglip.unsqueeze(0)
+        if siglip.shape != (b, n, SIGLIP_TOKENS, cfg.siglip_dim):
+            raise ValueError(
+                f"SigLIP features must have shape [{b}, {n}, {SIGLIP_TOKENS}, {cfg.siglip_dim}] to match the "
+                f"ArcFace embeddings, got {tuple(siglip.shape)}"
+            )
+        siglip = siglip.to(dtype)
+        sig = torch.cat([self.siglip_in_sig(siglip), self._arc_tokens(self.arcface_in_sig, arcface)], dim=2)
+        return IdentityTokens(arc=arc, sig=sig.reshape(b, n * cfg.sig_tokens_per_person, -1), num_persons=n)
+
+    def _branches(self, inputs: BlockInputs):
+        cfg = self.config
+        tokens = inputs.tokens
+        yield "arc", inputs.id_weight, self.ipa_arc, tokens.arc, cfg.arc_tokens
+        yield "sig", inputs.siglip_weight, self.ipa_sig, tokens.sig, cfg.sig_tokens_per_person
 
 
-class ArcFaceOnlyAdapter(IdentityAdapter):
+class ArcFaceOnlyAdapter(IdentityAdapterBase):
     """The authors' Kontext adapter (WithAnyone.Ke): the ArcFace branch alone, official key names.
 
     ``ipa.{i}.*``: one :class:`IdentityCrossAttention` per FLUX block (double first);
     ``arcface_in.*``: raw 512-d ArcFace embedding -> 8 tokens per person. The authors' module
     also defines ``siglip_in.*``, which its ArcFace-only path never reads; it is not built here
     (the loader drops it from files, with a log line). The host API is that of
-    :class:`IdentityAdapter` (``encode_identities``, ``prepare_from``, ``block_residual``); the
+    :class:`IdentityAdapterBase` (``encode_identities``, ``prepare_from``, ``block_residual``); the
     SigLIP weight must be 0.
     """
 
+    key_layout = "arcface_only"
+    default_variant = "ke"
+    other_class = "IdentityAdapter"
+
     def __init__(self, config: AdapterConfig | None = None, operations=None, **overrides):
-        nn.Module.__init__(self)
-        config = config or AdapterConfig(variant="ke")
-        if overrides:
-            config = AdapterConfig(**{**config.to_dict(), **overrides})
-        if config.layout != "arcface_only":
-            raise ValueError(f"{config.title} has the {config.layout} key layout: build it with IdentityAdapter")
-        ops = TORCH_OPERATIONS if operations is None else operations
-        self.config = config
-        d = config.hidden_size
-        self.ipa = nn.ModuleList(
-            IdentityCrossAttention(d, config.num_heads, config.head_dim, operations=ops)
-            for _ in range(config.num_blocks)
-        )
-        self.arcface_in = TokenProjector(config.arcface_dim, 4 * d, config.arc_tokens * d, ops)
+        super().__init__(config, **overrides)
+        ops = self._operations(operations)
+        self.ipa = self._cross_attention_blocks(ops)
+        self.arcface_in = self._arcface_projector(ops)
+
+    @property
+    def arc_blocks(self) -> nn.ModuleList:
+        return self.ipa
 
     @property
     def ipa_arc(self) -> nn.ModuleList:
-        """The ArcFace branch's blocks (``ipa``), under the name hosts use for the two-branch adapter."""
+        """:attr:`arc_blocks` under the two-branch adapter's name (ComfyUI's patch probes ``ipa_arc[0]``)."""
         return self.ipa
 
     def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None = None,
@@ -510,7 +561,7 @@ class ArcFaceOnlyAdapter(IdentityAdapter):
         yield "arc", inputs.id_weight, self.ipa, inputs.tokens.arc, self.config.arc_tokens
 
 
-def adapter_for_config(config: AdapterConfig, operations=None) -> IdentityAdapter:
+def adapter_for_config(config: AdapterConfig, operations=None) -> IdentityAdapterBase:
     """The adapter class for a config's key layout (two-branch or ArcFace-only)."""
     cls = ArcFaceOnlyAdapter if config.layout == "arcface_only" else IdentityAdapter
     return cls(config, operations=operations)

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("the aesthetic score needs both --aesthetic-encoder and --aesthetic-head")
     from .bench import quality
     from .bench.report import PaperPointsError, load_paper_points
-    from .checkpoints import CheckpointError
+    from .checkpoints.reading import CheckpointError
 
     try:  # a bad replacement file stops the run before anything is scored
         paper = load_paper_points(args.paper_points)

@@ -57,7 +57,7 @@ class SiglipEncoder:
              dtype: torch.dtype = torch.float32) -> "SiglipEncoder":
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
-        from .checkpoints import CheckpointError, load_safetensors
+        from .checkpoints.reading import CheckpointError, load_safetensors
 
         path = Path(path)
         if path.is_dir():

@@ -23,10 +23,6 @@ except ImportError:  # pragma: no cover - depends on the torch build
     tl = None
 
 
-def triton_available() -> bool:
-    return triton is not None
-
-
 if triton is not None:
 
     @triton.jit

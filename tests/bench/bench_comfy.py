@@ -128,7 +128,7 @@ def main() -> None:
     import comfy.samplers
     import comfy.sd
 
-    from withanyone_core.checkpoints import save_adapter
+    from withanyone_core.checkpoints.adapter_files import save_adapter
     from withanyone_core.recipe import authors_sigmas
     from withanyone_core.testing.comfy_models import flux_adapter, flux_state
 

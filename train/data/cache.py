@@ -29,7 +29,7 @@ class TextEmbeddingCache:
         path = self._path(caption)
         if not path.is_file():
             return None
-        from withanyone_core.checkpoints import load_safetensors
+        from withanyone_core.checkpoints.reading import load_safetensors
 
         return load_safetensors(path)
 

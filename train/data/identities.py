@@ -69,7 +69,7 @@ class NegativePool:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NegativePool":
-        from withanyone_core.checkpoints import load_safetensors
+        from withanyone_core.checkpoints.reading import load_safetensors
 
         tensors = load_safetensors(path)
         missing = {"embeddings", "identity_ids"} - set(tensors)

@@ -38,11 +38,6 @@ def robust_stats(values, factor: float = IQR_FACTOR) -> dict | None:
             "outliers_removed": int(arr.size - kept.size), "robust_fallback": False}
 
 
-def plain_mean(values) -> float | None:
-    arr = [v for v in values if v is not None]
-    return float(np.mean(arr)) if arr else None
-
-
 def gated(values, sim_gt, gate: float) -> list[float]:
     """The values of the cases whose Sim(GT) exceeds ``gate`` (pairs with a missing value are left out)."""
     return [v for v, s in zip(values, sim_gt) if v is not None and s is not None and s > gate]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import CheckpointError, load_safetensors
+from ..checkpoints.reading import CheckpointError, load_safetensors
 from ..faces import to_rgb_uint8
 
 logger = logging.getLogger(__name__)

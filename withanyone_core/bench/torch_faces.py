@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import load_safetensors
+from ..checkpoints.reading import load_safetensors
 from ..faces import to_rgb_uint8
 from .faces import pad_reference
 from .quality import MissingWeights
@@ -319,7 +319,7 @@ def _load(module: nn.Module, path: Path, what: str, ignore: tuple[str, ...] = ()
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(ignore)}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        from ..checkpoints import CheckpointError
+        from ..checkpoints.reading import CheckpointError
 
         raise CheckpointError(f"{path.name} does not hold {what} weights (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import BlockInputs, IdentityAdapter
+from ..adapter import BlockInputs, IdentityAdapterBase
 from ..host import IdentityRequest, IdentityRun
 from ..layout import BatchBoxes, TokenGrid
 from ..offline import settle_bitsandbytes
@@ -57,7 +57,7 @@ class _BlockHook:
 class AdapterHandle:
     """An adapter attached to one diffusers FLUX transformer."""
 
-    def __init__(self, transformer: nn.Module, adapter: IdentityAdapter):
+    def __init__(self, transformer: nn.Module, adapter: IdentityAdapterBase):
         double = list(getattr(transformer, "transformer_blocks", []))
         single = list(getattr(transformer, "single_transformer_blocks", []))
         if not double:
@@ -162,7 +162,7 @@ class AdapterHandle:
         self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_block)
 
 
-def attach_adapter(transformer: nn.Module, adapter: IdentityAdapter) -> AdapterHandle:
+def attach_adapter(transformer: nn.Module, adapter: IdentityAdapterBase) -> AdapterHandle:
     """Attach ``adapter`` to a diffusers ``FluxTransformer2DModel`` (see module docs)."""
     return AdapterHandle(transformer, adapter)
 
@@ -172,7 +172,8 @@ def flux_from_bfl_state(state: dict[str, torch.Tensor], dtype: torch.dtype = tor
     settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
     from diffusers import FluxTransformer2DModel
 
-    from ..checkpoints import bfl_flux_config, bfl_to_diffusers, strip_wrapper_prefixes
+    from ..checkpoints.flux_keys import bfl_flux_config, bfl_to_diffusers
+    from ..checkpoints.reading import strip_wrapper_prefixes
 
     state = strip_wrapper_prefixes(state)
     config = {**bfl_flux_config(state), **config_overrides}
