@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from withanyone_core.faces import to_rgb_uint8
 from withanyone_core.layout import SIZE_RANGE, SOURCES, Layout, layout_from_preset, layout_from_text, render_preview
-from withanyone_core.layout.photo import FRAMINGS
+from withanyone_core.layout.photo import FRAMINGS, box_masks, boxes_from_mask, layout_from_photo
+from withanyone_core.layout.preview import mask_on_output, photo_on_output
 
 from .types import FACE_ANALYZER, LAYOUT
 
@@ -77,8 +79,6 @@ class WithAnyoneLayout(io.ComfyNode):
     def execute(cls, width: int, height: int, source: str, people: int, boxes: str,
                 layout_image: torch.Tensor | None = None, face_analyzer=None, layout_mask: torch.Tensor | None = None,
                 image_framing: str = "square") -> io.NodeOutput:
-        from withanyone_core.layout.photo import box_masks
-
         background, dropped = None, []
         if source == "preset":
             layout = layout_from_preset(people, width, height)
@@ -101,10 +101,6 @@ class WithAnyoneLayout(io.ComfyNode):
     def _from_photo(width, height, people, layout_image, face_analyzer, framing):
         if layout_image is None or face_analyzer is None:
             raise ValueError("source 'image' needs a layout_image and a face_analyzer connected")
-        from withanyone_core.faces import to_rgb_uint8
-        from withanyone_core.layout.photo import layout_from_photo
-        from withanyone_core.layout.preview import photo_on_output
-
         if layout_image.shape[0] > 1:
             logger.warning("layout_image is a batch of %d; the layout comes from the first", layout_image.shape[0])
         photo = to_rgb_uint8(layout_image[0].detach().cpu().float().numpy(), "layout image")
@@ -120,9 +116,6 @@ class WithAnyoneLayout(io.ComfyNode):
     def _from_mask(width, height, people, layout_mask):
         if layout_mask is None:
             raise ValueError("source 'mask' needs a layout_mask connected (one white region per person's face)")
-        from withanyone_core.layout.photo import boxes_from_mask
-        from withanyone_core.layout.preview import mask_on_output
-
         mask = layout_mask.detach().cpu().float()
         if mask.ndim == 3:
             if mask.shape[0] > 1:

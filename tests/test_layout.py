@@ -111,7 +111,8 @@ def test_layout_keeps_its_boxes_as_floats_on_its_canvas():
     assert layout.boxes == ((100.0, 50.0, 300.0, 250.0), (400.5, 60.0, 600.0, 260.0), (700.0, 70.0, 900.0, 270.0))
     assert all(type(v) is float for box in layout.boxes for v in box)
     assert layout.size == (1024, 768) and layout.num_persons == 3
-    assert Layout(64, 64, [[-10, -10, 8, 8], [70, 70, 90, 90]]).num_persons == 2  # past the edge: covers what it overlaps
+    # past the edge, even outside the canvas: a box covers the tokens it overlaps (none there)
+    assert Layout(64, 64, [[-10, -10, 8, 8], [70, 70, 90, 90]]).num_persons == 2
     assert hash(layout) == hash(Layout(1024, 768, layout.boxes))  # immutable, usable as a cache key
 
 
@@ -170,8 +171,8 @@ def test_identity_request_takes_a_layout_not_loose_boxes():
     assert IdentityRequest(arcface, None, layout).layout is layout
     assert IdentityRequest(arcface, None, [layout, None]).layout == (layout, None)
     for loose in ([[0, 0, 256, 256]], ((0, 0, 256, 256),), (512, 512), "0,0,256,256"):
-        with pytest.raises(TypeError, match=r"layout must be a Layout, one Layout \(or None\) per image, or None; "
-                                            r"got .*: build it with withanyone_core.layout.Layout\(width, height, boxes\)"):
+        with pytest.raises(TypeError, match=r"layout must be a Layout, one Layout \(or None\) per image, or None; got "
+                                            r".*: build it with withanyone_core.layout.Layout\(width, height, boxes\)"):
             IdentityRequest(arcface, None, loose)
 
 
