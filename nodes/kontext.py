@@ -15,9 +15,10 @@ import torch
 from comfy_api.latest import io
 
 from withanyone_core.faces import edit
+from withanyone_core.layout import Layout
 
 from .schema import advanced
-from .types import FACE_ANALYZER, FACES, IDENTITIES, LAYOUT, Faces, Identities, Layout
+from .types import FACE_ANALYZER, FACES, IDENTITIES, LAYOUT, Faces, Identities
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def prepare_face_edit(photo: np.ndarray, analyzer, *, face_order: str, box_mappi
                                aspect_limit=aspect_limit, min_blur_face=min_blur_face)
     blurred = edit.blur_faces(photo, plan.blur_boxes, blur_radius)
     reference = edit.reference_image(blurred, plan.width, plan.height)
-    layout = Layout(plan.width, plan.height, tuple(tuple(float(v) for v in b) for b in plan.boxes))
+    layout = Layout(plan.width, plan.height, plan.boxes)
     return reference, layout, plan, photo
 
 

@@ -32,7 +32,7 @@ import torch
 
 from withanyone_core.adapter import BlockInputs, IdentityAdapter
 from withanyone_core.host import IdentityRequest, IdentityRun
-from withanyone_core.layout import TokenGrid
+from withanyone_core.layout import Layout, TokenGrid
 
 logger = logging.getLogger(__name__)
 
@@ -283,13 +283,13 @@ def _existing_dit_patch(model, kind: str, index: int):
 
 
 def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torch.Tensor | None,
-                     layout_size: tuple[int, int] | None, boxes, id_weight: float = 1.0,
-                     siglip_weight: float = 0.0, start_percent: float = 0.0, end_percent: float = 1.0,
-                     cache_kv: bool = True):
+                     layout: Layout | None, id_weight: float = 1.0, siglip_weight: float = 0.0,
+                     start_percent: float = 0.0, end_percent: float = 1.0, cache_kv: bool = True):
     """A clone of ``model`` carrying the identities; the original is never modified.
 
-    ``boxes`` are in the pixels of ``layout_size`` ``(w, h)``; when the sampled image has
-    another size they are mapped with one uniform scale and centring (as the authors).
+    ``layout`` (None: every token sees every person) holds the boxes on the canvas they were drawn on;
+    when the sampled image has another size they are mapped with one uniform scale and centring (as the
+    authors).
     """
     hidden, n_double, n_single = flux_blocks(model)
     adapter: IdentityAdapter = adapter_patcher.model
@@ -301,13 +301,13 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
         )
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1")
+    if layout is not None and not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a withanyone_core.layout.Layout or None, got {type(layout).__name__}")
     sampling = model.get_model_object("model_sampling")
     request = IdentityRequest(
         arcface.detach().float().cpu(),
         None if siglip is None else siglip.detach().float().cpu(),
-        tuple(tuple(float(v) for v in b) for b in boxes) if boxes is not None else None,
-        tuple(layout_size) if layout_size is not None else None,
-        float(id_weight), float(siglip_weight),
+        layout, float(id_weight), float(siglip_weight),
     )
     conditioning = IdentityConditioning(
         adapter_patcher, request, sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),

@@ -1,18 +1,26 @@
 """Server routes for the pack's frontend extension (web/withanyone.js).
 
 ``POST /withanyone/layout`` gives the face boxes the WithAnyoneLayout node would produce for its widget
-values, computed by nodes/layout.py itself (the browser draws them; it never re-implements the parsing).
+values, computed by the same code (:mod:`withanyone_core.layout`: the browser draws them; it never
+re-implements the parsing). This module does not import the node module, nor it this one.
 """
 
 from __future__ import annotations
 
-import colorsys
 import json
 import logging
 import math
 import sys
 
-from .layout import COLORS, MAX_BOXES, PRESETS, SIZE_RANGE, SOURCES, parse_boxes, preset_boxes
+from withanyone_core.layout import (
+    MAX_BOXES,
+    PRESETS,
+    SIZE_RANGE,
+    SOURCES,
+    box_colors,
+    layout_from_preset,
+    layout_from_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +45,6 @@ class LayoutRequestTooLarge(LayoutRequestError):
 MAX_BODY_BYTES = 64 * 1024
 FIELDS = {"width": "an integer", "height": "an integer", "source": "text", "people": "an integer",
           "boxes": "text"}
-
-
-def box_colors(count: int) -> list[str]:
-    """One colour per box: nodes/layout.py's four COLORS first, then hues of their own for box 5 and later
-    (spread by the golden angle, so neighbours never look alike)."""
-    colors = ["#%02x%02x%02x" % c for c in COLORS]
-    for k in range(len(colors), count):
-        r, g, b = colorsys.hls_to_rgb(((k - len(COLORS)) * 0.381966 + 0.83) % 1.0, 0.6, 0.85)
-        colors.append("#%02x%02x%02x" % (round(r * 255), round(g * 255), round(b * 255)))
-    return colors
-
-
-def _finite_boxes(found) -> list[list[float]]:
-    """JSON has no NaN/inf: a box with one refuses the request instead of sending invalid JSON."""
-    boxes = []
-    for k, box in enumerate(found, 1):
-        values = [float(v) for v in box]
-        if not all(math.isfinite(v) for v in values):
-            raise LayoutRequestError(f"box {k} has a coordinate that is not a finite number ({box}): "
-                                     f"use four numbers x1,y1,x2,y2 in pixels or 0-1 fractions")
-        boxes.append(values)
-    return boxes
 
 
 def _shown(value) -> str:
@@ -124,17 +110,15 @@ def layout_response(body) -> dict:
     text = body.get("boxes", "")
     if not isinstance(text, str):
         raise LayoutRequestError(f"boxes must be text (one x1,y1,x2,y2 per line), got {_shown(text)}")
-    if source == "preset":
-        found = preset_boxes(people, width, height)
-    elif source == "text":
-        try:
-            found = parse_boxes(text, width, height)
-        except ValueError as err:
-            raise LayoutRequestError(str(err)) from None
-    else:
+    if source not in ("preset", "text"):
         return {"boxes": [], "width": width, "height": height, "colors": box_colors(0),
                 "note": RUN_TIME_NOTES[source]}
-    boxes = _finite_boxes(found)
+    try:  # the node's own Layout: its boxes are checked (finite, not inverted), so the answer is valid JSON
+        layout = layout_from_preset(people, width, height) if source == "preset" else layout_from_text(text, width,
+                                                                                                        height)
+    except ValueError as err:
+        raise LayoutRequestError(str(err)) from None
+    boxes = [list(box) for box in layout.boxes]
     return {"boxes": boxes, "width": width, "height": height, "colors": box_colors(len(boxes))}
 
 

@@ -44,11 +44,9 @@ def patch_model(model, adapter, identities: Identities, layout: Layout | None, i
     from .patch import apply_withanyone
 
     check_counts(identities, layout)
-    boxes = layout.boxes if layout is not None else None
-    size = (layout.width, layout.height) if layout is not None else None
     siglip = identities.siglip if siglip_weight != 0.0 else None
-    return apply_withanyone(model, adapter, identities.arcface, siglip, size, boxes, id_weight,
-                            siglip_weight, start_percent, end_percent)
+    return apply_withanyone(model, adapter, identities.arcface, siglip, layout, id_weight, siglip_weight,
+                            start_percent, end_percent)
 
 
 def _weight_inputs() -> list:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from comfy_env import import_comfyui
+from withanyone_core.layout import Layout
 from withanyone_core.testing.comfy_models import flux_adapter, flux_state
 
 H, W = 64, 96
@@ -65,7 +66,8 @@ def _load(pack, path, dtype="default"):
 def _apply(pack, model, adapter, identities, boxes=BOXES, **kw):
     kw.setdefault("siglip_weight", 1.0)
     arcface, siglip = identities
-    return pack.nodes.patch.apply_withanyone(model, adapter, arcface, siglip, (W, H), boxes, **kw)
+    layout = None if boxes is None else Layout(W, H, boxes)
+    return pack.nodes.patch.apply_withanyone(model, adapter, arcface, siglip, layout, **kw)
 
 
 def _sample(patcher, seed=11, steps=3):
@@ -160,7 +162,7 @@ def test_streams_beyond_fp16_range_stay_finite(pack, adapter_file, identities):
 
     adapter = _load(pack, adapter_file, "fp16").model
     grid = TokenGrid.for_pixels(H, W)
-    run = IdentityRun(adapter, IdentityRequest(identities[0], identities[1], BOXES, (W, H), 1.0, 1.0))
+    run = IdentityRun(adapter, IdentityRequest(identities[0], identities[1], Layout(W, H, BOXES), 1.0, 1.0))
     g = torch.Generator().manual_seed(0)
     stream = torch.randn(1, grid.num_tokens, 3072, generator=g) * 2e4
     stream[0, :, :16] = 2e5  # beyond fp16's 65504
@@ -301,7 +303,7 @@ def test_sampler_node_reports_progress_previews_and_stops_on_interrupt(pack, flu
     import comfy.utils
     import latent_preview
 
-    from withanyone_pack.nodes.types import Identities, Layout
+    from withanyone_pack.nodes.types import Identities
 
     monkeypatch.setattr(latent_preview.args, "preview_method", latent_preview.LatentPreviewMethod.Latent2RGB)
     updates = []

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from comfy_env import import_comfyui
+from withanyone_core.layout import Layout
 from withanyone_core.testing.comfy_models import FLUX_CONFIG, flux_adapter, flux_state
 
 H, W = 64, 96  # pixels: an 8 x 12 latent, 4 x 6 tokens
@@ -45,7 +46,7 @@ def _apply(model, adapter_patcher, identities, **kw):
     from withanyone_pack_patch import apply_withanyone
 
     kw.setdefault("siglip_weight", 1.0)  # both branches, so each test exercises both
-    return apply_withanyone(model, adapter_patcher, *identities, (W, H), BOXES, **kw)
+    return apply_withanyone(model, adapter_patcher, *identities, Layout(W, H, BOXES), **kw)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -197,7 +198,7 @@ def _node_values(identities):
 
     pack = sys.modules.get("withanyone_pack") or import_pack()
     from withanyone_pack.nodes.sampling import WithAnyoneApply, WithAnyoneSampler
-    from withanyone_pack.nodes.types import Identities, Layout
+    from withanyone_pack.nodes.types import Identities
 
     ids = Identities(identities[0], identities[1], (1, 1))
     return pack, WithAnyoneApply, WithAnyoneSampler, ids, Layout(W, H, BOXES)

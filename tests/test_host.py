@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-from withanyone_core.host import IdentityRequest, IdentityRun, rescale_boxes
-from withanyone_core.layout import TokenGrid
+from withanyone_core.host import IdentityRequest, IdentityRun
+from withanyone_core.layout import Layout, TokenGrid, rescale_boxes
 
 CFG = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=1, num_single_blocks=1)
 
@@ -20,7 +20,7 @@ def test_rescale_is_uniform_and_centred():
 
 
 def test_request_boxes_for_another_size():
-    req = IdentityRequest(torch.zeros(1, 512), None, ((0, 0, 256, 256),), (512, 512))
+    req = IdentityRequest(torch.zeros(1, 512), None, Layout(512, 512, ((0, 0, 256, 256),)))
     assert req.boxes_for((512, 512)) == [[[0.0, 0.0, 256.0, 256.0]]]
     assert req.boxes_for((1024, 512)) == [[[256.0, 0.0, 512.0, 256.0]]]
     assert IdentityRequest(torch.zeros(1, 512), None).boxes_for((64, 64)) is None
@@ -29,8 +29,8 @@ def test_request_boxes_for_another_size():
 def test_run_caches_for_the_run_and_releases_everything():
     torch.manual_seed(0)
     adapter = IdentityAdapter(CFG).eval()
-    req = IdentityRequest(20 * torch.randn(2, 512), torch.randn(2, 256, 768), ((0, 0, 32, 32), (32, 0, 64, 32)),
-                          None, 1.0, 1.0)
+    req = IdentityRequest(20 * torch.randn(2, 512), torch.randn(2, 256, 768),
+                          Layout(64, 32, ((0, 0, 32, 32), (32, 0, 64, 32))), 1.0, 1.0)
     run = IdentityRun(adapter, req)
     grid = TokenGrid.for_pixels(32, 64)
     img = torch.randn(2, grid.num_tokens + 5, 128)  # 5 reference tokens after the main image
@@ -52,7 +52,7 @@ def test_per_image_identities_serve_a_cond_uncond_batch():
     torch.manual_seed(1)
     adapter = IdentityAdapter(CFG).eval()
     arcface, siglip = 20 * torch.randn(2, 1, 512), torch.randn(2, 1, 256, 768)  # one person, two images
-    run = IdentityRun(adapter, IdentityRequest(arcface, siglip, [[(0, 0, 16, 16)], None], None, 1.0, 0.5))
+    run = IdentityRun(adapter, IdentityRequest(arcface, siglip, [Layout(32, 32, [(0, 0, 16, 16)]), None], 1.0, 0.5))
     grid = TokenGrid.for_pixels(32, 32)  # 2 x 2 tokens; the box covers token 0 only
     img = torch.randn(2, grid.num_tokens, 128).repeat(2, 1, 1)  # images 0, 1, 0, 1
     with torch.no_grad():

@@ -34,7 +34,7 @@ from golden import golden_dir
 from withanyone_core.checkpoints.adapter_files import load_adapter
 from withanyone_core.checkpoints.reading import load_safetensors
 from withanyone_core.host import IdentityRequest, IdentityRun
-from withanyone_core.layout import TokenGrid
+from withanyone_core.layout import Layout, TokenGrid, batch_layouts
 
 TOLERANCE = 1e-4
 MODEL_KIND = "withanyone_kontext"
@@ -149,8 +149,9 @@ class KontextModels:
         model = self.comfy_model
         if case["with_identities"] and case["num_ids"] > 0:
             model = self.patch.apply_withanyone(
-                model, self.comfy_adapter, t["arcface_embeddings"][items], None, (case["width"], case["height"]),
-                boxes, id_weight=case["id_weight"], siglip_weight=0.0)
+                model, self.comfy_adapter, t["arcface_embeddings"][items], None,
+                None if boxes is None else Layout(case["width"], case["height"], boxes),
+                id_weight=case["id_weight"], siglip_weight=0.0)
         options = copy.deepcopy(model.model_options.get("transformer_options", {}))
         comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
         options["cond_or_uncond"] = [0]
@@ -222,7 +223,8 @@ def test_kontext_case_matches_reference(gset, case):
     boxes = spec["bboxes"] if spec["use_mask"] else None
 
     if boxes is not None and "mask" in t:  # the region plan the host contract builds for these boxes
-        run = IdentityRun(models.adapter, IdentityRequest(t["arcface_embeddings"], None, boxes))
+        layout = batch_layouts(boxes, spec["width"], spec["height"])
+        run = IdentityRun(models.adapter, IdentityRequest(t["arcface_embeddings"], None, layout))
         plan = run.inputs(TokenGrid(spec["height"] // 16, spec["width"] // 16), spec["batch"], "cpu")
         mask = plan.layout.token_mask(models.adapter.config.arc_tokens)
         assert mask.shape == t["mask"].shape

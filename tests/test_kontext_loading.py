@@ -24,7 +24,7 @@ from withanyone_core.checkpoints.adapter_files import (
 )
 from withanyone_core.checkpoints.reading import CheckpointError
 from withanyone_core.host import IdentityRequest, IdentityRun
-from withanyone_core.layout import TokenGrid, box_token_ranges, build_layout
+from withanyone_core.layout import Layout, TokenGrid, box_token_ranges, build_layout
 
 BASE_KEYS = DEFAULT_GOLDEN_DIR / "withanyone_official_keys.json"
 KONTEXT_KEYS = DEFAULT_GOLDEN_DIR / "withanyone_kontext_official_keys.json"
@@ -157,12 +157,12 @@ def test_run_uses_the_adapters_rule_and_ke_needs_a_reference():
     ke = ArcFaceOnlyAdapter(SMALL_KE).eval()
     grid = TokenGrid(16, 16)
     box = [[40.7, 33.2, 143.9, 160.5]]
-    run = IdentityRun(ke, IdentityRequest(20 * torch.randn(1, 512), None, box))
+    run = IdentityRun(ke, IdentityRequest(20 * torch.randn(1, 512), None, Layout(256, 256, box)))
     inputs = run.inputs(grid, 1, "cpu")
     expected = build_layout([box], grid, 1, 1, rule="kontext").allowed
     assert torch.equal(inputs.layout.allowed, expected)
     assert not torch.equal(expected, build_layout([box], grid, 1, 1, rule="base").allowed)
-    forced = IdentityRun(ke, IdentityRequest(20 * torch.randn(1, 512), None, box, region_rule="base"))
+    forced = IdentityRun(ke, IdentityRequest(20 * torch.randn(1, 512), None, Layout(256, 256, box), region_rule="base"))
     assert torch.equal(forced.inputs(grid, 1, "cpu").layout.allowed, build_layout([box], grid, 1, 1).allowed)
 
     img = torch.randn(1, grid.num_tokens, 128)

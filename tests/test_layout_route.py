@@ -65,7 +65,7 @@ def test_box_count_and_body_size_are_capped(routes):
     answer = routes.layout_response(json.dumps({**GOOD, "boxes": "\n".join(["10,10,50,50"] * routes.MAX_BOXES)}).encode())
     assert len(answer["boxes"]) == len(answer["colors"]) == routes.MAX_BOXES
     # the node refuses the same text with the same message (one parser)
-    from withanyone_pack.nodes.layout import parse_boxes
+    from withanyone_core.layout import parse_boxes
 
     with pytest.raises(ValueError, match=f"more than {routes.MAX_BOXES} boxes given"):
         parse_boxes(many, 1024, 768)

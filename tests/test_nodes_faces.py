@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from comfy_env import import_comfyui, import_pack
+from withanyone_core.layout import DROPPED_COLOR, parse_boxes, preset_boxes
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_layout_from_a_wide_photo_with_faces_at_both_edges(pack, caplog):
     assert torch.equal(union[0], person_masks.amax(0))
     # the preview shows the photo under the boxes and the left-out face in grey
     pixels = (preview[0].numpy() * 255).round().astype(np.uint8)
-    assert (np.abs(pixels.astype(int) - np.array(layout.DROPPED_COLOR)).sum(-1) == 0).any()
+    assert (np.abs(pixels.astype(int) - np.array(DROPPED_COLOR)).sum(-1) == 0).any()
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a photo, not a flat canvas
     # 4-channel layout photo (after JoinImageWithAlpha)
     rgba = np.concatenate([photo, np.full(photo.shape[:2] + (1,), 128, np.uint8)], axis=-1)
@@ -229,8 +230,8 @@ def test_layout_defaults_and_bad_box_text(pack):
     assert inputs["image_framing"].optional and inputs["image_framing"].default == "square"
     assert [o.display_name for o in schema.outputs] == ["layout", "preview", "person_masks", "mask"]
     preset = layout.WithAnyoneLayout.execute(768, 768, "preset", 2, "", None, None).result[0]
-    assert preset.boxes == tuple(tuple(b) for b in layout.preset_boxes(2, 768, 768))
-    parse = layout.parse_boxes
+    assert preset.boxes == tuple(tuple(b) for b in preset_boxes(2, 768, 768))
+    parse = parse_boxes
     for bad in ("nan,0,10,10", "0,0,inf,10", "0,0,1e400,10", "-inf,0,10,10"):
         with pytest.raises(ValueError, match=r"layout line 2 .*every number must be finite"):
             parse("10,10,50,50\n" + bad, 512, 512)

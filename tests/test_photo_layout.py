@@ -1,4 +1,4 @@
-"""Layouts from a photo's face boxes or a mask's regions (withanyone_core.faces.layout), no models needed."""
+"""Layouts from a photo's face boxes or a mask's regions (withanyone_core.layout.photo), no models needed."""
 
 import logging
 import random
@@ -6,9 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from withanyone_core.faces import (
-    Face,
-    NoFaceError,
+from withanyone_core.faces import Face, NoFaceError
+from withanyone_core.layout.photo import (
     box_masks,
     boxes_from_mask,
     fit_boxes,

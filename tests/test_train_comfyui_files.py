@@ -24,6 +24,7 @@ from tools.common.get_comfyui import comfyui_dir
 from train.comfyui_files import (ComfyUIFilesError, load_clip_l, load_flux, load_t5, load_vae, model_folders,
                                  resolve_comfyui_models)
 from train.config import ConfigError, check_paths, load_config
+from withanyone_core.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,7 +396,7 @@ def test_trained_from_a_comfyui_folder_the_adapter_runs_in_comfyui(tmp_path):
     size, box = 128, (32.0, 32.0, 80.0, 96.0)  # token columns 2..4, rows 2..5
     g = torch.Generator().manual_seed(5)
     arcface = 20 * torch.randn(1, 512, generator=g)
-    patched = pack.nodes.patch.apply_withanyone(model, adapter, arcface, None, (size, size), [box],
+    patched = pack.nodes.patch.apply_withanyone(model, adapter, arcface, None, Layout(size, size, [box]),
                                                 id_weight=1.0, siglip_weight=0.0)
 
     def one_step(patcher):

@@ -6,9 +6,9 @@
 //   photo (the connected layout photo, else the last image generated downstream of this layout).
 //   The `boxes` text widget stays the source of truth: the editor writes it (source becomes "text") and
 //   typing redraws the editor, so saved workflows and the API format are unchanged. The boxes drawn are
-//   always the server's answer for the widget values: POST /withanyone/layout runs nodes/layout.py's own
-//   parser, so a bad line shows the node's error message before the graph is queued. The latest answer is
-//   node.withanyoneLayout. When the layout feeds Apply WithAnyone / the sampler whose identities come from
+//   always the server's answer for the widget values: POST /withanyone/layout runs the node's own parser
+//   (withanyone_core/layout), so a bad line shows the node's error message before the graph is queued. The
+//   latest answer is node.withanyoneLayout. When the layout feeds Apply WithAnyone / the sampler whose identities come from
 //   an Identity Encode node, a box count that differs from the connected people is flagged below the
 //   drawing (node.withanyoneCountWarning); the server refuses such a run before sampling.
 // * WithAnyoneIdentityMetrics: after a run, the metric lines in a read-only text box and a small
@@ -29,7 +29,7 @@ const ERROR_COLOR = "#ff5555";
 const WARNING_COLOR = "#ffa533";
 const NOTE_COLOR = "#aaaaaa";
 const FRAME_COLOR = "rgb(40, 40, 48)";
-// used only until the route answers with its palette (nodes/layout.py's COLORS, then hues of their own)
+// used only until the route answers with its palette (withanyone_core/layout's COLORS, then hues of their own)
 const FALLBACK_COLORS = ["#ff6347", "#4196ff", "#50c878", "#ffc828"];
 
 function widget(node, name) {

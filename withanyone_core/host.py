@@ -11,36 +11,23 @@ batch size, the device and the compute dtype (the MODEL's). Reference tokens (FL
 Kontext) that follow the main image tokens never receive a residual:
 :meth:`IdentityRun.add_residual` touches only ``img[:, start:start + main_tokens]``.
 
-A layout drawn for another image size is mapped into the sampled size the way the
-authors' demo maps its 512-px layouts: one uniform scale (the smaller of the two ratios)
-and centring, so boxes keep their shape and stay inside the image.
+The layout comes as a :class:`withanyone_core.layout.Layout` (boxes on the canvas they were drawn
+on); one drawn for another image size is mapped into the sampled size with one uniform scale and
+centring, as the authors' demo maps its 512-px layouts (:meth:`Layout.boxes_in`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
 from .adapter import BlockInputs, IdentityAdapter
-from .layout import BatchBoxes, TokenGrid, build_layout
+from .layout import BatchBoxes, Layout, Size, TokenGrid, build_layout
 from .wording import count_noun
 
 logger = logging.getLogger(__name__)
-
-Size = tuple[int, int]  # (width, height) in pixels
-
-
-def rescale_boxes(boxes: Sequence[Sequence[float]], from_size: Size, to_size: Size) -> list[list[float]]:
-    """Map boxes drawn on a ``from_size`` canvas into ``to_size`` (uniform scale, centred)."""
-    (fw, fh), (tw, th) = from_size, to_size
-    if fw <= 0 or fh <= 0:
-        raise ValueError(f"layout size must be positive, got {fw}x{fh}")
-    scale = min(tw / fw, th / fh)
-    dx, dy = (tw - fw * scale) / 2, (th - fh * scale) / 2
-    return [[x1 * scale + dx, y1 * scale + dy, x2 * scale + dx, y2 * scale + dy] for x1, y1, x2, y2 in boxes]
 
 
 @dataclass(frozen=True)
@@ -49,19 +36,29 @@ class IdentityRequest:
 
     ``arcface`` ``[n, 512]`` (the same persons for every image) or ``[B, n, 512]``;
     ``siglip`` likewise ``[.., n, 256, 768]`` (may be None when ``siglip_weight`` is 0).
-    ``boxes``: None (every token sees every person), one list of n boxes for all images,
-    or one entry per image (a list of n boxes or None). ``layout_size`` ``(w, h)``: the
-    canvas the boxes were drawn on (None: the sampled image's own pixels).
+    ``layout``: None (every token sees every person), one :class:`Layout` for all images, or
+    one entry per image (a :class:`Layout` or None); each holds its n boxes and the canvas
+    they were drawn on.
     """
 
     arcface: torch.Tensor
     siglip: torch.Tensor | None
-    boxes: BatchBoxes | Sequence[Sequence[float]] | None = None
-    layout_size: Size | None = None
+    layout: Layout | tuple[Layout | None, ...] | None = None
     id_weight: float = 1.0
     siglip_weight: float = 0.0
     # box rounding (withanyone_core.layout.REGION_RULES); None: the adapter's own (config.region_rule)
     region_rule: str | None = None
+
+    def __post_init__(self):
+        layout = self.layout
+        if layout is None or isinstance(layout, Layout):
+            return
+        if isinstance(layout, (list, tuple)) and all(item is None or isinstance(item, Layout) for item in layout):
+            object.__setattr__(self, "layout", tuple(layout))
+            return
+        raise TypeError(f"the identity request's layout must be a Layout, one Layout (or None) per image, or None; "
+                        f"got {type(layout).__name__}: build it with withanyone_core.layout.Layout(width, height, "
+                        "boxes) (batch_layouts for per-image boxes)")
 
     @property
     def per_image(self) -> bool:
@@ -73,14 +70,10 @@ class IdentityRequest:
 
     def boxes_for(self, size: Size) -> BatchBoxes | None:
         """Per-image boxes in the pixels of an image of ``size`` ``(w, h)``."""
-        if self.boxes is None:
+        if self.layout is None:
             return None
-        items = list(self.boxes)
-        single = bool(items) and items[0] is not None and not isinstance(items[0][0], (list, tuple))
-        per_item = [items] if single else items
-        if self.layout_size is None or tuple(self.layout_size) == tuple(size):
-            return [None if item is None else [list(map(float, b)) for b in item] for item in per_item]
-        return [None if item is None else rescale_boxes(item, self.layout_size, size) for item in per_item]
+        per_item = [self.layout] if isinstance(self.layout, Layout) else self.layout
+        return [None if item is None else item.boxes_in(size) for item in per_item]
 
 
 class IdentityRun:

@@ -129,6 +129,7 @@ def main() -> None:
     import comfy.sd
 
     from withanyone_core.checkpoints.adapter_files import save_adapter
+    from withanyone_core.layout import Layout
     from withanyone_core.recipe import authors_sigmas
     from withanyone_core.testing.comfy_models import flux_adapter, flux_state
 
@@ -149,8 +150,8 @@ def main() -> None:
         boxes = ((0.15 * s, 0.2 * s, 0.4 * s, 0.45 * s), (0.6 * s, 0.2 * s, 0.85 * s, 0.45 * s))
         models = {
             "unpatched": model,
-            "cached": patch.apply_withanyone(model, adapter, arcface, siglip, (s, s), boxes, 1.0, 1.0),
-            "recomputed": patch.apply_withanyone(model, adapter, arcface, siglip, (s, s), boxes, 1.0, 1.0,
+            "cached": patch.apply_withanyone(model, adapter, arcface, siglip, Layout(s, s, boxes), 1.0, 1.0),
+            "recomputed": patch.apply_withanyone(model, adapter, arcface, siglip, Layout(s, s, boxes), 1.0, 1.0,
                                                  cache_kv=False),
         }
         latent = torch.zeros(1, 16, s // 8, s // 8)

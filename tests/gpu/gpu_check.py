@@ -106,6 +106,7 @@ def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtyp
     import comfy.sd
     from withanyone_pack.nodes.patch import apply_withanyone
 
+    from withanyone_core.layout import Layout
     from withanyone_core.recipe import authors_sigmas
 
     started = time.perf_counter()
@@ -117,7 +118,7 @@ def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtyp
     arcface, siglip = 20 * torch.randn(2, 512, generator=g), torch.randn(2, 256, 768, generator=g)
     s = size
     boxes = ((0.15 * s, 0.2 * s, 0.4 * s, 0.45 * s), (0.6 * s, 0.2 * s, 0.85 * s, 0.45 * s))
-    patched = apply_withanyone(model, adapter, arcface, siglip, (s, s), boxes, 1.0, 0.0)
+    patched = apply_withanyone(model, adapter, arcface, siglip, Layout(s, s, boxes), 1.0, 0.0)
     text = torch.randn(1, 512 if device == "cuda" else 16, config["context_in_dim"], generator=g)
     cond = [[text, {"pooled_output": torch.randn(1, config["vec_in_dim"], generator=g), "guidance": 4.0}]]
     latent = torch.zeros(1, 16, s // 8, s // 8)

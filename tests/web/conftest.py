@@ -56,10 +56,10 @@ def _frontend_root(version: str) -> Path | None:
 
 @pytest.fixture(scope="package")
 def layout_module():
-    """nodes/layout.py as the server imports it: the single source of the boxes."""
+    """withanyone_core.layout as the server's route and the node import it: the single source of the boxes."""
     import_comfyui()
     import_pack()
-    return importlib.import_module("withanyone_pack.nodes.layout")
+    return importlib.import_module("withanyone_core.layout")
 
 
 @pytest.fixture(scope="package")

@@ -1,4 +1,4 @@
-"""Faces: antelopev2 detection and ArcFace embeddings, crops, layouts from photos.
+"""Faces: antelopev2 detection and ArcFace embeddings, crops (layouts from photos: withanyone_core.layout.photo).
 
 The torch ArcFace for training losses lives in :mod:`withanyone_core.faces.torch_arcface`
 (imported on demand: it needs onnx2torch).
@@ -32,19 +32,21 @@ from .images import (
     load_image,
     to_rgb_uint8,
 )
-from .layout import (
-    FRAMINGS,
-    PhotoFraming,
-    PhotoLayout,
-    box_masks,
-    boxes_from_mask,
-    fit_boxes,
-    layout_boxes_from_image,
-    layout_from_faces,
-    layout_from_photo,
-    map_face_boxes,
-    photo_framing,
-)
+# Layouts from a photo's faces or a mask live in withanyone_core.layout.photo, which uses this package's detector
+# types; their old names here are looked up there on first use (importing it at this point would be a circle).
+_LAYOUT_NAMES = frozenset({
+    "FRAMINGS", "PhotoFraming", "PhotoLayout", "box_masks", "boxes_from_mask", "fit_boxes", "layout_boxes_from_image",
+    "layout_from_faces", "layout_from_photo", "map_face_boxes", "photo_framing",
+})
+
+
+def __getattr__(name: str):
+    if name in _LAYOUT_NAMES:
+        from ..layout import photo
+
+        return getattr(photo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ANTELOPEV2_FILES", "DEFAULT_FACE_CHOICE", "DEFAULT_MAX_PIXELS", "DETECTOR_FILE", "FACE_CHOICES", "FRAMINGS", "RECOGNIZER_FILE", "Face",

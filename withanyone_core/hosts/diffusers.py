@@ -34,7 +34,7 @@ from torch import nn
 
 from ..adapter import BlockInputs, IdentityAdapterBase
 from ..host import IdentityRequest, IdentityRun
-from ..layout import BatchBoxes, TokenGrid
+from ..layout import BatchBoxes, TokenGrid, batch_layouts
 from ..offline import settle_bitsandbytes
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ class AdapterHandle:
         arcface ``[B, n, 512]`` (raw insightface embeddings), siglip ``[B, n, 256, 768]``,
         the output size in pixels (the token grid is ``height // 16 x width // 16``, as
         diffusers' FLUX pipeline packs latents), and per batch item the n face boxes in
-        pixels (or None: every token attends to every person). The weights default to the
+        pixels (or None: every token attends to every person; one list of boxes serves every
+        item), each item's boxes a :class:`~withanyone_core.layout.Layout` of this size for the
+        host contract (a bad box is refused by name). The weights default to the
         authors' recommendation (ArcFace 1, SigLIP 0). Tokens after the main
         image's (Kontext reference latents) get no residual. Without gradients, the
         identity keys/values are computed once for all forwards inside the block (a
@@ -128,7 +130,8 @@ class AdapterHandle:
         if siglip is not None and siglip.ndim == 3:
             siglip = siglip[None]
         grid = TokenGrid.for_pixels(height, width, padded=False)
-        request = IdentityRequest(arcface, siglip, boxes, None, id_weight, siglip_weight)
+        layout = None if boxes is None else batch_layouts(boxes, width, height)  # boxes in this image's pixels
+        request = IdentityRequest(arcface, siglip, layout, id_weight, siglip_weight)
         run = IdentityRun(self.adapter, request, cache=not torch.is_grad_enabled())
         inputs = run.inputs(grid, arcface.shape[0], arcface.device, None, pixel_size=(width, height))
         try:

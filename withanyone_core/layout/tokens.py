@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .wording import count_noun
+from ..wording import count_noun
 
 PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch size 2
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import Face, FaceAnalyzer, NoFaceError, count_noun
-from .images import to_rgb_uint8
+from ..faces.analysis import Face, FaceAnalyzer, NoFaceError
+from ..faces.images import to_rgb_uint8
+from ..wording import count_noun
 
 logger = logging.getLogger(__name__)
 
