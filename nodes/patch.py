@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from withanyone_core.adapter import BlockInputs, IdentityAdapter
+from withanyone_core.adapter import BlockInputs, IdentityAdapterBase
 from withanyone_core.host import IdentityRequest, IdentityRun
 from withanyone_core.layout import Layout, TokenGrid
 
@@ -49,7 +49,7 @@ class NotFluxError(TypeError):
 class IdentityConditioning:
     """What one Apply node asks for; shared (never copied) by every clone of the patched model."""
 
-    adapter_patcher: object  # comfy ModelPatcher holding the IdentityAdapter
+    adapter_patcher: object  # comfy ModelPatcher holding the adapter (either kind)
     request: IdentityRequest
     sigma_start: float
     sigma_end: float
@@ -60,7 +60,7 @@ class IdentityConditioning:
         return self  # immutable: sharing it keeps the 5 GB adapter from being copied
 
     @property
-    def adapter(self) -> IdentityAdapter:
+    def adapter(self) -> IdentityAdapterBase:
         return self.adapter_patcher.model
 
     @property
@@ -72,7 +72,7 @@ class IdentityConditioning:
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The MODEL's compute dtype (that of ``x``); plain torch layers must compute in their own."""
-        probe = self.adapter.ipa_arc[0].to_q
+        probe = self.adapter.arc_blocks[0].to_q
         return x.dtype if getattr(probe, "comfy_cast_weights", False) else self.adapter.weight_dtype
 
 
@@ -292,7 +292,7 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     authors).
     """
     hidden, n_double, n_single = flux_blocks(model)
-    adapter: IdentityAdapter = adapter_patcher.model
+    adapter: IdentityAdapterBase = adapter_patcher.model
     cfg = adapter.config
     if cfg.hidden_size != hidden or cfg.num_blocks != n_double + n_single:
         raise NotFluxError(

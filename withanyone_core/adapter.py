@@ -539,11 +539,6 @@ class ArcFaceOnlyAdapter(IdentityAdapterBase):
     def arc_blocks(self) -> nn.ModuleList:
         return self.ipa
 
-    @property
-    def ipa_arc(self) -> nn.ModuleList:
-        """:attr:`arc_blocks` under the two-branch adapter's name (ComfyUI's patch probes ``ipa_arc[0]``)."""
-        return self.ipa
-
     def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None = None,
                           dtype: torch.dtype | None = None, with_siglip: bool = False) -> IdentityTokens:
         """arcface ``[B, n, 512]`` (raw insightface embeddings) -> 8 tokens per person; ``siglip`` is ignored."""

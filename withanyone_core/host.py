@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .adapter import BlockInputs, IdentityAdapter
+from .adapter import BlockInputs, IdentityAdapterBase
 from .layout import BatchBoxes, Layout, Size, TokenGrid, build_layout
 from .wording import count_noun
 
@@ -85,7 +85,7 @@ class IdentityRun:
     plans but recomputes the identity K/V in every block call (the benchmark's baseline).
     """
 
-    def __init__(self, adapter: IdentityAdapter, request: IdentityRequest, cache: bool = True,
+    def __init__(self, adapter: IdentityAdapterBase, request: IdentityRequest, cache: bool = True,
                  cache_kv: bool = True):
         if request.num_persons < 1:
             raise ValueError("at least one identity is needed")
@@ -144,7 +144,7 @@ class IdentityRun:
             boxes = list(boxes) * (batch_size // len(boxes))  # cond/uncond copies of the same images
         rule = req.region_rule or self.adapter.config.region_rule
         layout = build_layout(boxes, grid, tokens.num_persons, batch_size, rule=rule)  # on the CPU: no device sync
-        inputs = IdentityAdapter.prepare_from(tokens, layout, req.id_weight, req.siglip_weight,
+        inputs = IdentityAdapterBase.prepare_from(tokens, layout, req.id_weight, req.siglip_weight,
                                               batch_size=batch_size, dtype=dtype)
         if self.cache:
             self._inputs[key] = inputs
