@@ -41,8 +41,8 @@ comfyui-ui: setup
 # the ComfyUI-facing tests that also run on the newest ComfyUI (README: "Development and tests"); one pytest
 # process per ComfyUI (its modules are process-global), the test ids name the version ([comfyui-0.30.0])
 COMFY_NEWEST := 0.30.0
-COMFY_NEWEST_TESTS := tests/test_e2e_golden.py tests/test_kontext_golden.py tests/test_comfy_host.py \
-	tests/test_comfy_patch.py tests/test_nodes.py tests/test_comfy_server.py tests/test_workflow_runs.py \
+COMFY_NEWEST_TESTS := tests/e2e/test_e2e_golden.py tests/e2e/test_kontext_golden.py tests/nodes/test_comfy_host.py \
+	tests/nodes/test_comfy_patch.py tests/nodes/test_nodes.py tests/e2e/test_comfy_server.py tests/e2e/test_workflow_runs.py \
 	tests/web
 
 test: setup

@@ -27,7 +27,7 @@ def comfyui(request):
 
 
 def _running_comfyui_version() -> str:
-    from comfy_env import comfyui_dir
+    from support.comfy_env import comfyui_dir
     from tools.common.get_comfyui import tree_version
 
     return tree_version(comfyui_dir())
@@ -43,7 +43,7 @@ def pytest_sessionfinish(session, exitstatus):
     """Release the models ComfyUI still holds while its modules are alive: a ModelPatcher collected at interpreter
     exit runs detach() against torn-down modules and prints an ON_DETACH traceback."""
     if "comfy.model_management" in sys.modules:
-        from comfy_env import release_comfy_models
+        from support.comfy_env import release_comfy_models
 
         release_comfy_models()
 

@@ -8,7 +8,7 @@ vision tower's ``last_hidden_state``: ``[n, 256, 768]`` for that model.
 
 Preprocessing equals transformers' ``SiglipImageProcessor`` for the model (bicubic,
 antialiased resize to the model's size, rescale to [0, 1], normalise with mean/std 0.5);
-tests/test_siglip.py checks it against the real processor class.
+tests/core/test_siglip.py checks it against the real processor class.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ import torch
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
-from golden import position_ids  # noqa: E402
-from reference_flux import _perceiver_ca, reference_mask  # noqa: E402
+from support.golden import position_ids  # noqa: E402
+from support.reference_flux import _perceiver_ca, reference_mask  # noqa: E402
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter  # noqa: E402
 from withanyone_core.attention import select_tokens  # noqa: E402
 from withanyone_core.hosts.diffusers import attach_adapter  # noqa: E402

@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from comfy_env import import_comfyui, import_pack  # noqa: E402
+from support.comfy_env import import_comfyui, import_pack  # noqa: E402
 
 logger = logging.getLogger("bench_comfy")
 SHORT, LONG = 1, 3  # steps of the two runs whose difference is timed

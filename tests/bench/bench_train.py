@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from reference_flux import reference_mask  # noqa: E402
+from support.reference_flux import reference_mask  # noqa: E402
 from withanyone_core.attention import select_tokens  # noqa: E402
 from withanyone_core.layout import TokenGrid, build_layout  # noqa: E402
 from train.smoke_data import build_smoke_set  # noqa: E402

@@ -2,7 +2,7 @@
 
 On a machine with CUDA:
 
-1. the CUDA tests: the Triton kernel against SDPA on the GPU, and tests/test_comfy_host.py, whose
+1. the CUDA tests: the Triton kernel against SDPA on the GPU, and tests/nodes/test_comfy_host.py, whose
    fp16/bf16/fp8 adapter, partial-load (lowvram), K/V-once and coexistence tests then run with
    ComfyUI's real GPU/offload devices;
 2. a benchmark at FLUX.1-dev size: ComfyUI's FLUX with 19 + 38 blocks, hidden 3072, random bf16
@@ -20,7 +20,7 @@ the FLUX loader and the pack's loaders then build their patchers with it). A con
 cannot run (no comfy-aimdo, no working aimdo device) is reported as skipped, with the reason.
 
 Without CUDA it says so and exits 0. ``--dry-run`` runs part 2 on the CPU at a tiny size (1 + 1
-blocks, 128 px) in this process, so the script itself is tested everywhere (tests/test_gpu_check.py).
+blocks, 128 px) in this process, so the script itself is tested everywhere (tests/e2e/test_gpu_check.py).
 
     .venv/bin/python tests/gpu/gpu_check.py [--dry-run] [--skip-tests] [--reps 3]
     .venv/bin/python tests/gpu/gpu_check.py --bench-only [--dynamic-vram on|off]   # one configuration
@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from comfy_env import import_comfyui, import_pack  # noqa: E402
+from support.comfy_env import import_comfyui, import_pack  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
 FLUX_DEV = {"in_channels": 64, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
@@ -52,8 +52,8 @@ SHORT, LONG = 2, 6
 
 def run_cuda_tests() -> int:
     env = {**os.environ, "WITHANYONE_TEST_CUDA": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_attention.py",
-           "tests/test_comfy_host.py", "tests/test_adapter.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/core/test_triton_attention.py",
+           "tests/nodes/test_comfy_host.py", "tests/core/test_adapter.py"]
     logger.info("CUDA tests: %s", " ".join(cmd[3:]))
     return subprocess.run(cmd, cwd=ROOT, env=env, timeout=300).returncode
 

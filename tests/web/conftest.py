@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import ROOT, import_comfyui, import_pack
+from support.comfy_env import ROOT, import_comfyui, import_pack
 from tools.common.comfy_server import ComfyServer
 
 from .pages import CHROMIUM, CHROMIUM_ARGS, FRONTENDS, LATEST_FRONTEND, PHOTO_COLORS, PINNED_FRONTEND
@@ -28,7 +28,7 @@ from .pages import CHROMIUM, CHROMIUM_ARGS, FRONTENDS, LATEST_FRONTEND, PHOTO_CO
 def pytest_generate_tests(metafunc):
     """These tests face ComfyUI as tests/conftest.py's COMFY_FACING modules do: the id names the ComfyUI version
     the process runs ("[comfyui-0.3.75]"), and `make test` runs them on every ComfyUI in tools/common/get_comfyui.py."""
-    from comfy_env import comfyui_dir
+    from support.comfy_env import comfyui_dir
     from get_comfyui import tree_version
 
     version = tree_version(comfyui_dir())

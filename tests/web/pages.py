@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import PACK_NAME, ROOT
+from support.comfy_env import PACK_NAME, ROOT
 
 PINNED_FRONTEND = importlib.metadata.version("comfyui-frontend-package")
 # the newest comfyui-frontend-package on PyPI when the editor was written (the Vue renderer's current form)

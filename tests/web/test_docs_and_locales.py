@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from comfy_env import PACK_NAME, ROOT
+from support.comfy_env import PACK_NAME, ROOT
 
 from .pages import ADD_LAYOUT_NODE, open_app, our_nodes
 

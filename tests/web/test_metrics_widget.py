@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_env import PACK_NAME
+from support.comfy_env import PACK_NAME
 
 from .pages import ADD_LAYOUT_NODE, GOOD_TEXT, SET_WIDGET, open_app, wait_layout
 

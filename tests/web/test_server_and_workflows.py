@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from comfy_env import ROOT
+from support.comfy_env import ROOT
 
 from .pages import open_app
 

@@ -214,7 +214,7 @@ def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
     the squared singular values of A B^T / sqrt((n1 - 1)(n2 - 1)) (A, B the centred
     features). That is exact and takes milliseconds where scipy's sqrtm of the 2048 x 2048
     product (pytorch-fid's route) takes a minute; with more samples than dimensions the
-    symmetric form S1^(1/2) S2 S1^(1/2) is used. tests/test_bench_quality.py checks both
+    symmetric form S1^(1/2) S2 S1^(1/2) is used. tests/core/test_bench_quality.py checks both
     against scipy.linalg.sqrtm.
     """
     a = np.asarray(real, np.float64)

