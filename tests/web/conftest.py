@@ -29,7 +29,7 @@ def pytest_generate_tests(metafunc):
     """These tests face ComfyUI as tests/conftest.py's COMFY_FACING modules do: the id names the ComfyUI version
     the process runs ("[comfyui-0.3.75]"), and `make test` runs them on every ComfyUI in tools/common/get_comfyui.py."""
     from support.comfy_env import comfyui_dir
-    from get_comfyui import tree_version
+    from tools.common.get_comfyui import tree_version
 
     version = tree_version(comfyui_dir())
     metafunc.parametrize("comfyui", [version], ids=[f"comfyui-{version}"], scope="session")
