@@ -19,9 +19,10 @@ class WithAnyoneExtension(ComfyExtension):
 
         loaders.register_model_folders()
         routes.register_routes()
-        from . import kontext  # FLUX.1 Kontext: WithAnyone.Ke face editing
-        from . import identities  # Save / Load WithAnyone Identity
-
+        from . import (
+            identities,  # Save / Load WithAnyone Identity
+            kontext,  # FLUX.1 Kontext: WithAnyone.Ke face editing
+        )
         from .schema import with_search_aliases
 
         return with_search_aliases([*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES,

@@ -16,8 +16,15 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from withanyone_core.identity_store import (IdentityFileError, SavedIdentity, SavedPhoto, check_encoded, file_name,
-                                            load_identity, normalize_name, save_identity)
+from withanyone_core.identity_store import (
+    IdentityFileError,
+    SavedIdentity,
+    SavedPhoto,
+    file_name,
+    load_identity,
+    normalize_name,
+    save_identity,
+)
 
 from .faces import encode_person
 from .loaders import IDENTITIES_SUBFOLDER

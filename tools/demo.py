@@ -29,8 +29,16 @@ from pathlib import Path
 
 from tools.common.comfy_server import ComfyServer, PromptRejected, execution_error, install_pack
 from tools.common.get_comfyui import CACHE, ROOT, comfyui_dir
-from tools.common.workflow_specs import (ADAPTER_FILE, CLIP_L_FILE, FLUX_FILE, PERSON_PHOTOS, SIGLIP_NAME,
-                                         SINGLE_PERSON, VAE_FILE, WORKFLOWS_DIR)
+from tools.common.workflow_specs import (
+    ADAPTER_FILE,
+    CLIP_L_FILE,
+    FLUX_FILE,
+    PERSON_PHOTOS,
+    SIGLIP_NAME,
+    SINGLE_PERSON,
+    VAE_FILE,
+    WORKFLOWS_DIR,
+)
 from tools.common.workflows import ui_to_api
 from withanyone_core import recipe  # the authors' recipe: the step count the help states
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from withanyone_core.recipe import flux_mu, shifted_schedule, time_shift
 
-
 TRAIN_SCHEDULE_STEPS = 1000  # the authors' get_schedule(999, ...): 1000 shifted values from 1 to 0
 
 

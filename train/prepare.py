@@ -63,8 +63,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, threshold: float,
-                  search: ClusterSearch = ClusterSearch(), map_blocks=None) -> dict:
-    labels = assign_identities(entries, threshold, search, map_blocks)
+                  search: ClusterSearch | None = None, map_blocks=None) -> dict:
+    labels = assign_identities(entries, threshold, search or ClusterSearch(), map_blocks)
     records, skipped, missing_captions = [], [], 0
     for rel, entry in sorted(entries.items()):
         if entry["error"]:

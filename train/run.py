@@ -36,6 +36,7 @@ from train.checkpointing import (  # noqa: E402
 from train.config import Config, ConfigError, check_paths, load_config, resolved_paths  # noqa: E402
 from train.data import BadDataError, DataOptions, NegativePool, SkipLedger, TextEmbeddingCache  # noqa: E402
 from train.data.sources import DataSource, PhaseLoading, open_data_source  # noqa: E402
+from train.lean import build_optimizer, cache_and_release_text, captions_of_run, offload_idle_branch  # noqa: E402
 from train.models import (  # noqa: E402
     ModelSet,
     apply_frozen_storage,
@@ -45,7 +46,6 @@ from train.models import (  # noqa: E402
     set_trainable,
 )
 from train.objective import Conditioning, TrainingObjective  # noqa: E402
-from train.lean import build_optimizer, cache_and_release_text, captions_of_run, offload_idle_branch  # noqa: E402
 from train.phases import PhaseSchedule  # noqa: E402
 from train.processes import main_process_first  # noqa: E402
 

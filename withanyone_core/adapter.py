@@ -236,7 +236,7 @@ class IdentityTokens:
     def batch_size(self) -> int:
         return self.arc.shape[0]
 
-    def repeat(self, times: int) -> "IdentityTokens":
+    def repeat(self, times: int) -> IdentityTokens:
         if times == 1:
             return self
         sig = None if self.sig is None else self.sig.repeat(times, 1, 1)
@@ -264,7 +264,7 @@ class BlockInputs:
         if self.batch_size == 0:
             object.__setattr__(self, "batch_size", self.tokens.batch_size)
 
-    def repeat(self, times: int) -> "BlockInputs":
+    def repeat(self, times: int) -> BlockInputs:
         """The same identities and layout for a batch ``times`` as large (e.g. cond + uncond)."""
         if times == 1:
             return self

@@ -40,7 +40,7 @@ class TokenSelection:
     # is made, so block calls never read a GPU tensor back to the host
     all_valid: bool = False
 
-    def to(self, device: torch.device | str) -> "TokenSelection":
+    def to(self, device: torch.device | str) -> TokenSelection:
         if self.index.device == torch.device(device):
             return self
         return TokenSelection(self.index.to(device), self.valid.to(device), self.allowed.to(device),

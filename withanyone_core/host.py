@@ -201,7 +201,7 @@ class IdentityRun:
             count += 1 + (tokens.sig is not None) + 2 * len(tokens.kv_cache or ())
         return count + len(self._inputs)
 
-    def __enter__(self) -> "IdentityRun":
+    def __enter__(self) -> IdentityRun:
         return self
 
     def __exit__(self, *exc) -> None:

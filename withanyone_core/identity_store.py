@@ -115,7 +115,7 @@ def image_sha256(pixels: np.ndarray) -> str:
     pixels = np.ascontiguousarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise ValueError(f"expected an RGB uint8 image [height, width, 3], got {pixels.dtype} {pixels.shape}")
-    digest = hashlib.sha256(("%dx%dx%d:" % pixels.shape).encode())
+    digest = hashlib.sha256("{}x{}x{}:".format(*pixels.shape).encode())
     digest.update(pixels.tobytes())
     return digest.hexdigest()
 

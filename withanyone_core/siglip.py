@@ -54,7 +54,7 @@ class SiglipEncoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> "SiglipEncoder":
+             dtype: torch.dtype = torch.float32) -> SiglipEncoder:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         from .checkpoints.reading import CheckpointError, load_safetensors

@@ -157,7 +157,7 @@ def main() -> None:
         latent = torch.zeros(1, 16, s // 8, s // 8)
         noise = torch.randn(latent.shape, generator=g)
 
-        def run(m, steps):
+        def run(m, steps, s=s, noise=noise, latent=latent):  # this size's inputs
             sigmas = authors_sigmas(steps, s // 8, s // 8)
             start = time.perf_counter()
             comfy.sample.sample_custom(m, noise, 1.0, sampler, sigmas, cond, cond, latent, disable_pbar=True, seed=0)
@@ -194,7 +194,7 @@ def main() -> None:
         logger.info("comfy bench %d: before K/V caching, patched step %.3fx the unpatched step", s,
                     step["recomputed"] / step["unpatched"])
         logger.info("comfy bench %d: identities encoded once per run: %.2f s", s, encode)
-    for s, step, encode, (median, q1, q3, low, high), count in results:
+    for s, step, _, (median, q1, q3, low, high), count in results:
         logger.info("comfy bench %d: patched step %.3fx the unpatched step (A/B); step cost inside the pack %.3fx "
                     "(median of %d steps, IQR %.3f-%.3f, min-max %.3f-%.3f)", s, step["cached"] / step["unpatched"],
                     median, count, q1, q3, low, high)

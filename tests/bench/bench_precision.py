@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import test_e2e_golden as e2e  # noqa: E402  (the parity test's runners and model cache)
+
 from support.comfy_env import import_comfyui  # noqa: E402
 
 logger = logging.getLogger("bench_precision")

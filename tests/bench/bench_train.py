@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from support.reference_flux import reference_mask  # noqa: E402
+from train.smoke_data import build_smoke_set  # noqa: E402
 from withanyone_core.attention import select_tokens  # noqa: E402
 from withanyone_core.layout import TokenGrid, build_layout  # noqa: E402
-from train.smoke_data import build_smoke_set  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 SMOKE = ROOT / "train" / "configs" / "smoke.yaml"
@@ -109,8 +109,14 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
     (fp8 storage, adapter LoRA, ...); weights, gradients and optimizer states are counted by the
     trainer's accounting (train/memory.py) from those modules."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, \
-        T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from train.config import LoraConfig
     from train.lean import IDLE_MODULES, add_adapter_lora, store_frozen_fp8
@@ -237,7 +243,6 @@ def main() -> None:
         report_memory()
         return
     build_smoke_set(ROOT / ".cache" / "smoke")
-    results = {}
     runs: dict[str, list[dict]] = {"adapter": [], "lora": [], "adapter-lean": []}
     for _ in range(args.rounds):  # interleaved, separate processes (peak memory is per process)
         for mode in runs:

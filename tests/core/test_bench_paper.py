@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from withanyone_core import bench_eval
-from withanyone_core.bench.report import (PAPER_POINTS, PaperPointsError, csv_table, load_paper_points,
-                                          markdown_tables)
+from withanyone_core.bench.report import PAPER_POINTS, PaperPointsError, csv_table, load_paper_points, markdown_tables
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {"single": "table1a_single_person", "multi_2": "table2a_two_people", "multi_3_4": "table2b_three_four_people"}

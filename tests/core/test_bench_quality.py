@@ -9,8 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from withanyone_core.bench.quality import (AestheticMetric, ClipMetric, FIDMetric, MissingWeights, build_inception,
-                                           frechet_distance)
+from withanyone_core.bench.quality import (
+    AestheticMetric,
+    ClipMetric,
+    FIDMetric,
+    MissingWeights,
+    build_inception,
+    frechet_distance,
+)
 from withanyone_core.bench.tiny import build_random_inception, build_tiny_aesthetic, build_tiny_clip
 
 rng = np.random.default_rng(0)

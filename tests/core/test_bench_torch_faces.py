@@ -17,8 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from withanyone_core.bench.quality import MissingWeights
-from withanyone_core.bench.torch_faces import (AdaFaceIR50, FaceNetInceptionResnetV1, RetinaFaceR50, TorchFaceModel,
-                                               align_faces)
+from withanyone_core.bench.torch_faces import (
+    AdaFaceIR50,
+    FaceNetInceptionResnetV1,
+    RetinaFaceR50,
+    TorchFaceModel,
+    align_faces,
+)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> dict:

@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from support.golden import DEFAULT_GOLDEN_DIR, REPO_ROOT as ROOT
+from support.golden import DEFAULT_GOLDEN_DIR
+from support.golden import REPO_ROOT as ROOT
 from support.make_golden import UNSEEN_CONFIG, bfl_shapes, random_model
 from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 from withanyone_core.checkpoints.adapter_files import (

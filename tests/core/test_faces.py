@@ -163,7 +163,7 @@ def test_grayscale_rgba_and_16bit_files(tmp_path, mode):
     elif mode == "RGBA":
         pil = Image.fromarray(image).convert("RGBA")
     else:
-        pil = Image.fromarray((image[..., 0].astype(np.uint16) * 257))
+        pil = Image.fromarray(image[..., 0].astype(np.uint16) * 257)
     path = tmp_path / "face.png"
     pil.save(path)
     loaded = load_image(path)

@@ -7,8 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from withanyone_core.faces import Face, NoFaceError
-from withanyone_core.faces import edit
+from withanyone_core.faces import Face, NoFaceError, edit
 
 
 def _face(x1, y1, x2, y2, score=0.9):

@@ -188,4 +188,4 @@ def test_text_and_preset_layouts_are_the_parsed_boxes():
 
 def test_box_colors_start_with_the_four_and_never_repeat():
     colors = box_colors(12)
-    assert colors[:4] == ["#%02x%02x%02x" % c for c in COLORS] and len(set(colors)) == 12
+    assert colors[:4] == ["#{:02x}{:02x}{:02x}".format(*c) for c in COLORS] and len(set(colors)) == 12

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from withanyone_core.bench.aggregate import gated, robust_stats
-from withanyone_core.metrics import (angle, copy_paste_per_face, copy_paste_score, identity_scores,
-                                     match_faces, matched_similarity)
+from withanyone_core.metrics import (
+    angle,
+    copy_paste_per_face,
+    copy_paste_score,
+    identity_scores,
+    match_faces,
+    matched_similarity,
+)
 
 
 def _plane(theta, dim=512):

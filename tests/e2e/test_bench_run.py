@@ -33,7 +33,6 @@ def _bench(root):
 def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_models):
     import tools.bench_run as bench_run
     from tools.demo import TINY_NAMES
-
     from withanyone_core import bench_eval
 
     base = tiny_comfy_models(tmp_path / "comfy")
@@ -62,7 +61,7 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_
         history = server.get_json("/history")
         ran = [entry["prompt"][2] for entry in history.values()]
         layouts = [n["inputs"] for p in ran for n in p.values() if n["class_type"] == "WithAnyoneLayout"]
-        assert sorted(l["people"] for l in layouts) == [1, 2] and all(l["source"] == "text" for l in layouts)
+        assert sorted(lay["people"] for lay in layouts) == [1, 2] and all(lay["source"] == "text" for lay in layouts)
         shares = [n["inputs"]["siglip_share"] for p in ran for n in p.values() if "siglip_share" in n["inputs"]]
         assert shares == [0.25, 0.25]
         texts = {n["inputs"]["text"] for p in ran for n in p.values() if n["class_type"] == "CLIPTextEncode"}

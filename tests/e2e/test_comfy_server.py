@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +122,6 @@ def test_layout_route_answers_every_bad_request_with_a_4xx(server):
 
 def test_a_missing_saved_person_is_refused_with_how_to_save_one(server):
     from tools.common.comfy_server import PromptRejected
-
     from tools.common.workflow_specs import SIGLIP_NAME
 
     prompt = {"1": {"class_type": "WithAnyoneLoadIdentity", "inputs": {"identity_name": "nobody.safetensors"}},
@@ -186,9 +184,10 @@ def test_shipped_workflows_are_templates_and_validate(server):
     server."""
     import io
 
-    from tools.common.workflow_specs import BUILDERS, MODEL_SOURCES, build_all, dumps, thumbnail
-    from tools.common.comfy_server import PromptRejected, execution_error
     from PIL import Image
+
+    from tools.common.comfy_server import PromptRejected, execution_error
+    from tools.common.workflow_specs import BUILDERS, MODEL_SOURCES, build_all, dumps, thumbnail
     from tools.common.workflows import check_api, thumbnail_jpeg, ui_to_api, version_neutral
 
     comfy = server

@@ -43,7 +43,7 @@ def _discover():
         if spec.get("model") != "withanyone_e2e":
             continue
         name = spec_path.name[: -len("_e2e.json")]
-        for case_name, case in spec["cases"].items():
+        for case_name in spec["cases"]:
             cases.append(pytest.param(spec_path, name, case_name, id=f"{name}:{case_name}"))
     return cases
 

@@ -40,8 +40,8 @@ def server(tmp_path_factory, tiny_comfy_models):
 
 
 def _tiny(workflow_name: str, info: dict, steps: int = 2) -> dict:
-    from tools.demo import TINY_NAMES
     from tools.common.workflows import ui_to_api
+    from tools.demo import TINY_NAMES
 
     workflow = json.loads((ROOT / "example_workflows" / f"{workflow_name}.json").read_text(encoding="utf-8"))
     prompt = ui_to_api(workflow, info)

@@ -302,7 +302,6 @@ def test_sampler_node_reports_progress_previews_and_stops_on_interrupt(pack, flu
     import comfy.model_management as mm
     import comfy.utils
     import latent_preview
-
     from withanyone_pack.nodes.types import Identities
 
     monkeypatch.setattr(latent_preview.args, "preview_method", latent_preview.LatentPreviewMethod.Latent2RGB)

@@ -85,8 +85,8 @@ def _inputs(batch, seed=0):
 
 
 def test_patched_model_equals_diffusers_host(flux, identities):
-    from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
     from train.models import pack_latents, position_ids
+    from withanyone_core.hosts.diffusers import attach_adapter, flux_from_bfl_state
 
     model, adapter_patcher, state = flux
     patched = _apply(model, adapter_patcher, identities)
@@ -177,9 +177,9 @@ def test_ksampler_end_to_end_cfg_and_batch(flux, identities):
 
 def test_not_flux_and_wrong_adapter_are_refused(flux, identities):
     import comfy.model_patcher
+    from withanyone_pack_patch import NotFluxError
 
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
-    from withanyone_pack_patch import NotFluxError
 
     model, adapter_patcher, _ = flux
     other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device="cpu", offload_device="cpu")
@@ -354,7 +354,8 @@ def test_wrapper_finds_its_inputs_by_name_whatever_the_forward_signature(flux, i
     key = wrapper.conditioning.key
     seen = {}
 
-    def today(x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, transformer_options={},
+    # ComfyUI's own forward signature, default included
+    def today(x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, transformer_options={},  # noqa: B006
               **kwargs):
         seen.update(options=transformer_options, state=transformer_options.get(key), y=y, kwargs=kwargs)
         return x

@@ -147,7 +147,7 @@ def test_wrong_or_damaged_files_are_refused_with_what_to_do(tmp_path):
     pickled = tmp_path / "alice.pt"
     torch.save(tensors, pickled)
     cases["a pickle"] = (pickled, "pickles are never read")
-    for what, (target, message) in cases.items():
+    for target, message in cases.values():
         with pytest.raises(store.IdentityFileError, match=message):
             store.load_identity(target)
     with pytest.raises(store.IdentityFileError, match="arcface has shape"):
@@ -164,6 +164,7 @@ def pack(tmp_path_factory):
     folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))
     import_pack()
     from withanyone_pack.nodes import faces, identities, loaders
+
     from withanyone_core.testing.faces import build_tiny_antelopev2
     from withanyone_core.testing.siglip import build_tiny_siglip
 

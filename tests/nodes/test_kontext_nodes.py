@@ -8,8 +8,6 @@ faces where the photo has a green 32 px marker); the FLUX is one ComfyUI's loade
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -25,6 +23,7 @@ def pack(tmp_path_factory):
     import_comfyui(models)
     import_pack()
     from withanyone_pack.nodes import kontext, loaders, sampling
+
     from withanyone_core.testing.faces import build_tiny_antelopev2
 
     loaders.register_model_folders()

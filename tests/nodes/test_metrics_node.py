@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_bench_eval import _sample, reference_photo
 
 from support.comfy_env import import_comfyui, import_pack
-from test_bench_eval import _sample, reference_photo
 from withanyone_core import bench_eval
 from withanyone_core.bench.faces import pad_reference
 from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image

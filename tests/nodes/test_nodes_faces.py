@@ -22,6 +22,7 @@ def pack(tmp_path_factory):
     folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))  # the nodes' on-node previews
     import_pack()
     from withanyone_pack.nodes import faces, layout, loaders
+
     from withanyone_core.testing.faces import build_tiny_antelopev2
     from withanyone_core.testing.siglip import build_tiny_siglip
 

@@ -34,7 +34,7 @@ def import_comfyui(models_dir: Path | None = None):
     folder_paths = importlib.import_module("folder_paths")
     if models_dir is not None:
         folder_paths.models_dir = str(models_dir)
-        for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+        for name, (_, exts) in list(folder_paths.folder_names_and_paths.items()):
             folder_paths.folder_names_and_paths[name] = ([str(models_dir / name)], exts)
     return folder_paths
 

@@ -158,9 +158,11 @@ def _batches(stream, count, workers):
 
 def test_resume_mid_stream_is_bit_identical(tmp_path):
     shards = build_shards(tmp_path / "rec", shards=3, per_shard=5)
-    make = lambda skip: MultiID2MStream(shards, DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=False,
-                                                            text_dropout=0.5), batch_size=2, seed=3,
-                                        shuffle_buffer=4, skip_batches=skip)
+
+    def make(skip):
+        options = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=False, text_dropout=0.5)
+        return MultiID2MStream(shards, options, batch_size=2, seed=3, shuffle_buffer=4, skip_batches=skip)
+
     full = _batches(make(0), 9, workers=2)  # runs into the second epoch
     resumed = _batches(make(5), 4, workers=2)
     for a, b in zip(full[5:], resumed):

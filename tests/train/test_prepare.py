@@ -132,8 +132,15 @@ def test_two_faces_of_one_photo_never_share_an_identity():
 
 def test_prepare_multiid2m_format_round_trips_through_the_restricted_reader(tmp_path):
     from train.data import DataOptions
-    from train.data.multiid2m import (IdentityNumbers, MultiID2MStream, ReferenceFolder, iter_tar_samples,
-                                      load_landmarks, parse_sample, read_cluster_centres)
+    from train.data.multiid2m import (
+        IdentityNumbers,
+        MultiID2MStream,
+        ReferenceFolder,
+        iter_tar_samples,
+        load_landmarks,
+        parse_sample,
+        read_cluster_centres,
+    )
 
     models = tmp_path / "insightface"
     build_tiny_antelopev2(models)
@@ -206,7 +213,10 @@ def test_ray_path_on_local_2_cpu_ray_writes_the_same_bytes(tmp_path):
         ray.shutdown()
     for name in ("manifest.jsonl", "identities.json", "negatives.safetensors"):
         assert (single / name).read_bytes() == (parallel / name).read_bytes(), name
-    tree = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def tree(root):
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
     assert tree(single / "multiid2m" / "train") == tree(parallel / "multiid2m" / "train")
     for rel in [f"train/{r}" for r in tree(single / "multiid2m" / "train")] + [
             f"ref/{r}" for r in tree(single / "multiid2m" / "ref")]:

@@ -18,11 +18,17 @@ import torch
 from safetensors.torch import save_file
 
 from support.comfy_env import import_comfyui
-from support.comfyui_install import (_state, build_install, clip_l, flux_bfl, fp8_variant, t5, tiny_vae,
-                             vae_to_bfl)
+from support.comfyui_install import _state, build_install, clip_l, flux_bfl, fp8_variant, t5, tiny_vae, vae_to_bfl
 from tools.common.get_comfyui import comfyui_dir
-from train.comfyui_files import (ComfyUIFilesError, load_clip_l, load_flux, load_t5, load_vae, model_folders,
-                                 resolve_comfyui_models)
+from train.comfyui_files import (
+    ComfyUIFilesError,
+    load_clip_l,
+    load_flux,
+    load_t5,
+    load_vae,
+    model_folders,
+    resolve_comfyui_models,
+)
 from train.config import ConfigError, check_paths, load_config
 from withanyone_core.layout import Layout
 

@@ -4,9 +4,9 @@ the idle branch in CPU memory; and the memory accounting's static part against t
 
 from __future__ import annotations
 
-import os
 import gc
 import importlib.util
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -157,7 +157,7 @@ def test_adamw8bit_follows_adamw_on_cpu():
 
 # ------------------------------------------------------------------ adapter LoRA merge
 def test_merged_adapter_equals_the_adapter_with_its_lora(tmp_path):
-    from train.lean import MergedAdapterView, add_adapter_lora, adapter_lora_pattern, has_adapter_lora
+    from train.lean import MergedAdapterView, adapter_lora_pattern, add_adapter_lora, has_adapter_lora
     from train.models import BRANCH_PREFIXES
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
     from withanyone_core.checkpoints.adapter_files import load_adapter, save_adapter

@@ -17,9 +17,9 @@ import torch
 
 from train import run
 from train.checkpointing import latest_checkpoint
+from train.smoke_data import build_smoke_set
 from withanyone_core.checkpoints.adapter_files import load_adapter
 from withanyone_core.checkpoints.reading import load_safetensors, read_safetensors_metadata
-from train.smoke_data import build_smoke_set
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "train" / "configs" / "smoke.yaml"

@@ -13,10 +13,32 @@ import shutil
 
 import pytest
 
-from .pages import (ADD_LAYOUT_NODE, BAD_TEXT, BOXES_TEXTAREA, FIVE_TEXT, FOUR_TEXT, GEOMETRY, GOOD_TEXT,
-                    LATEST_FRONTEND, NODE_CLIP, PHOTO_COLORS, RENDERERS, SCREENSHOTS, SET_WIDGET, WIDGET_VALUE,
-                    assert_boxes_drawn, box_lines, drag, error_of, non_finite_message, open_app, screen_rgb,
-                    type_boxes, wait_for, wait_layout)
+from .pages import (
+    ADD_LAYOUT_NODE,
+    BAD_TEXT,
+    BOXES_TEXTAREA,
+    FIVE_TEXT,
+    FOUR_TEXT,
+    GEOMETRY,
+    GOOD_TEXT,
+    LATEST_FRONTEND,
+    NODE_CLIP,
+    PHOTO_COLORS,
+    RENDERERS,
+    SCREENSHOTS,
+    SET_WIDGET,
+    WIDGET_VALUE,
+    assert_boxes_drawn,
+    box_lines,
+    drag,
+    error_of,
+    non_finite_message,
+    open_app,
+    screen_rgb,
+    type_boxes,
+    wait_for,
+    wait_layout,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +141,8 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
         page.evaluate(SET_WIDGET, [node_id, "boxes", bad])
         layout = wait_layout(page, node_id, lambda lay, m=message: m in (lay.get("error") or ""))
         assert layout["boxes"] == []
-        geometry = wait_for(page, GEOMETRY, node_id, lambda g: message in g["messageText"], what="the error message")
+        geometry = wait_for(page, GEOMETRY, node_id, lambda g, m=message: m in g["messageText"],
+                            what="the error message")
         assert geometry["messageColor"] == "rgb(255, 85, 85)"
     page.evaluate(SET_WIDGET, [node_id, "boxes", GOOD_TEXT])
     wait_layout(page, node_id, lambda lay: lay["boxes"] == [list(b) for b in

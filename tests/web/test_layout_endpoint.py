@@ -16,7 +16,7 @@ def test_layout_route(pinned_server, layout_module):
     assert status == 200
     assert answer["boxes"] == [list(b) for b in layout_module.parse_boxes(GOOD_TEXT, 1024, 768)]
     assert (answer["width"], answer["height"]) == (1024, 768)
-    assert answer["colors"][:4] == ["#%02x%02x%02x" % c for c in layout_module.COLORS]
+    assert answer["colors"][:4] == ["#{:02x}{:02x}{:02x}".format(*c) for c in layout_module.COLORS]
     # the /api prefix the frontend's api.fetchApi uses reaches the same route
     status, answer = post(url + "/api", {"width": 512, "height": 1024, "source": "preset", "people": 3, "boxes": ""})
     assert status == 200 and answer["boxes"] == [list(b) for b in layout_module.preset_boxes(3, 512, 1024)]

@@ -73,13 +73,13 @@ class ComfyServer:
         self.url = ""
 
     @classmethod
-    def connect(cls, url: str) -> "ComfyServer":
+    def connect(cls, url: str) -> ComfyServer:
         """A handle on a ComfyUI that is already running at ``url``: nothing is started or stopped."""
         server = cls(Path("."), comfy_dir=Path("."))
         server.url = url.rstrip("/")
         return server
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         self.start()
         return self
 

@@ -82,7 +82,7 @@ class DataOptions:
         return [f.name for f in dataclasses.fields(cls) if f.name not in ("buckets", "siglip_crops", "max_image_pixels")]
 
     @classmethod
-    def from_phase(cls, phase, buckets, siglip_crops: bool = True, max_image_pixels: int | None = None) -> "DataOptions":
+    def from_phase(cls, phase, buckets, siglip_crops: bool = True, max_image_pixels: int | None = None) -> DataOptions:
         return cls(**{name: getattr(phase, name) for name in cls.phase_fields()},
                    buckets=tuple((int(w), int(h)) for w, h in buckets), siglip_crops=siglip_crops,
                    max_image_pixels=max_image_pixels)
@@ -97,7 +97,7 @@ def fixed_prompt(template: str, n: int) -> str:
     return template.replace("{n} people", words).replace("{n}", str(n)).replace("{count}", str(n))
 
 
-def training_caption(options: "DataOptions", rng: random.Random, caption: str, persons: int) -> str:
+def training_caption(options: DataOptions, rng: random.Random, caption: str, persons: int) -> str:
     """The caption an item trains with: dropped (``text_dropout``), the fixed prompt, or its own.
     One ``rng`` draw either way, so both datasets' later random choices stay where they were."""
     if rng.random() < options.text_dropout:

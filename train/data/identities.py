@@ -51,7 +51,7 @@ class NegativePool:
         return self.embeddings.shape[0]
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, index) -> "NegativePool":
+    def from_manifest(cls, manifest: Manifest, index) -> NegativePool:
         embs, ids = [], []
         for record in manifest.records:
             for person in record.persons:
@@ -68,7 +68,7 @@ class NegativePool:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "NegativePool":
+    def load(cls, path: str | os.PathLike) -> NegativePool:
         from withanyone_core.checkpoints.reading import load_safetensors
 
         tensors = load_safetensors(path)

@@ -192,7 +192,7 @@ class Manifest:
         return self.root / record.image
 
     @classmethod
-    def load(cls, path: str | os.PathLike, strict: bool = True) -> "Manifest":
+    def load(cls, path: str | os.PathLike, strict: bool = True) -> Manifest:
         """Every record of the file. ``strict``: the first bad line raises :class:`ManifestError`;
         otherwise (the trainer) a bad line is skipped with a warning naming it, and listed in ``bad``."""
         path = Path(path)

@@ -73,7 +73,7 @@ class DataSource(ABC):
         """Open the phase's loader, at the position ``saved`` (a checkpoint's state of this phase) when
         resuming; returns what the phase reads, for the log (``"24 records"``)."""
 
-    def for_step(self, step: int) -> "DataSource":
+    def for_step(self, step: int) -> DataSource:
         """The source that serves global step ``step``: itself, or one of a mix's parts."""
         return self
 
@@ -99,6 +99,7 @@ class DataSource(ABC):
     def sample_item(self, options: DataOptions) -> dict | None:
         """The first item that loads whole: the identities and layout of every periodic sample."""
 
+    @abstractmethod
     def stop(self) -> None:
         """Drop the loader (its worker processes end)."""
 

@@ -14,7 +14,6 @@ import torch
 from .adapter_files import ADAPTER_PREFIXES
 from .reading import CheckpointError, strip_wrapper_prefixes
 
-
 _DOUBLE_SIMPLE = {
     "img_mod.lin": "norm1.linear",
     "txt_mod.lin": "norm1_context.linear",

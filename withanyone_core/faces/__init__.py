@@ -32,6 +32,7 @@ from .images import (
     load_image,
     to_rgb_uint8,
 )
+
 # Layouts from a photo's faces or a mask live in withanyone_core.layout.photo, which uses this package's detector
 # types; their old names here are looked up there on first use (importing it at this point would be a circle).
 _LAYOUT_NAMES = frozenset({

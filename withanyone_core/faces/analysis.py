@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import load_image, to_rgb_uint8
 from ..wording import count_noun
+from .images import load_image, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ class TorchArcFace(nn.Module):
         self.input_std = input_std
 
     @classmethod
-    def from_onnx(cls, path: str | os.PathLike) -> "TorchArcFace":
+    def from_onnx(cls, path: str | os.PathLike) -> TorchArcFace:
         import onnx
         from onnx2torch import convert
 

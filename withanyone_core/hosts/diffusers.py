@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _BlockHook:
-    handle: "AdapterHandle"
+    handle: AdapterHandle
     block_index: int
 
     def __call__(self, module: nn.Module, args, kwargs, output):

@@ -15,13 +15,19 @@ DROPPED_COLOR = (150, 150, 150)
 BACKGROUND = (40, 40, 48)
 
 
+def hex_color(rgb) -> str:
+    """``(r, g, b)`` in 0..255 -> ``#rrggbb``."""
+    r, g, b = rgb
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 def box_colors(count: int) -> list[str]:
     """One colour per box: the four :data:`COLORS` first, then hues of their own for box 5 and later (spread by the
     golden angle, so neighbours never look alike)."""
-    colors = ["#%02x%02x%02x" % c for c in COLORS]
+    colors = [hex_color(c) for c in COLORS]
     for k in range(len(colors), count):
         r, g, b = colorsys.hls_to_rgb(((k - len(COLORS)) * 0.381966 + 0.83) % 1.0, 0.6, 0.85)
-        colors.append("#%02x%02x%02x" % (round(r * 255), round(g * 255), round(b * 255)))
+        colors.append(hex_color((round(r * 255), round(g * 255), round(b * 255))))
     return colors
 
 

@@ -12,8 +12,8 @@ Everything here is vectorised: the result is a ``[B, L, n]`` membership tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ class TokenGrid:
         return self.rows * self.cols
 
     @classmethod
-    def for_pixels(cls, height: int, width: int, padded: bool = True) -> "TokenGrid":
+    def for_pixels(cls, height: int, width: int, padded: bool = True) -> TokenGrid:
         """Grid for an image of ``height x width`` pixels.
 
         For sizes that are not multiples of 16, ``padded=True`` rounds up as ComfyUI
@@ -56,7 +56,7 @@ class TokenGrid:
         return cls(height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
 
     @classmethod
-    def for_latent(cls, latent_height: int, latent_width: int, patch_size: int = 2) -> "TokenGrid":
+    def for_latent(cls, latent_height: int, latent_width: int, patch_size: int = 2) -> TokenGrid:
         """Grid for a latent of ``latent_height x latent_width`` (padded to the patch size)."""
         return cls(math.ceil(latent_height / patch_size), math.ceil(latent_width / patch_size))
 
@@ -128,7 +128,7 @@ class RegionLayout:
         """``[B, L]`` bool: the token attends to at least one person."""
         return None if self.allowed is None else self.allowed.any(dim=-1)
 
-    def to(self, device: torch.device | str) -> "RegionLayout":
+    def to(self, device: torch.device | str) -> RegionLayout:
         if self.allowed is None or self.allowed.device == torch.device(device):
             return self
         return RegionLayout(self.grid, self.num_persons, self.allowed.to(device))

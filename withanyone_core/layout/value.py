@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 Size = tuple[int, int]  # (width, height) in pixels
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
@@ -114,7 +114,7 @@ class Layout:
             return [list(box) for box in self.boxes]
         return rescale_boxes(self.boxes, self.size, tuple(size))
 
-    def rescaled(self, width: int, height: int) -> "Layout":
+    def rescaled(self, width: int, height: int) -> Layout:
         """This layout mapped onto a ``width x height`` canvas (uniform scale, centred)."""
         return Layout(width, height, self.boxes_in((width, height)))
 

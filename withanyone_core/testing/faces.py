@@ -64,7 +64,6 @@ def _burn_branch(nodes, inits, source: str, size: int, gflops: float, prefix: st
 
 
 def _detector_model(burn_gflops: float = 0.0):
-    import onnx
     from onnx import TensorProto, helper
 
     nodes, inits = [], []

@@ -3,6 +3,7 @@ and cached as JSON beside the trainer's cache, read back per (shard, key)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -42,11 +43,7 @@ def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detect
         table: dict[str, list] = {}
         truncated: list[ShardFormatError] = []
 
-        def note_truncated(exc: ShardFormatError) -> None:
-            if exc.reason == "shard_unreadable":  # what was read is used, not cached (re-read next run)
-                truncated.append(exc)
-
-        for key, sample in parsed_samples(shard, "landmarks", max_pixels, note_truncated):
+        for key, sample in parsed_samples(shard, "landmarks", max_pixels, functools.partial(_note_truncated, truncated)):
             try:
                 image = decode_image(sample.image, f"{sample.where}.jpg", max_pixels)
                 faces = detector.detect(image)
@@ -119,3 +116,6 @@ def load_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike | None) -
     return out
 
 
+def _note_truncated(truncated: list, exc: ShardFormatError) -> None:
+    if exc.reason == "shard_unreadable":  # what was read is used, not cached (re-read next run)
+        truncated.append(exc)

@@ -296,8 +296,7 @@ class ReferenceTars:
             npy = parts.get("npy")
             ref = None
             if npy is not None:
-                span = lambda s: (parts[s][1], parts[s][2]) if s in parts else None  # noqa: E731
-                ref = RefMember(tar, npy[0], span("npy"), span("json"), span("jpg"))
+                ref = RefMember(tar, npy[0], *(_span(parts, suffix) for suffix in ("npy", "json", "jpg")))
             out.append((folder.rsplit("/", 1)[-1], stem, ref))
         return out, rootless
 
@@ -385,3 +384,8 @@ def open_references(spec: str, cache_dir: str | os.PathLike | None) -> Reference
     if is_reference_folder(spec):
         return ReferenceFolder(spec)
     return ReferenceTars(expand_reference_tars(spec), cache_dir, spec=spec)
+
+
+def _span(parts: dict, suffix: str) -> tuple[int, int] | None:
+    """(offset, size) of one member of a reference inside its tar, or None when the reference has none."""
+    return (parts[suffix][1], parts[suffix][2]) if suffix in parts else None
