@@ -30,8 +30,9 @@ def main() -> None:
             logging.info("removed %s (no spec of that name)", stale.name)
     for name, workflow in built.items():
         path = WORKFLOWS_DIR / f"{name}.json"
-        if path.is_file() and version_neutral(json.loads(path.read_text(encoding="utf-8")), info) == \
-                version_neutral(workflow, info):
+        if path.is_file() and version_neutral(json.loads(path.read_text(encoding="utf-8")), info) == version_neutral(
+            workflow, info
+        ):
             workflow = json.loads(path.read_text(encoding="utf-8"))  # only sockets this ComfyUI adds differ: kept
         path.write_text(dumps(workflow), encoding="utf-8")
         (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_jpeg(thumbnail(name, workflow)))

@@ -25,5 +25,14 @@ class WithAnyoneExtension(ComfyExtension):
         )
         from .schema import with_search_aliases
 
-        return with_search_aliases([*loaders.NODES, *faces.NODES, *layout.NODES, *sampling.NODES, *metrics.NODES,
-                                    *kontext.NODES, *identities.NODES])
+        return with_search_aliases(
+            [
+                *loaders.NODES,
+                *faces.NODES,
+                *layout.NODES,
+                *sampling.NODES,
+                *metrics.NODES,
+                *kontext.NODES,
+                *identities.NODES,
+            ]
+        )

@@ -26,8 +26,11 @@ def _photo_pixels(image: torch.Tensor, name: str) -> np.ndarray:
 
     pixels = image.detach().cpu().float().numpy()
     if pixels.ndim == 3 and pixels.shape[-1] == 4:
-        logger.info("%s has an alpha channel: it is ignored (to blank the background of the SigLIP crop, "
-                    "connect it as the mask input)", name)
+        logger.info(
+            "%s has an alpha channel: it is ignored (to blank the background of the SigLIP crop, "
+            "connect it as the mask input)",
+            name,
+        )
     return to_rgb_uint8(pixels, name)
 
 
@@ -41,8 +44,10 @@ def _mattes(mask: torch.Tensor | None, photos: int) -> list[torch.Tensor | None]
     if mask.ndim != 3:
         raise ValueError(f"mask must be a MASK [batch, height, width], got shape {tuple(mask.shape)}")
     if mask.shape[0] not in (1, photos):
-        raise ValueError(f"mask is a batch of {mask.shape[0]} but image has {count_noun(photos, 'photo')}: give one "
-                         "mask per photo, or a single mask for all of them")
+        raise ValueError(
+            f"mask is a batch of {mask.shape[0]} but image has {count_noun(photos, 'photo')}: give one "
+            "mask per photo, or a single mask for all of them"
+        )
     return [mask[0 if mask.shape[0] == 1 else i] for i in range(photos)]
 
 
@@ -51,10 +56,17 @@ def _matte_at(matte: torch.Tensor, height: int, width: int, name: str) -> np.nda
     if tuple(matte.shape) != (height, width):
         mh, mw = matte.shape
         if abs(mw / mh - width / height) > 0.01 * width / height:
-            logger.warning("the mask for %s is %dx%d but the photo is %dx%d: it is stretched to the photo",
-                           name, mw, mh, width, height)
-        matte = torch.nn.functional.interpolate(matte[None, None], size=(height, width), mode="bilinear",
-                                                align_corners=False)[0, 0]
+            logger.warning(
+                "the mask for %s is %dx%d but the photo is %dx%d: it is stretched to the photo",
+                name,
+                mw,
+                mh,
+                width,
+                height,
+            )
+        matte = torch.nn.functional.interpolate(
+            matte[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0]
     return matte.clamp(0, 1).numpy()
 
 
@@ -82,39 +94,75 @@ class WithAnyoneFaceExtract(io.ComfyNode):
             display_name="WithAnyone Face Extract",
             category=CATEGORY,
             description="Finds the reference face in every photo of the batch (one person, several photos allowed; "
-                        "by default the face with the highest detection score, as the authors do). Outputs the "
-                        "faces and the SigLIP crops; the node shows which face each photo gave.",
+            "by default the face with the highest detection score, as the authors do). Outputs the "
+            "faces and the SigLIP crops; the node shows which face each photo gave.",
             inputs=[
                 io.Image.Input("image", tooltip="photos of ONE person (a batch of several photos is averaged)"),
                 FACE_ANALYZER.Input("face_analyzer", tooltip="from Load WithAnyone Face Analyzer (antelopev2)"),
-                io.Int.Input("face_index", default=0, min=-1, max=32,
-                             tooltip="which face of a photo with several, counted in the face_choice order: 0 = the "
-                                     "first (-1, from older workflows, is the same as 0)"),
-                io.Int.Input("min_face_size", default=64, min=0, max=2048,
-                             tooltip="ignore faces whose shorter side is below this many pixels"),
-                io.Combo.Input("face_choice", options=list(FACE_CHOICES), default=DEFAULT_FACE_CHOICE, optional=True,
-                               tooltip="how the faces of a photo are ranked: highest score (the authors' choice: "
-                                       "the detector's most confident face), largest, or left to right"),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="optional: white = the person, black = background (e.g. from a background-"
-                                      "removal node), one per photo or one for all. The SigLIP crop's background "
-                                      "is blanked to black, as the authors' BiRefNet matting does; the ArcFace "
-                                      "embedding is unchanged. Recommended when the SigLIP share is above 0"),
-                io.Combo.Input("no_face", options=list(NO_FACE_POLICIES), default="error", optional=True,
-                               tooltip="a photo without a usable face: error stops the run; skip leaves it out "
-                                       "(named in the log and on the node). All photos without one is an error"),
+                io.Int.Input(
+                    "face_index",
+                    default=0,
+                    min=-1,
+                    max=32,
+                    tooltip="which face of a photo with several, counted in the face_choice order: 0 = the "
+                    "first (-1, from older workflows, is the same as 0)",
+                ),
+                io.Int.Input(
+                    "min_face_size",
+                    default=64,
+                    min=0,
+                    max=2048,
+                    tooltip="ignore faces whose shorter side is below this many pixels",
+                ),
+                io.Combo.Input(
+                    "face_choice",
+                    options=list(FACE_CHOICES),
+                    default=DEFAULT_FACE_CHOICE,
+                    optional=True,
+                    tooltip="how the faces of a photo are ranked: highest score (the authors' choice: "
+                    "the detector's most confident face), largest, or left to right",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="optional: white = the person, black = background (e.g. from a background-"
+                    "removal node), one per photo or one for all. The SigLIP crop's background "
+                    "is blanked to black, as the authors' BiRefNet matting does; the ArcFace "
+                    "embedding is unchanged. Recommended when the SigLIP share is above 0",
+                ),
+                io.Combo.Input(
+                    "no_face",
+                    options=list(NO_FACE_POLICIES),
+                    default="error",
+                    optional=True,
+                    tooltip="a photo without a usable face: error stops the run; skip leaves it out "
+                    "(named in the log and on the node). All photos without one is an error",
+                ),
             ],
-            outputs=[FACES.Output(display_name="faces", tooltip="one reference face per photo: its ArcFace "
-                                                          "embedding and SigLIP crop, for Identity Encode"),
-                     io.Image.Output(display_name="preview",
-                                     tooltip="the SigLIP crops (512 px, background blanked where a mask is given), "
-                                             "one per photo with a face")],
+            outputs=[
+                FACES.Output(
+                    display_name="faces",
+                    tooltip="one reference face per photo: its ArcFace embedding and SigLIP crop, for Identity Encode",
+                ),
+                io.Image.Output(
+                    display_name="preview",
+                    tooltip="the SigLIP crops (512 px, background blanked where a mask is given), "
+                    "one per photo with a face",
+                ),
+            ],
         )
 
     @classmethod
-    def execute(cls, image: torch.Tensor, face_analyzer, face_index: int, min_face_size: int,
-                face_choice: str = DEFAULT_FACE_CHOICE, mask: torch.Tensor | None = None,
-                no_face: str = "error") -> io.NodeOutput:
+    def execute(
+        cls,
+        image: torch.Tensor,
+        face_analyzer,
+        face_index: int,
+        min_face_size: int,
+        face_choice: str = DEFAULT_FACE_CHOICE,
+        mask: torch.Tensor | None = None,
+        no_face: str = "error",
+    ) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
@@ -133,8 +181,14 @@ class WithAnyoneFaceExtract(io.ComfyNode):
             pixels = _photo_pixels(image[i], name)
             faces = face_analyzer.detect(pixels)
             try:
-                face = select_face(faces, index=face_index, image_name=name, min_size=min_face_size,
-                                   choice=face_choice, det_thresh=getattr(face_analyzer, "det_thresh", None))
+                face = select_face(
+                    faces,
+                    index=face_index,
+                    image_name=name,
+                    min_size=min_face_size,
+                    choice=face_choice,
+                    det_thresh=getattr(face_analyzer, "det_thresh", None),
+                )
             except NoFaceError as err:
                 if no_face == "error" or isinstance(err, FaceIndexError):
                     raise
@@ -146,16 +200,32 @@ class WithAnyoneFaceExtract(io.ComfyNode):
             face_analyzer.embed(pixels, [face])
             matte = None if mattes[i] is None else _matte_at(mattes[i], pixels.shape[0], pixels.shape[1], name)
             crop = siglip_crop(pixels, face, matte=matte)
-            photos.append(FacePhoto(i, tuple(float(v) for v in face.bbox), face.embedding, crop, face.score,
-                                    matte is not None, image_sha256(pixels)))
-            tiles.append(_tile(crop, f"photo {i + 1}/{total}: {face.width:.0f} px face\n"
-                                     f"score {face.score:.2f} of {count_noun(len(faces), 'face')}"
-                                     + (" (masked)" if matte is not None else "")))
+            photos.append(
+                FacePhoto(
+                    i,
+                    tuple(float(v) for v in face.bbox),
+                    face.embedding,
+                    crop,
+                    face.score,
+                    matte is not None,
+                    image_sha256(pixels),
+                )
+            )
+            tiles.append(
+                _tile(
+                    crop,
+                    f"photo {i + 1}/{total}: {face.width:.0f} px face\n"
+                    f"score {face.score:.2f} of {count_noun(len(faces), 'face')}"
+                    + (" (masked)" if matte is not None else ""),
+                )
+            )
             bar.update(1)
         if not photos:
             which = "the photo has" if total == 1 else f"none of the {total} photos has"
-            raise NoFaceError(f"{which} a usable face (no_face = skip leaves out photos without one, but at least "
-                              "one must have a face): " + "; ".join(m for _, m in skipped))
+            raise NoFaceError(
+                f"{which} a usable face (no_face = skip leaves out photos without one, but at least "
+                "one must have a face): " + "; ".join(m for _, m in skipped)
+            )
         summary = f"{count_noun(len(photos), 'photo')} used"
         if skipped:
             summary += f"; skipped (no usable face): {', '.join(f'photo {i + 1}' for i, _ in skipped)}"
@@ -177,7 +247,8 @@ def _persons_in_order(slots: list) -> list:
         raise ValueError(
             f"person_{connected[-1]} is connected but {names} {'is' if len(missing) == 1 else 'are'} not: connect "
             f"the persons in order without gaps (layout box k belongs to person k), e.g. move person_{connected[-1]} "
-            f"to {'person_' + str(missing[0])}")
+            f"to {'person_' + str(missing[0])}"
+        )
     return [slots[k - 1] for k in connected]
 
 
@@ -197,33 +268,50 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
             display_name="WithAnyone Identity Encode",
             category=CATEGORY,
             description="Persons 1-4, in order without gaps (person k goes into layout box k). Several photos of "
-                        "one person: their raw ArcFace embeddings and SigLIP features are averaged.",
+            "one person: their raw ArcFace embeddings and SigLIP features are averaged.",
             inputs=[
-                SIGLIP.Input("siglip", optional=True,
-                             tooltip="from Load WithAnyone SigLIP; only people fresh from Face Extract need it "
-                                     "(saved identities from Load WithAnyone Identity are already encoded)"),
-                FACES.Input("person_1", tooltip="faces of person 1 (layout box 1), from Face Extract, or a saved "
-                                                "person from Load WithAnyone Identity"),
+                SIGLIP.Input(
+                    "siglip",
+                    optional=True,
+                    tooltip="from Load WithAnyone SigLIP; only people fresh from Face Extract need it "
+                    "(saved identities from Load WithAnyone Identity are already encoded)",
+                ),
+                FACES.Input(
+                    "person_1",
+                    tooltip="faces of person 1 (layout box 1), from Face Extract, or a saved "
+                    "person from Load WithAnyone Identity",
+                ),
                 FACES.Input("person_2", optional=True, tooltip="person 2 (box 2); connect persons in order"),
                 FACES.Input("person_3", optional=True, tooltip="person 3 (box 3); needs person 2"),
                 FACES.Input("person_4", optional=True, tooltip="person 4 (box 4); needs person 3"),
             ],
-            outputs=[IDENTITIES.Output(display_name="identities",
-                                       tooltip="the persons in order, for Apply WithAnyone / the sampler")],
+            outputs=[
+                IDENTITIES.Output(
+                    display_name="identities", tooltip="the persons in order, for Apply WithAnyone / the sampler"
+                )
+            ],
         )
 
     @classmethod
-    def execute(cls, siglip=None, person_1: Faces | None = None, person_2: Faces | None = None,
-                person_3: Faces | None = None, person_4: Faces | None = None) -> io.NodeOutput:
+    def execute(
+        cls,
+        siglip=None,
+        person_1: Faces | None = None,
+        person_2: Faces | None = None,
+        person_3: Faces | None = None,
+        person_4: Faces | None = None,
+    ) -> io.NodeOutput:
         import comfy.model_management
 
         persons = _persons_in_order([person_1, person_2, person_3, person_4])
         fresh = [k + 1 for k, p in enumerate(persons) if p.encoded is None]
         if fresh and siglip is None:
             names = ", ".join(f"person_{k}" for k in fresh)
-            raise ValueError(f"{names} {'comes' if len(fresh) == 1 else 'come'} from Face Extract and must be encoded "
-                             "with SigLIP: connect Load WithAnyone SigLIP to siglip (only saved identities from "
-                             "Load WithAnyone Identity need none)")
+            raise ValueError(
+                f"{names} {'comes' if len(fresh) == 1 else 'come'} from Face Extract and must be encoded "
+                "with SigLIP: connect Load WithAnyone SigLIP to siglip (only saved identities from "
+                "Load WithAnyone Identity need none)"
+            )
         if fresh:
             comfy.model_management.load_models_gpu([siglip.patcher])
         from withanyone_core.identity_store import check_encoded
@@ -240,12 +328,18 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
             features.append(feats)
         shapes = {tuple(f.shape) for f in features}
         if len(shapes) > 1:
-            raise ValueError(f"the persons' SigLIP features differ in shape ({', '.join(map(str, sorted(shapes)))}): "
-                             "a saved identity was encoded with another SigLIP model; save it again with the one "
-                             "connected here")
-        return io.NodeOutput(Identities(torch.stack(arcface), torch.stack(features),
-                                        tuple(p.encoded.photos if p.encoded is not None else len(p.photos)
-                                              for p in persons)))
+            raise ValueError(
+                f"the persons' SigLIP features differ in shape ({', '.join(map(str, sorted(shapes)))}): "
+                "a saved identity was encoded with another SigLIP model; save it again with the one "
+                "connected here"
+            )
+        return io.NodeOutput(
+            Identities(
+                torch.stack(arcface),
+                torch.stack(features),
+                tuple(p.encoded.photos if p.encoded is not None else len(p.photos) for p in persons),
+            )
+        )
 
 
 NODES = [WithAnyoneFaceExtract, WithAnyoneIdentityEncode]

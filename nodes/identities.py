@@ -85,9 +85,11 @@ def file_state(path: str) -> str:
 
 def missing_identity_message(identity_name: str) -> str:
     folders = ", ".join(register_identity_folder())
-    return (f"no saved identity {identity_name!r} in models/withanyone/identities/ ({folders}): save the person "
-            f"first with a Save WithAnyone Identity node (the workflow 'WithAnyone - save people' saves "
-            f"person_1 and person_2), then press R in ComfyUI to refresh the list")
+    return (
+        f"no saved identity {identity_name!r} in models/withanyone/identities/ ({folders}): save the person "
+        f"first with a Save WithAnyone Identity node (the workflow 'WithAnyone - save people' saves "
+        f"person_1 and person_2), then press R in ComfyUI to refresh the list"
+    )
 
 
 def _photo_record(photo) -> SavedPhoto:
@@ -102,21 +104,29 @@ class WithAnyoneSaveIdentity(io.ComfyNode):
             display_name="Save WithAnyone Identity",
             category=CATEGORY,
             description="Encodes one person (all photos of the Face Extract batch, as Identity Encode does) and "
-                        "saves the result as models/withanyone/identities/<name>.safetensors: ArcFace embeddings, "
-                        "SigLIP features, the photos' hashes and face boxes. Load WithAnyone Identity uses it "
-                        "again without the face analyzer or SigLIP. Connect its output to Identity Encode.",
+            "saves the result as models/withanyone/identities/<name>.safetensors: ArcFace embeddings, "
+            "SigLIP features, the photos' hashes and face boxes. Load WithAnyone Identity uses it "
+            "again without the face analyzer or SigLIP. Connect its output to Identity Encode.",
             inputs=[
                 FACES.Input("faces", tooltip="one person's faces, from Face Extract"),
                 SIGLIP.Input("siglip", tooltip="from Load WithAnyone SigLIP (the features are saved with the person)"),
-                io.String.Input("name", default="person",
-                                tooltip="the person's name; the file is <name>.safetensors in "
-                                        "models/withanyone/identities/"),
-                io.Boolean.Input("overwrite", default=False,
-                                 tooltip="replace a saved person of this name whose identity differs (saving the "
-                                         "same identity again is always fine)"),
+                io.String.Input(
+                    "name",
+                    default="person",
+                    tooltip="the person's name; the file is <name>.safetensors in models/withanyone/identities/",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    tooltip="replace a saved person of this name whose identity differs (saving the "
+                    "same identity again is always fine)",
+                ),
             ],
-            outputs=[FACES.Output(display_name="faces",
-                                  tooltip="the same person, already encoded: connect to Identity Encode")],
+            outputs=[
+                FACES.Output(
+                    display_name="faces", tooltip="the same person, already encoded: connect to Identity Encode"
+                )
+            ],
             is_output_node=True,
         )
 
@@ -138,14 +148,21 @@ class WithAnyoneSaveIdentity(io.ComfyNode):
         name = normalize_name(name)
         target = save_target(name)  # refuses a name that gives no file name, or a too long one, before encoding
         if faces.encoded is not None and not faces.photos:
-            raise ValueError(f"this person was loaded from {faces.encoded.source or 'a saved identity'} and is saved "
-                             "already: copy that file to keep it under another name")
+            raise ValueError(
+                f"this person was loaded from {faces.encoded.source or 'a saved identity'} and is saved "
+                "already: copy that file to keep it under another name"
+            )
         comfy.model_management.load_models_gpu([siglip.patcher])
         arcface, features = encode_person(siglip, faces)
         per_photo = torch.from_numpy(np.stack([np.asarray(p.embedding, dtype=np.float32) for p in faces.photos]))
-        identity = SavedIdentity(name=name or "person", arcface=arcface, siglip=features,
-                                 photo_embeddings=per_photo, photos=tuple(_photo_record(p) for p in faces.photos),
-                                 skipped=faces.skipped)
+        identity = SavedIdentity(
+            name=name or "person",
+            arcface=arcface,
+            siglip=features,
+            photo_embeddings=per_photo,
+            photos=tuple(_photo_record(p) for p in faces.photos),
+            skipped=faces.skipped,
+        )
         if os.path.exists(target):
             try:
                 existing = load_identity(target)
@@ -155,8 +172,9 @@ class WithAnyoneSaveIdentity(io.ComfyNode):
                 logger.info("Save WithAnyone Identity: %s holds this identity already; left as it is", target)
                 status = f"{os.path.basename(target)}: already saved (unchanged)"
             elif not overwrite:
-                raise FileExistsError(f"{target} holds another identity: choose another name, or set overwrite to "
-                                      "true to replace it")
+                raise FileExistsError(
+                    f"{target} holds another identity: choose another name, or set overwrite to true to replace it"
+                )
             else:
                 save_identity(target, identity)
                 status = f"replaced {os.path.basename(target)}"
@@ -176,14 +194,24 @@ class WithAnyoneLoadIdentity(io.ComfyNode):
             display_name="Load WithAnyone Identity",
             category=CATEGORY,
             description="A person saved with Save WithAnyone Identity (models/withanyone/identities/). Needs neither "
-                        "the face analyzer nor SigLIP. Connect person to an Identity Encode person_k slot to mix "
-                        "saved and new people, or identities straight to Apply WithAnyone for this person alone.",
-            inputs=[io.Combo.Input("identity_name", options=identity_choices(),
-                                   tooltip="a saved person in models/withanyone/identities/")],
-            outputs=[FACES.Output(display_name="person",
-                                  tooltip="the saved person, already encoded: connect to Identity Encode person_k"),
-                     IDENTITIES.Output(display_name="identities",
-                                       tooltip="this person alone, for Apply WithAnyone / the sampler")],
+            "the face analyzer nor SigLIP. Connect person to an Identity Encode person_k slot to mix "
+            "saved and new people, or identities straight to Apply WithAnyone for this person alone.",
+            inputs=[
+                io.Combo.Input(
+                    "identity_name",
+                    options=identity_choices(),
+                    tooltip="a saved person in models/withanyone/identities/",
+                )
+            ],
+            outputs=[
+                FACES.Output(
+                    display_name="person",
+                    tooltip="the saved person, already encoded: connect to Identity Encode person_k",
+                ),
+                IDENTITIES.Output(
+                    display_name="identities", tooltip="this person alone, for Apply WithAnyone / the sampler"
+                ),
+            ],
         )
 
     @classmethod
@@ -208,8 +236,10 @@ class WithAnyoneLoadIdentity(io.ComfyNode):
         saved = load_identity(path)
         person = EncodedPerson(saved.arcface, saved.siglip, len(saved.photos), saved.name, identity_name)
         identities = Identities(saved.arcface[None], saved.siglip[None], (len(saved.photos),))
-        summary = (f"{saved.name}: {len(saved.photos)} photo{'s' if len(saved.photos) != 1 else ''}, saved "
-                   f"{saved.created or 'at an unknown time'} by pack {saved.pack_version}")
+        summary = (
+            f"{saved.name}: {len(saved.photos)} photo{'s' if len(saved.photos) != 1 else ''}, saved "
+            f"{saved.created or 'at an unknown time'} by pack {saved.pack_version}"
+        )
         return io.NodeOutput(Faces((), (), person), identities, ui={"text": [summary]})
 
 

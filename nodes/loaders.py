@@ -50,8 +50,12 @@ def log_pickled_adapter_files() -> list[str]:
         target = os.path.splitext(path)[0] + ".safetensors"
         logger.warning(
             "WithAnyone: %s is not listed in Load WithAnyone Adapter: pickled checkpoints can run code when loaded "
-            "and are never read. Convert it once, in a trusted environment: python -c \"import torch, "
-            "safetensors.torch as st; st.save_file(torch.load(%r, weights_only=True), %r)\"", path, path, target)
+            'and are never read. Convert it once, in a trusted environment: python -c "import torch, '
+            'safetensors.torch as st; st.save_file(torch.load(%r, weights_only=True), %r)"',
+            path,
+            path,
+            target,
+        )
     return found
 
 
@@ -60,8 +64,11 @@ IDENTITIES_SUBFOLDER = "identities"  # models/withanyone/identities/: saved peop
 
 def adapter_choices() -> list[str]:
     """The .safetensors files in models/withanyone/, without the saved identities in its identities/ subfolder."""
-    return [n for n in folder_paths.get_filename_list("withanyone")
-            if n.replace("\\", "/").split("/")[0] != IDENTITIES_SUBFOLDER]
+    return [
+        n
+        for n in folder_paths.get_filename_list("withanyone")
+        if n.replace("\\", "/").split("/")[0] != IDENTITIES_SUBFOLDER
+    ]
 
 
 def siglip_choices() -> list[str]:
@@ -76,7 +83,7 @@ def siglip_choices() -> list[str]:
 
 def resolve_siglip(name: str) -> str:
     if name.startswith("clip_vision/"):
-        return folder_paths.get_full_path_or_raise("clip_vision", name[len("clip_vision/"):])
+        return folder_paths.get_full_path_or_raise("clip_vision", name[len("clip_vision/") :])
     for root in folder_paths.get_folder_paths("siglip"):
         candidate = os.path.join(root, name)
         if os.path.isfile(os.path.join(candidate, "config.json")):
@@ -88,8 +95,13 @@ def _insightface_roots() -> list[str]:
     return folder_paths.get_folder_paths("insightface")
 
 
-ADAPTER_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                  "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}
+ADAPTER_DTYPES = {
+    "default": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
+}
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -166,8 +178,9 @@ def load_adapter_patcher(path: str, weight_dtype: str = "default"):
         return tensor / scales[key]
 
     scaled = dtype in FP8_DTYPES
-    adapter = load_adapter(path, dtype=dtype, operations=adapter_operations(scaled_fp8=scaled),
-                           transform=scale_for_fp8 if scaled else None).eval()
+    adapter = load_adapter(
+        path, dtype=dtype, operations=adapter_operations(scaled_fp8=scaled), transform=scale_for_fp8 if scaled else None
+    ).eval()
     for name, module in adapter.named_modules():
         if f"{name}.weight" in scales:
             module.weight_scale = scales[f"{name}.weight"]
@@ -182,15 +195,23 @@ class WithAnyoneAdapterLoader(io.ComfyNode):
             display_name="Load WithAnyone Adapter",
             category=CATEGORY,
             description="Loads withanyone.safetensors (the identity adapter) from models/withanyone/. ComfyUI "
-                        "manages it like a model: it is offloaded or partially loaded when VRAM is short.",
+            "manages it like a model: it is offloaded or partially loaded when VRAM is short.",
             inputs=[
-                io.Combo.Input("adapter_name", options=adapter_choices(),
-                               tooltip="withanyone.safetensors from the WithAnyone release, in models/withanyone/"),
-                advanced(io.Combo.Input(
-                    "weight_dtype", options=list(ADAPTER_DTYPES), default="default",
-                    tooltip="storage dtype of the adapter's weights; they are cast to the MODEL's compute dtype on "
-                            "use. default: bf16 (fp32 on CPU). fp8_e4m3fn halves the memory (2.8 GB instead of "
-                            "5.6 GB) at a small precision cost")),
+                io.Combo.Input(
+                    "adapter_name",
+                    options=adapter_choices(),
+                    tooltip="withanyone.safetensors from the WithAnyone release, in models/withanyone/",
+                ),
+                advanced(
+                    io.Combo.Input(
+                        "weight_dtype",
+                        options=list(ADAPTER_DTYPES),
+                        default="default",
+                        tooltip="storage dtype of the adapter's weights; they are cast to the MODEL's compute dtype on "
+                        "use. default: bf16 (fp32 on CPU). fp8_e4m3fn halves the memory (2.8 GB instead of "
+                        "5.6 GB) at a small precision cost",
+                    )
+                ),
             ],
             outputs=[ADAPTER.Output(display_name="adapter", tooltip="the WithAnyone identity adapter")],
         )
@@ -209,18 +230,37 @@ class WithAnyoneFaceAnalyzerLoader(io.ComfyNode):
             display_name="Load WithAnyone Face Analyzer (antelopev2)",
             category=CATEGORY,
             description="insightface antelopev2 from models/insightface/models/antelopev2/ "
-                        "(detection + ArcFace recognition only).",
+            "(detection + ArcFace recognition only).",
             inputs=[
-                io.Combo.Input("provider", options=["auto", "CUDA", "CPU"], default="auto",
-                               tooltip="onnxruntime device; auto uses CUDA when onnxruntime-gpu offers it"),
-                io.Float.Input("detection_threshold", default=0.4, min=0.05, max=0.95, step=0.05,
-                               tooltip="faces detected with a lower score are ignored (the authors use 0.45 in "
-                                       "their bench, insightface's default 0.5)"),
-                io.Int.Input("detection_size", default=640, min=160, max=1280, step=32,
-                             tooltip="the detector's input size; larger finds smaller faces, slower"),
+                io.Combo.Input(
+                    "provider",
+                    options=["auto", "CUDA", "CPU"],
+                    default="auto",
+                    tooltip="onnxruntime device; auto uses CUDA when onnxruntime-gpu offers it",
+                ),
+                io.Float.Input(
+                    "detection_threshold",
+                    default=0.4,
+                    min=0.05,
+                    max=0.95,
+                    step=0.05,
+                    tooltip="faces detected with a lower score are ignored (the authors use 0.45 in "
+                    "their bench, insightface's default 0.5)",
+                ),
+                io.Int.Input(
+                    "detection_size",
+                    default=640,
+                    min=160,
+                    max=1280,
+                    step=32,
+                    tooltip="the detector's input size; larger finds smaller faces, slower",
+                ),
             ],
-            outputs=[FACE_ANALYZER.Output(display_name="face_analyzer",
-                                          tooltip="antelopev2 detection + ArcFace, for Face Extract and Layout")],
+            outputs=[
+                FACE_ANALYZER.Output(
+                    display_name="face_analyzer", tooltip="antelopev2 detection + ArcFace, for Face Extract and Layout"
+                )
+            ],
         )
 
     @classmethod
@@ -234,8 +274,9 @@ class WithAnyoneFaceAnalyzerLoader(io.ComfyNode):
             except FaceModelsNotFound as exc:
                 errors.append(exc)
                 continue
-            return io.NodeOutput(FaceAnalyzer(root, providers=provider.lower(), det_thresh=detection_threshold,
-                                              det_size=detection_size))
+            return io.NodeOutput(
+                FaceAnalyzer(root, providers=provider.lower(), det_thresh=detection_threshold, det_size=detection_size)
+            )
         raise errors[0]  # it lists the expected files and the folder to put them in
 
 
@@ -247,11 +288,16 @@ class WithAnyoneSiglipLoader(io.ComfyNode):
             display_name="Load WithAnyone SigLIP",
             category=CATEGORY,
             description="google/siglip-base-patch16-256-i18n: a folder or a single .safetensors in models/siglip/ "
-                        "(also read from models/clip_vision/).",
-            inputs=[io.Combo.Input("siglip_name", options=siglip_choices(),
-                                   tooltip="google/siglip-base-patch16-256-i18n: a folder (config.json + "
-                                           "model.safetensors) or one .safetensors in models/siglip/ or "
-                                           "models/clip_vision/")],
+            "(also read from models/clip_vision/).",
+            inputs=[
+                io.Combo.Input(
+                    "siglip_name",
+                    options=siglip_choices(),
+                    tooltip="google/siglip-base-patch16-256-i18n: a folder (config.json + "
+                    "model.safetensors) or one .safetensors in models/siglip/ or "
+                    "models/clip_vision/",
+                )
+            ],
             outputs=[SIGLIP.Output(display_name="siglip", tooltip="the SigLIP image encoder, for Identity Encode")],
         )
 

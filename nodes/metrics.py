@@ -36,34 +36,40 @@ class WithAnyoneIdentityMetrics(io.ComfyNode):
             display_name="WithAnyone Identity Metrics",
             category="WithAnyone",
             description="Sim(Ref), Sim(GT) and the copy-paste score CP (+1: a copy of the reference, -1: the ground "
-                        "truth) per person, for each generated image, as MultiID-Bench computes them.",
+            "truth) per person, for each generated image, as MultiID-Bench computes them.",
             inputs=[
                 io.Image.Input("image", tooltip="generated image(s)"),
                 FACE_ANALYZER.Input("face_analyzer", tooltip="finds and embeds the generated faces"),
                 IDENTITIES.Input("identities", tooltip="the reference persons the image was made with"),
                 io.Image.Input("ground_truth", optional=True, tooltip="a real photo of the same people (for CP)"),
             ],
-            outputs=[io.String.Output(display_name="metrics_json",
-                                     tooltip="Sim(Ref), Sim(GT) and CP per person, as JSON")],
+            outputs=[
+                io.String.Output(display_name="metrics_json", tooltip="Sim(Ref), Sim(GT) and CP per person, as JSON")
+            ],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, image: torch.Tensor, face_analyzer, identities: Identities,
-                ground_truth: torch.Tensor | None = None) -> io.NodeOutput:
+    def execute(
+        cls, image: torch.Tensor, face_analyzer, identities: Identities, ground_truth: torch.Tensor | None = None
+    ) -> io.NodeOutput:
         from withanyone_core.bench.faces import InsightFaceModel
         from withanyone_core.bench_eval import score_identity
 
         model = InsightFaceModel.from_analyzer(face_analyzer)
         refs = identities.arcface.detach().cpu().double().numpy()
         truth = _rgb(ground_truth[0], "ground truth") if ground_truth is not None else None
-        results = [score_identity(model, _rgb(image[i], f"image {i + 1}"), truth, [], reference_embeddings=refs)
-                   for i in range(image.shape[0])]
+        results = [
+            score_identity(model, _rgb(image[i], f"image {i + 1}"), truth, [], reference_embeddings=refs)
+            for i in range(image.shape[0])
+        ]
         lines = []
         for i, r in enumerate(results):
             if truth is not None and r["cp"] is None:
-                lines.append(f"image {i + 1}: CP undefined: {r['faces_generated']} face(s) generated, "
-                             f"{r['faces_ground_truth']} in the ground truth, {len(refs)} identities")
+                lines.append(
+                    f"image {i + 1}: CP undefined: {r['faces_generated']} face(s) generated, "
+                    f"{r['faces_ground_truth']} in the ground truth, {len(refs)} identities"
+                )
             for p in r["persons"]:
                 if p["generated_face"] is None:
                     lines.append(f"image {i + 1} person {p['person']}: no matching face found")

@@ -96,8 +96,9 @@ class OuterSampleWrapper:
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
         options = guider.model_options.setdefault("transformer_options", {})
-        run = IdentityRun(self.conditioning.adapter, self.conditioning.request, cache=True,
-                          cache_kv=self.conditioning.cache_kv)
+        run = IdentityRun(
+            self.conditioning.adapter, self.conditioning.request, cache=True, cache_kv=self.conditioning.cache_kv
+        )
         options[self.conditioning.run_key] = run
         try:
             return executor(*args, **kwargs)
@@ -125,16 +126,21 @@ class DiffusionModelWrapper:
         dit = transformer_options.get("patches_replace", {}).get("dit", {})
         n_double, n_single = self.blocks
         missing = {}
-        for kind, count, offset, cls in (("double_block", n_double, 0, DoubleBlockPatch),
-                                         ("single_block", n_single, n_double, SingleBlockPatch)):
+        for kind, count, offset, cls in (
+            ("double_block", n_double, 0, DoubleBlockPatch),
+            ("single_block", n_single, n_double, SingleBlockPatch),
+        ):
             for i in range(count):
                 current = dit.get((kind, i))
                 if not _chain_has(current, self.conditioning):
                     missing[(kind, i)] = cls(self.conditioning, offset + i, current)
         if missing:
             if not getattr(self, "_warned", False):
-                logger.warning("WithAnyone: %d block patch(es) applied after Apply WithAnyone replaced its own; "
-                               "both run (the later patch first, then the identities)", len(missing))
+                logger.warning(
+                    "WithAnyone: %d block patch(es) applied after Apply WithAnyone replaced its own; "
+                    "both run (the later patch first, then the identities)",
+                    len(missing),
+                )
                 self._warned = True  # once per Apply: the same happens at every step
             patches = dict(transformer_options.get("patches_replace", {}))
             patches["dit"] = {**dit, **missing}
@@ -201,18 +207,20 @@ def _bind(executor, args: tuple, kwargs: dict) -> _Bound:
     names = None
     try:
         params = list(inspect.signature(getattr(executor, "original", executor)).parameters.values())
-        if all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:len(args)]):
-            names = [p.name for p in params[:len(args)]]
+        if all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[: len(args)]):
+            names = [p.name for p in params[: len(args)]]
     except (TypeError, ValueError):
         pass
     if names is None or len(names) < len(args):
-        names = list(FORWARD_NAMES[:len(args)])
+        names = list(FORWARD_NAMES[: len(args)])
     named = dict(zip(names, args))
     named.update(kwargs)
     missing = [n for n in ("x", "timestep", "context") if n not in named]
     if missing:
-        raise TypeError(f"WithAnyone: the diffusion model was called without {', '.join(missing)}; this ComfyUI's "
-                        "FLUX forward is not one the pack knows: please report the ComfyUI version")
+        raise TypeError(
+            f"WithAnyone: the diffusion model was called without {', '.join(missing)}; this ComfyUI's "
+            "FLUX forward is not one the pack knows: please report the ComfyUI version"
+        )
     return _Bound(named, {n: i for i, n in enumerate(names)})
 
 
@@ -278,13 +286,23 @@ def flux_blocks(model) -> tuple[int, int, int]:
 
 
 def _existing_dit_patch(model, kind: str, index: int):
-    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}).get(
-        (kind, index))
+    return (
+        model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}).get((kind, index))
+    )
 
 
-def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torch.Tensor | None,
-                     layout: Layout | None, id_weight: float = 1.0, siglip_weight: float = 0.0,
-                     start_percent: float = 0.0, end_percent: float = 1.0, cache_kv: bool = True):
+def apply_withanyone(
+    model,
+    adapter_patcher,
+    arcface: torch.Tensor,
+    siglip: torch.Tensor | None,
+    layout: Layout | None,
+    id_weight: float = 1.0,
+    siglip_weight: float = 0.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    cache_kv: bool = True,
+):
     """A clone of ``model`` carrying the identities; the original is never modified.
 
     ``layout`` (None: every token sees every person) holds the boxes on the canvas they were drawn on;
@@ -307,19 +325,29 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     request = IdentityRequest(
         arcface.detach().float().cpu(),
         None if siglip is None else siglip.detach().float().cpu(),
-        layout, float(id_weight), float(siglip_weight),
+        layout,
+        float(id_weight),
+        float(siglip_weight),
     )
     conditioning = IdentityConditioning(
-        adapter_patcher, request, sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
-        key=f"{STATE_PREFIX}.{uuid.uuid4().hex[:12]}", cache_kv=cache_kv,
+        adapter_patcher,
+        request,
+        sampling.percent_to_sigma(start_percent),
+        sampling.percent_to_sigma(end_percent),
+        key=f"{STATE_PREFIX}.{uuid.uuid4().hex[:12]}",
+        cache_kv=cache_kv,
     )
     import comfy.patcher_extension
 
     patched = model.clone()
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, conditioning.key,
-                                 OuterSampleWrapper(conditioning))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, conditioning.key,
-                                 DiffusionModelWrapper(conditioning, (n_double, n_single)))
+    patched.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, conditioning.key, OuterSampleWrapper(conditioning)
+    )
+    patched.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+        conditioning.key,
+        DiffusionModelWrapper(conditioning, (n_double, n_single)),
+    )
     wrapped = 0
     for i in range(n_double):
         previous = _existing_dit_patch(patched, "double_block", i)
@@ -328,8 +356,9 @@ def apply_withanyone(model, adapter_patcher, arcface: torch.Tensor, siglip: torc
     for j in range(n_single):
         previous = _existing_dit_patch(patched, "single_block", j)
         wrapped += previous is not None
-        patched.set_model_patch_replace(SingleBlockPatch(conditioning, n_double + j, previous), "dit",
-                                        "single_block", j)
+        patched.set_model_patch_replace(
+            SingleBlockPatch(conditioning, n_double + j, previous), "dit", "single_block", j
+        )
     if wrapped:
         logger.info("WithAnyone: %d block patch(es) already on this MODEL keep running, before the identities", wrapped)
     models = list(patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY))

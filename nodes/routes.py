@@ -43,8 +43,7 @@ class LayoutRequestTooLarge(LayoutRequestError):
 # The editor sends the five widget values; its boxes text holds at most MAX_BOXES lines plus comments. 64 KiB
 # is room for that many times over, and what is read, parsed and answered stays small whatever is sent.
 MAX_BODY_BYTES = 64 * 1024
-FIELDS = {"width": "an integer", "height": "an integer", "source": "text", "people": "an integer",
-          "boxes": "text"}
+FIELDS = {"width": "an integer", "height": "an integer", "source": "text", "people": "an integer", "boxes": "text"}
 
 
 def _shown(value) -> str:
@@ -71,22 +70,26 @@ def parse_request(raw: bytes) -> dict:
     """A request body -> its fields, checked against the schema before anything is computed: a JSON object with
     only the node's widget names, each of its type. Every way of being wrong is a LayoutRequestError."""
     if len(raw) > MAX_BODY_BYTES:
-        raise LayoutRequestTooLarge(f"the request body is {len(raw)} bytes, above {MAX_BODY_BYTES}: a layout holds at "
-                                    f"most {MAX_BOXES} boxes")
+        raise LayoutRequestTooLarge(
+            f"the request body is {len(raw)} bytes, above {MAX_BODY_BYTES}: a layout holds at most {MAX_BOXES} boxes"
+        )
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise LayoutRequestError("the request body is nested too deeply: send one JSON object "
-                                 "{width, height, source, people, boxes}") from None
+        raise LayoutRequestError(
+            "the request body is nested too deeply: send one JSON object {width, height, source, people, boxes}"
+        ) from None
     except ValueError as err:  # includes bytes that are not UTF-8, and integers of more than 4300 digits
         raise LayoutRequestError(f"the request body is not JSON ({err})") from None
     if not isinstance(body, dict):
-        raise LayoutRequestError(f"expected a JSON object {{width, height, source, people, boxes}}, got "
-                                 f"{type(body).__name__}")
+        raise LayoutRequestError(
+            f"expected a JSON object {{width, height, source, people, boxes}}, got {type(body).__name__}"
+        )
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise LayoutRequestError(f"unknown field(s) {', '.join(map(repr, unknown))[:200]}: the fields are "
-                                 f"{', '.join(FIELDS)}")
+        raise LayoutRequestError(
+            f"unknown field(s) {', '.join(map(repr, unknown))[:200]}: the fields are {', '.join(FIELDS)}"
+        )
     return body
 
 
@@ -96,14 +99,17 @@ def layout_response(body) -> dict:
     if isinstance(body, (bytes, bytearray)):
         body = parse_request(bytes(body))
     if not isinstance(body, dict):
-        raise LayoutRequestError(f"expected a JSON object {{width, height, source, people, boxes}}, got "
-                                 f"{type(body).__name__}")
+        raise LayoutRequestError(
+            f"expected a JSON object {{width, height, source, people, boxes}}, got {type(body).__name__}"
+        )
     width, height = (_integer(body, name, *SIZE_RANGE) for name in ("width", "height"))
     source = body.get("source", "preset")
     if not isinstance(source, str) or source not in SOURCES:
-        raise LayoutRequestError(f"unknown layout source {_shown(source)}: use one of {', '.join(SOURCES)}"
-                                 if isinstance(source, str) else f"source must be one of {', '.join(SOURCES)}, got "
-                                 f"{_shown(source)}")
+        raise LayoutRequestError(
+            f"unknown layout source {_shown(source)}: use one of {', '.join(SOURCES)}"
+            if isinstance(source, str)
+            else f"source must be one of {', '.join(SOURCES)}, got {_shown(source)}"
+        )
     people = None
     if "people" in body or source == "preset":
         people = _integer(body, "people", 1, max(PRESETS), f"1 to {max(PRESETS)}")  # the node's own range
@@ -111,11 +117,11 @@ def layout_response(body) -> dict:
     if not isinstance(text, str):
         raise LayoutRequestError(f"boxes must be text (one x1,y1,x2,y2 per line), got {_shown(text)}")
     if source not in ("preset", "text"):
-        return {"boxes": [], "width": width, "height": height, "colors": box_colors(0),
-                "note": RUN_TIME_NOTES[source]}
+        return {"boxes": [], "width": width, "height": height, "colors": box_colors(0), "note": RUN_TIME_NOTES[source]}
     try:  # the node's own Layout: its boxes are checked (finite, not inverted), so the answer is valid JSON
-        layout = layout_from_preset(people, width, height) if source == "preset" else layout_from_text(text, width,
-                                                                                                        height)
+        layout = (
+            layout_from_preset(people, width, height) if source == "preset" else layout_from_text(text, width, height)
+        )
     except ValueError as err:
         raise LayoutRequestError(str(err)) from None
     boxes = [list(box) for box in layout.boxes]
@@ -126,8 +132,9 @@ async def read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, read no further than ``limit`` + 1 bytes (a declared or actual larger body is refused at once)."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise LayoutRequestTooLarge(f"the request body is {declared} bytes, above {limit}: a layout holds at most "
-                                    f"{MAX_BOXES} boxes")
+        raise LayoutRequestTooLarge(
+            f"the request body is {declared} bytes, above {limit}: a layout holds at most {MAX_BOXES} boxes"
+        )
     chunks, size = [], 0
     while True:
         chunk = await request.content.read(min(65536, limit + 1 - size))
@@ -136,8 +143,9 @@ async def read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
-            raise LayoutRequestTooLarge(f"the request body is above {limit} bytes: a layout holds at most "
-                                        f"{MAX_BOXES} boxes")
+            raise LayoutRequestTooLarge(
+                f"the request body is above {limit} bytes: a layout holds at most {MAX_BOXES} boxes"
+            )
 
 
 def register_routes() -> bool:

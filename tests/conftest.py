@@ -16,8 +16,16 @@ logging.getLogger("PIL").setLevel(logging.INFO)
 # The ComfyUI-facing test modules: `make test` runs them on every ComfyUI in tools/common/get_comfyui.py (one
 # process per ComfyUI: its modules are process-global once imported), and their test ids name the ComfyUI
 # version the process runs ("[comfyui-0.3.75]", "[case-comfyui-0.30.0]").
-COMFY_FACING = ("test_e2e_golden", "test_kontext_golden", "test_comfy_host", "test_comfy_patch", "test_nodes",
-                "test_comfy_server", "test_workflow_runs", "test_web")
+COMFY_FACING = (
+    "test_e2e_golden",
+    "test_kontext_golden",
+    "test_comfy_host",
+    "test_comfy_patch",
+    "test_nodes",
+    "test_comfy_server",
+    "test_workflow_runs",
+    "test_web",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

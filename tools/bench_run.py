@@ -37,8 +37,10 @@ from tools.common.workflows import check_api, ui_to_api
 
 logger = logging.getLogger("withanyone.bench_run")
 
-WORKFLOWS = {1: ROOT / "example_workflows" / "WithAnyone - one person.json",
-             4: ROOT / "example_workflows" / "WithAnyone - four people, typed boxes.json"}
+WORKFLOWS = {
+    1: ROOT / "example_workflows" / "WithAnyone - one person.json",
+    4: ROOT / "example_workflows" / "WithAnyone - four people, typed boxes.json",
+}
 UPLOAD_FOLDER = "withanyone_bench"
 
 
@@ -59,8 +61,12 @@ def output_boxes(width: int, height: int, boxes: list[list[float]], size: int) -
     scale = size / side
     out = []
     for x1, y1, x2, y2 in boxes:
-        clipped = [min(max((x1 - x0) * scale, 0), size), min(max((y1 - y0) * scale, 0), size),
-                   min(max((x2 - x0) * scale, 0), size), min(max((y2 - y0) * scale, 0), size)]
+        clipped = [
+            min(max((x1 - x0) * scale, 0), size),
+            min(max((y1 - y0) * scale, 0), size),
+            min(max((x2 - x0) * scale, 0), size),
+            min(max((y2 - y0) * scale, 0), size),
+        ]
         if clipped[2] - clipped[0] < 1 or clipped[3] - clipped[1] < 1:
             raise ValueError(f"face box {[x1, y1, x2, y2]} falls outside the square crop of the ground truth")
         out.append([round(v) for v in clipped])
@@ -76,8 +82,10 @@ def ground_truth_boxes(sample, face_model=None) -> list[list[float]]:
             raise ValueError(f"{sample.name}: meta.json has {len(boxes)} boxes for {sample.persons} reference photos")
         return [[float(v) for v in b[:4]] for b in boxes]
     if face_model is None:
-        raise ValueError(f"{sample.name}: meta.json has no 'bboxes'; add them or pass --insightface ROOT to take "
-                         "them from the faces of ori.jpg")
+        raise ValueError(
+            f"{sample.name}: meta.json has no 'bboxes'; add them or pass --insightface ROOT to take "
+            "them from the faces of ori.jpg"
+        )
     return _detected_boxes(sample, face_model)
 
 
@@ -93,8 +101,10 @@ def _detected_boxes(sample, face_model) -> list[list[float]]:
     face_model.analyzer.embed(truth, faces)
     refs = [face_model.reference(load_image(p)) for p in sample.refs]
     if any(r is None for r in refs) or len(faces) < sample.persons:
-        raise ValueError(f"{sample.name}: {len(faces)} face(s) in ori.jpg for {sample.persons} references "
-                         "(or a reference without a face); give meta.json 'bboxes'")
+        raise ValueError(
+            f"{sample.name}: {len(faces)} face(s) in ori.jpg for {sample.persons} references "
+            "(or a reference without a face); give meta.json 'bboxes'"
+        )
     pairs = dict(match_faces(np.array([f.embedding for f in faces]), np.stack(refs)))
     return [[float(v) for v in faces[pairs[k]].bbox] for k in range(sample.persons)]
 
@@ -150,8 +160,18 @@ def workflow_versions(path: Path, object_info: dict):
             yield label, {"error": str(exc)}
 
 
-def build_prompt(workflow: dict, object_info: dict, *, prompt_text: str, ref_images: list[str],
-                 boxes: list[list[int]], size: int, seed: int, prefix: str, settings: dict) -> dict:
+def build_prompt(
+    workflow: dict,
+    object_info: dict,
+    *,
+    prompt_text: str,
+    ref_images: list[str],
+    boxes: list[list[int]],
+    size: int,
+    seed: int,
+    prefix: str,
+    settings: dict,
+) -> dict:
     """The API prompt of ``workflow`` for one sample, with inputs set by node type (not by node id)."""
     prompt = ui_to_api(workflow, object_info)
     encode = _one(prompt, ("WithAnyoneIdentityEncode",), "identity encoder")
@@ -168,8 +188,13 @@ def build_prompt(workflow: dict, object_info: dict, *, prompt_text: str, ref_ima
         if settings.get("min_face_size") is not None and prompt[extract]["class_type"] == "WithAnyoneFaceExtract":
             prompt[extract]["inputs"]["min_face_size"] = settings["min_face_size"]
     layout = prompt[_one(prompt, ("WithAnyoneLayout",), "layout")]["inputs"]
-    layout.update(width=size, height=size, source="text", people=len(boxes),
-                  boxes="\n".join(",".join(str(v) for v in b) for b in boxes))
+    layout.update(
+        width=size,
+        height=size,
+        source="text",
+        people=len(boxes),
+        boxes="\n".join(",".join(str(v) for v in b) for b in boxes),
+    )
     sampler_id = _one(prompt, ("WithAnyoneSampler", "KSampler"), "sampler")
     sampler = prompt[sampler_id]["inputs"]
     sampler["seed"] = seed
@@ -192,19 +217,24 @@ def build_prompt(workflow: dict, object_info: dict, *, prompt_text: str, ref_ima
 
 
 def _set_models(prompt: dict, settings: dict) -> None:
-    names = {("UNETLoader", "unet_name"): settings.get("unet"), ("VAELoader", "vae_name"): settings.get("vae"),
-             ("WithAnyoneAdapterLoader", "adapter_name"): settings.get("adapter"),
-             ("WithAnyoneSiglipLoader", "siglip_name"): settings.get("siglip"),
-             ("DualCLIPLoader", "clip_name1"): settings.get("clip_l"),
-             ("DualCLIPLoader", "clip_name2"): settings.get("t5")}
+    names = {
+        ("UNETLoader", "unet_name"): settings.get("unet"),
+        ("VAELoader", "vae_name"): settings.get("vae"),
+        ("WithAnyoneAdapterLoader", "adapter_name"): settings.get("adapter"),
+        ("WithAnyoneSiglipLoader", "siglip_name"): settings.get("siglip"),
+        ("DualCLIPLoader", "clip_name1"): settings.get("clip_l"),
+        ("DualCLIPLoader", "clip_name2"): settings.get("t5"),
+    }
     for (class_type, field), value in names.items():
         for nid in _of(prompt, class_type):
             if value:
                 prompt[nid]["inputs"][field] = value
     if settings.get("clip_l_only"):  # one CLIP-L text encoder instead of CLIP-L + T5-XXL (smoke runs)
         for nid in _of(prompt, "DualCLIPLoader"):
-            prompt[nid] = {"class_type": "CLIPLoader", "inputs": {"clip_name": settings["clip_l_only"],
-                                                                  "type": "stable_diffusion", "device": "default"}}
+            prompt[nid] = {
+                "class_type": "CLIPLoader",
+                "inputs": {"clip_name": settings["clip_l_only"], "type": "stable_diffusion", "device": "default"},
+            }
 
 
 # --------------------------------------------------------------------------- the run
@@ -230,21 +260,32 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
         try:
             if "error" in workflow:
                 raise ValueError(workflow["error"])
-            prompt = build_prompt(workflow, object_info, prompt_text=sample.prompt, ref_images=refs, boxes=boxes,
-                                  size=args.size, seed=args.seed, prefix=f"{UPLOAD_FOLDER}/{sample.name}",
-                                  settings=vars(args))
+            prompt = build_prompt(
+                workflow,
+                object_info,
+                prompt_text=sample.prompt,
+                ref_images=refs,
+                boxes=boxes,
+                size=args.size,
+                seed=args.seed,
+                prefix=f"{UPLOAD_FOLDER}/{sample.name}",
+                settings=vars(args),
+            )
             problems = check_api(prompt, object_info)
         except (ValueError, KeyError) as exc:
             problems = [str(exc)]
         if not problems:
             if attempts:
-                logger.warning("%s does not match the installed nodes (%s); used %s", workflow_path.name,
-                               attempts[0][1][0], label)
+                logger.warning(
+                    "%s does not match the installed nodes (%s); used %s", workflow_path.name, attempts[0][1][0], label
+                )
             break
         attempts.append((label, problems))
     else:
-        raise SystemExit("the graph would be rejected (model file names? see --unet/--vae/--adapter/...):\n" + "\n".join(
-            f"  {label}:\n    " + "\n    ".join(problems) for label, problems in attempts))
+        raise SystemExit(
+            "the graph would be rejected (model file names? see --unet/--vae/--adapter/...):\n"
+            + "\n".join(f"  {label}:\n    " + "\n    ".join(problems) for label, problems in attempts)
+        )
     try:
         entry = server.run(prompt, timeout=args.timeout)
     except PromptRejected as err:
@@ -252,8 +293,9 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
     error = execution_error(entry)
     if error:
         raise RuntimeError(f"{sample.name}: {error}")
-    images = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])
-              if img.get("type") == "output"]
+    images = [
+        img for out in entry.get("outputs", {}).values() for img in out.get("images", []) if img.get("type") == "output"
+    ]
     if not images:
         raise RuntimeError(f"{sample.name}: the graph ran but saved no image")
     target = out_dir / sample.name
@@ -262,8 +304,11 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
     shutil.copy(sample.ground_truth, target / f"ori{sample.ground_truth.suffix}")
     for k, path in enumerate(sample.refs, 1):
         shutil.copy(path, target / f"ref_{k}{path.suffix}")
-    meta = {**sample.meta, "prompt": sample.prompt, "bench_run": {"seed": args.seed, "size": args.size,
-                                                                   "boxes": boxes, "workflow": workflow_path.name}}
+    meta = {
+        **sample.meta,
+        "prompt": sample.prompt,
+        "bench_run": {"seed": args.seed, "size": args.size, "boxes": boxes, "workflow": workflow_path.name},
+    }
     (target / "meta.json").write_text(json.dumps(meta, indent=1))
     import io
 
@@ -275,26 +320,40 @@ def run_sample(server: ComfyServer, object_info: dict, sample, out_dir: Path, ar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", type=Path, help="MultiID-Bench folder (one folder per sample), or an hf2bench index "
-                   "(p1.json / p2.json / p3.json)")
-    p.add_argument("--data-root", type=Path, help="with an index: the folder its paths are relative to "
-                   "(default: the index's folder)")
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench_run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "bench",
+        type=Path,
+        help="MultiID-Bench folder (one folder per sample), or an hf2bench index (p1.json / p2.json / p3.json)",
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        help="with an index: the folder its paths are relative to (default: the index's folder)",
+    )
     p.add_argument("--out", type=Path, required=True, help="results folder (one folder per sample)")
     p.add_argument("--server", default="http://127.0.0.1:8188", help="URL of a running ComfyUI with the pack")
     p.add_argument("--workflow", type=Path, help="a workflow of the same shape to use instead of the shipped ones")
     p.add_argument("--seed", type=int, default=1234, help="one seed for every sample (the authors' default)")
     p.add_argument("--size", type=int, default=512, help="output side (the authors' batch script: 512)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the workflow's)")
-    p.add_argument("--siglip-share", type=float, help="the authors' similarity slider, 0 = ArcFace only "
-                   "(default: the workflow's)")
+    p.add_argument(
+        "--siglip-share", type=float, help="the authors' similarity slider, 0 = ArcFace only (default: the workflow's)"
+    )
     p.add_argument("--limit", type=int, help="only the first N samples (sorted by name)")
     p.add_argument("--overwrite", action="store_true", help="generate again where out.jpg exists")
     p.add_argument("--jpeg-quality", type=int, default=75)
     p.add_argument("--insightface", type=Path, help="insightface root: find GT boxes when meta.json has none")
-    for name, what in (("unet", "FLUX.1-dev"), ("vae", "VAE"), ("adapter", "WithAnyone adapter"),
-                       ("siglip", "SigLIP folder"), ("clip-l", "CLIP-L"), ("t5", "T5-XXL")):
+    for name, what in (
+        ("unet", "FLUX.1-dev"),
+        ("vae", "VAE"),
+        ("adapter", "WithAnyone adapter"),
+        ("siglip", "SigLIP folder"),
+        ("clip-l", "CLIP-L"),
+        ("t5", "T5-XXL"),
+    ):
         p.add_argument(f"--{name}", help=f"{what} file name on the server (default: the workflow's)")
     p.add_argument("--clip-l-only", help="a CLIP-L file to use alone instead of CLIP-L + T5-XXL (smoke runs)")
     p.add_argument("--min-face-size", type=int, help="Face Extract's minimum face size (default: the workflow's)")
@@ -329,8 +388,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     try:
         from tqdm import tqdm
     except ImportError:
+
         def tqdm(it, **_):
             return it
+
     done, failed = [], {}
     for sample in tqdm(samples, desc="generating", unit="sample"):
         if (args.out / sample.name / "out.jpg").is_file() and not args.overwrite:
@@ -341,8 +402,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         except (ValueError, RuntimeError) as exc:
             failed[sample.name] = str(exc)
             logger.warning("%s", exc)
-    logger.info("%d of %d samples have out.jpg in %s%s", len(done), len(samples), args.out,
-                f"; failed: {json.dumps(failed, indent=1)}" if failed else "")
+    logger.info(
+        "%d of %d samples have out.jpg in %s%s",
+        len(done),
+        len(samples),
+        args.out,
+        f"; failed: {json.dumps(failed, indent=1)}" if failed else "",
+    )
     return done
 
 

@@ -71,18 +71,33 @@ def _first(folder_candidates: list[Path], patterns: tuple[str, ...]) -> Path | N
 def find_real_models(models: Path) -> tuple[dict[str, str], list[str]]:
     """(names to use in the workflow, lines describing what is missing) for a ComfyUI models folder."""
     wanted = {
-        "flux": ([models / "diffusion_models", models / "unet"], (FLUX_FILE, "flux1-dev*.safetensors"),
-                 f"{FLUX_FILE} (FLUX.1-dev, from black-forest-labs/FLUX.1-dev) -> {models / 'diffusion_models'}"),
-        "clip_l": ([models / "text_encoders", models / "clip"], (CLIP_L_FILE,),
-                   f"{CLIP_L_FILE} -> {models / 'text_encoders'}"),
-        "t5": ([models / "text_encoders", models / "clip"], ("t5xxl_fp16.safetensors", "t5xxl_*.safetensors"),
-               f"t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors) -> {models / 'text_encoders'}"),
+        "flux": (
+            [models / "diffusion_models", models / "unet"],
+            (FLUX_FILE, "flux1-dev*.safetensors"),
+            f"{FLUX_FILE} (FLUX.1-dev, from black-forest-labs/FLUX.1-dev) -> {models / 'diffusion_models'}",
+        ),
+        "clip_l": (
+            [models / "text_encoders", models / "clip"],
+            (CLIP_L_FILE,),
+            f"{CLIP_L_FILE} -> {models / 'text_encoders'}",
+        ),
+        "t5": (
+            [models / "text_encoders", models / "clip"],
+            ("t5xxl_fp16.safetensors", "t5xxl_*.safetensors"),
+            f"t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors) -> {models / 'text_encoders'}",
+        ),
         "vae": ([models / "vae"], (VAE_FILE,), f"{VAE_FILE} (the FLUX.1 VAE) -> {models / 'vae'}"),
-        "adapter": ([models / "withanyone"], (ADAPTER_FILE,),
-                    f"{ADAPTER_FILE} (WithAnyone release, 5.6 GB) -> {models / 'withanyone'}"),
-        "siglip": ([models / "siglip"], (SIGLIP_NAME, "siglip*"),
-                   f"google/siglip-base-patch16-256-i18n: its model.safetensors saved as "
-                   f"{models / 'siglip' / SIGLIP_NAME} (or the repository as a folder in {models / 'siglip'})"),
+        "adapter": (
+            [models / "withanyone"],
+            (ADAPTER_FILE,),
+            f"{ADAPTER_FILE} (WithAnyone release, 5.6 GB) -> {models / 'withanyone'}",
+        ),
+        "siglip": (
+            [models / "siglip"],
+            (SIGLIP_NAME, "siglip*"),
+            f"google/siglip-base-patch16-256-i18n: its model.safetensors saved as "
+            f"{models / 'siglip' / SIGLIP_NAME} (or the repository as a folder in {models / 'siglip'})",
+        ),
     }
     names, missing = {}, []
     for key, (folders, patterns, hint) in wanted.items():
@@ -201,8 +216,18 @@ def run(server: ComfyServer, prompt: dict, output_dir: Path, timeout: float) -> 
 
 def ui_command(comfy: Path, base: Path, port: int) -> list[str]:
     """ComfyUI's own command line for the browser UI on ``base`` (models/, input/, output/, custom_nodes/)."""
-    args = [sys.executable, "main.py", "--listen", UI_HOST, "--port", str(port), "--base-directory", str(base),
-            "--database-url", "sqlite:///:memory:"]
+    args = [
+        sys.executable,
+        "main.py",
+        "--listen",
+        UI_HOST,
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+    ]
     import torch
 
     if not torch.cuda.is_available():
@@ -214,20 +239,23 @@ def next_steps(comfy: Path, base: Path, demo_dir: Path, tiny: bool) -> str:
     """What the demo says last: how to open its ComfyUI in the browser, and how to use one's own ComfyUI."""
     prefix = f"COMFYUI_DIR={comfy} " if os.environ.get("COMFYUI_DIR") else ""
     if demo_dir != (CACHE / "demo").resolve() or tiny:
-        extra = (" --tiny" if tiny else "") + (f" --demo-dir {demo_dir}" if demo_dir != (CACHE / "demo").resolve()
-                                               else "")
+        extra = (" --tiny" if tiny else "") + (
+            f" --demo-dir {demo_dir}" if demo_dir != (CACHE / "demo").resolve() else ""
+        )
         start = f"{prefix}{_python()} -m tools.demo --serve{extra}"
     else:
         start = f"{prefix}make comfyui-ui"
-    models = ("the small random-weight models" if base == demo_dir else "the model files in " + str(base / "models"))
-    return "\n".join([
-        "Next:",
-        f"  Open the UI on this ComfyUI: `{start}`, then http://{UI_HOST}:{UI_PORT} in the browser ({models}; "
-        "Ctrl+C stops it). The example workflows are in the Templates browser under comfyui-withanyone.",
-        "  Use your own ComfyUI: `COMFYUI_DIR=/path/to/ComfyUI make demo` links this pack into its custom_nodes/ "
-        "and runs the demo there; install requirements.txt into that ComfyUI's Python, put the model files in "
-        "its models/ folders (README: Model files) and start it as usual.",
-    ])
+    models = "the small random-weight models" if base == demo_dir else "the model files in " + str(base / "models")
+    return "\n".join(
+        [
+            "Next:",
+            f"  Open the UI on this ComfyUI: `{start}`, then http://{UI_HOST}:{UI_PORT} in the browser ({models}; "
+            "Ctrl+C stops it). The example workflows are in the Templates browser under comfyui-withanyone.",
+            "  Use your own ComfyUI: `COMFYUI_DIR=/path/to/ComfyUI make demo` links this pack into its custom_nodes/ "
+            "and runs the demo there; install requirements.txt into that ComfyUI's Python, put the model files in "
+            "its models/ folders (README: Model files) and start it as usual.",
+        ]
+    )
 
 
 def _python() -> str:
@@ -251,16 +279,26 @@ def serve(comfy: Path, base: Path, port: int) -> int:
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="use the small random models even if real ones exist")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"sampling steps (real models: {recipe.DEFAULT_STEPS}, the authors' recipe; small "
-                             f"models: {TINY_STEPS})")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampling steps (real models: {recipe.DEFAULT_STEPS}, the authors' recipe; small models: {TINY_STEPS})",
+    )
     parser.add_argument("--size", type=int, default=256, help="image side with the small models (>= 256)")
-    parser.add_argument("--demo-dir", type=Path, default=CACHE / "demo",
-                        help="where the small models, the server log and their outputs go")
+    parser.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=CACHE / "demo",
+        help="where the small models, the server log and their outputs go",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the image")
-    parser.add_argument("--serve", action="store_true",
-                        help=f"instead of running the graph, start the ComfyUI browser UI on the demo's ComfyUI and "
-                             f"models (what `make comfyui-ui` runs) at http://{UI_HOST}:{UI_PORT}")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help=f"instead of running the graph, start the ComfyUI browser UI on the demo's ComfyUI and "
+        f"models (what `make comfyui-ui` runs) at http://{UI_HOST}:{UI_PORT}",
+    )
     parser.add_argument("--port", type=int, default=UI_PORT, help=f"the UI's port with --serve (default {UI_PORT})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -285,12 +323,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
             images = run(server, prompt, comfy / "output", args.timeout)
     else:
         if missing:
-            logger.warning("The real WithAnyone run needs these files in %s:\n  %s\nPut them there and run "
-                           "`make demo` again (README: Model files).", comfy / "models", "\n  ".join(missing))
-        logger.info("Now running the same graph on small random-weight models (FLUX.1 at hidden 3072 with 1 "
-                    "double + 1 single block, a FLUX-shaped VAE, CLIP-L alone as the text encoder since T5-XXL "
-                    "cannot be made small, tiny antelopev2 and SigLIP). The image is noise: this shows every "
-                    "node of the pipeline executing in ComfyUI.")
+            logger.warning(
+                "The real WithAnyone run needs these files in %s:\n  %s\nPut them there and run "
+                "`make demo` again (README: Model files).",
+                comfy / "models",
+                "\n  ".join(missing),
+            )
+        logger.info(
+            "Now running the same graph on small random-weight models (FLUX.1 at hidden 3072 with 1 "
+            "double + 1 single block, a FLUX-shaped VAE, CLIP-L alone as the text encoder since T5-XXL "
+            "cannot be made small, tiny antelopev2 and SigLIP). The image is noise: this shows every "
+            "node of the pipeline executing in ComfyUI."
+        )
         build_tiny_models(demo_dir)
         install_pack(demo_dir / "custom_nodes")
         with ComfyServer(demo_dir, comfy) as server:

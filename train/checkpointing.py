@@ -62,7 +62,7 @@ def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
         return bool(torch.isfinite(tensor).all())
     # fp8 (e.g. train.frozen_storage): torch has no isfinite for it; upcast a slice at a time, not the whole
     flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk].float()).all()) for i in range(0, flat.numel(), chunk))
+    return all(bool(torch.isfinite(flat[i : i + chunk].float()).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _nested_tensors(obj: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -164,12 +164,21 @@ def _refuse_nonfinite(accelerator, models, optimizer, step: int, output_dir: str
         raise CheckpointError(
             f"checkpoint step-{step} not written: {where} not finite (NaN or infinity); the newest checkpoint in "
             f"{Path(output_dir) / 'checkpoints'} is untouched. Lower the learning rate or keep gradient clipping on "
-            "(train.optimizer.max_grad_norm) and rerun to resume from it")
+            "(train.optimizer.max_grad_norm) and rerun to resume from it"
+        )
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, models, trainer_state: dict,
-                    lora_alpha: float | None, keep: int, adapter_metadata: dict | None = None,
-                    optimizer=None) -> Path | None:
+def save_checkpoint(
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    models,
+    trainer_state: dict,
+    lora_alpha: float | None,
+    keep: int,
+    adapter_metadata: dict | None = None,
+    optimizer=None,
+) -> Path | None:
     """Write checkpoint ``step`` atomically on every rank; returns its folder (main process).
 
     Refuses (:class:`CheckpointError`, on every rank, before writing anything) when a trainable weight,
@@ -179,8 +188,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, models, trai
     try:
         trainer_json = json.dumps(trainer_state, indent=1, allow_nan=False)
     except ValueError as exc:
-        raise CheckpointError(f"checkpoint step-{step} not written: its trainer state holds a non-finite number "
-                              f"({exc})") from exc
+        raise CheckpointError(
+            f"checkpoint step-{step} not written: its trainer state holds a non-finite number ({exc})"
+        ) from exc
     _refuse_nonfinite(accelerator, models, optimizer, step, output_dir)
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
@@ -200,8 +210,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, models, trai
         files = ["withanyone.safetensors", "accelerate", "trainer.json"]
         if lora_alpha is not None:
             transformer = accelerator.unwrap_model(models.denoiser).transformer
-            save_file(lora_state_for_comfyui(transformer, lora_alpha), str(tmp / "lora.safetensors"),
-                      metadata={"format": "withanyone-lora", "step": str(step)})
+            save_file(
+                lora_state_for_comfyui(transformer, lora_alpha),
+                str(tmp / "lora.safetensors"),
+                metadata={"format": "withanyone-lora", "step": str(step)},
+            )
             files.append("lora.safetensors")
         (tmp / "trainer.json").write_text(trainer_json)
         sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -228,7 +241,8 @@ def load_checkpoint(accelerator, folder: Path) -> dict:
         raise CheckpointError(
             f"checkpoint {folder} is intact but does not fit this run's models ({type(exc).__name__}: {first}); "
             "resume with the config it was written with (train.mode, train.branch, train.lora, models.*) "
-            "or use a new output_dir") from exc
+            "or use a new output_dir"
+        ) from exc
     return json.loads((folder / "trainer.json").read_text())
 
 
@@ -295,10 +309,14 @@ def verify_checkpoint(folder: Path) -> None:
             if not path.is_file():
                 raise DamagedCheckpoint(f"{rel} is missing")
             if path.stat().st_size != size:
-                raise DamagedCheckpoint(f"{rel} is {path.stat().st_size} bytes, written as {size} (truncated or altered)")
+                raise DamagedCheckpoint(
+                    f"{rel} is {path.stat().st_size} bytes, written as {size} (truncated or altered)"
+                )
     state = _read_json(folder / "trainer.json", "trainer.json")
     if not isinstance(state, dict) or any(k not in state for k in TRAINER_KEYS):
-        raise DamagedCheckpoint(f"trainer.json lacks {', '.join(k for k in TRAINER_KEYS if not isinstance(state, dict) or k not in state)}")
+        raise DamagedCheckpoint(
+            f"trainer.json lacks {', '.join(k for k in TRAINER_KEYS if not isinstance(state, dict) or k not in state)}"
+        )
     if state["step"] != step:
         raise DamagedCheckpoint(f"trainer.json says step {state['step']!r}, the folder step {step}")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -331,16 +349,24 @@ def choose_resume_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
         except DamagedCheckpoint as exc:
             aside = _set_aside(folder)
             damaged.append(f"{folder.name} ({exc})")
-            logger.warning("checkpoint %s is damaged: %s; kept aside as %s (not deleted); trying the next older one",
-                           folder, exc, aside.name)
+            logger.warning(
+                "checkpoint %s is damaged: %s; kept aside as %s (not deleted); trying the next older one",
+                folder,
+                exc,
+                aside.name,
+            )
             continue
         return step, folder
     earlier = [p.name for p in damaged_checkpoints(output_dir)]
     if damaged or earlier:
         root = Path(output_dir) / "checkpoints"
-        what = (f"{'; '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (kept as step-<N>.damaged)"
-                if damaged else f"only damaged ones, set aside by an earlier resume ({', '.join(earlier)})")
+        what = (
+            f"{'; '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (kept as step-<N>.damaged)"
+            if damaged
+            else f"only damaged ones, set aside by an earlier resume ({', '.join(earlier)})"
+        )
         raise CheckpointError(
             f"no usable checkpoint in {root}: {what}. To go on, copy an intact step-<N> folder back into {root}; "
-            f"to start this run over, move {root} away (or use a new output_dir)")
+            f"to start this run over, move {root} away (or use a new output_dir)"
+        )
     return None

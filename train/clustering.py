@@ -111,8 +111,11 @@ def _faiss_shared(embs: np.ndarray, search: ClusterSearch) -> tuple:
     cells = search.cells or max(1, int(4 * math.sqrt(n)))
     cells = max(1, min(cells, n // 39))  # faiss needs ~39 training points per cell
     rng = np.random.default_rng(0)  # the index (and so the result) depends on the data only
-    sample = embs if n <= cells * FAISS_TRAIN_PER_CELL else embs[np.sort(rng.choice(n, cells * FAISS_TRAIN_PER_CELL,
-                                                                                    replace=False))]
+    sample = (
+        embs
+        if n <= cells * FAISS_TRAIN_PER_CELL
+        else embs[np.sort(rng.choice(n, cells * FAISS_TRAIN_PER_CELL, replace=False))]
+    )
     if cells == 1:  # too few faces for cells: a flat (exhaustive) index
         index = faiss.IndexFlatIP(dim)
     else:
@@ -122,8 +125,13 @@ def _faiss_shared(embs: np.ndarray, search: ClusterSearch) -> tuple:
         index.train(np.ascontiguousarray(sample))
     index.add(embs)
     nprobe = min(search.nprobe, cells)
-    logger.info("clustering: faiss IVF index of %d faces in %d cells, %d searched per face%s", n, cells, nprobe,
-                " (exhaustive)" if nprobe == cells else "")
+    logger.info(
+        "clustering: faiss IVF index of %d faces in %d cells, %d searched per face%s",
+        n,
+        cells,
+        nprobe,
+        " (exhaustive)" if nprobe == cells else "",
+    )
     return uuid.uuid4().hex, faiss.serialize_index(index), embs, nprobe
 
 
@@ -132,20 +140,27 @@ def choose_backend(count: int, search: ClusterSearch) -> str:
         return "exact"
     if search.index == "faiss":
         if not faiss_available():
-            raise RuntimeError("--cluster-index faiss needs the faiss package: `pip install faiss-cpu` "
-                               "(or faiss-gpu), or use --cluster-index exact")
+            raise RuntimeError(
+                "--cluster-index faiss needs the faiss package: `pip install faiss-cpu` "
+                "(or faiss-gpu), or use --cluster-index exact"
+            )
         return "faiss"
     if count <= search.exact_below:
         return "exact"
     if faiss_available():
         return "faiss"
-    logger.info("clustering %d faces with exact search; `pip install faiss-cpu` makes this much faster above %d "
-                "faces (--cluster-index)", count, search.exact_below)
+    logger.info(
+        "clustering %d faces with exact search; `pip install faiss-cpu` makes this much faster above %d "
+        "faces (--cluster-index)",
+        count,
+        search.exact_below,
+    )
     return "exact"
 
 
-def similar_pairs(embs: np.ndarray, threshold: float, search: ClusterSearch = ClusterSearch(),
-                  map_blocks: Callable | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def similar_pairs(
+    embs: np.ndarray, threshold: float, search: ClusterSearch = ClusterSearch(), map_blocks: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, sims): every found pair i < j of unit vectors with cosine >= ``threshold``.
 
     ``map_blocks(function, shared, argument_tuples)`` -> ``[function(shared, *args), ...]``
@@ -181,8 +196,12 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def assign_identities(entries: dict[str, dict], threshold: float, search: ClusterSearch = ClusterSearch(),
-                      map_blocks: Callable | None = None) -> dict[tuple[str, int], str]:
+def assign_identities(
+    entries: dict[str, dict],
+    threshold: float,
+    search: ClusterSearch = ClusterSearch(),
+    map_blocks: Callable | None = None,
+) -> dict[tuple[str, int], str]:
     """(photo, face index) -> identity name.
 
     Photos in per-person subfolders give their largest face that folder's name. Every other
@@ -196,8 +215,11 @@ def assign_identities(entries: dict[str, dict], threshold: float, search: Cluste
     for rel, entry in sorted(entries.items()):
         folder = Path(rel).parent.as_posix()
         faces = entry["faces"]
-        largest = max(range(len(faces)), default=None,
-                      key=lambda i: (faces[i]["box"][2] - faces[i]["box"][0]) * (faces[i]["box"][3] - faces[i]["box"][1]))
+        largest = max(
+            range(len(faces)),
+            default=None,
+            key=lambda i: (faces[i]["box"][2] - faces[i]["box"][0]) * (faces[i]["box"][3] - faces[i]["box"][1]),
+        )
         for i, face in enumerate(faces):
             emb = _normalise(np.asarray(face["embedding"], dtype=np.float32))
             if folder != "." and i == largest:
@@ -213,8 +235,11 @@ def assign_identities(entries: dict[str, dict], threshold: float, search: Cluste
         options = []
         if centroids is not None:
             scores = np.stack([emb for _, emb in pending[rel]]) @ centroids.T
-            options = sorted((-float(scores[k, c]), i, names[c]) for k, (i, _) in enumerate(pending[rel])
-                             for c in np.nonzero(scores[k] >= threshold)[0])
+            options = sorted(
+                (-float(scores[k, c]), i, names[c])
+                for k, (i, _) in enumerate(pending[rel])
+                for c in np.nonzero(scores[k] >= threshold)[0]
+            )
         for _, i, name in options:  # best match first, each name once per photo
             if (rel, i) not in labels and name not in taken:
                 labels[(rel, i)] = name
@@ -230,8 +255,12 @@ def assign_identities(entries: dict[str, dict], threshold: float, search: Cluste
     return labels
 
 
-def _merge_cannot_link(faces: list[tuple[tuple[str, int], np.ndarray]], threshold: float, search: ClusterSearch,
-                       map_blocks: Callable | None) -> list[int]:
+def _merge_cannot_link(
+    faces: list[tuple[tuple[str, int], np.ndarray]],
+    threshold: float,
+    search: ClusterSearch,
+    map_blocks: Callable | None,
+) -> list[int]:
     """Single-linkage cluster root of each face (union-find), most similar pairs first."""
     parent = list(range(len(faces)))
     photos = [{key[0]} for key, _ in faces]
@@ -258,6 +287,7 @@ def _merge_cannot_link(faces: list[tuple[tuple[str, int], np.ndarray]], threshol
             photos[b] |= photos[a]
             photos[a] = set()
         if refused:
-            logger.info("clustering: %d merges refused that would have put two faces of one photo into one "
-                        "identity", refused)
+            logger.info(
+                "clustering: %d merges refused that would have put two faces of one photo into one identity", refused
+            )
     return [root(i) for i in range(len(faces))]

@@ -81,8 +81,9 @@ def read_extra_model_paths(yaml_path: str | os.PathLike) -> list[tuple[str, Path
     if raw is None:
         return entries
     if not isinstance(raw, dict):
-        raise ComfyUIFilesError(f"{yaml_path}: expected sections (e.g. comfyui: {{base_path: ..., vae: ...}}), "
-                                f"got {type(raw).__name__}")
+        raise ComfyUIFilesError(
+            f"{yaml_path}: expected sections (e.g. comfyui: {{base_path: ..., vae: ...}}), got {type(raw).__name__}"
+        )
     for section, conf in raw.items():
         if conf is None:
             continue
@@ -97,8 +98,10 @@ def read_extra_model_paths(yaml_path: str | os.PathLike) -> list[tuple[str, Path
         is_default = bool(conf.pop("is_default", False))
         for kind, value in conf.items():
             if not isinstance(value, str):
-                raise ComfyUIFilesError(f"{yaml_path}: {section}.{kind} must be a path, or several paths one per "
-                                        f"line (a | block), got {value!r}")
+                raise ComfyUIFilesError(
+                    f"{yaml_path}: {section}.{kind} must be a path, or several paths one per "
+                    f"line (a | block), got {value!r}"
+                )
             for line in value.split("\n"):
                 if not line:
                     continue
@@ -164,7 +167,7 @@ def _header(path: Path) -> dict[str, tuple[int, ...]]:
 def _strip_flux_prefix(shapes: Mapping[str, object]) -> dict[str, object]:
     for prefix in ("model.diffusion_model.", "diffusion_model."):
         if any(k.startswith(prefix + "double_blocks.") for k in shapes):
-            return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
     return dict(shapes)
 
 
@@ -186,8 +189,11 @@ def flux_shape(shapes: Mapping[str, tuple[int, ...]]) -> FluxShape | str:
         return "a FLUX.2 transformer (FLUX.1 is what WithAnyone adapts)"
     if "img_in.weight" not in s or "txt_in.weight" not in s or "vector_in.in_layer.weight" not in s:
         return "a FLUX-like transformer without img_in/txt_in/vector_in (e.g. Chroma), not FLUX.1"
-    return FluxShape(in_channels=s["img_in.weight"][1], context_dim=s["txt_in.weight"][1],
-                     pooled_dim=s["vector_in.in_layer.weight"][1])
+    return FluxShape(
+        in_channels=s["img_in.weight"][1],
+        context_dim=s["txt_in.weight"][1],
+        pooled_dim=s["vector_in.in_layer.weight"][1],
+    )
 
 
 def vae_latent_channels(shapes: Mapping[str, tuple[int, ...]]) -> int | str:
@@ -198,8 +204,11 @@ def vae_latent_channels(shapes: Mapping[str, tuple[int, ...]]) -> int | str:
     diffusers = "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes
     if not (ldm or diffusers):
         return "an autoencoder of an unknown layout"
-    down = re.compile(r"encoder\.down\.\d+\.downsample\.conv\.weight$" if ldm
-                      else r"encoder\.down_blocks\.\d+\.downsamplers\.0\.conv\.weight$")
+    down = re.compile(
+        r"encoder\.down\.\d+\.downsample\.conv\.weight$"
+        if ldm
+        else r"encoder\.down_blocks\.\d+\.downsamplers\.0\.conv\.weight$"
+    )
     factor = 2 ** sum(1 for k in shapes if down.match(k))
     if factor != 8:  # FLUX packs 2x2 latent pixels into a 16-pixel token
         return f"an autoencoder with {factor}x smaller latents (FLUX's has 8x)"
@@ -207,8 +216,10 @@ def vae_latent_channels(shapes: Mapping[str, tuple[int, ...]]) -> int | str:
 
 
 def clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | str:
-    if "text_model.embeddings.token_embedding.weight" not in shapes or \
-            "text_model.encoder.layers.0.self_attn.q_proj.weight" not in shapes:
+    if (
+        "text_model.embeddings.token_embedding.weight" not in shapes
+        or "text_model.encoder.layers.0.self_attn.q_proj.weight" not in shapes
+    ):
         return "not a CLIP text encoder in transformers' layout"
     return shapes["text_model.embeddings.token_embedding.weight"][1]
 
@@ -245,8 +256,7 @@ def _describe(folders: list[Path]) -> str:
     return ", ".join(str(f) + ("" if f.is_dir() else " (missing)") for f in folders)
 
 
-def _choose(key: str, value: str | None, folders: list[Path], expected: str,
-            check) -> Path:
+def _choose(key: str, value: str | None, folders: list[Path], expected: str, check) -> Path:
     """The one file of ``folders`` that ``check`` accepts (``check(path) -> None | reason``).
 
     ``value`` (``models.<key>``) picks by path, by name as ComfyUI lists it (``sub/name``) or by
@@ -264,12 +274,16 @@ def _choose(key: str, value: str | None, folders: list[Path], expected: str,
     if value:
         matches = [(n, p) for n, p in files if n == value] or [(n, p) for n, p in files if p.name == value]
         if len(matches) > 1:
-            raise ComfyUIFilesError(f"models.{key}={value} matches {len(matches)} files in {_describe(folders)}: "
-                                    f"{', '.join(n for n, _ in matches)}; give the name with its subfolder or a path")
+            raise ComfyUIFilesError(
+                f"models.{key}={value} matches {len(matches)} files in {_describe(folders)}: "
+                f"{', '.join(n for n, _ in matches)}; give the name with its subfolder or a path"
+            )
         if not matches:
             listed = ", ".join(n for n, _ in files) or "no files"
-            raise ComfyUIFilesError(f"models.{key}={value} is not in {_describe(folders)} (found: {listed}); "
-                                    f"put the {expected} there or give its path")
+            raise ComfyUIFilesError(
+                f"models.{key}={value} is not in {_describe(folders)} (found: {listed}); "
+                f"put the {expected} there or give its path"
+            )
         name, path = matches[0]
         reason = check(path)
         if reason:
@@ -291,11 +305,14 @@ def _choose(key: str, value: str | None, folders: list[Path], expected: str,
         return good[0][1]
     if not good:
         note = f"; skipped: {'; '.join(skipped)}" if skipped else ""
-        raise ComfyUIFilesError(f"models.{key}: no {expected} in {_describe(folders)}{note}. Put it there "
-                                f"or set models.{key} to its path")
-    raise ComfyUIFilesError(f"models.{key}: {len(good)} candidates for {expected} in {_describe(folders)}: "
-                            f"{', '.join(n for n, _ in good)}; choose one with models.{key}=<name> "
-                            f"(in the config or --set)")
+        raise ComfyUIFilesError(
+            f"models.{key}: no {expected} in {_describe(folders)}{note}. Put it there or set models.{key} to its path"
+        )
+    raise ComfyUIFilesError(
+        f"models.{key}: {len(good)} candidates for {expected} in {_describe(folders)}: "
+        f"{', '.join(n for n, _ in good)}; choose one with models.{key}=<name> "
+        f"(in the config or --set)"
+    )
 
 
 def _flux_check(path: Path) -> str | None:
@@ -362,10 +379,19 @@ def _siglip_candidates(folders: list[Path]) -> list[Path]:
     return out
 
 
-def resolve_comfyui_models(root: str | os.PathLike, *, transformer: str | None = None, vae: str | None = None,
-                           clip_l: str | None = None, t5: str | None = None, adapter: str | None = None,
-                           antelopev2: str | None = None, siglip: str | None = None,
-                           need_antelopev2: bool = False, need_siglip: bool = False) -> ComfyUIModels:
+def resolve_comfyui_models(
+    root: str | os.PathLike,
+    *,
+    transformer: str | None = None,
+    vae: str | None = None,
+    clip_l: str | None = None,
+    t5: str | None = None,
+    adapter: str | None = None,
+    antelopev2: str | None = None,
+    siglip: str | None = None,
+    need_antelopev2: bool = False,
+    need_siglip: bool = False,
+) -> ComfyUIModels:
     """Find every file a run needs in the install at ``root``; raises :class:`ComfyUIFilesError`.
 
     Reads headers only. The text encoders and autoencoder must fit the chosen FLUX (CLIP as wide
@@ -382,36 +408,64 @@ def resolve_comfyui_models(root: str | os.PathLike, *, transformer: str | None =
     tokenizers = {"CLIP": root / CLIP_TOKENIZER, "T5": root / T5_TOKENIZER}
     for what, folder in tokenizers.items():
         if not folder.is_dir():
-            raise ComfyUIFilesError(f"models.comfyui: {folder} does not exist; the {what} tokenizer is taken from "
-                                    f"the install's own tree: set models.comfyui to the ComfyUI folder that holds "
-                                    f"main.py and comfy/")
-    flux_path = _choose("transformer", transformer, folders["diffusion_models"],
-                        "FLUX.1 transformer in Black Forest Labs' layout (flux1-dev.safetensors, or its fp8 file)",
-                        _flux_check)
+            raise ComfyUIFilesError(
+                f"models.comfyui: {folder} does not exist; the {what} tokenizer is taken from "
+                f"the install's own tree: set models.comfyui to the ComfyUI folder that holds "
+                f"main.py and comfy/"
+            )
+    flux_path = _choose(
+        "transformer",
+        transformer,
+        folders["diffusion_models"],
+        "FLUX.1 transformer in Black Forest Labs' layout (flux1-dev.safetensors, or its fp8 file)",
+        _flux_check,
+    )
     shape = flux_shape(_header(flux_path))
-    vae_path = _choose("vae", vae, folders["vae"],
-                       f"FLUX.1 autoencoder (ae.safetensors, {shape.in_channels // 4} latent channels)",
-                       _fits(vae_latent_channels, shape.in_channels // 4, "latent channels"))
-    clip_path = _choose("clip_l", clip_l, folders["text_encoders"],
-                        f"CLIP-L (clip_l.safetensors, width {shape.pooled_dim})",
-                        _fits(clip_width, shape.pooled_dim, "width"))
-    t5_path = _choose("t5", t5, folders["text_encoders"],
-                      f"T5-XXL (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors, width {shape.context_dim})",
-                      _fits(t5_width, shape.context_dim, "width"))
-    found = ComfyUIModels(root=root, transformer=flux_path, vae=vae_path, clip_l=clip_path, t5=t5_path,
-                          clip_tokenizer=tokenizers["CLIP"], t5_tokenizer=tokenizers["T5"])
+    vae_path = _choose(
+        "vae",
+        vae,
+        folders["vae"],
+        f"FLUX.1 autoencoder (ae.safetensors, {shape.in_channels // 4} latent channels)",
+        _fits(vae_latent_channels, shape.in_channels // 4, "latent channels"),
+    )
+    clip_path = _choose(
+        "clip_l",
+        clip_l,
+        folders["text_encoders"],
+        f"CLIP-L (clip_l.safetensors, width {shape.pooled_dim})",
+        _fits(clip_width, shape.pooled_dim, "width"),
+    )
+    t5_path = _choose(
+        "t5",
+        t5,
+        folders["text_encoders"],
+        f"T5-XXL (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors, width {shape.context_dim})",
+        _fits(t5_width, shape.context_dim, "width"),
+    )
+    found = ComfyUIModels(
+        root=root,
+        transformer=flux_path,
+        vae=vae_path,
+        clip_l=clip_path,
+        t5=t5_path,
+        clip_tokenizer=tokenizers["CLIP"],
+        t5_tokenizer=tokenizers["T5"],
+    )
     if adapter:
-        found.adapter = _choose("adapter", adapter, folders["withanyone"], "WithAnyone adapter (withanyone.safetensors)",
-                                _adapter_check)
+        found.adapter = _choose(
+            "adapter", adapter, folders["withanyone"], "WithAnyone adapter (withanyone.safetensors)", _adapter_check
+        )
     if antelopev2:
         found.antelopev2 = Path(antelopev2)
     else:
         found.antelopev2, notes = _find_antelopev2(folders["insightface"])
         if found.antelopev2 is None and need_antelopev2:
             detail = f" ({notes[0]})" if notes else ""
-            raise ComfyUIFilesError(f"models.antelopev2: no antelopev2 face models in {_describe(folders['insightface'])}"
-                                    f"{detail}; the ID losses need them: put scrfd_10g_bnkps.onnx and glintr100.onnx "
-                                    f"in <insightface>/models/antelopev2/ or set models.antelopev2")
+            raise ComfyUIFilesError(
+                f"models.antelopev2: no antelopev2 face models in {_describe(folders['insightface'])}"
+                f"{detail}; the ID losses need them: put scrfd_10g_bnkps.onnx and glintr100.onnx "
+                f"in <insightface>/models/antelopev2/ or set models.antelopev2"
+            )
     if siglip:
         found.siglip = Path(siglip)
     else:
@@ -420,13 +474,19 @@ def resolve_comfyui_models(root: str | os.PathLike, *, transformer: str | None =
             found.siglip = candidates[0]
         elif need_siglip:
             listed = ", ".join(str(c) for c in candidates)
-            problem = f"{len(candidates)} candidates ({listed}): choose one with models.siglip" if candidates else \
-                "none found: put siglip-base-patch16-256-i18n (folder or model.safetensors) there"
-            raise ComfyUIFilesError(f"models.siglip: the SigLIP branch trains but in "
-                                    f"{_describe(folders['siglip'])} {problem}")
+            problem = (
+                f"{len(candidates)} candidates ({listed}): choose one with models.siglip"
+                if candidates
+                else "none found: put siglip-base-patch16-256-i18n (folder or model.safetensors) there"
+            )
+            raise ComfyUIFilesError(
+                f"models.siglip: the SigLIP branch trains but in {_describe(folders['siglip'])} {problem}"
+            )
         elif len(candidates) > 1:
-            logger.info("models.siglip: %d SigLIP candidates in the install and the SigLIP branch does not train: "
-                        "none used", len(candidates))
+            logger.info(
+                "models.siglip: %d SigLIP candidates in the install and the SigLIP branch does not train: none used",
+                len(candidates),
+            )
     for key in ("transformer", "vae", "clip_l", "t5"):
         logger.info("models.%s = %s", key, getattr(found, key))
     return found
@@ -468,8 +528,9 @@ def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype, source:
         state[key] = out
     unused = sorted(set(scales) - used)
     if unused:
-        raise ComfyUIFilesError(f"{source}: scale_weight without a weight for {', '.join(unused[:5])}: the file is "
-                                "incomplete")
+        raise ComfyUIFilesError(
+            f"{source}: scale_weight without a weight for {', '.join(unused[:5])}: the file is incomplete"
+        )
     return state
 
 
@@ -492,10 +553,14 @@ def _ldm_vae_config(state: Mapping[str, torch.Tensor]) -> dict:
     blocks = sorted({int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")})
     channels = [state[f"encoder.down.{i}.block.{len(blocks) - 1}.conv2.weight"].shape[0] for i in downs]
     ch = state["encoder.conv_in.weight"].shape[0]
-    ddconfig = {"ch": ch, "ch_mult": [c // ch for c in channels], "num_res_blocks": len(blocks),
-                "in_channels": state["encoder.conv_in.weight"].shape[1],
-                "out_ch": state["decoder.conv_out.weight"].shape[0],
-                "z_channels": state["decoder.conv_in.weight"].shape[1]}
+    ddconfig = {
+        "ch": ch,
+        "ch_mult": [c // ch for c in channels],
+        "num_res_blocks": len(blocks),
+        "in_channels": state["encoder.conv_in.weight"].shape[1],
+        "out_ch": state["decoder.conv_out.weight"].shape[0],
+        "z_channels": state["decoder.conv_in.weight"].shape[1],
+    }
     if [ch * m for m in ddconfig["ch_mult"]] != channels:
         raise ComfyUIFilesError(f"autoencoder block widths {channels} are not multiples of its first width {ch}")
     original = {"model": {"params": {"first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
@@ -506,12 +571,16 @@ def _diffusers_vae_config(state: Mapping[str, torch.Tensor]) -> dict:
     downs = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks.")})
     resnets = sorted({int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets.")})
     channels = [state[f"encoder.down_blocks.{i}.resnets.{len(resnets) - 1}.conv2.weight"].shape[0] for i in downs]
-    return {"in_channels": state["encoder.conv_in.weight"].shape[1],
-            "out_channels": state["decoder.conv_out.weight"].shape[0],
-            "down_block_types": ["DownEncoderBlock2D"] * len(channels),
-            "up_block_types": ["UpDecoderBlock2D"] * len(channels),
-            "block_out_channels": channels, "layers_per_block": len(resnets),
-            "latent_channels": state["decoder.conv_in.weight"].shape[1], "scaling_factor": FLUX_VAE_SCALING}
+    return {
+        "in_channels": state["encoder.conv_in.weight"].shape[1],
+        "out_channels": state["decoder.conv_out.weight"].shape[0],
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "block_out_channels": channels,
+        "layers_per_block": len(resnets),
+        "latent_channels": state["decoder.conv_in.weight"].shape[1],
+        "scaling_factor": FLUX_VAE_SCALING,
+    }
 
 
 def _norm_groups(channels: list[int]) -> int:
@@ -540,7 +609,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype):
     state = load_safetensors(path)
     for prefix in ("first_stage_model.", "vae."):
         if any(k.startswith(prefix + "encoder.") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     state = dequantize_state(state, dtype, str(path))
     if "encoder.down.0.block.0.conv1.weight" in state:
         config = _ldm_vae_config(state)
@@ -558,8 +627,10 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype):
         vae = AutoencoderKL(**config)
     missing, unexpected = vae.load_state_dict(mapped, strict=False, assign=True)
     if missing or unexpected:
-        raise ComfyUIFilesError(f"{path}: the autoencoder does not match diffusers' AutoencoderKL: missing "
-                                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ComfyUIFilesError(
+            f"{path}: the autoencoder does not match diffusers' AutoencoderKL: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     return vae.to(dtype)
 
 
@@ -577,14 +648,18 @@ def _tokenizer(folder: Path, what: str):
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ComfyUIFilesError(f"the {what} tokenizer in {folder} cannot be read ({exc}); it comes with ComfyUI: "
-                                "models.comfyui must be a complete ComfyUI folder") from exc
+        raise ComfyUIFilesError(
+            f"the {what} tokenizer in {folder} cannot be read ({exc}); it comes with ComfyUI: "
+            "models.comfyui must be a complete ComfyUI folder"
+        ) from exc
 
 
 def _check_vocab(tokenizer, rows: int, path, what: str) -> None:
     if len(tokenizer) > rows:
-        raise ComfyUIFilesError(f"{path}: the {what} has {rows} token embeddings but the install's tokenizer has "
-                                f"{len(tokenizer)} tokens; this is not the text encoder its tokenizer belongs to")
+        raise ComfyUIFilesError(
+            f"{path}: the {what} has {rows} token embeddings but the install's tokenizer has "
+            f"{len(tokenizer)} tokens; this is not the text encoder its tokenizer belongs to"
+        )
 
 
 def load_clip_l(path: str | os.PathLike, tokenizer_dir: Path, dtype: torch.dtype):
@@ -605,12 +680,17 @@ def load_clip_l(path: str | os.PathLike, tokenizer_dir: Path, dtype: torch.dtype
     _check_vocab(tokenizer, vocab, path, "CLIP text encoder")
     tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     config = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, max_position_embeddings=positions,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        max_position_embeddings=positions,
         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=_count(state, r"text_model\.encoder\.layers\.(\d+)\."),
-        num_attention_heads=max(1, hidden // 64) if hidden % 64 == 0 else 1, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        num_attention_heads=max(1, hidden // 64) if hidden % 64 == 0 else 1,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
     return tokenizer, _assemble(CLIPTextModel, config, state, path, dtype)
 
 
@@ -636,11 +716,20 @@ def load_t5(path: str | os.PathLike, tokenizer_dir: Path, dtype: torch.dtype):
     tokenizer = _tokenizer(tokenizer_dir, "T5")
     _check_vocab(tokenizer, vocab, path, "T5 encoder")
     config = T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
-        d_ff=d_ff, num_layers=_count(state, r"encoder\.block\.(\d+)\."), num_heads=heads,
-        relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu" if gated else "relu",
-        is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+        d_ff=d_ff,
+        num_layers=_count(state, r"encoder\.block\.(\d+)\."),
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
     return tokenizer, _assemble(T5EncoderModel, config, state, path, dtype)
 
 
@@ -648,9 +737,11 @@ def _assemble(cls, config, state: dict[str, torch.Tensor], path, dtype: torch.dt
     with torch.device("meta"):
         model = cls(config)
     expected = set(model.state_dict())
-    if "text_model.embeddings.token_embedding.weight" in state and \
-            "text_model.embeddings.token_embedding.weight" not in expected:  # transformers 5 drops the prefix
-        state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    if (
+        "text_model.embeddings.token_embedding.weight" in state
+        and "text_model.embeddings.token_embedding.weight" not in expected
+    ):  # transformers 5 drops the prefix
+        state = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in state.items()}
     missing = sorted(expected - set(state))
     # position_ids is a buffer some transformers versions keep; built from the config, never read from files
     buffers = {name for name, _ in model.named_buffers()}

@@ -76,9 +76,13 @@ class Range:
     def check(self, value: float, where: str) -> None:
         if not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number ({self.describe()}); got {value}")
-        if ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
-                or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
-                or (self.multiple_of and value % self.multiple_of)):
+        if (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+            or (self.multiple_of and value % self.multiple_of)
+        ):
             raise ConfigError(f"{where} must be {self.describe()}; got {_fmt(value)}")
 
 
@@ -128,12 +132,16 @@ class DataConfig:
     manifest: str | None = None  # JSONL manifest from prepare.py (source manifest or mix)
     source: Literal["manifest", "multiid2m", "mix"] = "manifest"
     multiid2m: MultiID2MConfig | None = None
-    mix: list[Annotated[float, FINITE]] = field(default_factory=lambda: [1.0, 1.0])  # source weights [manifest, multiid2m]
+    mix: list[Annotated[float, FINITE]] = field(
+        default_factory=lambda: [1.0, 1.0]
+    )  # source weights [manifest, multiid2m]
     negatives: str | None = None  # negatives.safetensors from prepare.py; None = built from the manifest
     batch_size: Annotated[int, AT_LEAST_1] = 1
     buckets: list[list[Annotated[int, PIXELS]]] = field(default_factory=lambda: [[512, 512]])
     text_cache: str | None = None  # folder for cached text-encoder outputs
-    num_workers: Annotated[int, NON_NEGATIVE] = 4  # DataLoader worker processes per training process (0 = load in the trainer)
+    num_workers: Annotated[int, NON_NEGATIVE] = (
+        4  # DataLoader worker processes per training process (0 = load in the trainer)
+    )
     # share of samples read that may be skipped as bad before the run stops
     max_bad_fraction: Annotated[float, FRACTION] = 0.01
     max_image_pixels: Annotated[int, NON_NEGATIVE] = 150_000_000  # photos above are skipped (named); 0 = no limit
@@ -143,10 +151,24 @@ class DataConfig:
 class LoraConfig:
     rank: Annotated[int, AT_LEAST_1] = 16
     alpha: Annotated[float, POSITIVE] = 16.0
-    targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
-    ])
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "ff_context.net.0.proj",
+            "ff_context.net.2",
+            "proj_mlp",
+            "proj_out",
+        ]
+    )
 
 
 # adamw: torch's (the authors'); adamw8bit: bitsandbytes' 8-bit states (2 instead of 8 bytes per parameter)
@@ -236,9 +258,13 @@ class PhaseConfig:
     min_quality: Annotated[float, FINITE] | None = None
     lr: Annotated[float, POSITIVE] | None = None  # None keeps optimizer.lr
     loss: LossWeights = field(default_factory=LossWeights)
-    min_face_size: Annotated[float, NON_NEGATIVE] = 100.0  # records with a face smaller than this (photo pixels) are left out
+    min_face_size: Annotated[float, NON_NEGATIVE] = (
+        100.0  # records with a face smaller than this (photo pixels) are left out
+    )
     crop: str = "keep_faces"  # keep_faces (random crop keeping every face) | center
-    paired_candidates: Annotated[int, AT_LEAST_1] = 20  # paired reference: best of up to this many other photos of the person
+    paired_candidates: Annotated[int, AT_LEAST_1] = (
+        20  # paired reference: best of up to this many other photos of the person
+    )
     paired_min_similarity: Annotated[float, COSINE] = 0.6  # ... whose ArcFace cosine to the GT face reaches this
     paired_accept_similarity: Annotated[float, COSINE] = 0.8  # ... stopping at the first above this
     paired_fallback: str = "skip"  # skip | self: when no candidate qualifies
@@ -283,14 +309,16 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def substitute_env(text: str, where: str = "") -> str:
     """``${VAR}`` / ``${VAR:-default}`` in one value; ``where`` (e.g. "c.yaml line 3: ") leads the error."""
+
     def repl(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         if name in os.environ:
             return os.environ[name]
         if default is not None:
             return default
-        raise ConfigError(f"{where}environment variable ${{{name}}} is not set "
-                          f"(set it, or write ${{{name}:-default}} for a default)")
+        raise ConfigError(
+            f"{where}environment variable ${{{name}}} is not set (set it, or write ${{{name}:-default}} for a default)"
+        )
 
     return _ENV.sub(repl, text)
 
@@ -299,8 +327,10 @@ def substitute_env(text: str, where: str = "") -> str:
 # 2024-01-01 a date); underscores between digits are allowed, as in Python
 _DIGITS = r"[0-9](?:_?[0-9])*"
 _INT = re.compile(rf"^(?:[-+]?{_DIGITS}|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT = re.compile(rf"^(?:[-+]?(?:\.{_DIGITS}|{_DIGITS}(?:\.(?:{_DIGITS})?)?)(?:[eE][-+]?{_DIGITS})?"
-                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_FLOAT = re.compile(
+    rf"^(?:[-+]?(?:\.{_DIGITS}|{_DIGITS}(?:\.(?:{_DIGITS})?)?)(?:[eE][-+]?{_DIGITS})?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _WORD_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _INT_TAG, _FLOAT_TAG, _BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
@@ -327,9 +357,13 @@ class _Loader(yaml.SafeLoader):
     """Safe YAML with 1.2 core-schema numbers and booleans, no timestamps, and no key given twice."""
 
     yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (
-            _INT_TAG, _FLOAT_TAG, _BOOL_TAG, "tag:yaml.org,2002:timestamp")]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        first: [
+            (tag, rx)
+            for tag, rx in resolvers
+            if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG, "tag:yaml.org,2002:timestamp")
+        ]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -338,8 +372,11 @@ class _Loader(yaml.SafeLoader):
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
                     if key_node.value in seen:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key_node.value!r} is given twice (first on line {seen[key_node.value] + 1})",
-                            key_node.start_mark)
+                            None,
+                            None,
+                            f"key {key_node.value!r} is given twice (first on line {seen[key_node.value] + 1})",
+                            key_node.start_mark,
+                        )
                     seen[key_node.value] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
@@ -347,6 +384,8 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(_BOOL_TAG, _BOOL, list("tTfF"))
 _Loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
 _Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
 def _scalar_constructor(kind: str, pattern: re.Pattern, parse):
     def construct(loader: _Loader, node: yaml.Node):
         text = loader.construct_scalar(node)
@@ -358,13 +397,15 @@ def _scalar_constructor(kind: str, pattern: re.Pattern, parse):
 
 
 _Loader.add_constructor(_INT_TAG, _scalar_constructor("an integer", _INT, _parse_int))
-_Loader.add_constructor(_FLOAT_TAG, _scalar_constructor("a number", re.compile(f"{_INT.pattern}|{_FLOAT.pattern}"),
-                                                        _parse_float))
+_Loader.add_constructor(
+    _FLOAT_TAG, _scalar_constructor("a number", re.compile(f"{_INT.pattern}|{_FLOAT.pattern}"), _parse_float)
+)
 _Loader.add_constructor(_BOOL_TAG, _scalar_constructor("true or false", _BOOL, lambda text: text.lower() == "true"))
 
 
-def _substitute_nodes(node: yaml.Node, loader: _Loader, marks: re.Pattern, found: list[str], name: str,
-                      seen: set) -> None:
+def _substitute_nodes(
+    node: yaml.Node, loader: _Loader, marks: re.Pattern, found: list[str], name: str, seen: set
+) -> None:
     """Put the environment into every scalar holding a mark (comments never reach the nodes)."""
     if id(node) in seen:
         return
@@ -384,8 +425,10 @@ def _substitute_nodes(node: yaml.Node, loader: _Loader, marks: re.Pattern, found
 def _yaml_error(exc: yaml.YAMLError, name: str, text: str) -> ConfigError:
     if isinstance(exc, yaml.reader.ReaderError):  # a control character, e.g. a binary file
         line = text.count("\n", 0, exc.position) + 1
-        return ConfigError(f"{name} line {line}: character U+{exc.character:04X} at offset {exc.position} is not "
-                           f"allowed in YAML (a binary file?)")
+        return ConfigError(
+            f"{name} line {line}: character U+{exc.character:04X} at offset {exc.position} is not "
+            f"allowed in YAML (a binary file?)"
+        )
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p) or str(exc)
     where = f"{name} line {mark.line + 1} column {mark.column + 1}" if mark else name
@@ -425,14 +468,18 @@ def _read_config_file(path: Path) -> dict:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path} line {line}: not a text config (byte 0x{data[exc.start]:02x} at offset "
-                          f"{exc.start} is not UTF-8): give the YAML file") from None
+        raise ConfigError(
+            f"{path} line {line}: not a text config (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start} is not UTF-8): give the YAML file"
+        ) from None
     raw = read_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of keys (output_dir:, models:, data:, phases: ...), "
-                          f"not a {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: the config must be a mapping of keys (output_dir:, models:, data:, phases: ...), "
+            f"not a {type(raw).__name__}"
+        )
     return raw
 
 
@@ -545,8 +592,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'the config'}: expected a mapping with keys "
-                          f"{sorted(f.name for f in dataclasses.fields(cls))}, got {_show(raw)}")
+        raise ConfigError(
+            f"{where or 'the config'}: expected a mapping with keys "
+            f"{sorted(f.name for f in dataclasses.fields(cls))}, got {_show(raw)}"
+        )
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)
@@ -564,8 +613,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 def _describe_list(items: list) -> str:
     if not items:
         return "an empty list"
-    names = [f"{i} ({item['name']})" if isinstance(item, dict) and isinstance(item.get("name"), str) else str(i)
-             for i, item in enumerate(items)]
+    names = [
+        f"{i} ({item['name']})" if isinstance(item, dict) and isinstance(item.get("name"), str) else str(i)
+        for i, item in enumerate(items)
+    ]
     return f"a list of {len(items)}: {', '.join(names)}"
 
 
@@ -599,14 +650,16 @@ def _apply_override(raw: dict, assignment: str) -> str:
             child_annotation = hints[key]
         elif typing.get_origin(annotation) is list:
             if not isinstance(node, list):
-                raise ConfigError(f"--set {path}: {here} is not set as a list in the config: "
-                                  f"set it whole (--set {here}=[...])")
+                raise ConfigError(
+                    f"--set {path}: {here} is not set as a list in the config: set it whole (--set {here}=[...])"
+                )
             if not re.fullmatch(r"[0-9]+", key) or int(key) >= len(node):
                 raise ConfigError(f"--set {path}: {key!r} is not an index of {here}, which is {_describe_list(node)}")
             slot, (child_annotation,) = int(key), typing.get_args(annotation)
         else:
-            raise ConfigError(f"--set {path}: {here} is a single value, it has no {key!r} "
-                              f"(set it with --set {here}=...)")
+            raise ConfigError(
+                f"--set {path}: {here} is a single value, it has no {key!r} (set it with --set {here}=...)"
+            )
         if i == len(keys) - 1:
             node[slot] = parsed
         else:
@@ -614,8 +667,10 @@ def _apply_override(raw: dict, assignment: str) -> str:
             if child is None and dataclasses.is_dataclass(_strip_optional(child_annotation)):
                 node[slot] = child = {}
             elif child is None and typing.get_origin(_strip_optional(child_annotation)) is list:
-                raise ConfigError(f"--set {path}: {'.'.join(keys[:i + 1])} is not set in the config: "
-                                  f"set it whole (--set {'.'.join(keys[:i + 1])}=[...])")
+                raise ConfigError(
+                    f"--set {path}: {'.'.join(keys[: i + 1])} is not set in the config: "
+                    f"set it whole (--set {'.'.join(keys[: i + 1])}=[...])"
+                )
             node = child
             annotation = child_annotation
     return path
@@ -650,22 +705,29 @@ def numeric_keys_without_range(cls: type = None, prefix: str = "") -> list[str]:
 MULTIID2M_PATH_KEYS = ("shards", "refs", "cluster_centers", "landmarks")
 # models.* keys that, with models.comfyui, may name a file inside the install's model folders
 COMFYUI_NAMED_KEYS = ("transformer", "vae", "clip_l", "t5", "adapter")
-PATH_KEYS = (("models", ("comfyui", "base", "transformer", "vae", "clip_l", "t5", "adapter", "antelopev2", "siglip")),
-             ("data", ("manifest", "negatives", "text_cache")), ("", ("output_dir",)))
+PATH_KEYS = (
+    ("models", ("comfyui", "base", "transformer", "vae", "clip_l", "t5", "adapter", "antelopev2", "siglip")),
+    ("data", ("manifest", "negatives", "text_cache")),
+    ("", ("output_dir",)),
+)
 
 
 def _validate_models(models: ModelsConfig) -> None:
     if models.comfyui and models.base:
-        raise ConfigError("models.comfyui and models.base are both set: use one (models.comfyui takes every file "
-                          "from a ComfyUI install; models.base is a diffusers FLUX.1 folder); unset the other, "
-                          "e.g. --set models.base=null")
+        raise ConfigError(
+            "models.comfyui and models.base are both set: use one (models.comfyui takes every file "
+            "from a ComfyUI install; models.base is a diffusers FLUX.1 folder); unset the other, "
+            "e.g. --set models.base=null"
+        )
     if not models.comfyui and not models.base:
         raise ConfigError("set models.comfyui to your ComfyUI folder (or models.base to a diffusers FLUX.1 folder)")
     if not models.comfyui:
         named = [k for k in ("vae", "clip_l", "t5") if getattr(models, k)]
         if named:
-            raise ConfigError(f"models.{', models.'.join(named)} choose files of a ComfyUI install: set "
-                              "models.comfyui, or unset them (models.base holds its own vae/ and text encoders)")
+            raise ConfigError(
+                f"models.{', models.'.join(named)} choose files of a ComfyUI install: set "
+                "models.comfyui, or unset them (models.base holds its own vae/ and text encoders)"
+            )
 
 
 def validate(config: Config) -> Config:
@@ -698,7 +760,9 @@ def validate(config: Config) -> Config:
     if data.source == "manifest" and data.multiid2m is not None:
         raise ConfigError("data.multiid2m is set but data.source is manifest: set data.source to multiid2m or mix")
     if len(data.mix) != 2 or min(data.mix) < 0 or sum(data.mix) <= 0:
-        raise ConfigError(f"data.mix must be two non-negative weights [manifest, multiid2m], not both 0; got {data.mix}")
+        raise ConfigError(
+            f"data.mix must be two non-negative weights [manifest, multiid2m], not both 0; got {data.mix}"
+        )
     _validate_lean(config)
     return config
 
@@ -707,15 +771,22 @@ def _validate_lean(config: Config) -> None:
     """The memory-lean keys: only the combinations the trainer can run."""
     t = config.train
     if t.frozen_storage != "default" and t.mode != "adapter":
-        raise ConfigError(f"train.frozen_storage={t.frozen_storage} stores the frozen FLUX in fp8, but train.mode="
-                          f"{t.mode} trains FLUX weights: use train.mode=adapter or train.frozen_storage=default")
+        raise ConfigError(
+            f"train.frozen_storage={t.frozen_storage} stores the frozen FLUX in fp8, but train.mode="
+            f"{t.mode} trains FLUX weights: use train.mode=adapter or train.frozen_storage=default"
+        )
     if t.adapter_lora.rank < 0 or (t.adapter_lora.alpha is not None and t.adapter_lora.alpha <= 0):
         raise ConfigError("train.adapter_lora.rank must be >= 0 (0 = off) and alpha positive (or unset = rank)")
-    if t.release_text_encoders and config.data.source != "manifest" and any(
-            p.prompt_mode == "caption" for p in config.phases):
-        raise ConfigError("train.release_text_encoders needs every caption before training, but the MultiID-2M "
-                          "shards' captions are only read while streaming: use it with data.source=manifest, or "
-                          "with fixed-prompt phases only, or set train.release_text_encoders=false")
+    if (
+        t.release_text_encoders
+        and config.data.source != "manifest"
+        and any(p.prompt_mode == "caption" for p in config.phases)
+    ):
+        raise ConfigError(
+            "train.release_text_encoders needs every caption before training, but the MultiID-2M "
+            "shards' captions are only read while streaming: use it with data.source=manifest, or "
+            "with fixed-prompt phases only, or set train.release_text_encoders=false"
+        )
 
 
 def resolved_paths(config: Config) -> list[tuple[str, str]]:
@@ -728,8 +799,11 @@ def resolved_paths(config: Config) -> list[tuple[str, str]]:
             if value:
                 out.append((f"{section}.{name}" if section else name, value))
     if config.data.multiid2m is not None:
-        out += [(f"data.multiid2m.{name}", getattr(config.data.multiid2m, name)) for name in MULTIID2M_PATH_KEYS
-                if getattr(config.data.multiid2m, name)]
+        out += [
+            (f"data.multiid2m.{name}", getattr(config.data.multiid2m, name))
+            for name in MULTIID2M_PATH_KEYS
+            if getattr(config.data.multiid2m, name)
+        ]
     return out
 
 
@@ -758,8 +832,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             if value:
                 base = cwd if from_command_line(f"{section}.{name}" if section else name) else file_base
                 resolved = (base / os.path.expanduser(value)).resolve()
-                if section == "models" and name in COMFYUI_NAMED_KEYS and config.models.comfyui \
-                        and not os.path.isabs(os.path.expanduser(value)) and not resolved.exists():
+                if (
+                    section == "models"
+                    and name in COMFYUI_NAMED_KEYS
+                    and config.models.comfyui
+                    and not os.path.isabs(os.path.expanduser(value))
+                    and not resolved.exists()
+                ):
                     continue  # a file name (or sub/name) inside the install's model folders
                 setattr(obj, name, str(resolved))
     if config.data.multiid2m is not None:
@@ -781,8 +860,10 @@ def _check_multiid2m_refs(section: MultiID2MConfig, hint: str) -> None:
         if is_reference_folder(section.refs):
             folder = Path(section.refs)
             if not any(p.is_dir() for p in folder.iterdir()) and any(folder.glob("*.tar*")):
-                raise ConfigError(f"data.multiid2m.refs: {folder} holds tar files but no <name>/ folders: set it to "
-                                  f"the tars themselves, {folder / '*.tar'} (read in place), or untar them there{hint}")
+                raise ConfigError(
+                    f"data.multiid2m.refs: {folder} holds tar files but no <name>/ folders: set it to "
+                    f"the tars themselves, {folder / '*.tar'} (read in place), or untar them there{hint}"
+                )
         else:
             try:
                 expand_reference_tars(section.refs)
@@ -794,11 +875,15 @@ def _check_multiid2m_refs(section: MultiID2MConfig, hint: str) -> None:
     if centres:
         path = Path(centres)
         if not path.exists():
-            raise ConfigError(f"data.multiid2m.cluster_centers: {centres} does not exist (ref/cluster_centers.tar, "
-                              f"or the folder of <name>.npy it untars into){hint}")
+            raise ConfigError(
+                f"data.multiid2m.cluster_centers: {centres} does not exist (ref/cluster_centers.tar, "
+                f"or the folder of <name>.npy it untars into){hint}"
+            )
         if path.is_file() and not path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
-            raise ConfigError(f"data.multiid2m.cluster_centers: {centres} is a file but not a .tar: give "
-                              f"ref/cluster_centers.tar or the folder of <name>.npy it untars into{hint}")
+            raise ConfigError(
+                f"data.multiid2m.cluster_centers: {centres} is a file but not a .tar: give "
+                f"ref/cluster_centers.tar or the folder of <name>.npy it untars into{hint}"
+            )
 
 
 OUTPUT_FOLDERS = ("checkpoints", "samples", "logs", "landmarks")  # what a run writes inside output_dir
@@ -819,29 +904,35 @@ def check_output_dir(output_dir: str) -> None:
         target = target.parent
     if not target.is_dir():
         inside = "" if target == path else f" (it would be inside {target}, which is a file)"
-        raise ConfigError(f"output_dir: {path} is not a folder{inside}: give a folder for the checkpoints, "
-                          f"samples and logs (--set output_dir=...)")
+        raise ConfigError(
+            f"output_dir: {path} is not a folder{inside}: give a folder for the checkpoints, "
+            f"samples and logs (--set output_dir=...)"
+        )
     folders = [target] + [path / name for name in OUTPUT_FOLDERS if (path / name).exists()]
     for folder in folders:
         if not folder.is_dir():
-            raise ConfigError(f"output_dir: {folder} is a file where the run keeps a folder: move it away, or give "
-                              f"another output_dir (--set output_dir=...)")
+            raise ConfigError(
+                f"output_dir: {folder} is a file where the run keeps a folder: move it away, or give "
+                f"another output_dir (--set output_dir=...)"
+            )
         try:
             with tempfile.TemporaryFile(dir=folder, prefix=".withanyone-write-test-"):
                 pass
         except OSError as exc:
-            what = (f"{path} cannot be created in {target}" if target != path
-                    else f"{folder} is not writable")
-            raise ConfigError(f"output_dir: {what} ({exc.strerror or exc}): give a folder you can write "
-                              f"(--set output_dir=...)") from None
+            what = f"{path} cannot be created in {target}" if target != path else f"{folder} is not writable"
+            raise ConfigError(
+                f"output_dir: {what} ({exc.strerror or exc}): give a folder you can write (--set output_dir=...)"
+            ) from None
     for name in OUTPUT_FILES:
         if (path / name).exists():
             try:
                 with open(path / name, "ab"):  # appended to by the run; opening changes nothing
                     pass
             except OSError as exc:
-                raise ConfigError(f"output_dir: {path / name} cannot be appended to ({exc.strerror or exc}): give a "
-                                  f"folder you can write (--set output_dir=...)") from None
+                raise ConfigError(
+                    f"output_dir: {path / name} cannot be appended to ({exc.strerror or exc}): give a "
+                    f"folder you can write (--set output_dir=...)"
+                ) from None
 
 
 FLUX_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -875,12 +966,14 @@ def check_paths(config: Config) -> None:
             continue
         if not (Path(m.base) / folder).is_dir():
             fail("models.base", str(Path(m.base) / folder), f"every diffusers FLUX.1 folder has {folder}/")
-    for key, value, what in (("models.transformer", m.transformer, "a BFL FLUX.1 .safetensors file"),
-                             ("models.adapter", m.adapter, "a withanyone.safetensors to start from"),
-                             ("models.antelopev2", m.antelopev2, "the insightface models root holding models/antelopev2/"),
-                             ("models.siglip", m.siglip, "the SigLIP folder or .safetensors"),
-                             ("data.manifest", d.manifest, "build it with `python train/prepare.py`"),
-                             ("data.negatives", d.negatives, "prepare.py writes negatives.safetensors next to the manifest")):
+    for key, value, what in (
+        ("models.transformer", m.transformer, "a BFL FLUX.1 .safetensors file"),
+        ("models.adapter", m.adapter, "a withanyone.safetensors to start from"),
+        ("models.antelopev2", m.antelopev2, "the insightface models root holding models/antelopev2/"),
+        ("models.siglip", m.siglip, "the SigLIP folder or .safetensors"),
+        ("data.manifest", d.manifest, "build it with `python train/prepare.py`"),
+        ("data.negatives", d.negatives, "prepare.py writes negatives.safetensors next to the manifest"),
+    ):
         if value and not Path(value).exists():
             fail(key, value, what)
     if d.multiid2m is not None:
@@ -892,11 +985,15 @@ def check_paths(config: Config) -> None:
             raise ConfigError(f"data.multiid2m.shards: {exc}{hint}") from exc
         _check_multiid2m_refs(d.multiid2m, hint)
     if uses_id_losses and not m.antelopev2:
-        raise ConfigError("models.antelopev2 is empty but a phase uses the ID losses: set it to the insightface "
-                          "models root holding models/antelopev2/")
+        raise ConfigError(
+            "models.antelopev2 is empty but a phase uses the ID losses: set it to the insightface "
+            "models root holding models/antelopev2/"
+        )
     if config.train.branch != "arcface" and not m.siglip:
-        raise ConfigError(f"models.siglip is empty but train.branch={config.train.branch} trains the SigLIP branch: "
-                          "set it to the siglip-base-patch16-256-i18n folder")
+        raise ConfigError(
+            f"models.siglip is empty but train.branch={config.train.branch} trains the SigLIP branch: "
+            "set it to the siglip-base-patch16-256-i18n folder"
+        )
 
 
 def resolve_comfyui(config: Config, hint: str = "") -> None:
@@ -907,9 +1004,17 @@ def resolve_comfyui(config: Config, hint: str = "") -> None:
     m = config.models
     try:
         found = resolve_comfyui_models(
-            m.comfyui, transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5=m.t5, adapter=m.adapter,
-            antelopev2=m.antelopev2 or None, siglip=m.siglip or None,
-            need_antelopev2=_uses_id_losses(config), need_siglip=config.train.branch != "arcface")
+            m.comfyui,
+            transformer=m.transformer,
+            vae=m.vae,
+            clip_l=m.clip_l,
+            t5=m.t5,
+            adapter=m.adapter,
+            antelopev2=m.antelopev2 or None,
+            siglip=m.siglip or None,
+            need_antelopev2=_uses_id_losses(config),
+            need_siglip=config.train.branch != "arcface",
+        )
     except ComfyUIFilesError as exc:
         raise ConfigError(f"{exc}{hint}") from exc
     m.comfyui = str(found.root)  # the portable package's ComfyUI/ when its parent was given

@@ -66,10 +66,17 @@ class FP8StorageLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
-        scale = (w.abs().amax().float().clamp(min=1e-12) / FP8_MAX) if w.device.type != "meta" else \
-            torch.ones((), device="meta")
-        self.weight = nn.Parameter((w.float() / scale).to(storage) if w.device.type != "meta"
-                                   else torch.empty(w.shape, dtype=storage, device="meta"), requires_grad=False)
+        scale = (
+            (w.abs().amax().float().clamp(min=1e-12) / FP8_MAX)
+            if w.device.type != "meta"
+            else torch.ones((), device="meta")
+        )
+        self.weight = nn.Parameter(
+            (w.float() / scale).to(storage)
+            if w.device.type != "meta"
+            else torch.empty(w.shape, dtype=storage, device="meta"),
+            requires_grad=False,
+        )
         self.register_buffer("weight_scale", scale.reshape(()).float())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
@@ -118,8 +125,10 @@ def bitsandbytes():
         with without_hub_kernels():
             import bitsandbytes as bnb
     except ImportError as exc:
-        raise ImportError("train.optimizer.name=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
-                          "(or pip install -r requirements-train.txt), or set train.optimizer.name=adamw") from exc
+        raise ImportError(
+            "train.optimizer.name=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
+            "(or pip install -r requirements-train.txt), or set train.optimizer.name=adamw"
+        ) from exc
     return bnb
 
 
@@ -127,6 +136,7 @@ def peft():
     """peft, imported without letting it reach the network (it imports bitsandbytes when installed)."""
     settle_bitsandbytes()
     import peft as module
+
     return module
 
 
@@ -169,8 +179,9 @@ def adapter_lora_pattern(prefixes: tuple[str, ...]) -> str:
     return rf"^({heads})\.\d+(\.(to_q|to_kv|to_out))?$"
 
 
-def add_adapter_lora(adapter: nn.Module, prefixes: tuple[str, ...], rank: int, alpha: float,
-                     frozen: torch.dtype) -> list[nn.Parameter]:
+def add_adapter_lora(
+    adapter: nn.Module, prefixes: tuple[str, ...], rank: int, alpha: float, frozen: torch.dtype
+) -> list[nn.Parameter]:
     """LoRA (peft) on the linear layers of the branches ``prefixes``; base weights frozen in ``frozen``,
     LoRA weights fp32 master copies. Returns the LoRA parameters (the only trainable ones)."""
     LoraConfig, inject_adapter_in_model = peft().LoraConfig, peft().inject_adapter_in_model
@@ -182,8 +193,7 @@ def add_adapter_lora(adapter: nn.Module, prefixes: tuple[str, ...], rank: int, a
     for name in targets:
         adapter.get_submodule(name).to(frozen)
     exact = "^(" + "|".join(re.escape(t) for t in targets) + ")$"  # these layers and no other
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=exact, init_lora_weights=True),
-                            adapter)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=exact, init_lora_weights=True), adapter)
     params = []
     for name, p in adapter.named_parameters():
         is_lora = ".lora_" in name
@@ -277,8 +287,10 @@ class CachedText(nn.Module):
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [c for c in captions if c not in self.embeddings]
         if missing:
-            raise RuntimeError(f"caption {missing[0]!r} was not cached before the text encoders were released "
-                               "(train.release_text_encoders): every caption must be known when the run starts")
+            raise RuntimeError(
+                f"caption {missing[0]!r} was not cached before the text encoders were released "
+                "(train.release_text_encoders): every caption must be known when the run starts"
+            )
         t5 = torch.stack([self.embeddings[c][0] for c in captions]).to(self.device)
         pooled = torch.stack([self.embeddings[c][1] for c in captions]).to(self.device)
         return t5, pooled
@@ -301,7 +313,7 @@ def cache_and_release_text(models, captions: list[str], device, disk_cache=None,
     if todo:
         text.to(device)
         for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
+            chunk = todo[start : start + batch]
             t5, pooled = text(chunk)
             for caption, t, p in zip(chunk, t5.cpu(), pooled.cpu()):
                 if not (torch.isfinite(t.float()).all() and torch.isfinite(p.float()).all()):
@@ -315,8 +327,12 @@ def cache_and_release_text(models, captions: list[str], device, disk_cache=None,
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    logger.info("text encoders released after caching %d caption(s) (%d encoded, %d from the cache folder)",
-                len(captions), len(todo), len(captions) - len(todo))
+    logger.info(
+        "text encoders released after caching %d caption(s) (%d encoded, %d from the cache folder)",
+        len(captions),
+        len(todo),
+        len(captions) - len(todo),
+    )
     return cached
 
 

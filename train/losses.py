@@ -18,8 +18,9 @@ from withanyone_core.recipe import flux_mu, shifted_schedule, time_shift
 TRAIN_SCHEDULE_STEPS = 1000  # the authors' get_schedule(999, ...): 1000 shifted values from 1 to 0
 
 
-def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator,
-                     mode: str = "shifted_uniform") -> torch.Tensor:
+def sample_timesteps(
+    batch: int, image_tokens: int, generator: torch.Generator, mode: str = "shifted_uniform"
+) -> torch.Tensor:
     """Training timesteps t (1 = pure noise).
 
     ``shifted_uniform`` (the authors' train.py): a uniform index into the 1000 values of
@@ -90,9 +91,15 @@ def _common_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for t in tensors)
 
 
-def contrastive_loss(anchors: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor, identity_ids: torch.Tensor,
-                     negatives: torch.Tensor, temperature: float = 0.1,
-                     batch_keys: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    anchors: torch.Tensor,
+    valid: torch.Tensor,
+    positives: torch.Tensor,
+    identity_ids: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float = 0.1,
+    batch_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
     """InfoNCE (Eq. 7): each generated face (anchor) against its positive.
 
     ``anchors``/``positives`` ``[M, D]`` (generated faces; GT or reference embeddings),

@@ -53,9 +53,11 @@ class MemoryEstimate:
         return self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer
 
     def describe(self) -> str:
-        return (f"{self.total / GB:.1f} GB (frozen weights {self.frozen_weights / GB:.1f}, trainable weights "
-                f"{self.trainable_weights / GB:.1f}, gradients {self.gradients / GB:.1f}, optimizer states "
-                f"{self.optimizer / GB:.1f}, activations {self.activations / GB:.1f})")
+        return (
+            f"{self.total / GB:.1f} GB (frozen weights {self.frozen_weights / GB:.1f}, trainable weights "
+            f"{self.trainable_weights / GB:.1f}, gradients {self.gradients / GB:.1f}, optimizer states "
+            f"{self.optimizer / GB:.1f}, activations {self.activations / GB:.1f})"
+        )
 
 
 def parameter_bytes(modules: Iterable[nn.Module | None], trainable: bool | None = None) -> float:
@@ -74,9 +76,13 @@ def parameter_bytes(modules: Iterable[nn.Module | None], trainable: bool | None 
     return float(total)
 
 
-def optimizer_memory(trainable_params: int, zero_stage: int = 0, num_processes: int = 1,
-                     optimizer: str = "adamw", trainable_numels: Iterable[int] | None = None
-                     ) -> tuple[float, float, float]:
+def optimizer_memory(
+    trainable_params: int,
+    zero_stage: int = 0,
+    num_processes: int = 1,
+    optimizer: str = "adamw",
+    trainable_numels: Iterable[int] | None = None,
+) -> tuple[float, float, float]:
     """(trainable weights, gradients, optimizer states) in bytes per GPU for ``trainable_params`` parameters.
 
     Plain DDP / one GPU: fp32 master weights, fp32 gradients, and the optimizer's states:
@@ -117,8 +123,9 @@ def _quiet_diffusers():
 class _SavedTensors:
     """Counts the bytes autograd saves for backward (parameters excluded; attention matrices optional)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], square: int | None = None,
-                 attention: tuple[int, int] | None = None):
+    def __init__(
+        self, params: Iterable[torch.Tensor], square: int | None = None, attention: tuple[int, int] | None = None
+    ):
         self.param_ids = {id(p) for p in params}
         self.square = square
         self.attention = attention  # (queries, keys) of a cross-attention whose matrix flash attention drops
@@ -144,10 +151,20 @@ class _SavedTensors:
         self._ctx.__exit__(*exc)
 
 
-def transformer_activations(transformer_config: dict, batch: int, height: int, width: int, text_tokens: int,
-                            dtype: torch.dtype, gradient_checkpointing: bool,
-                            adapter_config=None, adapter_branches: tuple[str, ...] = ("arc",),
-                            persons: int = 2, frozen_storage: str = "default", adapter_lora_rank: int = 0) -> float:
+def transformer_activations(
+    transformer_config: dict,
+    batch: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool,
+    adapter_config=None,
+    adapter_branches: tuple[str, ...] = ("arc",),
+    persons: int = 2,
+    frozen_storage: str = "default",
+    adapter_lora_rank: int = 0,
+) -> float:
     """Activation bytes of one FLUX (+ adapter) forward kept for backward, measured on the meta device.
 
     The adapter's residual runs in a forward hook of each block, so with gradient checkpointing it
@@ -179,11 +196,16 @@ def transformer_activations(transformer_config: dict, batch: int, height: int, w
     meta = dict(device="meta", dtype=dtype)
     latents = torch.empty(batch, image_tokens, cfg.in_channels, requires_grad=True, **meta)
     with counter:
-        model(hidden_states=latents, encoder_hidden_states=torch.empty(batch, text_tokens, cfg.joint_attention_dim, **meta),
-              pooled_projections=torch.empty(batch, cfg.pooled_projection_dim, **meta),
-              timestep=torch.ones(batch, device="meta"), guidance=torch.ones(batch, device="meta"),
-              img_ids=torch.zeros(image_tokens, 3, device="meta"), txt_ids=torch.zeros(text_tokens, 3, device="meta"),
-              return_dict=False)
+        model(
+            hidden_states=latents,
+            encoder_hidden_states=torch.empty(batch, text_tokens, cfg.joint_attention_dim, **meta),
+            pooled_projections=torch.empty(batch, cfg.pooled_projection_dim, **meta),
+            timestep=torch.ones(batch, device="meta"),
+            guidance=torch.ones(batch, device="meta"),
+            img_ids=torch.zeros(image_tokens, 3, device="meta"),
+            txt_ids=torch.zeros(text_tokens, 3, device="meta"),
+            return_dict=False,
+        )
     for h in handles:
         h.remove()
     outside = counter.bytes - sum(per_block)
@@ -195,14 +217,16 @@ def transformer_activations(transformer_config: dict, batch: int, height: int, w
         flux = counter.bytes
     adapter = 0.0
     if adapter_config is not None and adapter_branches:
-        adapter = _adapter_block_activations(adapter_config, adapter_branches, batch, image_tokens, persons, dtype,
-                                             adapter_lora_rank)
+        adapter = _adapter_block_activations(
+            adapter_config, adapter_branches, batch, image_tokens, persons, dtype, adapter_lora_rank
+        )
         adapter *= 1 if gradient_checkpointing else len(blocks)
     return float(flux + adapter)
 
 
-def _adapter_block_activations(adapter_config, branches, batch, image_tokens, persons, dtype,
-                               lora_rank: int = 0) -> float:
+def _adapter_block_activations(
+    adapter_config, branches, batch, image_tokens, persons, dtype, lora_rank: int = 0
+) -> float:
     """Saved bytes of one block's identity residual (every image token in some box: the upper bound)."""
     from withanyone_core.adapter import IdentityCrossAttention
 
@@ -215,7 +239,9 @@ def _adapter_block_activations(adapter_config, branches, batch, image_tokens, pe
         if lora_rank:
             from train.lean import peft
 
-            peft().inject_adapter_in_model(peft().LoraConfig(r=lora_rank, target_modules=["to_q", "to_kv", "to_out"]), block)
+            peft().inject_adapter_in_model(
+                peft().LoraConfig(r=lora_rank, target_modules=["to_q", "to_kv", "to_out"]), block
+            )
         img = torch.empty(batch, image_tokens, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         ids = torch.empty(batch, persons * per_person, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         counter = _SavedTensors(block.parameters(), attention=(image_tokens, persons * per_person))
@@ -232,25 +258,53 @@ def decoder_activations(vae_config: dict, batch: int, height: int, width: int, d
 
     with torch.device("meta"), _quiet_diffusers():
         vae = AutoencoderKL.from_config(dict(vae_config)).to(dtype).requires_grad_(False)
-    z = torch.empty(batch, vae.config.latent_channels, height // 8, width // 8, device="meta", dtype=dtype,
-                    requires_grad=True)
+    z = torch.empty(
+        batch, vae.config.latent_channels, height // 8, width // 8, device="meta", dtype=dtype, requires_grad=True
+    )
     counter = _SavedTensors(vae.parameters(), square=(height // 8) * (width // 8))
     with counter:
         vae.decode(z)
     return float(counter.bytes)
 
 
-def estimate_training_memory(*, frozen_bytes: float, trainable_params: int, transformer_config: dict, vae_config: dict,
-                             batch: int, height: int, width: int, text_tokens: int, compute_dtype: torch.dtype,
-                             gradient_checkpointing: bool, id_losses: bool, adapter_config=None,
-                             adapter_branches: tuple[str, ...] = ("arc",), persons: int = 2,
-                             zero_stage: int = 0, num_processes: int = 1, optimizer: str = "adamw",
-                             trainable_numels: Iterable[int] | None = None, frozen_storage: str = "default",
-                             adapter_lora_rank: int = 0) -> MemoryEstimate:
+def estimate_training_memory(
+    *,
+    frozen_bytes: float,
+    trainable_params: int,
+    transformer_config: dict,
+    vae_config: dict,
+    batch: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    compute_dtype: torch.dtype,
+    gradient_checkpointing: bool,
+    id_losses: bool,
+    adapter_config=None,
+    adapter_branches: tuple[str, ...] = ("arc",),
+    persons: int = 2,
+    zero_stage: int = 0,
+    num_processes: int = 1,
+    optimizer: str = "adamw",
+    trainable_numels: Iterable[int] | None = None,
+    frozen_storage: str = "default",
+    adapter_lora_rank: int = 0,
+) -> MemoryEstimate:
     weights, grads, optim = optimizer_memory(trainable_params, zero_stage, num_processes, optimizer, trainable_numels)
-    acts = transformer_activations(transformer_config, batch, height, width, text_tokens, compute_dtype,
-                                   gradient_checkpointing, adapter_config, adapter_branches, persons,
-                                   frozen_storage, adapter_lora_rank)
+    acts = transformer_activations(
+        transformer_config,
+        batch,
+        height,
+        width,
+        text_tokens,
+        compute_dtype,
+        gradient_checkpointing,
+        adapter_config,
+        adapter_branches,
+        persons,
+        frozen_storage,
+        adapter_lora_rank,
+    )
     if id_losses:
         acts += decoder_activations(vae_config, batch, height, width, compute_dtype)
     return MemoryEstimate(frozen_bytes, weights, grads, optim, acts)

@@ -63,10 +63,12 @@ def branch_tensors(path: str | Path, branch: str) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for old, new in _AUTHORS_LAYOUT[branch].items():
             if key.startswith(old):
-                renamed[new + key[len(old):]] = value
+                renamed[new + key[len(old) :]] = value
     if not renamed:
-        raise MergeError(f"{path} holds no {branch} branch: expected keys starting with "
-                         f"{', '.join(prefixes)} (or the authors' {', '.join(_AUTHORS_LAYOUT[branch])})")
+        raise MergeError(
+            f"{path} holds no {branch} branch: expected keys starting with "
+            f"{', '.join(prefixes)} (or the authors' {', '.join(_AUTHORS_LAYOUT[branch])})"
+        )
     return renamed
 
 
@@ -86,8 +88,11 @@ def merge(arcface: str | Path, siglip: str | Path, out: str | Path, dtype: str =
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_adapter(adapter, tmp, metadata={"branch": "both", "merged_arcface": Path(arcface).name,
-                                         "merged_siglip": Path(siglip).name})
+    save_adapter(
+        adapter,
+        tmp,
+        metadata={"branch": "both", "merged_arcface": Path(arcface).name, "merged_siglip": Path(siglip).name},
+    )
     tmp.replace(out)
     logger.info("merged %s (ArcFace branch) and %s (SigLIP branch) into %s", arcface, siglip, out)
     return out
@@ -98,8 +103,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--arcface", required=True, type=Path, help="checkpoint holding the trained ArcFace branch")
     parser.add_argument("--siglip", required=True, type=Path, help="checkpoint holding the trained SigLIP branch")
     parser.add_argument("--out", required=True, type=Path, help="the merged withanyone.safetensors")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                        help="storage dtype of the merged file (the released one is bf16)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bf16",
+        help="storage dtype of the merged file (the released one is bf16)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for flag in ("arcface", "siglip"):

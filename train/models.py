@@ -63,24 +63,45 @@ class Denoiser(nn.Module):
         self.adapter = adapter
         self.handle = attach_adapter(transformer, adapter)
 
-    def forward(self, latents, timesteps, text, pooled, guidance, arcface, siglip, boxes, height, width,
-                id_weight: float = 1.0, siglip_weight: float = 1.0):
+    def forward(
+        self,
+        latents,
+        timesteps,
+        text,
+        pooled,
+        guidance,
+        arcface,
+        siglip,
+        boxes,
+        height,
+        width,
+        id_weight: float = 1.0,
+        siglip_weight: float = 1.0,
+    ):
         img_ids, txt_ids = position_ids(height, width, text.shape[1], latents.device)
         dtype = self.transformer.dtype  # a frozen bf16 FLUX takes bf16 inputs (autocast or not)
         latents, text, pooled, guidance = (x.to(dtype) for x in (latents, text, pooled, guidance))
-        with self.handle.conditioning(arcface, siglip, height=height, width=width, boxes=boxes,
-                                      id_weight=id_weight, siglip_weight=siglip_weight):
+        with self.handle.conditioning(
+            arcface, siglip, height=height, width=width, boxes=boxes, id_weight=id_weight, siglip_weight=siglip_weight
+        ):
             return self.transformer(
-                hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
-                timestep=timesteps, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+                hidden_states=latents,
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                timestep=timesteps,
+                guidance=guidance,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
             )[0]
 
 
 class TextEncoder(nn.Module):
     """CLIP (pooled) + T5 (sequence), frozen, as FLUX uses them."""
 
-    def __init__(self, base: Path | None, t5_length: int = 512, dtype: torch.dtype = torch.float32,
-                 parts: tuple | None = None):
+    def __init__(
+        self, base: Path | None, t5_length: int = 512, dtype: torch.dtype = torch.float32, parts: tuple | None = None
+    ):
         """From a diffusers folder ``base``, or ``parts`` = (clip_tokenizer, clip, t5_tokenizer, t5) already loaded."""
         super().__init__()
         if parts is not None:
@@ -100,10 +121,16 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.clip.parameters()).device
-        clip_ids = self.clip_tokenizer(captions, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
-                                       truncation=True, return_tensors="pt").input_ids.to(device)
-        t5_ids = self.t5_tokenizer(captions, padding="max_length", max_length=self.t5_length,
-                                   truncation=True, return_tensors="pt").input_ids.to(device)
+        clip_ids = self.clip_tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        t5_ids = self.t5_tokenizer(
+            captions, padding="max_length", max_length=self.t5_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         return self.t5(t5_ids).last_hidden_state, self.clip(clip_ids).pooler_output
 
 
@@ -141,8 +168,10 @@ def frozen_dtype(config: Config) -> torch.dtype:
 def branch_weights(config: Config) -> tuple[float, float]:
     """(id_weight, siglip_weight) of the forward: a branch that does not train is off."""
     branch = config.train.branch
-    return (config.train.id_weight if branch in ("arcface", "both") else 0.0,
-            config.train.siglip_weight if branch in ("siglip", "both") else 0.0)
+    return (
+        config.train.id_weight if branch in ("arcface", "both") else 0.0,
+        config.train.siglip_weight if branch in ("siglip", "both") else 0.0,
+    )
 
 
 def load_transformer(config: Config) -> nn.Module:
@@ -156,8 +185,9 @@ def load_transformer(config: Config) -> nn.Module:
         return load_flux(config.models.transformer, dtype)
     if config.models.transformer:
         return flux_from_bfl_state(load_safetensors(config.models.transformer), dtype=dtype)
-    return FluxTransformer2DModel.from_pretrained(Path(config.models.base) / "transformer", torch_dtype=dtype,
-                                                  local_files_only=True)
+    return FluxTransformer2DModel.from_pretrained(
+        Path(config.models.base) / "transformer", torch_dtype=dtype, local_files_only=True
+    )
 
 
 def build_adapter(config: Config, transformer: nn.Module, siglip_dim: int) -> IdentityAdapter:
@@ -165,11 +195,15 @@ def build_adapter(config: Config, transformer: nn.Module, siglip_dim: int) -> Id
     if config.models.adapter:  # fp32 master weights even when the file is bf16
         return load_adapter(config.models.adapter, num_double_blocks=n_double, dtype=torch.float32)
     tc = transformer.config
-    adapter = IdentityAdapter(AdapterConfig(
-        hidden_size=tc.num_attention_heads * tc.attention_head_dim, num_heads=tc.num_attention_heads,
-        num_double_blocks=n_double, num_single_blocks=len(transformer.single_transformer_blocks),
-        siglip_dim=siglip_dim,
-    ))
+    adapter = IdentityAdapter(
+        AdapterConfig(
+            hidden_size=tc.num_attention_heads * tc.attention_head_dim,
+            num_heads=tc.num_attention_heads,
+            num_double_blocks=n_double,
+            num_single_blocks=len(transformer.single_transformer_blocks),
+            siglip_dim=siglip_dim,
+        )
+    )
     if config.train.adapter_init == "zero":
         # a fresh adapter starts as identity: zero output projections leave FLUX unchanged
         for branch in (adapter.ipa_arc, adapter.ipa_sig):
@@ -200,7 +234,7 @@ def authors_init(adapter: IdentityAdapter) -> None:
             fan = 512 if name.startswith(("arcface_in", "siglip_in")) else param.shape[1]
         else:
             fan = param.shape[1]
-        param.normal_(0.0, fan ** -0.5)
+        param.normal_(0.0, fan**-0.5)
 
 
 def siglip_hidden_size(path: str | None) -> int:
@@ -261,8 +295,9 @@ def load_models(config: Config) -> ModelSet:
     return ModelSet(Denoiser(transformer, adapter), vae, text, arcface, siglip)
 
 
-def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both", adapter_lora=None,
-                  frozen: torch.dtype = torch.float32) -> list[nn.Parameter]:
+def set_trainable(
+    models: ModelSet, mode: str, lora=None, branch: str = "both", adapter_lora=None, frozen: torch.dtype = torch.float32
+) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze what ``mode`` and ``branch`` train; returns exactly those parameters.
 
     With ``adapter_lora`` (a rank > 0) the branch trains through LoRA on its linear layers: its
@@ -273,8 +308,13 @@ def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both", 
     if adapter_lora is not None and adapter_lora.rank > 0:
         from .lean import add_adapter_lora
 
-        add_adapter_lora(adapter, prefixes, adapter_lora.rank,
-                         adapter_lora.alpha if adapter_lora.alpha is not None else float(adapter_lora.rank), frozen)
+        add_adapter_lora(
+            adapter,
+            prefixes,
+            adapter_lora.rank,
+            adapter_lora.alpha if adapter_lora.alpha is not None else float(adapter_lora.rank),
+            frozen,
+        )
     else:
         for name, p in adapter.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
@@ -287,8 +327,9 @@ def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both", 
         targets = [t for t in lora.targets if any(n == t or n.endswith("." + t) for n in present)]
         if not targets:
             raise ValueError(f"none of the LoRA targets {lora.targets} exist in the FLUX transformer")
-        transformer.add_adapter(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets,
-                                               init_lora_weights="gaussian"))
+        transformer.add_adapter(
+            PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, init_lora_weights="gaussian")
+        )
         for name, p in transformer.named_parameters():
             p.requires_grad_("lora_" in name)
             if "lora_" in name:
@@ -298,9 +339,13 @@ def set_trainable(models: ModelSet, mode: str, lora=None, branch: str = "both", 
     elif mode != "adapter":
         raise ValueError(f"unknown training mode {mode!r}")
     params = [p for p in models.denoiser.parameters() if p.requires_grad]
-    logger.info("training %s (adapter branch %s%s): %.2f M parameters", mode, branch,
-                f", LoRA rank {adapter_lora.rank}" if adapter_lora is not None and adapter_lora.rank > 0 else "",
-                sum(p.numel() for p in params) / 1e6)
+    logger.info(
+        "training %s (adapter branch %s%s): %.2f M parameters",
+        mode,
+        branch,
+        f", LoRA rank {adapter_lora.rank}" if adapter_lora is not None and adapter_lora.rank > 0 else "",
+        sum(p.numel() for p in params) / 1e6,
+    )
     return params
 
 
@@ -311,5 +356,4 @@ def apply_frozen_storage(models: ModelSet, config: Config) -> None:
     from .lean import store_frozen_fp8
 
     count = store_frozen_fp8(models.transformer, config.train.frozen_storage)
-    logger.info("frozen FLUX: %d block linear layers stored in %s (cast on use)", count,
-                config.train.frozen_storage)
+    logger.info("frozen FLUX: %d block linear layers stored in %s (cast on use)", count, config.train.frozen_storage)

@@ -65,8 +65,19 @@ class TrainingObjective:
 
     ``events`` is a dict of counters the objective adds to (``faces_not_detected``)."""
 
-    def __init__(self, accelerator, models: ModelSet, denoiser, conditioning: Conditioning, pool, detector,
-                 train_config, id_weight: float, siglip_weight: float, events: dict[str, int]):
+    def __init__(
+        self,
+        accelerator,
+        models: ModelSet,
+        denoiser,
+        conditioning: Conditioning,
+        pool,
+        detector,
+        train_config,
+        id_weight: float,
+        siglip_weight: float,
+        events: dict[str, int],
+    ):
         self.accelerator, self.models, self.denoiser = accelerator, models, denoiser
         self.conditioning, self.pool, self.detector = conditioning, pool, detector
         self.guidance, self.timesteps = train_config.guidance, train_config.timesteps
@@ -92,8 +103,20 @@ class TrainingObjective:
         arcface, siglip = self.conditioning.identities(batch)
         boxes = batch["boxes"].tolist()
         with acc.autocast():
-            velocity = self.denoiser(noisy, t, text, pooled, torch.full((b,), self.guidance, device=device),
-                                     arcface, siglip, boxes, height, width, self.id_weight, self.siglip_weight)
+            velocity = self.denoiser(
+                noisy,
+                t,
+                text,
+                pooled,
+                torch.full((b,), self.guidance, device=device),
+                arcface,
+                siglip,
+                boxes,
+                height,
+                width,
+                self.id_weight,
+                self.siglip_weight,
+            )
         losses = {"flow": flow_matching_loss(velocity, noise, clean)}
         if phase.uses_id_losses:
             losses.update(self._identity_losses(batch, phase, noisy, velocity, t, height, width, generator))
@@ -103,7 +126,9 @@ class TrainingObjective:
     def _identity_losses(self, batch, phase, noisy, velocity, t, height, width, generator):
         acc, models = self.accelerator, self.models
         if models.arcface is None:
-            raise ConfigError(f"phase {phase.name} uses ID losses: set models.antelopev2 to the insightface models root")
+            raise ConfigError(
+                f"phase {phase.name} uses ID losses: set models.antelopev2 to the insightface models root"
+            )
         gated = id_gate(t, phase.id_gate)
         n = batch["num_persons"]
         b = t.shape[0]
@@ -132,8 +157,9 @@ class TrainingObjective:
                 self.events["faces_not_detected"] = self.events.get("faces_not_detected", 0) + int((~found).sum())
                 images, landmarks, idx = images[found.to(images.device)], landmarks[found], idx[found.to(idx.device)]
             if idx.numel():  # only faces that exist are embedded (no alignment on made-up landmarks)
-                generated = generated.index_put((idx,), face_embeddings(images, landmarks.to(acc.device),
-                                                                        models.arcface).float())
+                generated = generated.index_put(
+                    (idx,), face_embeddings(images, landmarks.to(acc.device), models.arcface).float()
+                )
         valid = valid.to(acc.device)
         out = {}
         gt = batch["gt_embeddings"].to(acc.device)
@@ -145,6 +171,12 @@ class TrainingObjective:
             flat_valid = valid.reshape(-1)
             negatives = self.pool.sample_per_anchor(phase.negatives, ids.cpu(), generator).to(acc.device)
             out["contrastive"] = contrastive_loss(
-                generated.reshape(b * n, -1), flat_valid, positives.reshape(b * n, -1), ids, negatives,
-                phase.temperature, batch_keys=None if generated_mode else gt.reshape(b * n, -1))
+                generated.reshape(b * n, -1),
+                flat_valid,
+                positives.reshape(b * n, -1),
+                ids,
+                negatives,
+                phase.temperature,
+                batch_keys=None if generated_mode else gt.reshape(b * n, -1),
+            )
         return out

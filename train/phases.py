@@ -34,7 +34,6 @@ class PhaseSchedule:
                 return bound
         raise AssertionError("unreachable")
 
-
     def lr_at(self, step: int, base_lr: float, warmup_steps: int = 0) -> float:
         """Learning rate of the optimizer update made at global step ``step`` (0-based).
 
@@ -47,4 +46,3 @@ class PhaseSchedule:
         if warmup_steps > 0:
             lr *= min(1.0, (step + 1) / warmup_steps)
         return lr
-

@@ -62,8 +62,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, threshold: float,
-                  search: ClusterSearch | None = None, map_blocks=None) -> dict:
+def build_outputs(
+    entries: dict[str, dict],
+    images_root: Path,
+    out: Path,
+    threshold: float,
+    search: ClusterSearch | None = None,
+    map_blocks=None,
+) -> dict:
     labels = assign_identities(entries, threshold, search or ClusterSearch(), map_blocks)
     records, skipped, missing_captions = [], [], 0
     for rel, entry in sorted(entries.items()):
@@ -83,8 +89,15 @@ def build_outputs(entries: dict[str, dict], images_root: Path, out: Path, thresh
             "width": entry["width"],
             "height": entry["height"],
             "quality": round(float(np.mean([f["score"] for _, f in faces])), 4),
-            "persons": [{"identity": labels[(rel, i)], "box": f["box"], "landmarks": f["landmarks"],
-                         "embedding": f["embedding"]} for i, f in faces],
+            "persons": [
+                {
+                    "identity": labels[(rel, i)],
+                    "box": f["box"],
+                    "landmarks": f["landmarks"],
+                    "embedding": f["embedding"],
+                }
+                for i, f in faces
+            ],
         }
         records.append(parse_record(raw, rel))
     if not records:
@@ -120,33 +133,79 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, required=True, help="folder of photos (+ .txt captions)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for manifest.jsonl and friends")
-    parser.add_argument("--antelopev2", type=Path, required=True,
-                        help="insightface models root holding models/antelopev2/ (e.g. ComfyUI/models/insightface)")
+    parser.add_argument(
+        "--antelopev2",
+        type=Path,
+        required=True,
+        help="insightface models root holding models/antelopev2/ (e.g. ComfyUI/models/insightface)",
+    )
     parser.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--det-thresh", type=number_arg(float, Range(gt=0, le=1)), default=0.4)
     parser.add_argument("--det-size", type=number_arg(int, Range(ge=32, multiple_of=32)), default=640)
-    parser.add_argument("--min-face", type=number_arg(int, NON_NEGATIVE), default=32, help="ignore faces smaller than this many pixels")
-    parser.add_argument("--max-image-pixels", type=number_arg(int, NON_NEGATIVE), default=DEFAULT_MAX_PIXELS,
-                        metavar="PIXELS",
-                        help="photos with more pixels are skipped, named in the log and summary.json (a decompression "
-                             f"bomb, a huge scan); default {DEFAULT_MAX_PIXELS} (150 megapixels), 0 = no limit")
-    parser.add_argument("--cluster-threshold", type=number_arg(float, COSINE), default=0.5,
-                        help="cosine similarity that joins two faces into one identity")
-    parser.add_argument("--cluster-index", choices=["auto", "exact", "faiss"], default="auto",
-                        help="how similar faces are found: exact search, or a faiss IVF index (pip install faiss-cpu); "
-                             f"auto = exact up to {EXACT_BELOW} unnamed faces, faiss above when installed")
-    parser.add_argument("--cluster-nprobe", type=number_arg(int, AT_LEAST_1), default=ClusterSearch.nprobe,
-                        help="faiss: index cells searched per face (more = closer to exact, slower)")
-    parser.add_argument("--cluster-cells", type=number_arg(int, NON_NEGATIVE), default=0, help="faiss: index cells (0 = about 4 sqrt(faces))")
-    parser.add_argument("--format", choices=["manifest", "multiid2m"], default="manifest",
-                        help="multiid2m: also write OUT/multiid2m/ in the released MultiID-2M layout (train/re_*.tar, "
-                             "ref/untar/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written")
-    parser.add_argument("--shard-size", type=number_arg(int, AT_LEAST_1), default=1000, help="photos per .tar shard (--format multiid2m)")
-    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                        help="run detection/embedding as a Ray Data actor pool and write shards as Ray tasks: "
-                             "local (default) or a ray:// cluster address; same output as without")
-    parser.add_argument("--ray-actors", type=number_arg(int, NON_NEGATIVE), default=0,
-                        help="detector actors (0 = one per GPU when Ray sees GPUs, else one per 2 CPUs)")
+    parser.add_argument(
+        "--min-face", type=number_arg(int, NON_NEGATIVE), default=32, help="ignore faces smaller than this many pixels"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=number_arg(int, NON_NEGATIVE),
+        default=DEFAULT_MAX_PIXELS,
+        metavar="PIXELS",
+        help="photos with more pixels are skipped, named in the log and summary.json (a decompression "
+        f"bomb, a huge scan); default {DEFAULT_MAX_PIXELS} (150 megapixels), 0 = no limit",
+    )
+    parser.add_argument(
+        "--cluster-threshold",
+        type=number_arg(float, COSINE),
+        default=0.5,
+        help="cosine similarity that joins two faces into one identity",
+    )
+    parser.add_argument(
+        "--cluster-index",
+        choices=["auto", "exact", "faiss"],
+        default="auto",
+        help="how similar faces are found: exact search, or a faiss IVF index (pip install faiss-cpu); "
+        f"auto = exact up to {EXACT_BELOW} unnamed faces, faiss above when installed",
+    )
+    parser.add_argument(
+        "--cluster-nprobe",
+        type=number_arg(int, AT_LEAST_1),
+        default=ClusterSearch.nprobe,
+        help="faiss: index cells searched per face (more = closer to exact, slower)",
+    )
+    parser.add_argument(
+        "--cluster-cells",
+        type=number_arg(int, NON_NEGATIVE),
+        default=0,
+        help="faiss: index cells (0 = about 4 sqrt(faces))",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["manifest", "multiid2m"],
+        default="manifest",
+        help="multiid2m: also write OUT/multiid2m/ in the released MultiID-2M layout (train/re_*.tar, "
+        "ref/untar/<name>/, ref/cluster_centers/, landmarks/); the manifest is always written",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=number_arg(int, AT_LEAST_1),
+        default=1000,
+        help="photos per .tar shard (--format multiid2m)",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run detection/embedding as a Ray Data actor pool and write shards as Ray tasks: "
+        "local (default) or a ray:// cluster address; same output as without",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=number_arg(int, NON_NEGATIVE),
+        default=0,
+        help="detector actors (0 = one per GPU when Ray sees GPUs, else one per 2 CPUs)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not args.images.is_dir():
@@ -154,8 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_image_pixels < 0:
         parser.error(f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
     if args.images.resolve() == args.out.resolve():
-        parser.error(f"--out {args.out} is the --images folder: give an output folder of its own (e.g. {args.out}/data "
-                     "is fine, it is never read as photos)")
+        parser.error(
+            f"--out {args.out} is the --images folder: give an output folder of its own (e.g. {args.out}/data "
+            "is fine, it is never read as photos)"
+        )
     from withanyone_core.faces import FaceAnalyzer
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
         from train import prepare_ray
 
         prepare_ray.start(args.ray)
-        analyzer, analyse_many = None, prepare_ray.detector_pool(args.antelopev2, analyzer_kwargs, args.min_face,
-                                                                 args.ray_actors, args.max_image_pixels)
+        analyzer, analyse_many = (
+            None,
+            prepare_ray.detector_pool(
+                args.antelopev2, analyzer_kwargs, args.min_face, args.ray_actors, args.max_image_pixels
+            ),
+        )
         shard_map, block_map = prepare_ray.parallel_map, prepare_ray.block_map
     else:
         analyzer, analyse_many = FaceAnalyzer(args.antelopev2, **analyzer_kwargs), None
@@ -183,15 +248,28 @@ def main(argv: list[str] | None = None) -> dict:
     if args.format == "multiid2m":
         from train.data.multiid2m.write import write_multiid2m
 
-        summary["multiid2m"] = write_multiid2m(Manifest.load(args.out / "manifest.jsonl"), args.out / "multiid2m",
-                                               per_shard=args.shard_size, shard_map=shard_map)
+        summary["multiid2m"] = write_multiid2m(
+            Manifest.load(args.out / "manifest.jsonl"),
+            args.out / "multiid2m",
+            per_shard=args.shard_size,
+            shard_map=shard_map,
+        )
         write_atomic(args.out / "summary.json", json.dumps(summary, indent=1))
-        logger.info("MultiID-2M layout: %d shard(s) in %s, references and cluster centres in %s",
-                    len(summary["multiid2m"]["shards"]), args.out / "multiid2m" / "train",
-                    summary["multiid2m"]["refs"])
-    logger.info("done: %d photos, %d usable, %d faces, %d identities, %d skipped, %d without caption",
-                summary["photos"], summary["records"], summary["faces"], summary["identities"],
-                len(summary["skipped"]), summary["missing_captions"])
+        logger.info(
+            "MultiID-2M layout: %d shard(s) in %s, references and cluster centres in %s",
+            len(summary["multiid2m"]["shards"]),
+            args.out / "multiid2m" / "train",
+            summary["multiid2m"]["refs"],
+        )
+    logger.info(
+        "done: %d photos, %d usable, %d faces, %d identities, %d skipped, %d without caption",
+        summary["photos"],
+        summary["records"],
+        summary["faces"],
+        summary["identities"],
+        len(summary["skipped"]),
+        summary["missing_captions"],
+    )
     return summary
 
 

@@ -93,12 +93,14 @@ def analyse_photo(photo: Path, rel: str, analyzer, min_face: int, max_pixels: in
             w, h = float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1])
             if min(w, h) < min_face:
                 continue
-            entry["faces"].append({
-                "box": [float(v) for v in face.bbox],
-                "landmarks": [[float(x), float(y)] for x, y in face.kps],
-                "score": float(face.score),
-                "embedding": [float(v) for v in face.embedding],
-            })
+            entry["faces"].append(
+                {
+                    "box": [float(v) for v in face.bbox],
+                    "landmarks": [[float(x), float(y)] for x, y in face.kps],
+                    "score": float(face.score),
+                    "embedding": [float(v) for v in face.embedding],
+                }
+            )
     except (OSError, ValueError) as exc:
         entry["error"] = str(exc)
         entry["retry"] = isinstance(exc, ImageTooLargeError)  # a later run with a higher limit reads it
@@ -106,8 +108,15 @@ def analyse_photo(photo: Path, rel: str, analyzer, min_face: int, max_pixels: in
     return entry
 
 
-def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_face: int,
-               analyse_many=None, max_pixels: int | None = None) -> dict[str, dict]:
+def detect_all(
+    photos: list[Path],
+    images_root: Path,
+    out: Path,
+    analyzer,
+    min_face: int,
+    analyse_many=None,
+    max_pixels: int | None = None,
+) -> dict[str, dict]:
     """Every photo's detections, resumable; ``analyse_many(todo)`` (Ray) yields the entries of
     ``[(photo, rel), ...]`` in any order, else ``analyzer`` runs here, one photo after another."""
     partial = out / PARTIAL
@@ -116,8 +125,11 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
         logger.info("resuming: %d of %d photos already analysed", len(done), len(photos))
     todo = [(photo, photo.relative_to(images_root).as_posix()) for photo in photos]
     todo = [(photo, rel) for photo, rel in todo if rel not in done]
-    entries = (analyse_many(todo) if analyse_many is not None
-               else (analyse_photo(photo, rel, analyzer, min_face, max_pixels) for photo, rel in todo))
+    entries = (
+        analyse_many(todo)
+        if analyse_many is not None
+        else (analyse_photo(photo, rel, analyzer, min_face, max_pixels) for photo, rel in todo)
+    )
     with open(partial, "a", encoding="utf-8") as fh:
         for number, entry in enumerate(entries, 1):
             rel = entry["image"]
@@ -130,6 +142,9 @@ def detect_all(photos: list[Path], images_root: Path, out: Path, analyzer, min_f
     current = {photo.relative_to(images_root).as_posix() for photo in photos}
     gone = sorted(set(done) - current)
     if gone:
-        logger.warning("%d photo(s) analysed by an earlier run are no longer under --images and are left out "
-                       "(first: %s)", len(gone), gone[0])
+        logger.warning(
+            "%d photo(s) analysed by an earlier run are no longer under --images and are left out (first: %s)",
+            len(gone),
+            gone[0],
+        )
     return {rel: done[rel] for rel in sorted(current)}

@@ -46,9 +46,10 @@ class _Detector:
     def __call__(self, batch: dict) -> dict:
         from train.prepare_photos import analyse_photo
 
-        entries = [json.dumps(analyse_photo(Path(photo), rel, self.analyzer, self.min_face,
-                                                self.max_pixels))
-                   for photo, rel in zip(batch["photo"], batch["rel"])]
+        entries = [
+            json.dumps(analyse_photo(Path(photo), rel, self.analyzer, self.min_face, self.max_pixels))
+            for photo, rel in zip(batch["photo"], batch["rel"])
+        ]
         return {"entry": entries}
 
 
@@ -69,9 +70,18 @@ def detector_pool(antelopev2, analyzer_kwargs: dict, min_face: int, actors: int 
             return
         dataset = ray.data.from_items([{"photo": str(photo), "rel": rel} for photo, rel in todo])
         results = dataset.map_batches(
-            _Detector, fn_constructor_kwargs={"antelopev2": str(antelopev2), "analyzer_kwargs": kwargs,
-                                              "min_face": min_face, "max_pixels": max_pixels},
-            batch_size=8, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+            _Detector,
+            fn_constructor_kwargs={
+                "antelopev2": str(antelopev2),
+                "analyzer_kwargs": kwargs,
+                "min_face": min_face,
+                "max_pixels": max_pixels,
+            },
+            batch_size=8,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else 1,
+        )
         logger.info("Ray: detecting %d photos on %d actor(s)", len(todo), actors)
         for row in results.iter_rows():
             yield json.loads(row["entry"])

@@ -51,6 +51,7 @@ from train.processes import main_process_first  # noqa: E402
 
 logger = logging.getLogger("withanyone.train")
 
+
 class TrainingStopped(RuntimeError):
     """The run cannot go on; the message is one line saying why and what to do."""
 
@@ -70,7 +71,9 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=config.train.mixed_precision,
             log_with="tensorboard" if config.tensorboard else None,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
         )
         acc = self.accelerator
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -87,8 +90,14 @@ class Trainer:
                 logger.info("%s = %s", key, path)
         torch.manual_seed(config.seed)
         self.models: ModelSet = load_models(config)
-        self.params = set_trainable(self.models, config.train.mode, config.train.lora, config.train.branch,
-                                    config.train.adapter_lora, frozen_dtype(config))
+        self.params = set_trainable(
+            self.models,
+            config.train.mode,
+            config.train.lora,
+            config.train.branch,
+            config.train.adapter_lora,
+            frozen_dtype(config),
+        )
         apply_frozen_storage(self.models, config)
         self.id_weight, self.siglip_weight = branch_weights(config)
         if config.train.mixed_precision == "bf16":  # the idle branch of a one-branch run needs no fp32 copy
@@ -98,15 +107,18 @@ class Trainer:
         if config.train.gradient_checkpointing:
             self.models.denoiser.handle.enable_gradient_checkpointing()  # keeps identities on recomputation
         # every bad sample is skipped and named; above data.max_bad_fraction the run stops (train/data/skips.py)
-        self.skips = SkipLedger(config.data.max_bad_fraction, self.output_dir / (
-            "skipped.jsonl" if acc.is_main_process else f"skipped-rank{acc.process_index}.jsonl"))
+        self.skips = SkipLedger(
+            config.data.max_bad_fraction,
+            self.output_dir / ("skipped.jsonl" if acc.is_main_process else f"skipped-rank{acc.process_index}.jsonl"),
+        )
         # the manifest, MultiID-2M shards or a mix: loaders, resume state, negatives, the sample item
         self.data: DataSource = open_data_source(config, acc, self.skips, self.output_dir)
-        self.pool = (NegativePool.load(config.data.negatives) if config.data.negatives
-                     else self.data.negative_pool(acc))
+        self.pool = NegativePool.load(config.data.negatives) if config.data.negatives else self.data.negative_pool(acc)
         self.text_cache = TextEmbeddingCache(config.data.text_cache) if config.data.text_cache else None
         if config.train.release_text_encoders:  # before FLUX reaches the GPU: T5 and CLIP leave first
-            cache_and_release_text(self.models, captions_of_run(config, self.data.manifest), acc.device, self.text_cache)
+            cache_and_release_text(
+                self.models, captions_of_run(config, self.data.manifest), acc.device, self.text_cache
+            )
         self.schedule = PhaseSchedule(config.phases)
         opt = config.train.optimizer
         self.optimizer = build_optimizer(self.params, opt, self.schedule.lr_at(0, opt.lr, opt.warmup_steps))
@@ -125,13 +137,23 @@ class Trainer:
                 module.to(device)
         if self.models.siglip is not None:
             self.models.siglip.model.to(device)
-        self.offloaded = offload_idle_branch(self.models.adapter, config.train.branch) \
-            if config.train.idle_branch_on_cpu else 0
+        self.offloaded = (
+            offload_idle_branch(self.models.adapter, config.train.branch) if config.train.idle_branch_on_cpu else 0
+        )
         self.conditioning = Conditioning(self.models, device, self.text_cache)
         self.data_events: dict[str, int] = {}
-        self.objective = TrainingObjective(acc, self.models, self.denoiser, self.conditioning, self.pool,
-                                           self.detector, config.train, self.id_weight, self.siglip_weight,
-                                           self.data_events)
+        self.objective = TrainingObjective(
+            acc,
+            self.models,
+            self.denoiser,
+            self.conditioning,
+            self.pool,
+            self.detector,
+            config.train,
+            self.id_weight,
+            self.siglip_weight,
+            self.data_events,
+        )
         self.step = 0
         self.phase_index = -1
         self.resume_state: dict | None = None  # the checkpoint's, until the phase it was saved in starts
@@ -162,22 +184,40 @@ class Trainer:
             estimate = estimate_training_memory(
                 frozen_bytes=device_frozen_bytes(
                     [models.denoiser, models.vae, models.text, models.arcface, getattr(models.siglip, "model", None)],
-                    [getattr(models.adapter, n) for n in IDLE_MODULES[cfg.train.branch]] if self.offloaded else ()),
+                    [getattr(models.adapter, n) for n in IDLE_MODULES[cfg.train.branch]] if self.offloaded else (),
+                ),
                 trainable_params=sum(p.numel() for p in self.params),
-                optimizer=cfg.train.optimizer.name, trainable_numels=[p.numel() for p in self.params],
-                frozen_storage=cfg.train.frozen_storage, adapter_lora_rank=cfg.train.adapter_lora.rank,
-                transformer_config=models.transformer.config, vae_config=models.vae.config,
-                batch=cfg.data.batch_size, height=height, width=width, text_tokens=models.text.t5_length,
-                compute_dtype=compute, gradient_checkpointing=cfg.train.gradient_checkpointing, id_losses=uses_id,
-                adapter_config=models.adapter.config, adapter_branches=branches,
-                zero_stage=zero_stage, num_processes=acc.num_processes)
+                optimizer=cfg.train.optimizer.name,
+                trainable_numels=[p.numel() for p in self.params],
+                frozen_storage=cfg.train.frozen_storage,
+                adapter_lora_rank=cfg.train.adapter_lora.rank,
+                transformer_config=models.transformer.config,
+                vae_config=models.vae.config,
+                batch=cfg.data.batch_size,
+                height=height,
+                width=width,
+                text_tokens=models.text.t5_length,
+                compute_dtype=compute,
+                gradient_checkpointing=cfg.train.gradient_checkpointing,
+                id_losses=uses_id,
+                adapter_config=models.adapter.config,
+                adapter_branches=branches,
+                zero_stage=zero_stage,
+                num_processes=acc.num_processes,
+            )
         except Exception as exc:  # an estimate must never stop a run
             logger.warning("memory estimate unavailable (%s: %s)", type(exc).__name__, exc)
             return
         self.memory_estimate = estimate
-        logger.info("estimated memory per %s: %s at %dx%d, batch %d%s", "GPU" if acc.device.type == "cuda"
-                    else "process", estimate.describe(), width, height, cfg.data.batch_size,
-                    f", ZeRO-{zero_stage} over {acc.num_processes}" if zero_stage else "")
+        logger.info(
+            "estimated memory per %s: %s at %dx%d, batch %d%s",
+            "GPU" if acc.device.type == "cuda" else "process",
+            estimate.describe(),
+            width,
+            height,
+            cfg.data.batch_size,
+            f", ZeRO-{zero_stage} over {acc.num_processes}" if zero_stage else "",
+        )
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
@@ -220,8 +260,12 @@ class Trainer:
     def _enter_phase(self, active) -> None:
         phase, cfg = active.phase, self.config
         acc = self.accelerator
-        options = DataOptions.from_phase(phase, cfg.data.buckets, siglip_crops=self.models.siglip is not None,
-                                         max_image_pixels=cfg.data.max_image_pixels)
+        options = DataOptions.from_phase(
+            phase,
+            cfg.data.buckets,
+            siglip_crops=self.models.siglip is not None,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
         saved = self.resume_state if self.resume_state and self.resume_state["phase"] == active.index else None
         self.resume_state = None
         self.data.stop()
@@ -229,19 +273,39 @@ class Trainer:
             # a forked worker must not inherit garbage it would collect itself: an unreachable onnxruntime
             # session (face models) blocks forever in its destructor there (its thread pool stayed behind)
             gc.collect()
-        reads = self.data.start_phase(PhaseLoading(options, cfg.data.batch_size, cfg.seed + active.index,
-                                                   acc.process_index, acc.num_processes, cfg.data.num_workers),
-                                      saved)
+        reads = self.data.start_phase(
+            PhaseLoading(
+                options,
+                cfg.data.batch_size,
+                cfg.seed + active.index,
+                acc.process_index,
+                acc.num_processes,
+                cfg.data.num_workers,
+            ),
+            saved,
+        )
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
         if phase.reset_optimizer and self.step == active.start_step and self.step > 0:
             getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
             logger.info("phase %s: optimizer state reset", phase.name)
         self.phase_index = active.index
-        logger.info("phase %d/%d '%s' (steps %d-%d): prompt %s, paired ratio %.2f, losses flow %.2g id %.2g "
-                    "contrastive %.2g (%s), lr %.2g, %s", active.index + 1, len(self.schedule.phases),
-                    phase.name, active.start_step, active.end_step - 1, phase.prompt_mode, phase.paired_ratio,
-                    phase.loss.flow, phase.loss.id, phase.loss.contrastive,
-                    "GT-aligned" if phase.gt_aligned else "faces detected on the prediction", lr, reads)
+        logger.info(
+            "phase %d/%d '%s' (steps %d-%d): prompt %s, paired ratio %.2f, losses flow %.2g id %.2g "
+            "contrastive %.2g (%s), lr %.2g, %s",
+            active.index + 1,
+            len(self.schedule.phases),
+            phase.name,
+            active.start_step,
+            active.end_step - 1,
+            phase.prompt_mode,
+            phase.paired_ratio,
+            phase.loss.flow,
+            phase.loss.id,
+            phase.loss.contrastive,
+            "GT-aligned" if phase.gt_aligned else "faces detected on the prediction",
+            lr,
+            reads,
+        )
 
     def _next_batch(self) -> dict:
         empty, reasons = 0, {}
@@ -268,12 +332,14 @@ class Trainer:
                 raise RuntimeError(
                     f"phase {self.schedule.phases[self.phase_index].name}: no usable item in {empty} batches in a row "
                     f"(dropped: {reasons or 'unreadable images'}); for paired references lower "
-                    "paired_min_similarity or set paired_fallback: self")
+                    "paired_min_similarity or set paired_fallback: self"
+                )
 
     def _check_skips(self, final: bool = False) -> None:
         """Stop above data.max_bad_fraction, judged on every process's counts (one decision for all ranks)."""
-        totals = torch.tensor([len(self.skips.entries), self.skips.read], dtype=torch.float64,
-                              device=self.accelerator.device)
+        totals = torch.tensor(
+            [len(self.skips.entries), self.skips.read], dtype=torch.float64, device=self.accelerator.device
+        )
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         self.skips.check(final, tuple(totals.tolist()))
@@ -318,7 +384,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             values = finite_or_none(
-                {f"loss/{k}": acc.reduce(v.detach().reshape(1), reduction="mean").item() for k, v in losses.items()})
+                {f"loss/{k}": acc.reduce(v.detach().reshape(1), reduction="mean").item() for k, v in losses.items()}
+            )
             self.last_losses = values
             self._record({**values, "lr": lr, **({"skipped": True, "reason": problem} if problem else {})}, active)
             if problem is not None:
@@ -327,9 +394,17 @@ class Trainer:
                 values.update({"lr": lr, "phase": active.index})
                 if cfg.tensorboard:
                     acc.log({k: v for k, v in values.items() if v is not None}, step=self.step)
-                logger.info("step %d/%d phase %s: %s", self.step, total, active.phase.name,
-                            " ".join(f"{k.split('/')[-1]} {'nan' if v is None else format(v, '.4g')}"
-                                     for k, v in values.items() if k.startswith("loss")))
+                logger.info(
+                    "step %d/%d phase %s: %s",
+                    self.step,
+                    total,
+                    active.phase.name,
+                    " ".join(
+                        f"{k.split('/')[-1]} {'nan' if v is None else format(v, '.4g')}"
+                        for k, v in values.items()
+                        if k.startswith("loss")
+                    ),
+                )
             bar.update(1)
             total_loss = values.get("loss/total")
             bar.set_postfix(loss="skipped" if total_loss is None else f"{total_loss:.4f}", phase=active.phase.name)
@@ -339,13 +414,20 @@ class Trainer:
                 self.sample()
         bar.close()
         self.data.stop()  # ends the DataLoader workers
-        logger.info("finished %d steps in %.0f s; %d unreadable images skipped", total, time.time() - started,
-                    self.skipped_images)
+        logger.info(
+            "finished %d steps in %.0f s; %d unreadable images skipped",
+            total,
+            time.time() - started,
+            self.skipped_images,
+        )
         if self.data_events:
             logger.info("data: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.data_events.items())))
         if self.nonfinite_steps:
-            logger.warning("%d step(s) skipped for a non-finite loss or gradient (never applied): %s",
-                           len(self.nonfinite_steps), self._step_list())
+            logger.warning(
+                "%d step(s) skipped for a non-finite loss or gradient (never applied): %s",
+                len(self.nonfinite_steps),
+                self._step_list(),
+            )
         else:
             logger.info("no step skipped for a non-finite loss or gradient")
         logger.info("data: %s", self.skips.summary())
@@ -355,8 +437,9 @@ class Trainer:
     def _step_list(self) -> str:
         steps = self.nonfinite_steps
         shown = ", ".join(str(s) for s in steps[:20])
-        return f"steps {shown}" + (f" and {len(steps) - 20} more (losses.jsonl rows with \"skipped\": true)"
-                                   if len(steps) > 20 else "")
+        return f"steps {shown}" + (
+            f' and {len(steps) - 20} more (losses.jsonl rows with "skipped": true)' if len(steps) > 20 else ""
+        )
 
     @staticmethod
     def _loss_problem(losses: dict[str, torch.Tensor]) -> str | None:
@@ -384,33 +467,53 @@ class Trainer:
 
     def _skipped_step(self, problem: str, active) -> None:
         limit = self.config.train.max_nonfinite_steps
-        logger.warning("step %d (phase %s) skipped: %s; weights and optimizer state unchanged (%d in a row, "
-                       "the run stops at %d: train.max_nonfinite_steps)", self.step, active.phase.name, problem,
-                       self.nonfinite_in_row, limit)
+        logger.warning(
+            "step %d (phase %s) skipped: %s; weights and optimizer state unchanged (%d in a row, "
+            "the run stops at %d: train.max_nonfinite_steps)",
+            self.step,
+            active.phase.name,
+            problem,
+            self.nonfinite_in_row,
+            limit,
+        )
         if self.nonfinite_in_row < limit:
             return
         poisoned = first_nonfinite((self.param_names.get(id(p), "a parameter"), p.detach()) for p in self.params)
         models = self.models
         frozen = first_nonfinite(
             (f"{what} {name}", p.detach())
-            for what, module in (("FLUX", models.denoiser), ("VAE", models.vae), ("text encoders", models.text),
-                                 ("ArcFace", models.arcface), ("SigLIP", getattr(models.siglip, "model", None)))
+            for what, module in (
+                ("FLUX", models.denoiser),
+                ("VAE", models.vae),
+                ("text encoders", models.text),
+                ("ArcFace", models.arcface),
+                ("SigLIP", getattr(models.siglip, "model", None)),
+            )
             if isinstance(module, torch.nn.Module)
-            for name, p in module.named_parameters() if not p.requires_grad)
+            for name, p in module.named_parameters()
+            if not p.requires_grad
+        )
         if poisoned is not None:
-            cause = (f"the trainable weight {poisoned} itself is not finite, so resume from the newest checkpoint "
-                     "with a lower learning rate")
+            cause = (
+                f"the trainable weight {poisoned} itself is not finite, so resume from the newest checkpoint "
+                "with a lower learning rate"
+            )
         elif frozen is not None:
-            cause = (f"the frozen model weight {frozen} is not finite: the model files under models.* are damaged; "
-                     "download or convert them again")
+            cause = (
+                f"the frozen model weight {frozen} is not finite: the model files under models.* are damaged; "
+                "download or convert them again"
+            )
         else:
-            cause = ("check the data named in the warnings above, lower the learning rate (train.optimizer.lr, "
-                     "phases.N.lr) or keep gradient clipping on (train.optimizer.max_grad_norm), then rerun to "
-                     "resume from the newest checkpoint")
+            cause = (
+                "check the data named in the warnings above, lower the learning rate (train.optimizer.lr, "
+                "phases.N.lr) or keep gradient clipping on (train.optimizer.max_grad_norm), then rerun to "
+                "resume from the newest checkpoint"
+            )
         raise TrainingStopped(
             f"stopped at step {self.step}: {self.nonfinite_in_row} steps in a row had a {problem} "
             f"(train.max_nonfinite_steps={limit}); none of them was applied and no checkpoint holds a non-finite "
-            f"tensor. {cause[0].upper() + cause[1:]}")
+            f"tensor. {cause[0].upper() + cause[1:]}"
+        )
 
     def _record(self, values: dict, active) -> None:
         """Append this step's losses to ``<output_dir>/losses.jsonl`` (main process)."""
@@ -418,8 +521,10 @@ class Trainer:
             return
         with open(self.output_dir / "losses.jsonl", "a", encoding="utf-8") as fh:
             # allow_nan=False: a NaN that slipped past finite_or_none stops here instead of writing bare NaN
-            fh.write(json.dumps(finite_or_none({"step": self.step, "phase": active.phase.name, **values}),
-                                allow_nan=False) + "\n")
+            fh.write(
+                json.dumps(finite_or_none({"step": self.step, "phase": active.phase.name, **values}), allow_nan=False)
+                + "\n"
+            )
 
     def save(self, active) -> None:
         cfg = self.config
@@ -434,8 +539,17 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row,
         }
         alpha = cfg.train.lora.alpha if cfg.train.mode == "lora" else None
-        save_checkpoint(self.accelerator, cfg.output_dir, self.step, self.models, state, alpha, cfg.checkpoint.keep,
-                        adapter_metadata={"branch": cfg.train.branch}, optimizer=self.optimizer)
+        save_checkpoint(
+            self.accelerator,
+            cfg.output_dir,
+            self.step,
+            self.models,
+            state,
+            alpha,
+            cfg.checkpoint.keep,
+            adapter_metadata={"branch": cfg.train.branch},
+            optimizer=self.optimizer,
+        )
 
     def sample(self) -> None:
         from train.sampling import sample_image, save_sample
@@ -445,8 +559,13 @@ class Trainer:
             return
         s = cfg.sample
         # the same identities and layout every time: the first record, unpaired, at the sample size
-        options = DataOptions(buckets=((s.width, s.height),), crop="center", min_face_size=0.0,
-                              siglip_crops=self.models.siglip is not None, max_image_pixels=cfg.data.max_image_pixels)
+        options = DataOptions(
+            buckets=((s.width, s.height),),
+            crop="center",
+            min_face_size=0.0,
+            siglip_crops=self.models.siglip is not None,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
         if getattr(self, "sample_item", None) is None:  # the first record/sample that loads whole, found once
             self.sample_item = self.data.sample_item(options) or {"skipped": True}
         item = self.sample_item
@@ -454,11 +573,24 @@ class Trainer:
             logger.warning("sample skipped: none of the first records/samples loads (each was named above)")
             return
         arcface, siglip = self.conditioning.identities(
-            {k: item[k][None] for k in ("ref_embeddings", "ref_siglip_crops") if k in item})
+            {k: item[k][None] for k in ("ref_embeddings", "ref_siglip_crops") if k in item}
+        )
         with acc.autocast():
-            image = sample_image(self.models, acc.unwrap_model(self.denoiser), s.prompt, arcface, siglip,
-                                 [item["boxes"].tolist()], s.width, s.height, s.steps, s.seed, cfg.train.guidance,
-                                 self.id_weight, self.siglip_weight)
+            image = sample_image(
+                self.models,
+                acc.unwrap_model(self.denoiser),
+                s.prompt,
+                arcface,
+                siglip,
+                [item["boxes"].tolist()],
+                s.width,
+                s.height,
+                s.steps,
+                s.seed,
+                cfg.train.guidance,
+                self.id_weight,
+                self.siglip_weight,
+            )
         path = save_sample(image, Path(cfg.output_dir) / "samples", self.step)
         logger.info("sample written to %s", path)
 
@@ -466,8 +598,13 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see train/configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.mode=lora (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.mode=lora (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # every configuration error, before any model loads: one line (and the config's setup hint), exit 2

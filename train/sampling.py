@@ -17,9 +17,21 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def sample_image(models: ModelSet, denoiser, prompt: str, arcface: torch.Tensor, siglip: torch.Tensor,
-                 boxes, width: int, height: int, steps: int, seed: int, guidance: float,
-                 id_weight: float = 1.0, siglip_weight: float = 1.0) -> np.ndarray:
+def sample_image(
+    models: ModelSet,
+    denoiser,
+    prompt: str,
+    arcface: torch.Tensor,
+    siglip: torch.Tensor,
+    boxes,
+    width: int,
+    height: int,
+    steps: int,
+    seed: int,
+    guidance: float,
+    id_weight: float = 1.0,
+    siglip_weight: float = 1.0,
+) -> np.ndarray:
     """Euler sampling of FLUX's rectified flow with FLUX's shifted schedule; returns RGB uint8."""
     device = next(denoiser.parameters()).device
     text, pooled = models.text([prompt])
@@ -29,8 +41,20 @@ def sample_image(models: ModelSet, denoiser, prompt: str, arcface: torch.Tensor,
     ts = shifted_schedule(steps, flux_mu(latents.shape[1]))  # FLUX's own mu, from the token count
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         t = torch.full((1,), float(t_cur), device=device)
-        v = denoiser(latents, t, text, pooled, torch.full((1,), guidance, device=device), arcface, siglip,
-                     boxes, height, width, id_weight, siglip_weight)
+        v = denoiser(
+            latents,
+            t,
+            text,
+            pooled,
+            torch.full((1,), guidance, device=device),
+            arcface,
+            siglip,
+            boxes,
+            height,
+            width,
+            id_weight,
+            siglip_weight,
+        )
         latents = latents + (float(t_next) - float(t_cur)) * v
     vae = models.vae
     z = unpack_latents(latents, height, width) / vae.config.scaling_factor + vae.config.shift_factor
@@ -42,8 +66,9 @@ def sample_image(models: ModelSet, denoiser, prompt: str, arcface: torch.Tensor,
 SAMPLE_SEARCH_LIMIT = 200
 
 
-def pick_sample_item(options, manifest=None, index=None, shards=(), numbers=None, landmarks=None,
-                     limit: int = SAMPLE_SEARCH_LIMIT) -> dict | None:
+def pick_sample_item(
+    options, manifest=None, index=None, shards=(), numbers=None, landmarks=None, limit: int = SAMPLE_SEARCH_LIMIT
+) -> dict | None:
     """The item whose identities and layout every periodic sample (``sample.every``) uses: the first
     record of the manifest, else the first sample of the shards, that loads whole. A bad one (the
     stream skipped it too) is passed over with a warning naming it; None when none of the first
@@ -58,8 +83,11 @@ def pick_sample_item(options, manifest=None, index=None, shards=(), numbers=None
             tried += 1
             if "skipped" not in item and "dropped" not in item:
                 return item
-            logger.warning("sample step: passing over %s (%s)", dataset.where(position),
-                           item.get("error", item.get("reason", "unusable")))
+            logger.warning(
+                "sample step: passing over %s (%s)",
+                dataset.where(position),
+                item.get("error", item.get("reason", "unusable")),
+            )
         return None
     from train.data.multiid2m.format import parsed_samples
     from train.data.multiid2m.stream import MultiID2MStream

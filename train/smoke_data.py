@@ -56,16 +56,27 @@ def build_smoke_set(root: str | Path) -> Path:
         from train import prepare
 
         build_photos(root / "photos")
-        prepare.main(["--images", str(root / "photos"), "--out", str(data), "--antelopev2",
-                      str(root / "insightface"), "--providers", "cpu"])
+        prepare.main(
+            [
+                "--images",
+                str(root / "photos"),
+                "--out",
+                str(data),
+                "--antelopev2",
+                str(root / "insightface"),
+                "--providers",
+                "cpu",
+            ]
+        )
     shards = root / "multiid2m" / "train"
     if not (shards / "re_000000.tar").is_file():
         from train.data import Manifest
         from train.data.multiid2m.write import write_manifest_shards
 
         # the same photos in MultiID-2M's released layout (smoke-multiid2m.yaml), 4 photos a shard
-        write_manifest_shards(Manifest.load(data / "manifest.jsonl"), shards, per_shard=4,
-                              landmark_dir=root / "multiid2m" / "landmarks")
+        write_manifest_shards(
+            Manifest.load(data / "manifest.jsonl"), shards, per_shard=4, landmark_dir=root / "multiid2m" / "landmarks"
+        )
     logger.info("smoke set ready in %s", root)
     return root
 

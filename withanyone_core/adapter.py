@@ -46,15 +46,27 @@ ADAPTER_HEAD_DIM = 64  # the adapter's attention head size (FLUX's own is 128)
 # whether the weights were trained to edit a reference image (FLUX.1 Kontext with a reference).
 ADAPTER_VARIANTS = {
     # WithAnyone 1.0 on FLUX.1-dev: both branches, base rule
-    "base": {"layout": "two_branch", "region_rule": "base", "requires_reference": False,
-             "title": "WithAnyone (FLUX.1)"},
+    "base": {
+        "layout": "two_branch",
+        "region_rule": "base",
+        "requires_reference": False,
+        "title": "WithAnyone (FLUX.1)",
+    },
     # WithAnyone.K.preview: text-to-image on FLUX.1 Kontext. The authors run it with their base pipeline, so it
     # has the base keys and rule; its keys cannot tell it from the base adapter (only a name or metadata can)
-    "k": {"layout": "two_branch", "region_rule": "base", "requires_reference": False,
-          "title": "WithAnyone.K (FLUX.1 Kontext, text-to-image)"},
+    "k": {
+        "layout": "two_branch",
+        "region_rule": "base",
+        "requires_reference": False,
+        "title": "WithAnyone.K (FLUX.1 Kontext, text-to-image)",
+    },
     # WithAnyone.Ke.preview: face editing on FLUX.1 Kontext, ArcFace branch only, the Kontext model's rule
-    "ke": {"layout": "arcface_only", "region_rule": "kontext", "requires_reference": True,
-           "title": "WithAnyone.Ke (FLUX.1 Kontext, face editing)"},
+    "ke": {
+        "layout": "arcface_only",
+        "region_rule": "kontext",
+        "requires_reference": True,
+        "title": "WithAnyone.Ke (FLUX.1 Kontext, face editing)",
+    },
 }
 
 
@@ -149,8 +161,14 @@ class IdentityCrossAttention(nn.Module):
     side (``identity_kv``) does not depend on the image and is computed once per run.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int = ADAPTER_HEAD_DIM, kv_dim: int | None = None,
-                 operations=TORCH_OPERATIONS):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int = ADAPTER_HEAD_DIM,
+        kv_dim: int | None = None,
+        operations=TORCH_OPERATIONS,
+    ):
         super().__init__()
         kv_dim = dim if kv_dim is None else kv_dim
         self.num_heads = num_heads
@@ -171,8 +189,14 @@ class IdentityCrossAttention(nn.Module):
         k, v = self.to_kv(_norm(self.norm1, id_tokens, dtype)).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def attend(self, img: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor | None,
-               tokens_per_person: int, dtype: torch.dtype) -> torch.Tensor:
+    def attend(
+        self,
+        img: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        allowed: torch.Tensor | None,
+        tokens_per_person: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         """img ``[B, S, dim]`` (any dtype) -> residual ``[B, S, dim]`` in ``dtype``."""
         b, s, _ = img.shape
         q = self._heads(self.to_q(_norm(self.norm2, img, dtype)))
@@ -271,8 +295,9 @@ class BlockInputs:
         tokens = self.tokens if self.tokens.batch_size == 1 else self.tokens.repeat(times)
         allowed = None if self.layout.allowed is None else self.layout.allowed.repeat(times, 1, 1)
         layout = RegionLayout(self.layout.grid, self.layout.num_persons, allowed)
-        return IdentityAdapterBase.prepare_from(tokens, layout, self.id_weight, self.siglip_weight,
-                                                batch_size=self.batch_size * times, dtype=self.dtype)
+        return IdentityAdapterBase.prepare_from(
+            tokens, layout, self.id_weight, self.siglip_weight, batch_size=self.batch_size * times, dtype=self.dtype
+        )
 
 
 class IdentityAdapterBase(nn.Module, ABC):
@@ -323,8 +348,13 @@ class IdentityAdapterBase(nn.Module, ABC):
         """The ArcFace branch's per-block cross-attention modules (``ipa_arc`` or ``ipa``)."""
 
     @abstractmethod
-    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None,
-                          dtype: torch.dtype | None = None, with_siglip: bool = True) -> IdentityTokens:
+    def encode_identities(
+        self,
+        arcface: torch.Tensor,
+        siglip: torch.Tensor | None,
+        dtype: torch.dtype | None = None,
+        with_siglip: bool = True,
+    ) -> IdentityTokens:
         """Project per-person embeddings into identity tokens."""
 
     @abstractmethod
@@ -361,8 +391,12 @@ class IdentityAdapterBase(nn.Module, ABC):
 
     @staticmethod
     def prepare_from(
-        tokens: IdentityTokens, layout: RegionLayout, id_weight: float, siglip_weight: float,
-        batch_size: int | None = None, dtype: torch.dtype | None = None,
+        tokens: IdentityTokens,
+        layout: RegionLayout,
+        id_weight: float,
+        siglip_weight: float,
+        batch_size: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> BlockInputs:
         """Combine tokens and a layout (built on the CPU or the tokens' device) into block inputs.
 
@@ -375,20 +409,32 @@ class IdentityAdapterBase(nn.Module, ABC):
                 f"{_count(tokens.num_persons, 'identity', 'identities')} were given"
             )
         if float(siglip_weight) != 0.0 and tokens.sig is None:
-            raise ValueError("these identity tokens were encoded without the SigLIP branch; "
-                             "encode them with with_siglip=True to use siglip_weight")
+            raise ValueError(
+                "these identity tokens were encoded without the SigLIP branch; "
+                "encode them with with_siglip=True to use siglip_weight"
+            )
         batch_size = batch_size or tokens.batch_size
         if tokens.batch_size not in (1, batch_size):
-            raise ValueError(f"identity tokens for {_count(tokens.batch_size, 'image')} cannot serve a batch of {batch_size}")
+            raise ValueError(
+                f"identity tokens for {_count(tokens.batch_size, 'image')} cannot serve a batch of {batch_size}"
+            )
         device = tokens.arc.device
         selection = select_tokens(layout)
         selection = None if selection is None else selection.to(device)
-        return BlockInputs(tokens, layout.to(device), selection, float(id_weight), float(siglip_weight),
-                           batch_size, dtype)
+        return BlockInputs(
+            tokens, layout.to(device), selection, float(id_weight), float(siglip_weight), batch_size, dtype
+        )
 
     # ---------------------------------------------------------------- residual
-    def identity_kv(self, inputs: BlockInputs, branch: str, block_index: int, module: IdentityCrossAttention,
-                    id_tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity_kv(
+        self,
+        inputs: BlockInputs,
+        branch: str,
+        block_index: int,
+        module: IdentityCrossAttention,
+        id_tokens: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's identity keys/values for the image batch; cached in the tokens when no gradient flows."""
         cache = inputs.tokens.kv_cache
         key = (branch, block_index, dtype)
@@ -477,8 +523,13 @@ class IdentityAdapter(IdentityAdapterBase):
     def arc_blocks(self) -> nn.ModuleList:
         return self.ipa_arc
 
-    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None,
-                          dtype: torch.dtype | None = None, with_siglip: bool = True) -> IdentityTokens:
+    def encode_identities(
+        self,
+        arcface: torch.Tensor,
+        siglip: torch.Tensor | None,
+        dtype: torch.dtype | None = None,
+        with_siglip: bool = True,
+    ) -> IdentityTokens:
         """Project per-person embeddings into identity tokens.
 
         arcface: ``[B, n, 512]`` raw insightface embeddings (not normalised);
@@ -539,13 +590,19 @@ class ArcFaceOnlyAdapter(IdentityAdapterBase):
     def arc_blocks(self) -> nn.ModuleList:
         return self.ipa
 
-    def encode_identities(self, arcface: torch.Tensor, siglip: torch.Tensor | None = None,
-                          dtype: torch.dtype | None = None, with_siglip: bool = False) -> IdentityTokens:
+    def encode_identities(
+        self,
+        arcface: torch.Tensor,
+        siglip: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        with_siglip: bool = False,
+    ) -> IdentityTokens:
         """arcface ``[B, n, 512]`` (raw insightface embeddings) -> 8 tokens per person; ``siglip`` is ignored."""
         cfg = self.config
         if with_siglip:
-            raise ValueError(f"{cfg.title} has only the ArcFace branch: set the SigLIP weight "
-                             "(siglip_share / siglip_weight) to 0")
+            raise ValueError(
+                f"{cfg.title} has only the ArcFace branch: set the SigLIP weight (siglip_share / siglip_weight) to 0"
+            )
         arcface = self._checked_arcface(arcface)
         b, n, _ = arcface.shape
         dtype = dtype or self.weight_dtype

@@ -43,8 +43,9 @@ class TokenSelection:
     def to(self, device: torch.device | str) -> TokenSelection:
         if self.index.device == torch.device(device):
             return self
-        return TokenSelection(self.index.to(device), self.valid.to(device), self.allowed.to(device),
-                              self.num_tokens, self.all_valid)
+        return TokenSelection(
+            self.index.to(device), self.valid.to(device), self.allowed.to(device), self.num_tokens, self.all_valid
+        )
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, D]`` -> ``[B, S, D]`` covered tokens."""

@@ -43,8 +43,13 @@ IDENTITY_KEYS = ("sim_gt", "sim_ref", "cp", "off_gt", "off_ref")
 
 
 # --------------------------------------------------------------------------- one sample
-def score_identity(face_model, output: np.ndarray, ground_truth: np.ndarray | None,
-                   references: list[np.ndarray], reference_embeddings: np.ndarray | None = None) -> dict:
+def score_identity(
+    face_model,
+    output: np.ndarray,
+    ground_truth: np.ndarray | None,
+    references: list[np.ndarray],
+    reference_embeddings: np.ndarray | None = None,
+) -> dict:
     """Identity metrics of one sample with one face model (shared by the CLI and the ComfyUI node).
 
     ``reference_embeddings`` replaces detection on ``references`` (the node passes its identities').
@@ -53,8 +58,12 @@ def score_identity(face_model, output: np.ndarray, ground_truth: np.ndarray | No
         refs = [face_model.reference(r) for r in references]
         missing = [k + 1 for k, e in enumerate(refs) if e is None]
         if missing:  # the authors' get_multi_img_embeddings: no face in any reference -> no identity metrics
-            return {"error": f"no face found in reference(s) {missing} (after padding)", "sim_ref": None,
-                    "sim_gt": None, "cp": None}
+            return {
+                "error": f"no face found in reference(s) {missing} (after padding)",
+                "sim_ref": None,
+                "sim_gt": None,
+                "cp": None,
+            }
         reference_embeddings = np.stack(refs)
     generated = face_model.faces(output)
     gt = face_model.faces(ground_truth) if ground_truth is not None else None
@@ -71,8 +80,7 @@ class Scorer:
         self.settings = {"schema": SCHEMA, **(settings or {})}
 
     def score(self, sample: Sample) -> dict:
-        record = {"sample": sample.name, "persons": sample.persons, "prompt": sample.prompt,
-                  "settings": self.settings}
+        record = {"sample": sample.name, "persons": sample.persons, "prompt": sample.prompt, "settings": self.settings}
         if "error" in sample.meta:
             raise ValueError(sample.meta["error"])
         if not sample.refs:
@@ -118,8 +126,12 @@ class Scorer:
         def record(outputs: dict) -> dict:
             scores = {m.kind: score_identity(m, outputs[m.kind], truth, refs) for m in self.face_models}
             ok = any(r.get("sim_ref") is not None for r in scores.values())
-            return {**base, "face_models": scores, "status": "ok" if ok else "failed",
-                    **({} if ok else {"error": "no face found"})}
+            return {
+                **base,
+                "face_models": scores,
+                "status": "ok" if ok else "failed",
+                **({} if ok else {"error": "no face found"}),
+            }
 
         gt = record({m.kind: truth for m in self.face_models})
         if sample.persons != 1:
@@ -161,8 +173,10 @@ def evaluate_bounds(folder: Path, scorer: Scorer) -> tuple[dict, list[str]]:
                 if key == "cp" and any((p.get(other) or -1.0) > closest for p in scores.get("persons", [])):
                     continue
                 if value is not None and abs(value - expected) > BOUND_TOLERANCE:
-                    deviations.append(f"{record['sample']}, {model}: the {'ground truth' if row == 'GT' else 'reference'}"
-                                      f" scored as the output gives {key} {value:.6f}, not {expected:+g}")
+                    deviations.append(
+                        f"{record['sample']}, {model}: the {'ground truth' if row == 'GT' else 'reference'}"
+                        f" scored as the output gives {key} {value:.6f}, not {expected:+g}"
+                    )
     return {row: {"method": row, **summarise(rows)} for row, rows in records.items() if rows}, deviations
 
 
@@ -179,8 +193,12 @@ def _cached(sample: Sample, settings: dict) -> dict | None:
 
 
 # --------------------------------------------------------------------------- one method
-SUBSETS = {"single": lambda n: n == 1, "multi": lambda n: n >= 2, "multi_2": lambda n: n == 2,
-           "multi_3_4": lambda n: n >= 3}
+SUBSETS = {
+    "single": lambda n: n == 1,
+    "multi": lambda n: n >= 2,
+    "multi_2": lambda n: n == 2,
+    "multi_3_4": lambda n: n >= 3,
+}
 
 
 def summarise(records: list[dict], fids: dict | None = None) -> dict:
@@ -191,20 +209,31 @@ def summarise(records: list[dict], fids: dict | None = None) -> dict:
         if not part:
             continue
         ok = [r for r in part if r.get("status") == "ok"]
-        entry = {"samples": len(part), "scored": len(ok),
-                 "failed": {r["sample"]: r.get("error", "") for r in part if r.get("status") != "ok"}}
+        entry = {
+            "samples": len(part),
+            "scored": len(ok),
+            "failed": {r["sample"]: r.get("error", "") for r in part if r.get("status") != "ok"},
+        }
         models = sorted({m for r in ok for m in r["face_models"]})
         per_model = {}
         for model in models:
-            per_model[model] = {key: robust_stats([r["face_models"][model].get(key) for r in ok
-                                                   if model in r["face_models"]]) for key in IDENTITY_KEYS}
+            per_model[model] = {
+                key: robust_stats([r["face_models"][model].get(key) for r in ok if model in r["face_models"]])
+                for key in IDENTITY_KEYS
+            }
         if len(models) > 1:  # the authors' 'average': every model's per-sample values in one pool
-            per_model["average"] = {key: robust_stats([r["face_models"][m].get(key) for r in ok for m in models
-                                                       if m in r["face_models"]]) for key in IDENTITY_KEYS}
+            per_model["average"] = {
+                key: robust_stats([r["face_models"][m].get(key) for r in ok for m in models if m in r["face_models"]])
+                for key in IDENTITY_KEYS
+            }
         gate = CP_GATES["single" if subset == "single" else "multi"]
         for model, stats in per_model.items():  # the other reading of the gate: per sample, not per method
-            pool = [r["face_models"][m] for r in ok for m in (models if model == "average" else [model])
-                    if m in r["face_models"]]
+            pool = [
+                r["face_models"][m]
+                for r in ok
+                for m in (models if model == "average" else [model])
+                if m in r["face_models"]
+            ]
             stats["cp_gated"] = robust_stats(gated([f.get("cp") for f in pool], [f.get("sim_gt") for f in pool], gate))
         entry["face_models"] = per_model
         for key in ("clip_i", "clip_t", "aesthetic"):
@@ -216,26 +245,34 @@ def summarise(records: list[dict], fids: dict | None = None) -> dict:
         def mean(stats):
             return None if not stats else stats["mean"]
 
-        entry["table"] = {"sim_gt": mean(identity.get("sim_gt")), "sim_ref": mean(identity.get("sim_ref")),
-                          "cp": mean(identity.get("cp")),
-                          "bld": mean(identity.get("off_gt")) if subset != "single" else None,
-                          "clip_i": mean(entry["clip_i"]), "clip_t": mean(entry["clip_t"]),
-                          "aesthetic": mean(entry["aesthetic"]),
-                          "fid": (fids or {}).get(subset, {}).get("authors" if "authors" in (fids or {}).get(subset, {})
-                                                                  else "standard")}
+        entry["table"] = {
+            "sim_gt": mean(identity.get("sim_gt")),
+            "sim_ref": mean(identity.get("sim_ref")),
+            "cp": mean(identity.get("cp")),
+            "bld": mean(identity.get("off_gt")) if subset != "single" else None,
+            "clip_i": mean(entry["clip_i"]),
+            "clip_t": mean(entry["clip_t"]),
+            "aesthetic": mean(entry["aesthetic"]),
+            "fid": (fids or {})
+            .get(subset, {})
+            .get("authors" if "authors" in (fids or {}).get(subset, {}) else "standard"),
+        }
         subsets[subset] = entry
     return {"subsets": subsets}
 
 
-def evaluate_folder(folder: Path, scorer: Scorer, fid=None, fid_forms=("standard",), resume: bool = True,
-                    progress: bool = True) -> dict:
+def evaluate_folder(
+    folder: Path, scorer: Scorer, fid=None, fid_forms=("standard",), resume: bool = True, progress: bool = True
+) -> dict:
     samples = list_samples(folder)
     records = []
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm ships with ComfyUI and transformers; plain logging otherwise
+
         def tqdm(it, **_):
             return it
+
     bar = tqdm(samples, desc=f"scoring {folder.name}", unit="sample", disable=not progress)
     reused = 0
     for sample in bar:
@@ -246,8 +283,13 @@ def evaluate_folder(folder: Path, scorer: Scorer, fid=None, fid_forms=("standard
             try:
                 record = scorer.score(sample)
             except (ImageReadError, ValueError) as exc:
-                record = {"sample": sample.name, "persons": sample.persons, "settings": scorer.settings,
-                          "status": "failed", "error": str(exc)}
+                record = {
+                    "sample": sample.name,
+                    "persons": sample.persons,
+                    "settings": scorer.settings,
+                    "status": "failed",
+                    "error": str(exc),
+                }
             if record.get("status") != "ok":
                 logger.warning("%s: %s", sample.name, record.get("error"))
             (sample.folder / "metrics.json").write_text(json.dumps(record, indent=1))
@@ -278,8 +320,13 @@ def _fid_by_subset(fid, forms, samples: list[Sample], records: list[dict]) -> di
 
     out, seen = {}, {}
     for subset, belongs in SUBSETS.items():
-        chosen = tuple(sorted(r["sample"] for r in records if r.get("status") == "ok" and belongs(r["persons"])
-                              and by_name[r["sample"]].ground_truth is not None))
+        chosen = tuple(
+            sorted(
+                r["sample"]
+                for r in records
+                if r.get("status") == "ok" and belongs(r["persons"]) and by_name[r["sample"]].ground_truth is not None
+            )
+        )
         if len(chosen) < 2:
             continue
         if chosen not in seen:  # e.g. multi_2 == multi when no sample has 3-4 people
@@ -292,35 +339,72 @@ def _fid_by_subset(fid, forms, samples: list[Sample], records: list[dict]) -> di
 
 # --------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m withanyone_core.bench_eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m withanyone_core.bench_eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("results", type=Path, nargs="+", help="one folder of samples per method")
     p.add_argument("--names", nargs="+", help="method names for the tables (default: the folder names)")
-    p.add_argument("--out", type=Path, help="where tables.md/.csv, report.json and tradeoff.png go "
-                   "(default: the results folder, or ./bench_report for several)")
-    p.add_argument("--insightface", "--antelopev2", dest="insightface", type=Path, required=True,
-                   help="insightface models root holding models/buffalo_l/ or models/antelopev2/ "
-                        "(e.g. ComfyUI/models/insightface)")
-    p.add_argument("--face-model", choices=["buffalo_l", "antelopev2"], default="buffalo_l",
-                   help="buffalo_l as in the paper (default), or antelopev2 as the pack uses")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where tables.md/.csv, report.json and tradeoff.png go "
+        "(default: the results folder, or ./bench_report for several)",
+    )
+    p.add_argument(
+        "--insightface",
+        "--antelopev2",
+        dest="insightface",
+        type=Path,
+        required=True,
+        help="insightface models root holding models/buffalo_l/ or models/antelopev2/ "
+        "(e.g. ComfyUI/models/insightface)",
+    )
+    p.add_argument(
+        "--face-model",
+        choices=["buffalo_l", "antelopev2"],
+        default="buffalo_l",
+        help="buffalo_l as in the paper (default), or antelopev2 as the pack uses",
+    )
     p.add_argument("--det-thresh", type=float, default=DET_THRESH)
     p.add_argument("--no-ref-padding", action="store_true", help="detect on the reference photos as they are")
     p.add_argument("--providers", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--torch-faces", type=Path, help="folder with adaface_ir50_ms1mv2.safetensors, "
-                   "facenet_vggface2.safetensors and detection_Resnet50_Final.safetensors: adds AdaFace and "
-                   "FaceNet on facexlib-aligned faces, and the authors' average over the three face models")
+    p.add_argument(
+        "--torch-faces",
+        type=Path,
+        help="folder with adaface_ir50_ms1mv2.safetensors, "
+        "facenet_vggface2.safetensors and detection_Resnet50_Final.safetensors: adds AdaFace and "
+        "FaceNet on facexlib-aligned faces, and the authors' average over the three face models",
+    )
     p.add_argument("--clip", type=Path, help="folder of openai/clip-vit-base-patch16 (CLIP-I, CLIP-T)")
     p.add_argument("--aesthetic-encoder", type=Path, help="folder of google/siglip-so400m-patch14-384")
     p.add_argument("--aesthetic-head", type=Path, help="aesthetic_predictor_v2_5.safetensors")
-    p.add_argument("--fid-weights", type=Path, help="pt_inception-2015-12-05-6726825d.safetensors (pytorch-fid) "
-                   "or torchvision's inception_v3_google-0cc3c7bd.safetensors")
-    p.add_argument("--fid-form", choices=["standard", "authors", "both"], default="both",
-                   help="FID preprocessing: standard (pytorch-fid), authors (ImageNet-normalised, then scaled again)")
+    p.add_argument(
+        "--fid-weights",
+        type=Path,
+        help="pt_inception-2015-12-05-6726825d.safetensors (pytorch-fid) "
+        "or torchvision's inception_v3_google-0cc3c7bd.safetensors",
+    )
+    p.add_argument(
+        "--fid-form",
+        choices=["standard", "authors", "both"],
+        default="both",
+        help="FID preprocessing: standard (pytorch-fid), authors (ImageNet-normalised, then scaled again)",
+    )
     p.add_argument("--device", default="auto", help="torch device for CLIP, aesthetic and FID")
-    p.add_argument("--paper-points", type=Path, help="JSON of published rows, in the shipped file's form "
-                   "(default: withanyone_core/bench/paper_points.json, Tables 1a, 2a, 2b of arXiv 2510.14975v1)")
-    p.add_argument("--no-bounds", action="store_true", help="skip the GT and Ref rows (the ground truth and the "
-                   "reference scored as the output) and their self-check against Sim(GT) 1, CP -1 / +1")
+    p.add_argument(
+        "--paper-points",
+        type=Path,
+        help="JSON of published rows, in the shipped file's form "
+        "(default: withanyone_core/bench/paper_points.json, Tables 1a, 2a, 2b of arXiv 2510.14975v1)",
+    )
+    p.add_argument(
+        "--no-bounds",
+        action="store_true",
+        help="skip the GT and Ref rows (the ground truth and the "
+        "reference scored as the output) and their self-check against Sim(GT) 1, CP -1 / +1",
+    )
     p.add_argument("--no-resume", action="store_true", help="recompute every sample")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -347,15 +431,24 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, f"error: --paper-points: {exc}\n")
 
     try:
-        face_model = InsightFaceModel(args.insightface, args.face_model, det_thresh=args.det_thresh,
-                                      providers=args.providers, pad_references=not args.no_ref_padding)
+        face_model = InsightFaceModel(
+            args.insightface,
+            args.face_model,
+            det_thresh=args.det_thresh,
+            providers=args.providers,
+            pad_references=not args.no_ref_padding,
+        )
         face_models = [face_model]
         if args.torch_faces:
             from .bench.torch_faces import TorchFaceModel
 
             adaface = TorchFaceModel("adaface", args.torch_faces, args.device, not args.no_ref_padding)
-            face_models += [adaface, TorchFaceModel("facenet", args.torch_faces, args.device, not args.no_ref_padding,
-                                                    detector=adaface.detector)]
+            face_models += [
+                adaface,
+                TorchFaceModel(
+                    "facenet", args.torch_faces, args.device, not args.no_ref_padding, detector=adaface.detector
+                ),
+            ]
         clip = aesthetic = fid = None
         if args.clip:
             clip = quality.ClipMetric(args.clip, args.device)
@@ -365,33 +458,52 @@ def main(argv: list[str] | None = None) -> dict:
             fid = quality.FIDMetric(args.fid_weights, args.device)
     except (FaceModelsNotFound, quality.MissingWeights, CheckpointError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    settings = {"face_model": args.face_model, "det_thresh": args.det_thresh, "ref_padding": not args.no_ref_padding,
-                "clip": bool(clip), "aesthetic": bool(aesthetic), "face_models": [m.kind for m in face_models]}
+    settings = {
+        "face_model": args.face_model,
+        "det_thresh": args.det_thresh,
+        "ref_padding": not args.no_ref_padding,
+        "clip": bool(clip),
+        "aesthetic": bool(aesthetic),
+        "face_models": [m.kind for m in face_models],
+    }
     scorer = Scorer(face_models, clip, aesthetic, settings)
     forms = ("standard", "authors") if args.fid_form == "both" else (args.fid_form,)
     names = args.names or [f.name for f in args.results]
     methods = {}
     for name, folder in zip(names, args.results):
-        methods[name] = evaluate_folder(folder, scorer, fid, forms, resume=not args.no_resume,
-                                        progress=not args.no_progress)
+        methods[name] = evaluate_folder(
+            folder, scorer, fid, forms, resume=not args.no_resume, progress=not args.no_progress
+        )
     bounds = check = None
     if not args.no_bounds:
         bounds, deviations = evaluate_bounds(args.results[0], scorer)
-        check = {"ok": not deviations, "tolerance": BOUND_TOLERANCE, "deviations": deviations,
-                 "samples_from": str(args.results[0])}
+        check = {
+            "ok": not deviations,
+            "tolerance": BOUND_TOLERANCE,
+            "deviations": deviations,
+            "samples_from": str(args.results[0]),
+        }
     out = args.out or (args.results[0] if len(args.results) == 1 else Path("bench_report"))
     combined = write_report(methods, out, paper, bounds, check)
     if check is not None and not check["ok"]:
         for line in check["deviations"]:
             logger.error("self-check: %s", line)
-        parser.exit(1, f"error: self-check failed: {len(check['deviations'])} value(s) of the GT/Ref rows miss the "
-                       f"paper's bounds (Sim(GT) 1, CP -1 / +1) by more than {BOUND_TOLERANCE:g} (listed above and "
-                       f"in {out / 'report.json'}); the metric code is wrong for these samples: please report it\n")
+        parser.exit(
+            1,
+            f"error: self-check failed: {len(check['deviations'])} value(s) of the GT/Ref rows miss the "
+            f"paper's bounds (Sim(GT) 1, CP -1 / +1) by more than {BOUND_TOLERANCE:g} (listed above and "
+            f"in {out / 'report.json'}); the metric code is wrong for these samples: please report it\n",
+        )
     return combined
 
 
-def write_report(methods: dict[str, dict], out: Path, paper: dict | Path | None = None,
-                 bounds: dict[str, dict] | None = None, bounds_check: dict | None = None) -> dict:
+def write_report(
+    methods: dict[str, dict],
+    out: Path,
+    paper: dict | Path | None = None,
+    bounds: dict[str, dict] | None = None,
+    bounds_check: dict | None = None,
+) -> dict:
     """tables.md/.csv (published and measured rows), report.json and tradeoff.png into ``out``.
 
     ``paper``: the published rows (a loaded dict, a replacement file, or ``None`` for the shipped
@@ -405,13 +517,18 @@ def write_report(methods: dict[str, dict], out: Path, paper: dict | Path | None 
     tables = report.markdown_tables(methods, paper=paper, bounds=bounds)
     (out / "tables.md").write_text(tables + "\n")
     (out / "tables.csv").write_text(report.csv_table(methods, paper=paper, bounds=bounds))
-    combined = {"methods": methods, "bounds": bounds, "bounds_check": bounds_check,
-                "paper": {"paper": paper.get("paper"), "citation": paper.get("citation")}}
+    combined = {
+        "methods": methods,
+        "bounds": bounds,
+        "bounds_check": bounds_check,
+        "paper": {"paper": paper.get("paper"), "citation": paper.get("citation")},
+    }
     combined["figure"] = report.tradeoff_figure(methods, out / "tradeoff.png", paper)
     (out / "report.json").write_text(json.dumps(combined, indent=1))
     logger.info("\n%s", tables)
-    logger.info("wrote %s, %s, %s and %s", out / "tables.md", out / "tables.csv", out / "report.json",
-                out / "tradeoff.png")
+    logger.info(
+        "wrote %s, %s, %s and %s", out / "tables.md", out / "tables.csv", out / "report.json", out / "tradeoff.png"
+    )
     return combined
 
 

@@ -56,9 +56,11 @@ class IdentityRequest:
         if isinstance(layout, (list, tuple)) and all(item is None or isinstance(item, Layout) for item in layout):
             object.__setattr__(self, "layout", tuple(layout))
             return
-        raise TypeError(f"the identity request's layout must be a Layout, one Layout (or None) per image, or None; "
-                        f"got {type(layout).__name__}: build it with withanyone_core.layout.Layout(width, height, "
-                        "boxes) (batch_layouts for per-image boxes)")
+        raise TypeError(
+            f"the identity request's layout must be a Layout, one Layout (or None) per image, or None; "
+            f"got {type(layout).__name__}: build it with withanyone_core.layout.Layout(width, height, "
+            "boxes) (batch_layouts for per-image boxes)"
+        )
 
     @property
     def per_image(self) -> bool:
@@ -85,8 +87,9 @@ class IdentityRun:
     plans but recomputes the identity K/V in every block call (the benchmark's baseline).
     """
 
-    def __init__(self, adapter: IdentityAdapterBase, request: IdentityRequest, cache: bool = True,
-                 cache_kv: bool = True):
+    def __init__(
+        self, adapter: IdentityAdapterBase, request: IdentityRequest, cache: bool = True, cache_kv: bool = True
+    ):
         if request.num_persons < 1:
             raise ValueError("at least one identity is needed")
         self.adapter = adapter
@@ -109,8 +112,11 @@ class IdentityRun:
                 siglip = siglip[None]
             with_siglip = req.siglip_weight != 0.0
             tokens = self.adapter.encode_identities(
-                arcface.to(device), None if siglip is None or not with_siglip else siglip.to(device),
-                dtype=dtype, with_siglip=with_siglip)
+                arcface.to(device),
+                None if siglip is None or not with_siglip else siglip.to(device),
+                dtype=dtype,
+                with_siglip=with_siglip,
+            )
             if not self.cache_kv:
                 tokens = replace(tokens, kv_cache=None)
             self.encode_count += 1
@@ -118,8 +124,14 @@ class IdentityRun:
                 self._tokens[key] = tokens
         return tokens
 
-    def inputs(self, grid: TokenGrid, batch_size: int, device: torch.device | str,
-               dtype: torch.dtype | None = None, pixel_size: Size | None = None) -> BlockInputs:
+    def inputs(
+        self,
+        grid: TokenGrid,
+        batch_size: int,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        pixel_size: Size | None = None,
+    ) -> BlockInputs:
         """Block inputs for a main image of ``grid`` tokens, ``batch_size`` images, on ``device``.
 
         ``pixel_size`` ``(w, h)`` is the sampled image in pixels (default: 16 px per token).
@@ -135,7 +147,9 @@ class IdentityRun:
         tokens = self._identity_tokens(device, dtype)
         if req.per_image and tokens.batch_size not in (1, batch_size):
             if batch_size % tokens.batch_size:
-                raise ValueError(f"identities for {count_noun(tokens.batch_size, 'image')} cannot serve a batch of {batch_size}")
+                raise ValueError(
+                    f"identities for {count_noun(tokens.batch_size, 'image')} cannot serve a batch of {batch_size}"
+                )
             tokens = tokens.repeat(batch_size // tokens.batch_size)
         boxes = req.boxes_for(size)
         if boxes is not None and len(boxes) not in (1, batch_size):
@@ -144,15 +158,17 @@ class IdentityRun:
             boxes = list(boxes) * (batch_size // len(boxes))  # cond/uncond copies of the same images
         rule = req.region_rule or self.adapter.config.region_rule
         layout = build_layout(boxes, grid, tokens.num_persons, batch_size, rule=rule)  # on the CPU: no device sync
-        inputs = IdentityAdapterBase.prepare_from(tokens, layout, req.id_weight, req.siglip_weight,
-                                              batch_size=batch_size, dtype=dtype)
+        inputs = IdentityAdapterBase.prepare_from(
+            tokens, layout, req.id_weight, req.siglip_weight, batch_size=batch_size, dtype=dtype
+        )
         if self.cache:
             self._inputs[key] = inputs
         return inputs
 
     # ------------------------------------------------------------------ blocks
-    def add_residual(self, block_index: int, img: torch.Tensor, inputs: BlockInputs, start: int = 0,
-                     main_tokens: int | None = None) -> torch.Tensor:
+    def add_residual(
+        self, block_index: int, img: torch.Tensor, inputs: BlockInputs, start: int = 0, main_tokens: int | None = None
+    ) -> torch.Tensor:
         """``img`` with the identity residual added to its main image tokens ``[start, start + main_tokens)``.
 
         Tokens before ``start`` (text, in FLUX single blocks) and after the main image
@@ -181,11 +197,15 @@ class IdentityRun:
                 f"{config.title} edits a photo on FLUX.1 Kontext, but no reference image reached the model. "
                 "Load flux1-kontext-dev, and feed the prepared photo (WithAnyone Face Edit Prepare -> VAE Encode "
                 "-> ReferenceLatent) into the positive conditioning; for text-to-image use the base adapter "
-                "(withanyone.safetensors) or WithAnyone.K")
+                "(withanyone.safetensors) or WithAnyone.K"
+            )
         if has_reference and not config.requires_reference and not getattr(self, "_noted_reference", False):
             self._noted_reference = True
-            logger.info("WithAnyone: %s runs on the target tokens only; the Kontext reference tokens are left alone "
-                        "(for face editing the authors trained WithAnyone.Ke)", config.title)
+            logger.info(
+                "WithAnyone: %s runs on the target tokens only; the Kontext reference tokens are left alone "
+                "(for face editing the authors trained WithAnyone.Ke)",
+                config.title,
+            )
 
     # ------------------------------------------------------------------ lifetime
     def release(self) -> None:

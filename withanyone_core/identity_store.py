@@ -127,8 +127,9 @@ def normalize_name(name: str) -> str:
         raise IdentityFileError(f"the name must be text, got {type(name).__name__}")
     name = unicodedata.normalize("NFC", name).strip()
     if len(name) > MAX_NAME_CHARS:
-        raise IdentityFileError(f"the name {name[:24]!r}... is {len(name)} characters long: use at most "
-                                f"{MAX_NAME_CHARS}")
+        raise IdentityFileError(
+            f"the name {name[:24]!r}... is {len(name)} characters long: use at most {MAX_NAME_CHARS}"
+        )
     return name
 
 
@@ -143,8 +144,10 @@ def file_name(name: str) -> str:
         raise IdentityFileError(f"name {name!r} gives no file name: use letters or digits, e.g. 'alice'")
     size = len(stem.encode("utf-8"))
     if size > MAX_NAME_BYTES:
-        raise IdentityFileError(f"the name {stem[:24]!r}... takes {size} bytes as a file name (UTF-8), more than "
-                                f"the {MAX_NAME_BYTES} a file name may have here: use a shorter name")
+        raise IdentityFileError(
+            f"the name {stem[:24]!r}... takes {size} bytes as a file name (UTF-8), more than "
+            f"the {MAX_NAME_BYTES} a file name may have here: use a shorter name"
+        )
     return stem + SUFFIX
 
 
@@ -180,13 +183,17 @@ def value_problems(name: str, tensor: torch.Tensor, kind: str) -> list[str]:
         if bad:
             k, norm = bad[0]
             which = f" (row {k + 1})" if norms.numel() > 1 else ""
-            return [f"{name}{which} has norm {norm:.3g}, outside {low:g}-{high:g} (a raw ArcFace embedding's norm is "
-                    f"about 15-35)"]
+            return [
+                f"{name}{which} has norm {norm:.3g}, outside {low:g}-{high:g} (a raw ArcFace embedding's norm is "
+                f"about 15-35)"
+            ]
     elif kind == "siglip":
         peak = float(tensor.abs().max())
         if peak > SIGLIP_MAX_ABS:
-            return [f"{name} holds a value of magnitude {peak:.3g}, above {SIGLIP_MAX_ABS:g} (SigLIP features are "
-                    f"LayerNorm outputs, tens at most)"]
+            return [
+                f"{name} holds a value of magnitude {peak:.3g}, above {SIGLIP_MAX_ABS:g} (SigLIP features are "
+                f"LayerNorm outputs, tens at most)"
+            ]
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return []
@@ -199,9 +206,11 @@ def check_encoded(arcface, siglip, who: str) -> None:
     if siglip is not None:
         problems += value_problems("its SigLIP features", siglip, "siglip")
     if problems:
-        raise IdentityValueError(f"{who}: " + "; ".join(problems) + ": this is not what antelopev2 and SigLIP give; "
-                                 "check the face analyzer and SigLIP models (re-download them), or save the person "
-                                 "again from photos")
+        raise IdentityValueError(
+            f"{who}: " + "; ".join(problems) + ": this is not what antelopev2 and SigLIP give; "
+            "check the face analyzer and SigLIP models (re-download them), or save the person "
+            "again from photos"
+        )
 
 
 def _check(identity_tensors: dict[str, torch.Tensor], photos: int, where: str, advice: str) -> None:
@@ -212,8 +221,10 @@ def _check(identity_tensors: dict[str, torch.Tensor], photos: int, where: str, a
     if siglip.ndim != 2 or 0 in siglip.shape:
         problems.append(f"siglip has shape {tuple(siglip.shape)}, expected [tokens, dim]")
     if per_photo.ndim != 2 or per_photo.shape[1:] != (ARCFACE_DIM,) or per_photo.shape[0] != photos or photos < 1:
-        problems.append(f"photo_embeddings has shape {tuple(per_photo.shape)}, expected ({photos}, {ARCFACE_DIM}) "
-                        f"for {photos} photo(s)")
+        problems.append(
+            f"photo_embeddings has shape {tuple(per_photo.shape)}, expected ({photos}, {ARCFACE_DIM}) "
+            f"for {photos} photo(s)"
+        )
     if not problems:
         for name in TENSOR_NAMES:
             problems += value_problems(name, identity_tensors[name], "siglip" if name == "siglip" else "arcface")
@@ -227,17 +238,30 @@ def save_identity(path: str | os.PathLike, identity: SavedIdentity) -> Path:
 
     path = Path(path)
     tensors = {n: _as_float32(n, getattr(identity, n)) for n in TENSOR_NAMES}
-    _check(tensors, len(identity.photos), f"cannot save {identity.name!r}",
-           "check the face analyzer (antelopev2) and SigLIP models: re-download them if they were changed")
+    _check(
+        tensors,
+        len(identity.photos),
+        f"cannot save {identity.name!r}",
+        "check the face analyzer (antelopev2) and SigLIP models: re-download them if they were changed",
+    )
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "name": identity.name,
         "pack_version": identity.pack_version,
         "created": identity.created,
-        "photos": json.dumps([{"image_index": p.image_index, "bbox": [float(v) for v in p.bbox],
-                               "score": None if p.score is None else float(p.score), "masked": bool(p.masked),
-                               "image_sha256": p.image_sha256} for p in identity.photos]),
+        "photos": json.dumps(
+            [
+                {
+                    "image_index": p.image_index,
+                    "bbox": [float(v) for v in p.bbox],
+                    "score": None if p.score is None else float(p.score),
+                    "masked": bool(p.masked),
+                    "image_sha256": p.image_sha256,
+                }
+                for p in identity.photos
+            ]
+        ),
         "skipped": json.dumps([int(i) for i in identity.skipped]),
         "content_sha256": _content_sha256(tensors),
     }
@@ -257,9 +281,16 @@ def save_identity(path: str | os.PathLike, identity: SavedIdentity) -> Path:
 def _photos_from(text: str, where: str) -> tuple[SavedPhoto, ...]:
     try:
         entries = json.loads(text)
-        return tuple(SavedPhoto(int(e["image_index"]), tuple(float(v) for v in e["bbox"]),
-                                None if e.get("score") is None else float(e["score"]), bool(e.get("masked", False)),
-                                e.get("image_sha256")) for e in entries)
+        return tuple(
+            SavedPhoto(
+                int(e["image_index"]),
+                tuple(float(v) for v in e["bbox"]),
+                None if e.get("score") is None else float(e["score"]),
+                bool(e.get("masked", False)),
+                e.get("image_sha256"),
+            )
+            for e in entries
+        )
     except (ValueError, TypeError, KeyError) as exc:
         raise IdentityFileError(f"{where}: its photo list is damaged ({exc}): save the person again") from exc
 
@@ -281,21 +312,27 @@ def load_identity(path: str | os.PathLike) -> SavedIdentity:
             names = set(fh.keys())
             tensors = {n: fh.get_tensor(n) for n in TENSOR_NAMES if n in names}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IdentityFileError(f"{where} is not a readable safetensors file ({exc}): it is damaged or not a saved "
-                                f"identity; {again}") from exc
+        raise IdentityFileError(
+            f"{where} is not a readable safetensors file ({exc}): it is damaged or not a saved identity; {again}"
+        ) from exc
     if metadata.get("format") != FORMAT:
         found = f"format {metadata['format']!r}" if "format" in metadata else "no WithAnyone identity metadata"
-        raise IdentityFileError(f"{where} is not a saved WithAnyone identity ({found}; model files such as the "
-                                "adapter belong in models/withanyone/, not in its identities/ folder)")
+        raise IdentityFileError(
+            f"{where} is not a saved WithAnyone identity ({found}; model files such as the "
+            "adapter belong in models/withanyone/, not in its identities/ folder)"
+        )
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
-        raise IdentityFileError(f"{where}: format_version {metadata.get('format_version')!r} is not a number; "
-                                f"{again}") from None
+        raise IdentityFileError(
+            f"{where}: format_version {metadata.get('format_version')!r} is not a number; {again}"
+        ) from None
     if version > FORMAT_VERSION:
-        raise IdentityFileError(f"{where} was written in identity format {version} by pack version "
-                                f"{metadata.get('pack_version', 'unknown')}; this pack ({pack_version()}) reads "
-                                f"format {FORMAT_VERSION} and older: update the pack")
+        raise IdentityFileError(
+            f"{where} was written in identity format {version} by pack version "
+            f"{metadata.get('pack_version', 'unknown')}; this pack ({pack_version()}) reads "
+            f"format {FORMAT_VERSION} and older: update the pack"
+        )
     if version < 1:
         raise IdentityFileError(f"{where}: unknown identity format {version}; {again}")
     missing = [n for n in TENSOR_NAMES if n not in tensors]
@@ -305,13 +342,21 @@ def load_identity(path: str | os.PathLike) -> SavedIdentity:
     photos = _photos_from(metadata.get("photos", "[]"), where)
     _check(tensors, len(photos), f"{where} is damaged", again)
     if metadata.get("content_sha256") != _content_sha256(tensors):
-        raise IdentityFileError(f"{where}: its tensors do not match their checksum (the file was changed or "
-                                f"damaged); {again}")
+        raise IdentityFileError(
+            f"{where}: its tensors do not match their checksum (the file was changed or damaged); {again}"
+        )
     try:
         skipped = tuple(int(i) for i in json.loads(metadata.get("skipped", "[]")))
     except (ValueError, TypeError) as exc:
         raise IdentityFileError(f"{where}: its skipped-photo list is damaged; {again}") from exc
-    return SavedIdentity(name=metadata.get("name", path.stem), arcface=tensors["arcface"], siglip=tensors["siglip"],
-                         photo_embeddings=tensors["photo_embeddings"], photos=photos, skipped=skipped,
-                         pack_version=metadata.get("pack_version", "unknown"), created=metadata.get("created", ""),
-                         format_version=version)
+    return SavedIdentity(
+        name=metadata.get("name", path.stem),
+        arcface=tensors["arcface"],
+        siglip=tensors["siglip"],
+        photo_embeddings=tensors["photo_embeddings"],
+        photos=photos,
+        skipped=skipped,
+        pack_version=metadata.get("pack_version", "unknown"),
+        created=metadata.get("created", ""),
+        format_version=version,
+    )

@@ -50,8 +50,7 @@ def similarity_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _unit(a) @ _unit(b).T
 
 
-def copy_paste_score(generated: np.ndarray, ground_truth: np.ndarray, reference: np.ndarray,
-                     eps: float = EPS) -> float:
+def copy_paste_score(generated: np.ndarray, ground_truth: np.ndarray, reference: np.ndarray, eps: float = EPS) -> float:
     """CP of one generated face: (theta(g, t) - theta(g, r)) / theta(t, r); 0 when t and r coincide.
 
     The authors divide by (norm + 1e-6) before arccos, which puts identical faces about
@@ -118,9 +117,15 @@ def copy_paste_per_face(generated: np.ndarray, ground_truth: np.ndarray, referen
         return None
     to_gt = dict(hungarian(similarity_matrix(generated, ground_truth)))
     to_ref = dict(hungarian(similarity_matrix(generated, references)))
-    return [{"generated": g, "ground_truth": to_gt[g], "reference": to_ref[g],
-             "cp": copy_paste_score(generated[g], ground_truth[to_gt[g]], references[to_ref[g]])}
-            for g in sorted(to_gt)]
+    return [
+        {
+            "generated": g,
+            "ground_truth": to_gt[g],
+            "reference": to_ref[g],
+            "cp": copy_paste_score(generated[g], ground_truth[to_gt[g]], references[to_ref[g]]),
+        }
+        for g in sorted(to_gt)
+    ]
 
 
 def _as_rows(x) -> np.ndarray:
@@ -130,8 +135,12 @@ def _as_rows(x) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def identity_scores(generated: np.ndarray, references: np.ndarray, ground_truth: np.ndarray | None = None,
-                    multi_person: bool | None = None) -> dict:
+def identity_scores(
+    generated: np.ndarray,
+    references: np.ndarray,
+    ground_truth: np.ndarray | None = None,
+    multi_person: bool | None = None,
+) -> dict:
     """One sample's identity metrics for one face model, as the authors' evaluation computes them.
 
     ``generated`` [g, d]: every face found in the output; ``references`` [n, d]: one face per

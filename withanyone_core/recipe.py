@@ -33,8 +33,13 @@ def authors_image_seq_len(latent_height: int, latent_width: int) -> int:
     return (latent_width * latent_height) // 256
 
 
-def flux_mu(image_seq_len: float, base_seq: int = 256, max_seq: int = 4096, base_shift: float = BASE_SHIFT,
-            max_shift: float = MAX_SHIFT) -> float:
+def flux_mu(
+    image_seq_len: float,
+    base_seq: int = 256,
+    max_seq: int = 4096,
+    base_shift: float = BASE_SHIFT,
+    max_shift: float = MAX_SHIFT,
+) -> float:
     """FLUX's resolution-dependent shift: linear in the sequence length it is given (``base_shift`` at
     ``base_seq``, ``max_shift`` at ``max_seq``)."""
     slope = (max_shift - base_shift) / (max_seq - base_seq)
@@ -64,8 +69,9 @@ def authors_sigmas(steps: int, latent_height: int, latent_width: int) -> torch.T
     return shifted_schedule(steps, authors_mu(latent_height, latent_width))
 
 
-def branch_weights(mode: str, siglip_share: float, id_weight: float = 1.0,
-                   siglip_weight: float = 0.0) -> tuple[float, float]:
+def branch_weights(
+    mode: str, siglip_share: float, id_weight: float = 1.0, siglip_weight: float = 0.0
+) -> tuple[float, float]:
     """(ArcFace weight, SigLIP weight) for a weight mode.
 
     ``share``: the authors' single control, ArcFace ``1 - s`` and SigLIP ``s`` (s in 0..1),

@@ -38,7 +38,7 @@ def _vision_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for prefix in _VISION_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
                 break
         if key.startswith(_VISION_ROOTS):
             out[key] = value
@@ -53,8 +53,9 @@ class SiglipEncoder:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> SiglipEncoder:
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> SiglipEncoder:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         from .checkpoints.reading import CheckpointError, load_safetensors
@@ -97,8 +98,9 @@ class SiglipEncoder:
         pre = config_dir / "preprocessor_config.json"
         pre = json.loads(pre.read_text()) if pre.is_file() else {}
         mean, std = pre.get("image_mean", [0.5] * 3), pre.get("image_std", [0.5] * 3)
-        logger.info("loaded SigLIP vision encoder from %s (%d px, hidden %d)", path, config.image_size,
-                    config.hidden_size)
+        logger.info(
+            "loaded SigLIP vision encoder from %s (%d px, hidden %d)", path, config.image_size, config.hidden_size
+        )
         return cls(model.to(device=device, dtype=dtype), config.image_size, mean, std)
 
     def preprocess(self, crops: list[np.ndarray]) -> torch.Tensor:
@@ -110,8 +112,9 @@ class SiglipEncoder:
         for crop in crops:
             # a read-only crop (e.g. a saved identity's) is copied: torch must not alias memory it cannot write
             t = torch.from_numpy(np.require(crop, requirements=["C_CONTIGUOUS", "WRITEABLE"])).permute(2, 0, 1)
-            t = TF.resize(t, [self.image_size, self.image_size], interpolation=InterpolationMode.BICUBIC,
-                          antialias=True)
+            t = TF.resize(
+                t, [self.image_size, self.image_size], interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
             out.append((t.float() / 255.0 - self.mean) / self.std)
         return torch.stack(out)
 

@@ -111,21 +111,38 @@ def bench_overhead(hidden: int, n_double: int, n_single: int, reps: int) -> tupl
     torch.manual_seed(0)
     heads = hidden // 128
     transformer = FluxTransformer2DModel(
-        in_channels=64, num_layers=n_double, num_single_layers=n_single, attention_head_dim=128,
-        num_attention_heads=heads, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True,
+        in_channels=64,
+        num_layers=n_double,
+        num_single_layers=n_single,
+        attention_head_dim=128,
+        num_attention_heads=heads,
+        joint_attention_dim=256,
+        pooled_projection_dim=128,
+        guidance_embeds=True,
     ).eval()
     adapter = IdentityAdapter(AdapterConfig(hidden, heads, n_double, n_single)).eval()
     grid = TokenGrid.for_pixels(SIZE, SIZE, padded=False)
     img_ids, txt_ids = position_ids(SIZE, SIZE, 512)
     inputs = dict(
-        hidden_states=torch.randn(1, grid.num_tokens, 64), encoder_hidden_states=torch.randn(1, 512, 256),
-        pooled_projections=torch.randn(1, 128), timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
-        img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+        hidden_states=torch.randn(1, grid.num_tokens, 64),
+        encoder_hidden_states=torch.randn(1, 512, 256),
+        pooled_projections=torch.randn(1, 128),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
     )
     arcface, siglip = 20 * torch.randn(1, 2, 512), torch.randn(1, 2, 256, 768)
     covered = build_layout([TWO_BOXES], grid, 2, 1).covered.float().mean().item()
-    logger.info("overhead setup: hidden %d, %d+%d blocks, %d image tokens, boxes cover %.1f%% of the image",
-                hidden, n_double, n_single, grid.num_tokens, 100 * covered)
+    logger.info(
+        "overhead setup: hidden %d, %d+%d blocks, %d image tokens, boxes cover %.1f%% of the image",
+        hidden,
+        n_double,
+        n_single,
+        grid.num_tokens,
+        100 * covered,
+    )
 
     handle = attach_adapter(transformer, adapter)
 
@@ -172,7 +189,9 @@ def main() -> None:
     base, ours, dense, covered = bench_overhead(args.hidden, args.double, args.single, args.reps)
     x = 100 * (ours - base) / base
     y = 100 * (dense - base) / base
-    logger.info("forward: base blocks %.3f s, with our adapter %.3f s, with dense reference adapter %.3f s", base, ours, dense)
+    logger.info(
+        "forward: base blocks %.3f s, with our adapter %.3f s, with dense reference adapter %.3f s", base, ours, dense
+    )
     logger.info("adapter bench: mask build %.0fx faster, overhead %.1f%% vs dense %.1f%%", speedup, x, y)
 
 

@@ -79,22 +79,26 @@ class PackClock:
                 return fn(*args, **kwargs)
             finally:
                 self.leave()
+
         return timed
 
 
 def instrument(patch, clock: PackClock):
     """Time the pack's wrapper and block patches (class-level, this process only); returns the undo."""
-    originals = {cls: cls.__call__ for cls in (patch.DiffusionModelWrapper, patch.DoubleBlockPatch,
-                                               patch.SingleBlockPatch)}
+    originals = {
+        cls: cls.__call__ for cls in (patch.DiffusionModelWrapper, patch.DoubleBlockPatch, patch.SingleBlockPatch)
+    }
 
     def wrapper_call(self, executor, *args, **kwargs):
         return clock.region("pack", originals[patch.DiffusionModelWrapper])(
-            self, clock.region("comfy", executor), *args, **kwargs)
+            self, clock.region("comfy", executor), *args, **kwargs
+        )
 
     def block_call(cls):
         def call(self, args, extra):
             extra = {**extra, "original_block": clock.region("comfy", extra["original_block"])}
             return clock.region("pack", originals[cls])(self, args, extra)
+
         return call
 
     patch.DiffusionModelWrapper.__call__ = wrapper_call
@@ -104,6 +108,7 @@ def instrument(patch, clock: PackClock):
     def undo():
         for cls, call in originals.items():
             cls.__call__ = call
+
     return undo
 
 
@@ -143,7 +148,9 @@ def main() -> None:
     adapter = loaders.load_adapter_patcher(str(adapter_path))  # the pack's loader: ComfyUI's cast-on-use layers
     g = torch.Generator().manual_seed(0)
     arcface, siglip = 20 * torch.randn(2, 512, generator=g), torch.randn(2, 256, 768, generator=g)
-    cond = [[torch.randn(1, 64, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 4.0}]]
+    cond = [
+        [torch.randn(1, 64, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 4.0}]
+    ]
     sampler = comfy.samplers.sampler_object("euler")
     results = []
     for s in args.sizes:
@@ -151,8 +158,9 @@ def main() -> None:
         models = {
             "unpatched": model,
             "cached": patch.apply_withanyone(model, adapter, arcface, siglip, Layout(s, s, boxes), 1.0, 1.0),
-            "recomputed": patch.apply_withanyone(model, adapter, arcface, siglip, Layout(s, s, boxes), 1.0, 1.0,
-                                                 cache_kv=False),
+            "recomputed": patch.apply_withanyone(
+                model, adapter, arcface, siglip, Layout(s, s, boxes), 1.0, 1.0, cache_kv=False
+            ),
         }
         latent = torch.zeros(1, 16, s // 8, s // 8)
         noise = torch.randn(latent.shape, generator=g)
@@ -170,14 +178,17 @@ def main() -> None:
             for name, m in models.items():  # interleaved: machine noise hits every model alike
                 for steps in (SHORT, LONG):
                     best[name, steps] = min(best[name, steps], run(m, steps))
-            logger.info("size %d rep %d: %s", s, rep + 1,
-                        ", ".join(f"{k[0]} {k[1]} steps {v:.2f} s" for k, v in best.items()))
+            logger.info(
+                "size %d rep %d: %s", s, rep + 1, ", ".join(f"{k[0]} {k[1]} steps {v:.2f} s" for k, v in best.items())
+            )
         step = {}
         for name in models:
             step[name] = (best[name, LONG] - best[name, SHORT]) / (LONG - SHORT)
             if step[name] <= 0:
-                raise SystemExit(f"size {s}: {name} step time came out {step[name]:.3f} s; the machine is too noisy, "
-                                 "rerun with more --reps")
+                raise SystemExit(
+                    f"size {s}: {name} step time came out {step[name]:.3f} s; the machine is too noisy, "
+                    "rerun with more --reps"
+                )
         encode = max(0.0, best["cached", SHORT] - best["unpatched", SHORT] - (step["cached"] - step["unpatched"]))
         clock = PackClock()
         undo = instrument(patch, clock)
@@ -191,13 +202,25 @@ def main() -> None:
         costs = [whole / (whole - inside) for whole, inside in clock.steps]
         results.append((s, step, encode, spread(costs), len(costs)))
     for s, step, encode, _, _ in results:
-        logger.info("comfy bench %d: before K/V caching, patched step %.3fx the unpatched step", s,
-                    step["recomputed"] / step["unpatched"])
+        logger.info(
+            "comfy bench %d: before K/V caching, patched step %.3fx the unpatched step",
+            s,
+            step["recomputed"] / step["unpatched"],
+        )
         logger.info("comfy bench %d: identities encoded once per run: %.2f s", s, encode)
     for s, step, _, (median, q1, q3, low, high), count in results:
-        logger.info("comfy bench %d: patched step %.3fx the unpatched step (A/B); step cost inside the pack %.3fx "
-                    "(median of %d steps, IQR %.3f-%.3f, min-max %.3f-%.3f)", s, step["cached"] / step["unpatched"],
-                    median, count, q1, q3, low, high)
+        logger.info(
+            "comfy bench %d: patched step %.3fx the unpatched step (A/B); step cost inside the pack %.3fx "
+            "(median of %d steps, IQR %.3f-%.3f, min-max %.3f-%.3f)",
+            s,
+            step["cached"] / step["unpatched"],
+            median,
+            count,
+            q1,
+            q3,
+            low,
+            high,
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def main() -> None:
     images = []
     for i in range(args.images):
         n = 1 + i % 4
-        cells = [(int(x), int(y)) for x, y in zip(rng.choice(np.arange(3, 18, 4), n, replace=False),
-                                                  rng.integers(3, 17, n))]
+        cells = [
+            (int(x), int(y)) for x, y in zip(rng.choice(np.arange(3, 18, 4), n, replace=False), rng.integers(3, 17, n))
+        ]
         images.append(make_face_image(cells, identities=list(range(10 * i, 10 * i + n)), seed=i)[0])
     logger.info("%d images with 1-4 faces (%d faces in all)", len(images), sum(1 + i % 4 for i in range(len(images))))
 

@@ -51,16 +51,31 @@ def main() -> None:
         for dtype in DTYPES:
             adapter = pack.nodes.loaders.load_adapter_patcher(adapter_path, dtype)
             memory[dtype] = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
-            err = float((e2e._run_sampler(model, adapter, case, t).double() - t["expected_latent"].double()).abs().max())
+            err = float(
+                (e2e._run_sampler(model, adapter, case, t).double() - t["expected_latent"].double()).abs().max()
+            )
             share = err / case["identity_effect_max_abs"]
-            logger.info("%s:%s %s: max abs error %.2e (%.2f%% of the identity effect %.2f)", name, case_name, dtype,
-                        err, 100 * share, case["identity_effect_max_abs"])
+            logger.info(
+                "%s:%s %s: max abs error %.2e (%.2f%% of the identity effect %.2f)",
+                name,
+                case_name,
+                dtype,
+                err,
+                100 * share,
+                case["identity_effect_max_abs"],
+            )
             worst[dtype] = max(worst[dtype], (err, share))
             del adapter
     for dtype in DTYPES:
         err, share = worst[dtype]
-        logger.info("precision bench %s: adapter %.2fx the fp32 memory, worst latent error %.2e = %.2f%% of the "
-                    "identity effect", dtype, memory[dtype] / memory["fp32"], err, 100 * share)
+        logger.info(
+            "precision bench %s: adapter %.2fx the fp32 memory, worst latent error %.2e = %.2f%% of the "
+            "identity effect",
+            dtype,
+            memory[dtype] / memory["fp32"],
+            err,
+            100 * share,
+        )
 
 
 if __name__ == "__main__":

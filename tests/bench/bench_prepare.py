@@ -38,8 +38,9 @@ def _photos(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(count):
         n = 1 + i % 4
-        cells = [(int(x), int(y)) for x, y in zip(rng.choice(np.arange(3, 18, 4), n, replace=False),
-                                                  rng.integers(3, 17, n))]
+        cells = [
+            (int(x), int(y)) for x, y in zip(rng.choice(np.arange(3, 18, 4), n, replace=False), rng.integers(3, 17, n))
+        ]
         image = make_face_image(cells, identities=list(range(10 * (i % 6), 10 * (i % 6) + n)), seed=i)[0]
         Image.fromarray(image).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text("a group photo")
@@ -51,10 +52,12 @@ def _stream_rate(shards: list[str], workers: int, batches: int) -> float:
     from train.data import DataOptions
     from train.data.multiid2m import MultiID2MStream
 
-    stream = MultiID2MStream(shards, DataOptions(buckets=((512, 512),), min_face_size=0, siglip_crops=False),
-                             batch_size=1, shuffle_buffer=16)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         multiprocessing_context="fork" if workers else None)
+    stream = MultiID2MStream(
+        shards, DataOptions(buckets=((512, 512),), min_face_size=0, siglip_crops=False), batch_size=1, shuffle_buffer=16
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, multiprocessing_context="fork" if workers else None
+    )
     it = iter(loader)
     next(it)  # worker start-up is not the reader's speed
     start = time.perf_counter()
@@ -83,11 +86,22 @@ def _cluster_bench(faces: int, reps: int) -> None:
             found[name] = set(zip(rows.tolist(), cols.tolist()))
     recall = len(found["faiss"] & found["exact"]) / max(1, len(found["exact"]))
     for name, values in times.items():
-        logger.info("cluster search %-5s %d faces: median %.2f s, min %.2f s", name, faces,
-                    statistics.median(values), min(values))
-    logger.info("cluster bench %d faces: faiss %.1fx faster than exact (median), found %.4f of the %d exact pairs, "
-                "none extra: %s", faces, statistics.median(times["exact"]) / statistics.median(times["faiss"]), recall,
-                len(found["exact"]), found["faiss"] <= found["exact"])
+        logger.info(
+            "cluster search %-5s %d faces: median %.2f s, min %.2f s",
+            name,
+            faces,
+            statistics.median(values),
+            min(values),
+        )
+    logger.info(
+        "cluster bench %d faces: faiss %.1fx faster than exact (median), found %.4f of the %d exact pairs, "
+        "none extra: %s",
+        faces,
+        statistics.median(times["exact"]) / statistics.median(times["faiss"]),
+        recall,
+        len(found["exact"]),
+        found["faiss"] <= found["exact"],
+    )
 
 
 def main() -> None:
@@ -110,8 +124,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     build_tiny_antelopev2(root / "insightface", compute_scale=args.scale)
     _photos(root / "photos", args.photos)
-    common = ["--images", str(root / "photos"), "--antelopev2", str(root / "insightface"), "--providers", "cpu",
-              "--format", "multiid2m", "--shard-size", "8"]
+    common = [
+        "--images",
+        str(root / "photos"),
+        "--antelopev2",
+        str(root / "insightface"),
+        "--providers",
+        "cpu",
+        "--format",
+        "multiid2m",
+        "--shard-size",
+        "8",
+    ]
     prepare_ray.start("local", num_cpus=args.ray_cpus)
     times: dict[str, list[float]] = {"single": [], "ray": []}
     try:
@@ -126,8 +150,13 @@ def main() -> None:
     finally:
         ray.shutdown()
     for path, values in times.items():
-        logger.info("prepare %-6s photos/s median %.2f min-time %.2f (%d photos)", path,
-                    args.photos / statistics.median(values), args.photos / min(values), args.photos)
+        logger.info(
+            "prepare %-6s photos/s median %.2f min-time %.2f (%d photos)",
+            path,
+            args.photos / statistics.median(values),
+            args.photos / min(values),
+            args.photos,
+        )
     same = (root / "out-single" / "manifest.jsonl").read_bytes() == (root / "out-ray" / "manifest.jsonl").read_bytes()
     shards = sorted(str(p) for p in (root / "out-single" / "multiid2m" / "train").glob("*.tar"))
     rates = {w: [] for w in (0, 2)}
@@ -135,12 +164,21 @@ def main() -> None:
         for workers in rates:
             rates[workers].append(_stream_rate(shards, workers, batches=2 * args.photos))
     for workers, values in rates.items():
-        logger.info("stream reader, %d worker(s): samples/s median %.1f max %.1f", workers,
-                    statistics.median(values), max(values))
+        logger.info(
+            "stream reader, %d worker(s): samples/s median %.1f max %.1f",
+            workers,
+            statistics.median(values),
+            max(values),
+        )
     ratio = statistics.median(times["single"]) / statistics.median(times["ray"])
-    logger.info("prepare bench: ray %.2fx the single-process photos/s (median), same manifest: %s; "
-                "stream %.1f samples/s (0 workers), %.1f (2 workers)", ratio, same,
-                statistics.median(rates[0]), statistics.median(rates[2]))
+    logger.info(
+        "prepare bench: ray %.2fx the single-process photos/s (median), same manifest: %s; "
+        "stream %.1f samples/s (0 workers), %.1f (2 workers)",
+        ratio,
+        same,
+        statistics.median(rates[0]),
+        statistics.median(rates[2]),
+    )
     shutil.rmtree(root, ignore_errors=True)
     if args.cluster_faces:
         _cluster_bench(args.cluster_faces, args.reps)

@@ -57,9 +57,16 @@ def lean_overrides() -> list[str]:
     import importlib.util
 
     optimizer = LEAN["optimizer"] if importlib.util.find_spec("bitsandbytes") else "adamw"
-    return ["train.mode=adapter", "train.branch=arcface", f"train.frozen_storage={LEAN['frozen_storage']}",
-            f"train.optimizer.name={optimizer}", "train.adapter_lora.rank=16", "train.release_text_encoders=true",
-            "train.idle_branch_on_cpu=true", "train.gradient_checkpointing=true"]
+    return [
+        "train.mode=adapter",
+        "train.branch=arcface",
+        f"train.frozen_storage={LEAN['frozen_storage']}",
+        f"train.optimizer.name={optimizer}",
+        "train.adapter_lora.rank=16",
+        "train.release_text_encoders=true",
+        "train.idle_branch_on_cpu=true",
+        "train.gradient_checkpointing=true",
+    ]
 
 
 def train_speed(mode: str, steps: int) -> tuple[float, float, float]:
@@ -69,8 +76,18 @@ def train_speed(mode: str, steps: int) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as out:
         phases = f"phases=[{{name: bench, steps: {steps}, paired_ratio: 0.5, min_face_size: 32}}]"
         modes = lean_overrides() if mode == "adapter-lean" else [f"train.mode={mode}"]
-        config = load_config(SMOKE, [f"output_dir={out}", *modes, "train.lora.rank=16", phases,
-                                     f"checkpoint.every={steps + 1}", "sample.every=0", "tensorboard=false"])
+        config = load_config(
+            SMOKE,
+            [
+                f"output_dir={out}",
+                *modes,
+                "train.lora.rank=16",
+                phases,
+                f"checkpoint.every={steps + 1}",
+                "sample.every=0",
+                "tensorboard=false",
+            ],
+        )
         config.checkpoint.every = steps  # one save at the end only
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -79,30 +96,50 @@ def train_speed(mode: str, steps: int) -> tuple[float, float, float]:
         start = time.perf_counter()
         trainer.run()
         elapsed = time.perf_counter() - start
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-                else _peak_rss_mb() - baseline)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb() - baseline
         estimate = trainer.memory_estimate.total / 2**20 if trainer.memory_estimate else float("nan")
     return steps / elapsed, peak, estimate
 
 
 # FLUX.1-dev and its encoders as released (diffusers configs of black-forest-labs/FLUX.1-dev)
-FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.3611,
-                    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_DEV_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 GLINTR100_PARAMS = 65_150_000  # antelopev2's glintr100.onnx: 261 MB of fp32 weights (IResNet-100)
 
 
 # the memory-lean mode of train/configs/consumer-24gb.yaml (README, training guide, "Memory")
-LEAN = dict(frozen_storage="fp8_e4m3fn", optimizer="adamw8bit", adapter_lora_rank=64, release_text=True,
-            idle_on_cpu=True)
+LEAN = dict(
+    frozen_storage="fp8_e4m3fn", optimizer="adamw8bit", adapter_lora_rank=64, release_text=True, idle_on_cpu=True
+)
 
 
-def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
-                    labels: tuple[str, ...] | None = None) -> dict[tuple[str, int], object]:
+def flux_dev_memory(
+    text_tokens: int = 512, size: int = 512, ranks: int = 8, labels: tuple[str, ...] | None = None
+) -> dict[tuple[str, int], object]:
     """Per-GPU estimates at FLUX.1-dev size: {(mode label, ZeRO stage): MemoryEstimate}.
 
     Every mode's models are built on the meta device and changed by the trainer's own code
@@ -126,11 +163,28 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
 
     bf16 = torch.bfloat16
     with torch.device("meta"):
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                     num_heads=64, feed_forward_proj="gated-gelu")).to(bf16)
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                            num_hidden_layers=12, num_attention_heads=12,
-                                            max_position_embeddings=77, projection_dim=768)).to(bf16)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=32128,
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=24,
+                num_heads=64,
+                feed_forward_proj="gated-gelu",
+            )
+        ).to(bf16)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                projection_dim=768,
+            )
+        ).to(bf16)
         vae = AutoencoderKL(**FLUX_DEV_VAE).to(bf16)
         siglip = SiglipVisionModel(SiglipVisionConfig(image_size=256, patch_size=16))
     for frozen_model in (t5, clip, vae, siglip):
@@ -138,8 +192,10 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
     arcface_bytes = GLINTR100_PARAMS * 4  # ArcFace stays fp32
     rows = {}
     cases = {  # label: (mode, adapter branch, lean options)
-        "adapter": ("adapter", "arcface", {}), "adapter, both branches": ("adapter", "both", {}),
-        "lora": ("lora", "arcface", {}), "full": ("full", "arcface", {}),
+        "adapter": ("adapter", "arcface", {}),
+        "adapter, both branches": ("adapter", "both", {}),
+        "lora": ("lora", "arcface", {}),
+        "full": ("full", "arcface", {}),
         "adapter-lean": ("adapter", "arcface", LEAN),
     }
     for label, (mode, branch, lean) in cases.items():
@@ -150,8 +206,9 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
             adapter = IdentityAdapter(AdapterConfig())
         prefixes = BRANCH_PREFIXES[branch]
         if lean.get("adapter_lora_rank"):  # the trainer's set_trainable path
-            params = add_adapter_lora(adapter, prefixes, lean["adapter_lora_rank"], float(lean["adapter_lora_rank"]),
-                                      bf16)
+            params = add_adapter_lora(
+                adapter, prefixes, lean["adapter_lora_rank"], float(lean["adapter_lora_rank"]), bf16
+            )
         else:
             params = [p for n, p in adapter.named_parameters() if n.startswith(prefixes)]
             for n, p in adapter.named_parameters():
@@ -171,36 +228,65 @@ def flux_dev_memory(text_tokens: int = 512, size: int = 512, ranks: int = 8,
             flux_frozen = [flux]
         encoders = [] if lean.get("release_text") else [t5, clip]
         idle = [getattr(adapter, n) for n in IDLE_MODULES[branch]] if lean.get("idle_on_cpu") else []
-        frozen = device_frozen_bytes([*flux_frozen, adapter, vae, *encoders,
-                                      siglip if branch != "arcface" else None], idle) + arcface_bytes
+        frozen = (
+            device_frozen_bytes([*flux_frozen, adapter, vae, *encoders, siglip if branch != "arcface" else None], idle)
+            + arcface_bytes
+        )
         for zero, n in ((0, 1), (2, ranks)):
             if zero and lean.get("optimizer", "adamw") != "adamw":
                 continue  # DeepSpeed brings its own optimizer: the lean mode is for one GPU
             rows[(label, zero)] = estimate_training_memory(
-                frozen_bytes=frozen, trainable_params=sum(numels), transformer_config=flux.config,
-                vae_config=vae.config, batch=1, height=size, width=size, text_tokens=text_tokens,
-                compute_dtype=bf16, gradient_checkpointing=True, id_losses=True, adapter_config=adapter.config,
-                adapter_branches={"arcface": ("arc",), "both": ("arc", "sig")}[branch], zero_stage=zero,
-                num_processes=n, optimizer=lean.get("optimizer", "adamw"),
+                frozen_bytes=frozen,
+                trainable_params=sum(numels),
+                transformer_config=flux.config,
+                vae_config=vae.config,
+                batch=1,
+                height=size,
+                width=size,
+                text_tokens=text_tokens,
+                compute_dtype=bf16,
+                gradient_checkpointing=True,
+                id_losses=True,
+                adapter_config=adapter.config,
+                adapter_branches={"arcface": ("arc",), "both": ("arc", "sig")}[branch],
+                zero_stage=zero,
+                num_processes=n,
+                optimizer=lean.get("optimizer", "adamw"),
                 trainable_numels=numels if zero == 0 and lean else None,
                 frozen_storage=lean.get("frozen_storage", "default"),
-                adapter_lora_rank=lean.get("adapter_lora_rank", 0))
+                adapter_lora_rank=lean.get("adapter_lora_rank", 0),
+            )
     return rows
 
 
 def report_memory() -> None:
     rows = flux_dev_memory()
-    logger.info("memory per GPU at FLUX.1-dev, 512 px, batch 1, bf16, gradient checkpointing, ID losses on "
-                "(GB: frozen weights + trainable weights + gradients + optimizer states + activations = total):")
+    logger.info(
+        "memory per GPU at FLUX.1-dev, 512 px, batch 1, bf16, gradient checkpointing, ID losses on "
+        "(GB: frozen weights + trainable weights + gradients + optimizer states + activations = total):"
+    )
     for (label, zero), est in rows.items():
         where = "1 GPU           " if zero == 0 else "ZeRO-2 over 8   "
-        logger.info("  %-24s %s %5.1f + %5.1f + %5.1f + %6.1f + %4.1f = %6.1f", label, where,
-                    est.frozen_weights / 1e9, est.trainable_weights / 1e9, est.gradients / 1e9, est.optimizer / 1e9,
-                    est.activations / 1e9, est.total / 1e9)
+        logger.info(
+            "  %-24s %s %5.1f + %5.1f + %5.1f + %6.1f + %4.1f = %6.1f",
+            label,
+            where,
+            est.frozen_weights / 1e9,
+            est.trainable_weights / 1e9,
+            est.gradients / 1e9,
+            est.optimizer / 1e9,
+            est.activations / 1e9,
+            est.total / 1e9,
+        )
     logger.info("  adapter-lean: %s", ", ".join(f"{k} {v}" for k, v in LEAN.items()))
-    logger.info("train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB, "
-                "adapter-lean %.1f GB per GPU", rows[("adapter", 0)].total / 1e9, rows[("lora", 0)].total / 1e9,
-                rows[("full", 2)].total / 1e9, rows[("adapter-lean", 0)].total / 1e9)
+    logger.info(
+        "train memory at FLUX.1-dev 512² batch 1: adapter %.1f GB, lora %.1f GB, full %.1f GB, "
+        "adapter-lean %.1f GB per GPU",
+        rows[("adapter", 0)].total / 1e9,
+        rows[("lora", 0)].total / 1e9,
+        rows[("full", 2)].total / 1e9,
+        rows[("adapter-lean", 0)].total / 1e9,
+    )
 
 
 def mask_cost(batch: int, height: int, width: int, persons: int, heads: int, reps: int) -> tuple[float, float]:
@@ -246,23 +332,43 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"adapter": [], "lora": [], "adapter-lean": []}
     for _ in range(args.rounds):  # interleaved, separate processes (peak memory is per process)
         for mode in runs:
-            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             runs[mode].append(json.loads(out.split("RESULT ")[-1]))
     unit = "allocated on the GPU" if torch.cuda.is_available() else "process RSS growth"
     median = {mode: statistics.median(r["speed"] for r in rows) for mode, rows in runs.items()}
     for mode, rows in runs.items():
-        logger.info("%-12s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate "
-                    "%.0f MB", mode, median[mode], len(rows), max(r["speed"] for r in rows),
-                    max(r["peak"] for r in rows), unit, rows[0]["estimate"])
+        logger.info(
+            "%-12s %.2f steps/s (median of %d, best %.2f), peak memory %.0f MB (%s); the trainer's estimate %.0f MB",
+            mode,
+            median[mode],
+            len(rows),
+            max(r["speed"] for r in rows),
+            max(r["peak"] for r in rows),
+            unit,
+            rows[0]["estimate"],
+        )
     logger.info("LoRA vs adapter-only: %.2fx the step time (medians)", median["adapter"] / median["lora"])
-    logger.info("adapter-lean vs adapter-only: %.2fx the step time (medians; tiny model on this device)",
-                median["adapter"] / median["adapter-lean"])
-    for label, shape in (("smoke batch (2 x 128 px, 2 persons, 2 heads)", (2, 128, 128, 2, 2)),
-                         ("FLUX.1-dev batch (2 x 512 px, 2 persons, 24 heads)", (2, 512, 512, 2, 24))):
+    logger.info(
+        "adapter-lean vs adapter-only: %.2fx the step time (medians; tiny model on this device)",
+        median["adapter"] / median["adapter-lean"],
+    )
+    for label, shape in (
+        ("smoke batch (2 x 128 px, 2 persons, 2 heads)", (2, 128, 128, 2, 2)),
+        ("FLUX.1-dev batch (2 x 512 px, 2 persons, 24 heads)", (2, 512, 512, 2, 24)),
+    ):
         ref, ours = mask_cost(*shape, reps=20)
-        logger.info("mask/layout per step, %s: reference %.2f ms, ours %.3f ms (%.0fx)", label, ref * 1e3,
-                    ours * 1e3, ref / ours)
+        logger.info(
+            "mask/layout per step, %s: reference %.2f ms, ours %.3f ms (%.0fx)",
+            label,
+            ref * 1e3,
+            ours * 1e3,
+            ref / ours,
+        )
     report_memory()
 
 

@@ -93,8 +93,9 @@ def test_gradients_reach_adapter_and_image():
     adapter = _adapter().train()
     grid = TokenGrid(4, 4)
     img = torch.randn(2, 16, 128, requires_grad=True)
-    inputs = adapter.prepare(torch.randn(2, 2, 512), torch.randn(2, 2, 256, 768), grid,
-                             [[[0, 0, 32, 32], [32, 32, 64, 64]]] * 2)
+    inputs = adapter.prepare(
+        torch.randn(2, 2, 512), torch.randn(2, 2, 256, 768), grid, [[[0, 0, 32, 32], [32, 32, 64, 64]]] * 2
+    )
     adapter.block_residual(0, img, inputs).square().sum().backward()
     assert img.grad.abs().sum() > 0
     for name, p in adapter.named_parameters():
@@ -143,5 +144,8 @@ def test_bad_identity_shapes_are_explained():
     with pytest.raises(ValueError, match="SigLIP features must have shape"):
         adapter.encode_identities(torch.randn(1, 2, 512), torch.randn(1, 3, 256, 768))
     with pytest.raises(IndexError):
-        adapter.block_residual(5, torch.randn(1, 16, 128), adapter.prepare(
-            torch.randn(1, 1, 512), torch.randn(1, 1, 256, 768), TokenGrid(4, 4)))
+        adapter.block_residual(
+            5,
+            torch.randn(1, 16, 128),
+            adapter.prepare(torch.randn(1, 1, 512), torch.randn(1, 1, 256, 768), TokenGrid(4, 4)),
+        )

@@ -26,7 +26,7 @@ REF_SIDE, REF_OFFSET = 427, 106  # int(427 * 1.5) = 640; (640 - 427) // 2 = 106
 
 def reference_photo(identity: int, seed: int) -> np.ndarray:
     canvas = make_face_image([(9, 9)], identities=[identity], seed=seed)[0]
-    return canvas[REF_OFFSET:REF_OFFSET + REF_SIDE, REF_OFFSET:REF_OFFSET + REF_SIDE].copy()
+    return canvas[REF_OFFSET : REF_OFFSET + REF_SIDE, REF_OFFSET : REF_OFFSET + REF_SIDE].copy()
 
 
 def _save(path, image):
@@ -73,8 +73,14 @@ def bench(tmp_path):
     _sample(root, "swapped", truth, truth, refs[::-1], first=0)
     single_truth = make_face_image([(7, 7)], identities=[3], seed=5)[0]
     _sample(root, "single", single_truth, single_truth, [reference_photo(13, 23)], prompt="one person")
-    _sample(root, "single_copy", make_face_image([(8, 6)], identities=[13], seed=6)[0], single_truth,
-            [reference_photo(13, 23)], prompt="one person")
+    _sample(
+        root,
+        "single_copy",
+        make_face_image([(8, 6)], identities=[13], seed=6)[0],
+        single_truth,
+        [reference_photo(13, 23)],
+        prompt="one person",
+    )
     # "broken": the reference has no face -> reported, left out of every metric
     _sample(root, "broken", truth, truth, [np.full((100, 100, 3), 90, np.uint8)])
     bad_meta = _sample(root, "bad_meta", truth, truth, refs)
@@ -87,10 +93,26 @@ def _record(root, name):
 
 
 def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, caplog):
-    args = [str(bench), "--insightface", str(models["insightface"]), "--providers", "cpu", "--no-progress",
-            "--clip", str(models["clip"]), "--aesthetic-encoder", str(models["encoder"]),
-            "--aesthetic-head", str(models["head"]), "--fid-weights", str(models["inception"]), "--fid-form", "authors",
-            "--device", "cpu"]
+    args = [
+        str(bench),
+        "--insightface",
+        str(models["insightface"]),
+        "--providers",
+        "cpu",
+        "--no-progress",
+        "--clip",
+        str(models["clip"]),
+        "--aesthetic-encoder",
+        str(models["encoder"]),
+        "--aesthetic-head",
+        str(models["head"]),
+        "--fid-weights",
+        str(models["inception"]),
+        "--fid-form",
+        "authors",
+        "--device",
+        "cpu",
+    ]
     report = bench_eval.main(args)
     arc = {name: _record(bench, name)["face_models"]["arcface"] for name in ("gt", "copy", "swapped", "single")}
     assert arc["gt"]["sim_gt"] == pytest.approx(1.0, abs=1e-4) and arc["gt"]["cp"] == pytest.approx(-1.0, abs=1e-3)
@@ -130,7 +152,11 @@ def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, c
     csv_rows = list(csv.DictReader(io.StringIO((bench / "tables.csv").read_text())))
     assert list(csv_rows[0])[:6] == ["subset", "method", "sim_gt", "sim_ref", "cp", "bld"]
     measured = [r for r in csv_rows if r["source"] == "measured" and r["kind"] == "method"]
-    assert [(r["subset"], r["method"]) for r in measured] == [("single", "ours"), ("multi", "ours"), ("multi_2", "ours")]
+    assert [(r["subset"], r["method"]) for r in measured] == [
+        ("single", "ours"),
+        ("multi", "ours"),
+        ("multi_2", "ours"),
+    ]
     assert len([r for r in csv_rows if r["source"] == "published"]) == sum(len(p["rows"]) for p in paper.values())
     # the paper prints no FID and no single-person Bld: empty cells, never a value
     assert all(r["fid"] == "" for r in csv_rows if r["source"] == "published")
@@ -160,8 +186,18 @@ def test_cli_scores_samples_tables_figure_and_resumes(bench, models, tmp_path, c
     os.utime(bench / "copy" / "out.png")
     caplog.clear()
     caplog.set_level(logging.INFO, "withanyone.bench_eval")
-    bench_eval.main(args[:6] + ["--no-progress", "--clip", str(models["clip"]), "--aesthetic-encoder",
-                                str(models["encoder"]), "--aesthetic-head", str(models["head"])])
+    bench_eval.main(
+        args[:6]
+        + [
+            "--no-progress",
+            "--clip",
+            str(models["clip"]),
+            "--aesthetic-encoder",
+            str(models["encoder"]),
+            "--aesthetic-head",
+            str(models["head"]),
+        ]
+    )
     # the aesthetic/CLIP settings are the same but FID is not a per-sample setting: records are reused
     after = {p.parent.name: p.stat().st_mtime_ns for p in bench.glob("*/metrics.json")}
     assert [n for n in stamps if after[n] != stamps[n]] == ["copy"]
@@ -174,8 +210,24 @@ def test_several_methods_are_rows_and_face_model_choice(bench, models, tmp_path)
     for name in ("gt", "swapped", "single"):  # this method copies the reference everywhere
         shutil.copy(bench / ("copy" if name != "single" else "single_copy") / "out.png", other / name / "out.png")
     out = tmp_path / "report"
-    bench_eval.main([str(bench), str(other), "--names", "Pack", "Copier", "--out", str(out), "--insightface",
-                     str(models["insightface"]), "--face-model", "antelopev2", "--providers", "cpu", "--no-progress"])
+    bench_eval.main(
+        [
+            str(bench),
+            str(other),
+            "--names",
+            "Pack",
+            "Copier",
+            "--out",
+            str(out),
+            "--insightface",
+            str(models["insightface"]),
+            "--face-model",
+            "antelopev2",
+            "--providers",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     tables = (out / "tables.md").read_text()
     single_table = tables.split("### Table 2")[0]
     assert "| Pack |" in single_table and "| Copier |" in single_table
@@ -237,19 +289,42 @@ def test_bounds_self_check_catches_the_papers_epsilon_normalisation(bench, model
     monkeypatch.setattr(metrics, "copy_paste_score", cp_with_epsilon)
     out = tmp_path / "report"
     with pytest.raises(SystemExit) as stop:
-        bench_eval.main([str(bench), "--out", str(out), "--insightface", str(models["insightface"]),
-                         "--providers", "cpu", "--no-progress"])
+        bench_eval.main(
+            [
+                str(bench),
+                "--out",
+                str(out),
+                "--insightface",
+                str(models["insightface"]),
+                "--providers",
+                "cpu",
+                "--no-progress",
+            ]
+        )
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert "self-check failed" in err and "miss the paper's bounds" in err
     check = json.loads((out / "report.json").read_text())["bounds_check"]  # written, with the reason
-    assert not check["ok"] and any(line.startswith("gt, arcface: the ground truth scored as the output gives cp")
-                                   for line in check["deviations"])
-    assert any(line.startswith("single, arcface: the reference scored as the output gives cp")
-               for line in check["deviations"])
+    assert not check["ok"] and any(
+        line.startswith("gt, arcface: the ground truth scored as the output gives cp") for line in check["deviations"]
+    )
+    assert any(
+        line.startswith("single, arcface: the reference scored as the output gives cp") for line in check["deviations"]
+    )
     # --no-bounds skips the rows and their check
-    bench_eval.main([str(bench), "--out", str(out), "--insightface", str(models["insightface"]),
-                     "--providers", "cpu", "--no-progress", "--no-bounds"])
+    bench_eval.main(
+        [
+            str(bench),
+            "--out",
+            str(out),
+            "--insightface",
+            str(models["insightface"]),
+            "--providers",
+            "cpu",
+            "--no-progress",
+            "--no-bounds",
+        ]
+    )
     assert "| GT | measured |" not in (out / "tables.md").read_text()
 
 
@@ -259,11 +334,22 @@ def test_bounds_leave_cp_unchecked_where_ground_truth_and_reference_coincide(mod
 
     ref = reference_photo(13, 23)
     truth = pad_reference(ref)  # the ground truth is the padded reference itself: the same embedding
-    _sample(tmp_path / "pack", "same", make_face_image([(8, 6)], identities=[13], seed=6)[0], truth, [ref],
-            prompt="one person")
-    report = bench_eval.main([str(tmp_path / "pack"), "--insightface", str(models["insightface"]), "--providers",
-                              "cpu", "--no-progress"])
-    assert report["bounds_check"] == {"ok": True, "tolerance": 1e-4, "deviations": [],
-                                      "samples_from": str(tmp_path / "pack")}
+    _sample(
+        tmp_path / "pack",
+        "same",
+        make_face_image([(8, 6)], identities=[13], seed=6)[0],
+        truth,
+        [ref],
+        prompt="one person",
+    )
+    report = bench_eval.main(
+        [str(tmp_path / "pack"), "--insightface", str(models["insightface"]), "--providers", "cpu", "--no-progress"]
+    )
+    assert report["bounds_check"] == {
+        "ok": True,
+        "tolerance": 1e-4,
+        "deviations": [],
+        "samples_from": str(tmp_path / "pack"),
+    }
     gt = report["bounds"]["GT"]["subsets"]["single"]["face_models"]["arcface"]
     assert gt["sim_gt"]["mean"] == pytest.approx(1.0) and gt["cp"]["mean"] == 0.0

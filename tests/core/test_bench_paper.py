@@ -32,7 +32,9 @@ def _shared_tables() -> Path | None:
 def test_pack_rows_equal_the_transcribed_paper_tables():
     shared = _shared_tables()
     if shared is None:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("../shared/paper/multiid_bench_tables.json is not beside this checkout")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            "../shared/paper/multiid_bench_tables.json is not beside this checkout"
+        )
     paper = json.loads(shared.read_text())["tables"]
     ours = json.loads(PAPER_POINTS.read_text())  # the file as shipped, keys as the paper names its columns
     for subset, table in TABLES.items():
@@ -44,9 +46,17 @@ def test_shipped_rows_every_method_and_the_bounds():
     data = load_paper_points()
     rows = {s: {r["method"]: r for r in data["subsets"][s]["rows"]} for s in data["subsets"]}
     assert set(rows) == {"single", "multi_2", "multi_3_4"}
-    assert [data["subsets"][s]["table"] for s in ("single", "multi_2", "multi_3_4")] == ["Table 1a", "Table 2a", "Table 2b"]
+    assert [data["subsets"][s]["table"] for s in ("single", "multi_2", "multi_3_4")] == [
+        "Table 1a",
+        "Table 2a",
+        "Table 2b",
+    ]
     assert len(rows["single"]) == 17 and len(rows["multi_2"]) == 9 and len(rows["multi_3_4"]) == 9
-    assert (rows["single"]["GT"]["sim_gt"], rows["single"]["GT"]["cp"], rows["single"]["Ref"]["cp"]) == (1.0, -0.999, 0.999)
+    assert (rows["single"]["GT"]["sim_gt"], rows["single"]["GT"]["cp"], rows["single"]["Ref"]["cp"]) == (
+        1.0,
+        -0.999,
+        0.999,
+    )
     assert rows["single"]["WithAnyone"]["aesthetic"] == 4.783  # the paper's "aes" is the pack's aesthetic
     assert all(r["fid"] is None for s in rows.values() for r in s.values())  # the paper prints no FID
     assert all(r["bld"] is None for r in rows["single"].values())  # nor a single-person Bld
@@ -72,8 +82,11 @@ def test_tables_place_published_and_measured_rows_in_the_same_columns_and_rank_t
     bounds = {"GT": _summary("single", sim_gt=1.0, sim_ref=0.5, cp=-1.0)}
     text = markdown_tables(methods, paper=paper, bounds=bounds)
     single = text.split("### Table 2")[0]
-    lines = {line.split(" | ")[0][2:] + "/" + line.split(" | ")[1]: line for line in single.splitlines()
-             if line.startswith("| ") and not line.startswith("| Method")}
+    lines = {
+        line.split(" | ")[0][2:] + "/" + line.split(" | ")[1]: line
+        for line in single.splitlines()
+        if line.startswith("| ") and not line.startswith("| Method")
+    }
     assert len([k for k in lines if k.endswith("/published (Table 1a)")]) == 17
     mine = lines["mine/measured"]
     assert mine == "| mine | measured | **0.500** | 0.600 | **0.100** |  |  |  |  | **12.35** | 3 |"
@@ -82,7 +95,9 @@ def test_tables_place_published_and_measured_rows_in_the_same_columns_and_rank_t
     assert lines["InstantID/published (Table 1a)"].split(" | ")[2] == "<u>0.464</u>"
     assert lines["WithAnyone/published (Table 1a)"].split(" | ")[4] == "<u>0.144</u>"
     # bounds: shown, never ranked (GT's Sim(GT) 1 is not bold); the measured one follows the published
-    assert lines["GT/published (Table 1a)"] == "| GT | published (Table 1a) | 1.000 | 0.521 | -0.999 |  |  |  |  |  |  |"
+    assert (
+        lines["GT/published (Table 1a)"] == "| GT | published (Table 1a) | 1.000 | 0.521 | -0.999 |  |  |  |  |  |  |"
+    )
     assert lines["GT/measured"].split(" | ")[2] == "1.000"
     order = [k for k in lines]
     assert order.index("mine/measured") < order.index("GT/published (Table 1a)") < order.index("GT/measured")
@@ -105,13 +120,24 @@ BAD = [
     ('{"subsets": {"singel": []}}', "unknown subset(s) ['singel']; allowed: single, multi, multi_2, multi_3_4"),
     ('{"subsets": {"single": {"table": "1a"}}}', "subsets.single: expected {table, rows: [...]}"),
     ('{"subsets": {"single": [{"sim_gt": 0.4}]}}', "subsets.single.rows[0]: 'method' must be a non-empty name"),
-    ('{"subsets": {"single": [{"method": "A", "cp": "0.3"}]}}', "subsets.single.rows[0] (A): 'cp' must be a number in [-1, 1] or null, got '0.3'"),
+    (
+        '{"subsets": {"single": [{"method": "A", "cp": "0.3"}]}}',
+        "subsets.single.rows[0] (A): 'cp' must be a number in [-1, 1] or null, got '0.3'",
+    ),
     ('{"subsets": {"single": [{"method": "A", "cp": 1.3}]}}', "'cp' must be a number in [-1, 1]"),
-    ('{"subsets": {"single": [{"method": "A", "sim_gt": NaN}]}}', "'sim_gt' must be a number in [-1, 1] or null, got nan"),
+    (
+        '{"subsets": {"single": [{"method": "A", "sim_gt": NaN}]}}',
+        "'sim_gt' must be a number in [-1, 1] or null, got nan",
+    ),
     ('{"subsets": {"single": [{"method": "A", "fid": -2}]}}', "'fid' must be a number >= 0 or null"),
-    ('{"subsets": {"single": [{"method": "A", "aesthetic": 5}]}}',
-     "(A): unknown column(s) ['aesthetic']; allowed: method, sim_gt, sim_ref, cp, bld, clip_i, clip_t, aes, fid"),
-    ('{"subsets": {"single": [{"method": "A", "cp": 0.1}, {"method": "A", "cp": 0.2}]}}', "rows[1] (A): method listed twice"),
+    (
+        '{"subsets": {"single": [{"method": "A", "aesthetic": 5}]}}',
+        "(A): unknown column(s) ['aesthetic']; allowed: method, sim_gt, sim_ref, cp, bld, clip_i, clip_t, aes, fid",
+    ),
+    (
+        '{"subsets": {"single": [{"method": "A", "cp": 0.1}, {"method": "A", "cp": 0.2}]}}',
+        "rows[1] (A): method listed twice",
+    ),
     ('{"subsets": {"single": [{"method": "A"}]}}', "(A): no value in any column"),
     ('{"subsets": {"single": [{"method": "A", "cp": true}]}}', "'cp' must be a number in [-1, 1] or null, got True"),
     ('{"subsets": {}, "ablation": {"rows": [{"method": "B", "cp": 7}]}}', "ablation.rows[0] (B): 'cp'"),
@@ -133,8 +159,10 @@ def test_a_malformed_replacement_file_is_one_clear_line(tmp_path, text, message)
 def test_cli_refuses_a_bad_paper_points_file_before_scoring(tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()
-    for path, fragment in ((tmp_path / "missing.json", "missing.json: no such file"),
-                           (tmp_path / "bad.json", "'cp' must be a number in [-1, 1]")):
+    for path, fragment in (
+        (tmp_path / "missing.json", "missing.json: no such file"),
+        (tmp_path / "bad.json", "'cp' must be a number in [-1, 1]"),
+    ):
         if path.name == "bad.json":
             path.write_text('{"subsets": {"single": [{"method": "A", "cp": 2}]}}')
         with pytest.raises(SystemExit) as stop:  # the face models (absent here) are never reached
@@ -146,8 +174,17 @@ def test_cli_refuses_a_bad_paper_points_file_before_scoring(tmp_path, capsys):
 
 def test_a_replacement_in_the_earlier_list_form_replaces_the_shipped_rows(tmp_path):
     path = tmp_path / "points.json"
-    path.write_text(json.dumps({"citation": "my notes", "subsets": {
-        "single": [{"method": "Other", "sim_gt": 0.45, "cp": 0.2}], "multi_3_4": [{"method": "Other", "sim_gt": 0.3}]}}))
+    path.write_text(
+        json.dumps(
+            {
+                "citation": "my notes",
+                "subsets": {
+                    "single": [{"method": "Other", "sim_gt": 0.45, "cp": 0.2}],
+                    "multi_3_4": [{"method": "Other", "sim_gt": 0.3}],
+                },
+            }
+        )
+    )
     paper = load_paper_points(path)
     text = markdown_tables({}, paper=paper)
     assert "| Other | published | **0.450** |" in text and "DreamO" not in text
@@ -164,8 +201,13 @@ def test_trade_off_curve_is_concave_or_a_line():
 
     paper = load_paper_points()
     for subset, degree in (("single", 2), ("multi_2", 2), ("multi_3_4", 1)):  # 2b: GPT would bend it upwards
-        points = [(r["cp"], r["sim_gt"]) for r in published_rows(paper, subset)
-                  if not r["bound"] and r["method"] != "WithAnyone"]
+        points = [
+            (r["cp"], r["sim_gt"])
+            for r in published_rows(paper, subset)
+            if not r["bound"] and r["method"] != "WithAnyone"
+        ]
         coeffs = fit_tradeoff(points)
         assert len(coeffs) == degree + 1 and (degree == 1 or coeffs[0] <= 0), subset
-    assert fit_tradeoff([(0.1, 0.3)]) is None and len(fit_tradeoff([(0.1, 0.3), (0.2, 0.4), (0.3, 0.6), (0.4, 0.9)])) == 2
+    assert (
+        fit_tradeoff([(0.1, 0.3)]) is None and len(fit_tradeoff([(0.1, 0.3), (0.2, 0.4), (0.3, 0.6), (0.4, 0.9)])) == 2
+    )

@@ -73,7 +73,11 @@ def _pytorch_fid_network(weights):
     from safetensors.torch import load_file
 
     net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pf.FIDInceptionA(192, 32), pf.FIDInceptionA(256, 64), pf.FIDInceptionA(288, 64)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = (
+        pf.FIDInceptionA(192, 32),
+        pf.FIDInceptionA(256, 64),
+        pf.FIDInceptionA(288, 64),
+    )
     net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, 128), pf.FIDInceptionC(768, 160)
     net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, 160), pf.FIDInceptionC(768, 192)
     net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
@@ -81,12 +85,23 @@ def _pytorch_fid_network(weights):
     wrapper = pf.InceptionV3.__new__(pf.InceptionV3)
     torch.nn.Module.__init__(wrapper)
     wrapper.resize_input, wrapper.normalize_input, wrapper.output_blocks, wrapper.last_needed_block = True, True, [3], 3
-    wrapper.blocks = torch.nn.ModuleList([
-        torch.nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, torch.nn.MaxPool2d(3, 2)),
-        torch.nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, torch.nn.MaxPool2d(3, 2)),
-        torch.nn.Sequential(net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c,
-                            net.Mixed_6d, net.Mixed_6e),
-        torch.nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, torch.nn.AdaptiveAvgPool2d((1, 1)))])
+    wrapper.blocks = torch.nn.ModuleList(
+        [
+            torch.nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, torch.nn.MaxPool2d(3, 2)),
+            torch.nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, torch.nn.MaxPool2d(3, 2)),
+            torch.nn.Sequential(
+                net.Mixed_5b,
+                net.Mixed_5c,
+                net.Mixed_5d,
+                net.Mixed_6a,
+                net.Mixed_6b,
+                net.Mixed_6c,
+                net.Mixed_6d,
+                net.Mixed_6e,
+            ),
+            torch.nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, torch.nn.AdaptiveAvgPool2d((1, 1))),
+        ]
+    )
     return wrapper.eval()
 
 
@@ -99,8 +114,14 @@ def test_fid_features_equal_pytorch_fid_and_the_authors_form(inception):
     image = IMAGES[0]
     with torch.no_grad():
         standard = reference(transforms.ToTensor()(Image.fromarray(image))[None])[0].flatten(1)
-        authors_tf = transforms.Compose([transforms.Resize(299), transforms.CenterCrop(299), transforms.ToTensor(),
-                                         transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        authors_tf = transforms.Compose(
+            [
+                transforms.Resize(299),
+                transforms.CenterCrop(299),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
         authors = reference(authors_tf(Image.fromarray(image))[None])[0].flatten(1)
     assert np.allclose(metric.features([image], "standard"), standard.double().numpy(), atol=1e-4)
     assert np.allclose(metric.features([image], "authors"), authors.double().numpy(), atol=1e-4)

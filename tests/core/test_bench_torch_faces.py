@@ -95,7 +95,9 @@ def test_retinaface_and_alignment_equal_facexlib():
     reference = retinaface.RetinaFace(network_name="resnet50", half=False, device=torch.device("cpu")).eval()
     state = _randomise(reference, seed=3)
     bgr = np.random.default_rng(1).integers(0, 256, (200, 168, 3), dtype=np.uint8)
-    x = torch.from_numpy(bgr.astype(np.float32).transpose(2, 0, 1))[None] - torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1)
+    x = torch.from_numpy(bgr.astype(np.float32).transpose(2, 0, 1))[None] - torch.tensor([104.0, 117.0, 123.0]).view(
+        1, 3, 1, 1
+    )
     feats = []
     hooks = [getattr(reference, f"ssh{k}").register_forward_hook(lambda m, i, o: feats.append(o)) for k in (1, 2, 3)]
     with torch.no_grad():
@@ -108,7 +110,9 @@ def test_retinaface_and_alignment_equal_facexlib():
         if name.startswith(("BboxHead", "LandmarkHead", "ClassHead")):
             target = 2.0 if name.startswith("ClassHead") else 0.3
             fan_in = value[0].numel() if value.ndim > 1 else 1
-            value.copy_(torch.randn(value.shape, generator=g) * target / ((scale if value.ndim > 1 else 1) * fan_in ** 0.5))
+            value.copy_(
+                torch.randn(value.shape, generator=g) * target / ((scale if value.ndim > 1 else 1) * fan_in**0.5)
+            )
     reference.load_state_dict(state)
     mine = RetinaFaceR50().eval()
     assert mine.load_state_dict(state) is not None
@@ -118,8 +122,15 @@ def test_retinaface_and_alignment_equal_facexlib():
     assert len(found) > 0 and found.shape == expected.shape
     assert np.allclose(found, expected, atol=1e-3)
     # facexlib's FaceRestoreHelper(face_size=112).align_warp_face on the same landmarks
-    template = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
-                         [201.26117, 371.41043], [313.08905, 371.15118]]) * (112 / 512.0)
+    template = np.array(
+        [
+            [192.98138, 239.94708],
+            [318.90277, 240.1936],
+            [256.63416, 314.01935],
+            [201.26117, 371.41043],
+            [313.08905, 371.15118],
+        ]
+    ) * (112 / 512.0)
     landmark = np.array([[expected[0][i], expected[0][i + 1]] for i in range(5, 15, 2)])
     matrix = cv2.estimateAffinePartial2D(landmark, template, method=cv2.LMEDS)[0]
     crop = cv2.warpAffine(bgr, matrix, (112, 112), borderMode=cv2.BORDER_CONSTANT, borderValue=(135, 133, 132))
@@ -134,7 +145,8 @@ def test_torch_face_model_from_a_folder_and_missing_files(tmp_path):
     save_file(_randomise(AdaFaceIR50()), str(tmp_path / "adaface_ir50_ms1mv2.safetensors"))
     model = TorchFaceModel("adaface", tmp_path, "cpu")
     model.detector.detect = lambda bgr, **_: np.array(  # a fixed face: random weights find none at 0.97
-        [[40, 40, 120, 130, 0.99, 60, 70, 100, 70, 80, 90, 65, 110, 95, 110]], dtype=np.float32)
+        [[40, 40, 120, 130, 0.99, 60, 70, 100, 70, 80, 90, 65, 110, 95, 110]], dtype=np.float32
+    )
     image = np.random.default_rng(0).integers(0, 256, (200, 160, 3), dtype=np.uint8)
     faces = model.faces(image)
     assert faces.shape == (1, 512) and np.isclose(np.linalg.norm(faces[0]), 1.0)
@@ -156,8 +168,11 @@ def test_cli_adds_adaface_facenet_and_the_pooled_average(tmp_path):
         for head in detector.ClassHead:  # an untrained detector that finds no face (fast, and well defined)
             head.conv1x1.weight.zero_()
             head.conv1x1.bias.copy_(torch.tensor([10.0, -10.0]).repeat(2))
-    for net, name in ((detector, "detection_Resnet50_Final"), (AdaFaceIR50(), "adaface_ir50_ms1mv2"),
-                      (FaceNetInceptionResnetV1(), "facenet_vggface2")):
+    for net, name in (
+        (detector, "detection_Resnet50_Final"),
+        (AdaFaceIR50(), "adaface_ir50_ms1mv2"),
+        (FaceNetInceptionResnetV1(), "facenet_vggface2"),
+    ):
         state = {k: v.contiguous() for k, v in net.state_dict().items()}
         if name == "facenet_vggface2":  # the release also carries its VGGFace2 classifier, which is left out
             state.update({"logits.weight": torch.zeros(8631, 512), "logits.bias": torch.zeros(8631)})
@@ -165,9 +180,22 @@ def test_cli_adds_adaface_facenet_and_the_pooled_average(tmp_path):
     build_tiny_antelopev2(tmp_path / "insightface")
     truth = make_face_image([(5, 6), (13, 8)], identities=[1, 2], seed=3)[0]
     _sample(tmp_path / "pack", "gt", truth, truth, [reference_photo(11, 21), reference_photo(12, 22)])
-    bench_eval.main([str(tmp_path / "pack"), "--insightface", str(tmp_path / "insightface"), "--face-model",
-                     "antelopev2", "--torch-faces", str(weights), "--device", "cpu", "--providers", "cpu",
-                     "--no-progress"])
+    bench_eval.main(
+        [
+            str(tmp_path / "pack"),
+            "--insightface",
+            str(tmp_path / "insightface"),
+            "--face-model",
+            "antelopev2",
+            "--torch-faces",
+            str(weights),
+            "--device",
+            "cpu",
+            "--providers",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     import json
 
     record = json.loads((tmp_path / "pack" / "gt" / "metrics.json").read_text())

@@ -95,9 +95,15 @@ def test_bfl_map_is_size_aware_and_complete():
     state = random_model(cfg, torch.Generator().manual_seed(0))
     mapped = bfl_to_diffusers(state)
     model = FluxTransformer2DModel(
-        in_channels=64, num_layers=cfg["depth"], num_single_layers=cfg["depth_single_blocks"],
-        attention_head_dim=64, num_attention_heads=3, joint_attention_dim=cfg["context_in_dim"],
-        pooled_projection_dim=cfg["vec_in_dim"], guidance_embeds=True, axes_dims_rope=(16, 24, 24),
+        in_channels=64,
+        num_layers=cfg["depth"],
+        num_single_layers=cfg["depth_single_blocks"],
+        attention_head_dim=64,
+        num_attention_heads=3,
+        joint_attention_dim=cfg["context_in_dim"],
+        pooled_projection_dim=cfg["vec_in_dim"],
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
     )
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
@@ -173,12 +179,18 @@ def test_loading_peaks_near_one_copy_of_the_adapter(tmp_path):
     del adapter
     file_bytes = path.stat().st_size
     largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
-    result = subprocess.run([sys.executable, "-c", LOAD_PEAK_SCRIPT.format(root=str(ROOT), path=str(path))],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_PEAK_SCRIPT.format(root=str(ROOT), path=str(path))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     peak, converted = (int(v) for v in result.stdout.split("PEAK")[1].split())
     assert converted * 2 > 0.45 * file_bytes  # the converted copy is half the float32 file
-    assert peak <= converted + 1.5 * largest + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB for {converted / 2**20:.0f} MiB"
+    assert peak <= converted + 1.5 * largest + 64 * 2**20, (
+        f"peak {peak / 2**20:.0f} MiB for {converted / 2**20:.0f} MiB"
+    )
     assert peak < 0.75 * file_bytes  # reading the whole file first would exceed the file size alone
 
 
@@ -189,6 +201,9 @@ def test_checkpoint_rooms_import_only_downwards():
     assert {p.stem for p in folder.glob("*.py")} == set(rank) | {"__init__"}
     for room, level in rank.items():
         tree = ast.parse((folder / f"{room}.py").read_text())
-        imported = {node.module.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        imported = {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+        }
         assert all(rank[name] < level for name in imported), (room, imported)

@@ -86,8 +86,9 @@ def _adapter_grads(transformer, adapter, checkpointing: bool) -> dict[str, torch
     if checkpointing:
         handle.enable_gradient_checkpointing()
     try:
-        with handle.conditioning(*_ids(), height=H, width=W, boxes=[[[0, 0, 48, 64], [40, 0, 96, 64]]] * 2,
-                                 siglip_weight=1.0):
+        with handle.conditioning(
+            *_ids(), height=H, width=W, boxes=[[[0, 0, 48, 64], [40, 0, 96, 64]]] * 2, siglip_weight=1.0
+        ):
             loss = transformer(**_inputs())[0].square().mean()
         loss.backward()  # after the conditioning block, as a trainer does: recomputation must keep identities
     finally:
@@ -142,10 +143,14 @@ def test_kontext_reference_tokens_get_no_residual(models, monkeypatch):
     handle = attach_adapter(transformer, adapter)
     seen, kv_calls = [], []
     original, original_kv = IdentityAdapter.block_residual, IdentityCrossAttention.identity_kv
-    monkeypatch.setattr(IdentityAdapter, "block_residual",
-                        lambda self, i, img, inputs: seen.append(img.shape[1]) or original(self, i, img, inputs))
-    monkeypatch.setattr(IdentityCrossAttention, "identity_kv",
-                        lambda self, *a: kv_calls.append(1) or original_kv(self, *a))
+    monkeypatch.setattr(
+        IdentityAdapter,
+        "block_residual",
+        lambda self, i, img, inputs: seen.append(img.shape[1]) or original(self, i, img, inputs),
+    )
+    monkeypatch.setattr(
+        IdentityCrossAttention, "identity_kv", lambda self, *a: kv_calls.append(1) or original_kv(self, *a)
+    )
     inputs = _inputs(batch=1)
     main = inputs["hidden_states"].shape[1]
     ref_rows, ref_cols = 2, 3
@@ -157,9 +162,12 @@ def test_kontext_reference_tokens_get_no_residual(models, monkeypatch):
     inputs["hidden_states"] = torch.cat([inputs["hidden_states"], reference], dim=1)
     inputs["img_ids"] = torch.cat([inputs["img_ids"], ref_ids.reshape(-1, 3)], dim=0)
     blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
-    with torch.no_grad(), handle.conditioning(*_ids(batch=1), height=H, width=W, boxes=[[[0, 0, 48, 64],
-                                                                                         [40, 0, 96, 64]]],
-                                              siglip_weight=1.0):
+    with (
+        torch.no_grad(),
+        handle.conditioning(
+            *_ids(batch=1), height=H, width=W, boxes=[[[0, 0, 48, 64], [40, 0, 96, 64]]], siglip_weight=1.0
+        ),
+    ):
         first = transformer(**inputs)[0]
         second = transformer(**inputs)[0]  # a second step of the same run
     handle.detach()

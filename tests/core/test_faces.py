@@ -72,8 +72,10 @@ def test_arcface_crop_is_insightface_alignment(analyzer):
     image, _, landmarks = make_face_image([(6, 6)])
     face = analyzer.analyze(image)[0]
     crop = arcface_crop(image, face)
-    template = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                         [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+    template = np.array(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+        dtype=np.float32,
+    )
     tform = SimilarityTransform.from_estimate(landmarks[0], template)
     expected = cv2.warpAffine(image, tform.params[:2], (112, 112), borderValue=0.0)
     assert crop.shape == (112, 112, 3)
@@ -203,8 +205,11 @@ def test_provider_choice(models_root):
     import onnxruntime
 
     analyzer = FaceAnalyzer(models_root, providers="auto")
-    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() \
+    expected = (
+        "CUDAExecutionProvider"
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         else "CPUExecutionProvider"
+    )
     assert analyzer.providers[0] == expected
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
@@ -245,7 +250,7 @@ def test_layout_from_image(analyzer):
 def test_layout_people_keeps_the_highest_scores_left_to_right(analyzer, caplog):
     image, boxes, _ = make_face_image([(3, 5), (10, 6), (16, 5)])
     # a dimmer marker on the middle face: the tiny detector is less sure of it
-    image[6 * 32:7 * 32, 10 * 32:11 * 32] = (95, 165, 95)
+    image[6 * 32 : 7 * 32, 10 * 32 : 11 * 32] = (95, 165, 95)
     faces = analyzer.analyze(image, embed=False)
     scores = sorted(f.score for f in faces)
     assert len(faces) == 3 and scores[0] < 0.95 < scores[1]

@@ -26,7 +26,11 @@ def test_golden_test_passes_on_unseen_data(tmp_path):
     env = {**os.environ, "WITHANYONE_GOLDEN_DIR": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", str(TESTS / "test_golden.py"), "-q", "-p", "no:cacheprovider"],
-        cwd=TESTS.parents[1], env=env, capture_output=True, text=True, timeout=600,
+        cwd=TESTS.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     expected = len(UNSEEN_CASES) + len(UNSEEN_MASKS) + 1
@@ -48,7 +52,11 @@ def test_golden_test_fails_on_wrong_outputs(tmp_path):
     env = {**os.environ, "WITHANYONE_GOLDEN_DIR": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", str(TESTS / "test_golden.py"), "-q", "-p", "no:cacheprovider"],
-        cwd=TESTS.parents[1], env=env, capture_output=True, text=True, timeout=600,
+        cwd=TESTS.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 1, result.stdout[-2000:]
     assert "1 failed" in result.stdout

@@ -13,7 +13,7 @@ CFG = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=1, num_singl
 def test_rescale_is_uniform_and_centred():
     # the authors' resize_bbox maps their 512 x 512 layouts into W x H this way (without their int truncation)
     assert rescale_boxes([[96, 96, 288, 288]], (512, 512), (1024, 1024)) == [[192, 192, 576, 576]]
-    (x1, y1, x2, y2), = rescale_boxes([[0, 0, 512, 512]], (512, 512), (1024, 768))
+    ((x1, y1, x2, y2),) = rescale_boxes([[0, 0, 512, 512]], (512, 512), (1024, 768))
     assert (x2 - x1, y2 - y1) == (768, 768) and (x1, y1) == (128, 0)  # square kept, centred horizontally
     with pytest.raises(ValueError, match="positive"):
         rescale_boxes([[0, 0, 1, 1]], (0, 512), (512, 512))
@@ -29,8 +29,9 @@ def test_request_boxes_for_another_size():
 def test_run_caches_for_the_run_and_releases_everything():
     torch.manual_seed(0)
     adapter = IdentityAdapter(CFG).eval()
-    req = IdentityRequest(20 * torch.randn(2, 512), torch.randn(2, 256, 768),
-                          Layout(64, 32, ((0, 0, 32, 32), (32, 0, 64, 32))), 1.0, 1.0)
+    req = IdentityRequest(
+        20 * torch.randn(2, 512), torch.randn(2, 256, 768), Layout(64, 32, ((0, 0, 32, 32), (32, 0, 64, 32))), 1.0, 1.0
+    )
     run = IdentityRun(adapter, req)
     grid = TokenGrid.for_pixels(32, 64)
     img = torch.randn(2, grid.num_tokens + 5, 128)  # 5 reference tokens after the main image
@@ -40,8 +41,8 @@ def test_run_caches_for_the_run_and_releases_everything():
         out = run.add_residual(0, img, inputs)
         again = run.add_residual(0, img, inputs)
     assert torch.equal(out, again) and run.encode_count == 1
-    assert torch.equal(out[:, grid.num_tokens:], img[:, grid.num_tokens:])  # reference tokens untouched
-    assert not torch.equal(out[:, :grid.num_tokens], img[:, :grid.num_tokens])
+    assert torch.equal(out[:, grid.num_tokens :], img[:, grid.num_tokens :])  # reference tokens untouched
+    assert not torch.equal(out[:, : grid.num_tokens], img[:, : grid.num_tokens])
     assert run.cached_tensors > 0
     run.release()
     assert run.cached_tensors == 0

@@ -8,8 +8,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-COMFY_NAMES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution", "train",
-               "withanyone_pack")
+COMFY_NAMES = (
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "folder_paths",
+    "server",
+    "nodes",
+    "execution",
+    "train",
+    "withanyone_pack",
+)
 
 
 def _imports(path: Path, package: str) -> set[str]:
@@ -21,7 +30,7 @@ def _imports(path: Path, package: str) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module
@@ -49,7 +58,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[name], _ = 1, path.append(name)
         for nxt in sorted(graph.get(name, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[name], _ = 2, path.pop()

@@ -47,14 +47,20 @@ def test_round_trip_matches_the_authors_steps(size):
 
 
 def test_plan_keeps_four_best_scores_orders_and_blurs_only_large_faces():
-    faces = [_face(10, 10, 130, 140, 0.70), _face(600, 20, 720, 150, 0.95), _face(300, 300, 380, 390, 0.90),
-             _face(800, 600, 950, 760, 0.80), _face(50, 700, 200, 860, 0.60)]
+    faces = [
+        _face(10, 10, 130, 140, 0.70),
+        _face(600, 20, 720, 150, 0.95),
+        _face(300, 300, 380, 390, 0.90),
+        _face(800, 600, 950, 760, 0.80),
+        _face(50, 700, 200, 860, 0.60),
+    ]
     plan = edit.plan_face_edit(faces, 1000, 1000)
     assert [b[0] for b in plan.photo_boxes] == [600, 300, 800, 10]  # score order, the fifth dropped
     assert plan.dropped == ((50.0, 700.0, 200.0, 860.0),)
     assert (plan.width, plan.height) == (992, 992)  # floored to multiples of 16
-    assert plan.boxes == tuple(tuple(float(v) for v in edit.authors_round_trip(b, 1000, 1000))
-                               for b in plan.photo_boxes)
+    assert plan.boxes == tuple(
+        tuple(float(v) for v in edit.authors_round_trip(b, 1000, 1000)) for b in plan.photo_boxes
+    )
     assert len(plan.blur_boxes) == 3  # the 80 x 90 face is edited but not blurred
     assert all(b[2] - b[0] >= 100 and b[3] - b[1] >= 100 for b in plan.blur_boxes)
     left = edit.plan_face_edit(faces, 1000, 1000, order="left to right")
@@ -90,7 +96,7 @@ def test_blur_changes_only_the_boxes_and_equals_a_crop_blur_paste():
     out = edit.blur_faces(photo, boxes)
     inside = np.zeros(photo.shape[:2], bool)
     for x1, y1, x2, y2 in boxes:
-        inside[max(0, y1):y2, max(0, x1):x2] = True
+        inside[max(0, y1) : y2, max(0, x1) : x2] = True
     assert np.array_equal(out[~inside], photo[~inside])
     assert np.abs(out[inside].astype(int) - photo[inside]).mean() > 30
     expected = Image.fromarray(photo)

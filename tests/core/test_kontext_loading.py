@@ -89,8 +89,11 @@ def test_k_is_told_by_metadata_or_name_and_runs_as_the_base_code(tmp_path):
 
 def test_training_siglip_branch_and_foreign_files_are_refused_with_advice():
     hidden = 128
-    sig_branch = {"ipa.0.to_q.weight": (128, hidden), "arcface_in.0.weight": (512, 512),
-                  "siglip_in.0.weight": (hidden, 768)}
+    sig_branch = {
+        "ipa.0.to_q.weight": (128, hidden),
+        "arcface_in.0.weight": (512, 512),
+        "siglip_in.0.weight": (hidden, 768),
+    }
     with pytest.raises(CheckpointError, match="SigLIP-branch"):
         detect_adapter_layout(sig_branch)
     with pytest.raises(CheckpointError, match="WithAnyone.Ke"):
@@ -105,8 +108,13 @@ def test_the_two_adapters_are_siblings_over_one_base():
     assert not isinstance(ke, IdentityAdapter) and not isinstance(two, ArcFaceOnlyAdapter)
     assert ke.arc_blocks is ke.ipa and two.arc_blocks is two.ipa_arc
     assert {k.split(".")[0] for k in ke.state_dict()} == {"ipa", "arcface_in"}
-    assert {k.split(".")[0] for k in two.state_dict()} == {"ipa_arc", "ipa_sig", "arcface_in_arc", "arcface_in_sig",
-                                                           "siglip_in_sig"}
+    assert {k.split(".")[0] for k in two.state_dict()} == {
+        "ipa_arc",
+        "ipa_sig",
+        "arcface_in_arc",
+        "arcface_in_sig",
+        "siglip_in_sig",
+    }
     with pytest.raises(TypeError, match="abstract"):
         IdentityAdapterBase(SMALL_KE)
 
@@ -126,17 +134,26 @@ def test_ke_round_trip_and_same_maths_as_the_arcface_branch(tmp_path):
 
     # the same weights in a two-branch adapter's ArcFace branch give the same residual (shared code)
     two = IdentityAdapter(AdapterConfig(**{**SMALL_KE.to_dict(), "variant": "base"})).eval()
-    renamed = {k.replace("ipa.", "ipa_arc.", 1).replace("arcface_in.", "arcface_in_arc.", 1): v
-               for k, v in ke.state_dict().items()}
+    renamed = {
+        k.replace("ipa.", "ipa_arc.", 1).replace("arcface_in.", "arcface_in_arc.", 1): v
+        for k, v in ke.state_dict().items()
+    }
     two.load_state_dict({**two.state_dict(), **renamed})
     grid = TokenGrid(6, 8)
     arc, img = 20 * torch.randn(2, 3, 512), torch.randn(2, grid.num_tokens, 128)
     boxes = [[[0, 0, 60, 50], [40, 20, 128, 96], [10, 60, 70, 96]], None]
     with torch.no_grad():
         a = ke.block_residual(3, img, ke.prepare(arc, None, grid, boxes, 0.7, 0.0))
-        b = two.block_residual(3, img, IdentityAdapter.prepare_from(
-            two.encode_identities(arc, None, with_siglip=False),
-            build_layout(boxes, grid, 3, 2, rule="kontext"), 0.7, 0.0))
+        b = two.block_residual(
+            3,
+            img,
+            IdentityAdapter.prepare_from(
+                two.encode_identities(arc, None, with_siglip=False),
+                build_layout(boxes, grid, 3, 2, rule="kontext"),
+                0.7,
+                0.0,
+            ),
+        )
     assert torch.equal(a, b) and a.abs().max() > 0
     with pytest.raises(ValueError, match="only the ArcFace branch"):
         IdentityRun(ke, IdentityRequest(arc[0], None, siglip_weight=0.5)).inputs(grid, 1, "cpu")
@@ -171,5 +188,5 @@ def test_run_uses_the_adapters_rule_and_ke_needs_a_reference():
     with_ref = torch.cat([img, torch.randn(1, 100, 128)], dim=1)
     with torch.no_grad():
         out = run.add_residual(0, with_ref, inputs)
-    assert torch.equal(out[:, grid.num_tokens:], with_ref[:, grid.num_tokens:])  # reference tokens untouched
-    assert not torch.equal(out[:, :grid.num_tokens], img)
+    assert torch.equal(out[:, grid.num_tokens :], with_ref[:, grid.num_tokens :])  # reference tokens untouched
+    assert not torch.equal(out[:, : grid.num_tokens], img)

@@ -106,8 +106,11 @@ def test_memory_is_linear_in_tokens():
 
 # ---------------------------------------------------------------------------------------------- the Layout value
 def test_layout_keeps_its_boxes_as_floats_on_its_canvas():
-    layout = Layout(1024, 768, [[100, 50, 300, 250], np.array([400.5, 60, 600, 260], dtype=np.float32),
-                                torch.tensor([700, 70, 900, 270])])
+    layout = Layout(
+        1024,
+        768,
+        [[100, 50, 300, 250], np.array([400.5, 60, 600, 260], dtype=np.float32), torch.tensor([700, 70, 900, 270])],
+    )
     assert layout.boxes == ((100.0, 50.0, 300.0, 250.0), (400.5, 60.0, 600.0, 260.0), (700.0, 70.0, 900.0, 270.0))
     assert all(type(v) is float for box in layout.boxes for v in box)
     assert layout.size == (1024, 768) and layout.num_persons == 3
@@ -116,23 +119,35 @@ def test_layout_keeps_its_boxes_as_floats_on_its_canvas():
     assert hash(layout) == hash(Layout(1024, 768, layout.boxes))  # immutable, usable as a cache key
 
 
-@pytest.mark.parametrize("boxes,message", [
-    ([[0, 0, 10, 10], [5, 5, 10]], r"layout box 2 \(\[5, 5, 10\]\) has 3 numbers: give four numbers x1, y1, x2, y2 "
-                                   r"in pixels of the 64x32 canvas"),
-    ([[0, 0, 10, 10, 1]], r"layout box 1 .* has 5 numbers: give four numbers"),
-    ([[0, 0, float("nan"), 10]], r"layout box 1 \(\[0, 0, nan, 10\]\) has a coordinate that is not a finite number"),
-    ([[0, 0, 10, 10], [0, float("-inf"), 10, 10]], r"layout box 2 .* not a finite number .*give four numbers"),
-    ([[20, 0, 10, 10]], r"layout box 1 \(\[20, 0, 10, 10\]\) is empty or inverted: x2 must exceed x1 and y2 must "
-                        r"exceed y1 \(give the top-left corner first"),
-    ([[0, 5, 10, 5]], r"layout box 1 .* is empty or inverted"),
-    ([[0, "a", 10, 10]], r"layout box 1 .*'a' is not a number: give four numbers"),
-    ([[0, True, 10, 10]], r"layout box 1 .*True is not a number"),
-    ([[0, [1, 2], 10, 10]], r"layout box 1 .* is not a number"),
-    ([5.0], r"layout box 1 \(5.0\) is not a list of coordinates: give four numbers"),
-    (["0,0,10,10"], r"layout box 1 .* is not a list of coordinates"),
-    ("0,0,10,10", r"layout boxes must be a list of \[x1, y1, x2, y2\] boxes, one per person; got str"),
-    (7, r"layout boxes must be a list of .* got int"),
-])
+@pytest.mark.parametrize(
+    "boxes,message",
+    [
+        (
+            [[0, 0, 10, 10], [5, 5, 10]],
+            r"layout box 2 \(\[5, 5, 10\]\) has 3 numbers: give four numbers x1, y1, x2, y2 "
+            r"in pixels of the 64x32 canvas",
+        ),
+        ([[0, 0, 10, 10, 1]], r"layout box 1 .* has 5 numbers: give four numbers"),
+        (
+            [[0, 0, float("nan"), 10]],
+            r"layout box 1 \(\[0, 0, nan, 10\]\) has a coordinate that is not a finite number",
+        ),
+        ([[0, 0, 10, 10], [0, float("-inf"), 10, 10]], r"layout box 2 .* not a finite number .*give four numbers"),
+        (
+            [[20, 0, 10, 10]],
+            r"layout box 1 \(\[20, 0, 10, 10\]\) is empty or inverted: x2 must exceed x1 and y2 must "
+            r"exceed y1 \(give the top-left corner first",
+        ),
+        ([[0, 5, 10, 5]], r"layout box 1 .* is empty or inverted"),
+        ([[0, "a", 10, 10]], r"layout box 1 .*'a' is not a number: give four numbers"),
+        ([[0, True, 10, 10]], r"layout box 1 .*True is not a number"),
+        ([[0, [1, 2], 10, 10]], r"layout box 1 .* is not a number"),
+        ([5.0], r"layout box 1 \(5.0\) is not a list of coordinates: give four numbers"),
+        (["0,0,10,10"], r"layout box 1 .* is not a list of coordinates"),
+        ("0,0,10,10", r"layout boxes must be a list of \[x1, y1, x2, y2\] boxes, one per person; got str"),
+        (7, r"layout boxes must be a list of .* got int"),
+    ],
+)
 def test_layout_refuses_bad_boxes_naming_the_box_and_what_to_give(boxes, message):
     with pytest.raises(ValueError, match=message):
         Layout(64, 32, boxes)
@@ -140,8 +155,11 @@ def test_layout_refuses_bad_boxes_naming_the_box_and_what_to_give(boxes, message
 
 @pytest.mark.parametrize("width,height", [(0, 64), (64, -1), (64.5, 64), (True, 64), ("64", 64), (None, 64)])
 def test_layout_refuses_a_canvas_that_is_not_whole_positive_pixels(width, height):
-    with pytest.raises(ValueError, match=r"layout (width|height) must be a positive whole number of pixels, got .*: "
-                                         r"give the size of the canvas the boxes are drawn on"):
+    with pytest.raises(
+        ValueError,
+        match=r"layout (width|height) must be a positive whole number of pixels, got .*: "
+        r"give the size of the canvas the boxes are drawn on",
+    ):
         Layout(width, height, [[0, 0, 8, 8]])
 
 
@@ -171,14 +189,18 @@ def test_identity_request_takes_a_layout_not_loose_boxes():
     assert IdentityRequest(arcface, None, layout).layout is layout
     assert IdentityRequest(arcface, None, [layout, None]).layout == (layout, None)
     for loose in ([[0, 0, 256, 256]], ((0, 0, 256, 256),), (512, 512), "0,0,256,256"):
-        with pytest.raises(TypeError, match=r"layout must be a Layout, one Layout \(or None\) per image, or None; got "
-                                            r".*: build it with withanyone_core.layout.Layout\(width, height, boxes\)"):
+        with pytest.raises(
+            TypeError,
+            match=r"layout must be a Layout, one Layout \(or None\) per image, or None; got "
+            r".*: build it with withanyone_core.layout.Layout\(width, height, boxes\)",
+        ):
             IdentityRequest(arcface, None, loose)
 
 
 def test_text_and_preset_layouts_are_the_parsed_boxes():
     assert layout_from_text("0.1,0.2,0.4,0.6\n600 100 900 500", 1000, 500) == Layout(
-        1000, 500, parse_boxes("0.1,0.2,0.4,0.6\n600 100 900 500", 1000, 500))
+        1000, 500, parse_boxes("0.1,0.2,0.4,0.6\n600 100 900 500", 1000, 500)
+    )
     for people in PRESETS:
         assert layout_from_preset(people, 768, 512).boxes == tuple(preset_boxes(people, 768, 512))
     for bad in (0, 5, True, "2"):

@@ -65,8 +65,9 @@ def test_faces_that_fit_follow_the_authors_square_window():
     scale = 768 / 1080
     assert mapping.scale == pytest.approx(scale)
     offset_x = (1024 - 768) / 2  # the square centred in the wide output
-    np.testing.assert_allclose(mapped[0], [(700 - x0) * scale + offset_x, 300 * scale,
-                                           (800 - x0) * scale + offset_x, 420 * scale])
+    np.testing.assert_allclose(
+        mapped[0], [(700 - x0) * scale + offset_x, 300 * scale, (800 - x0) * scale + offset_x, 420 * scale]
+    )
     # window clamped to the photo where centring would leave it
     left = np.array([[10.0, 100.0, 110.0, 200.0]])
     mapped, _ = map_face_boxes(left, 1920, 1080, 768, 768, square=False)

@@ -43,10 +43,17 @@ def test_diffusers_flux_scheduler_gives_the_authors_sigmas(height, width, steps)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config,
-                                                            **recipe.diffusers_scheduler_overrides(height, width))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        scheduler.config, **recipe.diffusers_scheduler_overrides(height, width)
+    )
     tokens = (height // 16) * (width // 16)
     cfg = scheduler.config
     mu = calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)

@@ -20,12 +20,22 @@ def test_reference_restatement_matches_authors_outputs():
     state, tensors = load_safetensors(gset.model_path), load_safetensors(gset.cases_path)
     model = ReferenceWithAnyone(state, gset.spec["config"])
     for name, c in gset.spec["cases"].items():
-        t = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         with torch.no_grad():
             out = model.forward(
-                t["img"], t["txt"], t["y"], t["timesteps"], t["guidance"], c["height"], c["width"],
-                t["arcface_embeddings"] if c["with_identities"] else None, t.get("siglip_embeddings"),
-                c["bboxes"], c["use_mask"], c["id_weight"], c["siglip_weight"],
+                t["img"],
+                t["txt"],
+                t["y"],
+                t["timesteps"],
+                t["guidance"],
+                c["height"],
+                c["width"],
+                t["arcface_embeddings"] if c["with_identities"] else None,
+                t.get("siglip_embeddings"),
+                c["bboxes"],
+                c["use_mask"],
+                c["id_weight"],
+                c["siglip_weight"],
             )
         assert (out - t["output"]).abs().max().item() <= 1e-5, name
     for name, m in gset.spec["masks"].items():

@@ -12,8 +12,9 @@ from withanyone_core.testing.siglip import build_tiny_siglip, shipped_size_state
 
 def _crops(n=3, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(n - 1)] + \
-        [rng.integers(0, 256, (333, 210, 3), dtype=np.uint8)]
+    return [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(n - 1)] + [
+        rng.integers(0, 256, (333, 210, 3), dtype=np.uint8)
+    ]
 
 
 def test_preprocessing_equals_the_real_processor(tmp_path):
@@ -59,8 +60,12 @@ def test_wrong_files_are_explained(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         SiglipEncoder.load(tmp_path / "empty")
     small = build_tiny_siglip(tmp_path / "tiny")
-    state = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(next(small.glob("*.safetensors")))).items()}
+    state = {
+        k: v
+        for k, v in __import__("safetensors.torch", fromlist=["load_file"])
+        .load_file(str(next(small.glob("*.safetensors"))))
+        .items()
+    }
     path = tmp_path / "tiny.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="does not match the SigLIP config"):

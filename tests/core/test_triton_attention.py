@@ -70,8 +70,13 @@ SCRIPT = textwrap.dedent(
 
 def _run(device: str, env_extra: dict) -> float:
     env = {**os.environ, **env_extra}
-    result = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), device=device)],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(root=str(ROOT), device=device)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return float(result.stdout.split("MAXERR")[1])
 

@@ -43,5 +43,5 @@ def test_nested_regions_are_charged_once_to_their_own_side():
 def test_a_step_with_no_time_inside_costs_exactly_one():
     clock = PackClock()
     clock.region("pack", lambda: clock.region("comfy", time.sleep)(0.01))()
-    (whole, inside), = clock.steps
+    ((whole, inside),) = clock.steps
     assert inside < 0.005 and whole / (whole - inside) >= 1.0

@@ -38,10 +38,31 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_
     base = tiny_comfy_models(tmp_path / "comfy")
     bench, results = tmp_path / "bench", tmp_path / "results"
     _bench(bench)
-    args = [str(bench), "--out", str(results), "--unet", TINY_NAMES["flux"], "--vae", TINY_NAMES["vae"],
-            "--adapter", TINY_NAMES["adapter"], "--siglip", TINY_NAMES["siglip"], "--clip-l-only",
-            TINY_NAMES["clip"], "--steps", "1", "--size", "256", "--min-face-size", "16", "--limit", "2",
-            "--siglip-share", "0.25"]
+    args = [
+        str(bench),
+        "--out",
+        str(results),
+        "--unet",
+        TINY_NAMES["flux"],
+        "--vae",
+        TINY_NAMES["vae"],
+        "--adapter",
+        TINY_NAMES["adapter"],
+        "--siglip",
+        TINY_NAMES["siglip"],
+        "--clip-l-only",
+        TINY_NAMES["clip"],
+        "--steps",
+        "1",
+        "--size",
+        "256",
+        "--min-face-size",
+        "16",
+        "--limit",
+        "2",
+        "--siglip-share",
+        "0.25",
+    ]
     with ComfyServer(base) as server:
         written = bench_run.main(args + ["--server", server.url])
         assert [p.parent.name for p in written] == ["a_single", "b_pair"]  # --limit 2: c_unused left alone
@@ -51,7 +72,8 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_
             with Image.open(folder / "out.jpg") as out:
                 assert out.size == (256, 256) and out.format == "JPEG"
             assert sorted(p.name for p in folder.iterdir()) == sorted(
-                ["out.jpg", "ori.jpg", "meta.json", *[f"ref_{k}.jpg" for k in range(1, persons + 1)]])
+                ["out.jpg", "ori.jpg", "meta.json", *[f"ref_{k}.jpg" for k in range(1, persons + 1)]]
+            )
             meta = json.loads((folder / "meta.json").read_text())
             assert meta["prompt"] == f"photo {name}" and meta["bench_run"]["seed"] == 1234
             # the 640 px ground truth's boxes, through its square crop, at 256 px
@@ -67,8 +89,11 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_
         texts = {n["inputs"]["text"] for p in ran for n in p.values() if n["class_type"] == "CLIPTextEncode"}
         assert {"photo a_single", "photo b_pair"} <= texts
         loads = sorted(n["inputs"]["image"] for p in ran for n in p.values() if n["class_type"] == "LoadImage")
-        assert loads == ["withanyone_bench_a_single_ref_1.jpg", "withanyone_bench_b_pair_ref_1.jpg",
-                         "withanyone_bench_b_pair_ref_2.jpg"]
+        assert loads == [
+            "withanyone_bench_a_single_ref_1.jpg",
+            "withanyone_bench_b_pair_ref_1.jpg",
+            "withanyone_bench_b_pair_ref_2.jpg",
+        ]
 
         # resume: existing outputs are kept; --overwrite with the same seed renders the same image
         before = (results / "a_single" / "out.jpg").read_bytes()
@@ -79,8 +104,18 @@ def test_runner_generates_resumes_and_feeds_the_evaluation(tmp_path, tiny_comfy_
         bench_run.main(args + ["--server", server.url, "--overwrite", "--limit", "1"])
         assert (results / "a_single" / "out.jpg").read_bytes() == before
 
-    report = bench_eval.main([str(results), "--insightface", str(base / "models" / "insightface"),
-                              "--face-model", "antelopev2", "--providers", "cpu", "--no-progress"])
+    report = bench_eval.main(
+        [
+            str(results),
+            "--insightface",
+            str(base / "models" / "insightface"),
+            "--face-model",
+            "antelopev2",
+            "--providers",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     records = [json.loads((results / n / "metrics.json").read_text()) for n in ("a_single", "b_pair")]
     assert [r["persons"] for r in records] == [1, 2]  # scored (random weights draw no face: reported as such)
     assert all(r["status"] in ("ok", "failed") for r in records) and (results / "tables.md").is_file()

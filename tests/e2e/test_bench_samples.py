@@ -28,12 +28,19 @@ def test_hf2bench_index_with_boxes_and_crop(tmp_path):
     root = tmp_path / "p2" / "untar"
     for name in ("0007.jpg", "0007_1.jpg", "0007_2.jpg"):
         _touch(root / name)
-    (root / "0007.json").write_text(json.dumps({"caption_en": "two people", "bboxes": [[110, 60, 150, 110],
-                                                                                        [200, 70, 240, 120]],
-                                                 "crop": [100, 50, 400, 350]}))
+    (root / "0007.json").write_text(
+        json.dumps(
+            {
+                "caption_en": "two people",
+                "bboxes": [[110, 60, 150, 110], [200, 70, 240, 120]],
+                "crop": [100, 50, 400, 350],
+            }
+        )
+    )
     index = tmp_path / "p2.json"
-    index.write_text(json.dumps([{"prompt": "two people", "image_paths": ["0007_1.jpg", "0007_2.jpg"],
-                                  "ori_img_path": "0007.jpg"}]))
+    index.write_text(
+        json.dumps([{"prompt": "two people", "image_paths": ["0007_1.jpg", "0007_2.jpg"], "ori_img_path": "0007.jpg"}])
+    )
     (sample,) = samples_from_index(index, root)
     assert sample.name == "0007" and sample.persons == 2 and sample.ground_truth == root / "0007.jpg"
     assert sample.meta["bboxes"] == [[10, 10, 50, 60], [100, 20, 140, 70]]  # shifted by the crop, as theirs
@@ -45,7 +52,9 @@ def test_boxes_follow_the_square_crop_of_the_ground_truth():
     # a 1000 x 600 photo, faces on the right: the 600 px square is pushed right, then scaled to 512
     boxes = bench_run.output_boxes(1000, 600, [[700, 100, 800, 220], [850, 120, 950, 240]], 512)
     scale = 512 / 600
-    assert boxes == [[round((700 - 400) * scale), round(100 * scale), round((800 - 400) * scale), round(220 * scale)],
-                     [round((850 - 400) * scale), round(120 * scale), round((950 - 400) * scale), round(240 * scale)]]
+    assert boxes == [
+        [round((700 - 400) * scale), round(100 * scale), round((800 - 400) * scale), round(220 * scale)],
+        [round((850 - 400) * scale), round(120 * scale), round((950 - 400) * scale), round(240 * scale)],
+    ]
     with pytest.raises(ValueError, match="outside the square crop"):
         bench_run.output_boxes(2000, 300, [[0, 0, 50, 50], [1900, 10, 1990, 90]], 512)

@@ -52,11 +52,22 @@ def test_object_info_lists_every_node(server):
     comfy = server
     info = comfy.get_json("/object_info")
     ours = {k: v for k, v in info.items() if k.startswith("WithAnyone")}
-    assert set(ours) == {"WithAnyoneAdapterLoader", "WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader",
-                         "WithAnyoneFaceExtract", "WithAnyoneIdentityEncode", "WithAnyoneLayout", "WithAnyoneApply",
-                         "WithAnyoneSchedule", "WithAnyoneSampler", "WithAnyoneIdentityMetrics",
-                         "WithAnyoneFaceEditPrepare", "WithAnyoneArcFaceIdentities", "WithAnyoneSaveIdentity",
-                         "WithAnyoneLoadIdentity"}, comfy.log_tail(100_000)[-3000:]
+    assert set(ours) == {
+        "WithAnyoneAdapterLoader",
+        "WithAnyoneFaceAnalyzerLoader",
+        "WithAnyoneSiglipLoader",
+        "WithAnyoneFaceExtract",
+        "WithAnyoneIdentityEncode",
+        "WithAnyoneLayout",
+        "WithAnyoneApply",
+        "WithAnyoneSchedule",
+        "WithAnyoneSampler",
+        "WithAnyoneIdentityMetrics",
+        "WithAnyoneFaceEditPrepare",
+        "WithAnyoneArcFaceIdentities",
+        "WithAnyoneSaveIdentity",
+        "WithAnyoneLoadIdentity",
+    }, comfy.log_tail(100_000)[-3000:]
     for node in ours.values():
         assert node["category"].startswith("WithAnyone") and node["description"]
         assert node["search_aliases"], node["name"]  # words the node search also finds it by
@@ -70,8 +81,10 @@ def test_object_info_lists_every_node(server):
 
 def test_layout_preview_runs_and_errors_reach_history(server):
     comfy = server
-    layout = {"class_type": "WithAnyoneLayout",
-              "inputs": {"width": 1024, "height": 768, "source": "preset", "people": 3, "boxes": ""}}
+    layout = {
+        "class_type": "WithAnyoneLayout",
+        "inputs": {"width": 1024, "height": 768, "source": "preset", "people": 3, "boxes": ""},
+    }
     done = comfy.run({"1": layout, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}})
     assert done["status"]["status_str"] == "success"
     assert done["outputs"]["2"]["images"][0]["type"] == "temp"
@@ -86,9 +99,10 @@ def _post_layout(comfy, data, chunked: bool = False) -> tuple[int, dict, float]:
     import urllib.error
     import urllib.request
 
-    body = (data[i:i + 65536] for i in range(0, len(data), 65536)) if chunked else data
-    req = urllib.request.Request(comfy.url + "/withanyone/layout", data=body,
-                                 headers={"Content-Type": "application/json"})
+    body = (data[i : i + 65536] for i in range(0, len(data), 65536)) if chunked else data
+    req = urllib.request.Request(
+        comfy.url + "/withanyone/layout", data=body, headers={"Content-Type": "application/json"}
+    )
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=60) as response:
@@ -124,12 +138,19 @@ def test_a_missing_saved_person_is_refused_with_how_to_save_one(server):
     from tools.common.comfy_server import PromptRejected
     from tools.common.workflow_specs import SIGLIP_NAME
 
-    prompt = {"1": {"class_type": "WithAnyoneLoadIdentity", "inputs": {"identity_name": "nobody.safetensors"}},
-              "2": {"class_type": "WithAnyoneSiglipLoader", "inputs": {"siglip_name": SIGLIP_NAME}},
-              "3": {"class_type": "WithAnyoneSaveIdentity",
-                    "inputs": {"faces": ["1", 0], "siglip": ["2", 0], "name": "x", "overwrite": False}}}
-    with pytest.raises(PromptRejected, match="no saved identity 'nobody.safetensors' in models/withanyone/"
-                                             "identities/.*save the person first with a Save WithAnyone Identity"):
+    prompt = {
+        "1": {"class_type": "WithAnyoneLoadIdentity", "inputs": {"identity_name": "nobody.safetensors"}},
+        "2": {"class_type": "WithAnyoneSiglipLoader", "inputs": {"siglip_name": SIGLIP_NAME}},
+        "3": {
+            "class_type": "WithAnyoneSaveIdentity",
+            "inputs": {"faces": ["1", 0], "siglip": ["2", 0], "name": "x", "overwrite": False},
+        },
+    }
+    with pytest.raises(
+        PromptRejected,
+        match="no saved identity 'nobody.safetensors' in models/withanyone/"
+        "identities/.*save the person first with a Save WithAnyone Identity",
+    ):
         server.queue(prompt)
 
 
@@ -137,14 +158,27 @@ def test_face_extraction_layout_and_no_face_error(server):
     comfy = server
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "group.png"}},
-        "2": {"class_type": "WithAnyoneFaceAnalyzerLoader",
-              "inputs": {"provider": "CPU", "detection_threshold": 0.4, "detection_size": 640}},
-        "3": {"class_type": "WithAnyoneFaceExtract",
-              "inputs": {"image": ["1", 0], "face_analyzer": ["2", 0], "face_index": 1, "min_face_size": 32}},
+        "2": {
+            "class_type": "WithAnyoneFaceAnalyzerLoader",
+            "inputs": {"provider": "CPU", "detection_threshold": 0.4, "detection_size": 640},
+        },
+        "3": {
+            "class_type": "WithAnyoneFaceExtract",
+            "inputs": {"image": ["1", 0], "face_analyzer": ["2", 0], "face_index": 1, "min_face_size": 32},
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
-        "5": {"class_type": "WithAnyoneLayout",
-              "inputs": {"width": 1024, "height": 768, "source": "image", "people": 2, "boxes": "",
-                         "layout_image": ["1", 0], "face_analyzer": ["2", 0]}},
+        "5": {
+            "class_type": "WithAnyoneLayout",
+            "inputs": {
+                "width": 1024,
+                "height": 768,
+                "source": "image",
+                "people": 2,
+                "boxes": "",
+                "layout_image": ["1", 0],
+                "face_analyzer": ["2", 0],
+            },
+        },
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
     }
     done = comfy.run(prompt)
@@ -163,10 +197,17 @@ def test_face_extraction_layout_and_no_face_error(server):
     assert "no face found in the layout image" in messages and "WithAnyoneLayout" in messages
 
 
-WORKFLOW_NAMES = {"WithAnyone - one person", "WithAnyone - two people, layout from a photo",
-                  "WithAnyone - four people, typed boxes", "WithAnyone - with a FLUX LoRA",
-                  "WithAnyone - copy-paste meter", "WithAnyone - edit a group photo",
-                  "WithAnyone - refine small faces", "WithAnyone - save people", "WithAnyone - saved people"}
+WORKFLOW_NAMES = {
+    "WithAnyone - one person",
+    "WithAnyone - two people, layout from a photo",
+    "WithAnyone - four people, typed boxes",
+    "WithAnyone - with a FLUX LoRA",
+    "WithAnyone - copy-paste meter",
+    "WithAnyone - edit a group photo",
+    "WithAnyone - refine small faces",
+    "WithAnyone - save people",
+    "WithAnyone - saved people",
+}
 LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "WithAnyoneAdapterLoader", "WithAnyoneSiglipLoader"}
 
 
@@ -204,8 +245,9 @@ def test_shipped_workflows_are_templates_and_validate(server):
         assert json.loads(_fetch(comfy, f"/api/workflow_templates/{pack}/{name}.json")) == workflow
         # built on this server equals the shipped file, output sockets other ComfyUIs add to output nodes aside
         assert path.read_text(encoding="utf-8") == dumps(workflow), f"{name}: rerun dev/build_workflows.py"
-        assert dumps(version_neutral(workflow, info)) == dumps(version_neutral(rebuilt[name], info)), \
+        assert dumps(version_neutral(workflow, info)) == dumps(version_neutral(rebuilt[name], info)), (
             f"{name}: rerun dev/build_workflows.py"
+        )
         served = _fetch(comfy, f"/api/workflow_templates/{pack}/{name}.jpg")
         assert served == path.with_suffix(".jpg").read_bytes()
         shipped = np.asarray(Image.open(io.BytesIO(served)).convert("RGB"), dtype=np.float32)

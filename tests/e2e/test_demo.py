@@ -42,13 +42,21 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
     demo_dir = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "tools.demo", "--steps", "2", "--demo-dir", str(demo_dir)],
-        env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)}, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     models = empty_comfyui / "models"
-    for line in (f"flux1-dev.safetensors (FLUX.1-dev, from black-forest-labs/FLUX.1-dev) -> {models / 'diffusion_models'}",
-                 f"withanyone.safetensors (WithAnyone release, 5.6 GB) -> {models / 'withanyone'}",
-                 f"-> {models / 'insightface' / 'models' / 'antelopev2'}", "random-weight models"):
+    for line in (
+        f"flux1-dev.safetensors (FLUX.1-dev, from black-forest-labs/FLUX.1-dev) -> {models / 'diffusion_models'}",
+        f"withanyone.safetensors (WithAnyone release, 5.6 GB) -> {models / 'withanyone'}",
+        f"-> {models / 'insightface' / 'models' / 'antelopev2'}",
+        "random-weight models",
+    ):
         assert line in log
     assert (empty_comfyui / "custom_nodes" / "comfyui-withanyone").resolve() == ROOT  # installed into it
     saved = sorted((demo_dir / "output" / "WithAnyone").glob("demo_random_weights_*.png"))
@@ -58,7 +66,7 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
     assert len(set(image.convert("L").getdata())) > 16  # decoded pixels, not a blank canvas
     assert not any(p.is_file() for p in models.rglob("*"))  # nothing written into the user's models folders
     # it ends with how to open the UI on that ComfyUI, and how to use one's own
-    tail = log[log.index("Next:"):]
+    tail = log[log.index("Next:") :]
     python = Path(sys.executable).absolute()
     python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
     assert f"COMFYUI_DIR={empty_comfyui} {python} -m tools.demo --serve --demo-dir {demo_dir}" in tail
@@ -66,9 +74,14 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
 
     # --serve (`make comfyui-ui`): the browser UI on the same ComfyUI and small models, with the pack and templates
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "tools.demo", "--serve", "--port", str(port),
-                           "--demo-dir", str(demo_dir)], env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)},
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "tools.demo", "--serve", "--port", str(port), "--demo-dir", str(demo_dir)],
+        env={**os.environ, "COMFYUI_DIR": str(empty_comfyui)},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url, deadline, info = f"http://127.0.0.1:{port}", time.time() + 300, None
         while info is None and time.time() < deadline and ui.poll() is None:
@@ -88,7 +101,8 @@ def test_demo_without_model_files_runs_the_graph_on_small_models(empty_comfyui, 
 def test_help_states_the_recipe():
     from withanyone_core import recipe
 
-    out = subprocess.run([sys.executable, "-m", "tools.demo", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.demo", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert f"real models: {recipe.DEFAULT_STEPS}, the authors' recipe" in " ".join(out.split())
     assert "make comfyui-ui" in " ".join(out.split()) and "8188" in out

@@ -114,7 +114,7 @@ def _case_data(spec_path: Path, name: str, case_name: str):
     spec = json.loads(spec_path.read_text())
     case = spec["cases"][case_name]
     tensors = load_safetensors(spec_path.with_name(f"{name}_e2e.safetensors"))
-    t = {k[len(case_name) + 1:]: v for k, v in tensors.items() if k.startswith(case_name + ".")}
+    t = {k[len(case_name) + 1 :]: v for k, v in tensors.items() if k.startswith(case_name + ".")}
     return spec, case, t
 
 
@@ -145,8 +145,13 @@ def _run_sampler(model, adapter, case, t):
     pack, conditioning, identities, layout = _inputs(case, t)
     node = pack.nodes.sampling.WithAnyoneSampler
     settings = _schema_defaults(node)  # the node's defaults, schedule included
-    settings.update(seed=case["noise_seed"], steps=case["steps"], guidance=case["guidance"],
-                    batch_size=case["batch"], **_weight_settings(case))
+    settings.update(
+        seed=case["noise_seed"],
+        steps=case["steps"],
+        guidance=case["guidance"],
+        batch_size=case["batch"],
+        **_weight_settings(case),
+    )
     out = node.execute(model, conditioning, conditioning, adapter, identities, layout, **settings)
     return out.result[0]["samples"]
 
@@ -170,9 +175,13 @@ def _run_apply_custom_advanced(model, adapter, case, t):
     schedule = pack.nodes.sampling.WithAnyoneSchedule
     sigmas = schedule.execute(**{**_schema_defaults(schedule), "steps": case["steps"]}, layout=layout).result[0]
     latent = EmptySD3LatentImage.execute(case["width"], case["height"], case["batch"]).result[0]
-    out = SamplerCustomAdvanced.execute(RandomNoise.execute(case["noise_seed"]).result[0],
-                                        BasicGuider.execute(patched, conditioning).result[0],
-                                        KSamplerSelect.execute("euler").result[0], sigmas, latent)
+    out = SamplerCustomAdvanced.execute(
+        RandomNoise.execute(case["noise_seed"]).result[0],
+        BasicGuider.execute(patched, conditioning).result[0],
+        KSamplerSelect.execute("euler").result[0],
+        sigmas,
+        latent,
+    )
     return out.result[0]["samples"]
 
 
@@ -193,8 +202,19 @@ def _run_apply_ksampler(model, adapter, case, t):
     latent = EmptySD3LatentImage.execute(case["width"], case["height"], case["batch"]).result[0]["samples"]
     latent = comfy.sample.fix_empty_latent_channels(patched, latent)
     noise = comfy.sample.prepare_noise(latent, case["noise_seed"])
-    return comfy.sample.sample(patched, noise, case["steps"], 1.0, "euler", "simple", conditioning, conditioning,
-                               latent, seed=case["noise_seed"], disable_pbar=True)
+    return comfy.sample.sample(
+        patched,
+        noise,
+        case["steps"],
+        1.0,
+        "euler",
+        "simple",
+        conditioning,
+        conditioning,
+        latent,
+        seed=case["noise_seed"],
+        disable_pbar=True,
+    )
 
 
 RUNNERS = {"sampler": _run_sampler, "apply": _run_apply_custom_advanced, "ksampler": _run_apply_ksampler}

@@ -20,7 +20,8 @@ def test_without_cuda_it_says_so():
 
 @pytest.mark.slow
 def test_dry_run_prints_the_ratio_lines():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=900,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "patched step" in result.stdout and "x the unpatched step" in result.stdout

@@ -134,7 +134,7 @@ class KontextModels:
         self.tensors = load_safetensors(gset.cases_path)
 
     def case_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {k[len(name) + 1:]: v for k, v in self.tensors.items() if k.startswith(name + ".")}
+        return {k[len(name) + 1 :]: v for k, v in self.tensors.items() if k.startswith(name + ".")}
 
     # ------------------------------------------------------------------ ComfyUI
     def comfy_forward(self, t: dict, case: dict, items: slice, boxes) -> torch.Tensor:
@@ -149,18 +149,29 @@ class KontextModels:
         model = self.comfy_model
         if case["with_identities"] and case["num_ids"] > 0:
             model = self.patch.apply_withanyone(
-                model, self.comfy_adapter, t["arcface_embeddings"][items], None,
+                model,
+                self.comfy_adapter,
+                t["arcface_embeddings"][items],
+                None,
                 None if boxes is None else Layout(case["width"], case["height"], boxes),
-                id_weight=case["id_weight"], siglip_weight=0.0)
+                id_weight=case["id_weight"],
+                siglip_weight=0.0,
+            )
         options = copy.deepcopy(model.model_options.get("transformer_options", {}))
         comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
         options["cond_or_uncond"] = [0]
         timesteps = t["timesteps"][items]
         options["sigmas"] = timesteps
         with torch.no_grad():
-            out = model.model.diffusion_model(x, timesteps, t["txt"][items], y=t["y"][items],
-                                              guidance=t["guidance"][items], ref_latents=[ref],
-                                              transformer_options=options)
+            out = model.model.diffusion_model(
+                x,
+                timesteps,
+                t["txt"][items],
+                y=t["y"][items],
+                guidance=t["guidance"][items],
+                ref_latents=[ref],
+                transformer_options=options,
+            )
         return _pack(out)
 
     # ----------------------------------------------------------------- diffusers
@@ -168,14 +179,24 @@ class KontextModels:
         length = t["img"].shape[1]
         kwargs = dict(
             hidden_states=torch.cat([t["img"], t["img_cond_seq"]], dim=1),
-            encoder_hidden_states=t["txt"], pooled_projections=t["y"], timestep=t["timesteps"],
-            guidance=t["guidance"], img_ids=torch.cat([t["img_ids"][0], t["img_cond_seq_ids"][0]], dim=0),
-            txt_ids=t["txt_ids"][0], return_dict=False,
+            encoder_hidden_states=t["txt"],
+            pooled_projections=t["y"],
+            timestep=t["timesteps"],
+            guidance=t["guidance"],
+            img_ids=torch.cat([t["img_ids"][0], t["img_cond_seq_ids"][0]], dim=0),
+            txt_ids=t["txt_ids"][0],
+            return_dict=False,
         )
         with torch.no_grad():
             if case["with_identities"] and case["num_ids"] > 0:
-                with self.handle.conditioning(t["arcface_embeddings"], None, height=case["height"],
-                                              width=case["width"], boxes=boxes, id_weight=case["id_weight"]):
+                with self.handle.conditioning(
+                    t["arcface_embeddings"],
+                    None,
+                    height=case["height"],
+                    width=case["width"],
+                    boxes=boxes,
+                    id_weight=case["id_weight"],
+                ):
                     out = self.transformer(**kwargs)[0]
             else:
                 out = self.transformer(**kwargs)[0]

@@ -34,28 +34,64 @@ from withanyone_core.testing.bfl import bfl_shapes
 TESTS = Path(__file__).resolve().parent
 
 UNSEEN_CONFIG = {
-    "in_channels": 64, "vec_in_dim": 24, "context_in_dim": 40, "hidden_size": 192, "mlp_ratio": 4.0,
-    "num_heads": 3, "depth": 1, "depth_single_blocks": 2, "axes_dim": [16, 24, 24], "theta": 10000,
-    "qkv_bias": True, "guidance_embed": True,
+    "in_channels": 64,
+    "vec_in_dim": 24,
+    "context_in_dim": 40,
+    "hidden_size": 192,
+    "mlp_ratio": 4.0,
+    "num_heads": 3,
+    "depth": 1,
+    "depth_single_blocks": 2,
+    "axes_dim": [16, 24, 24],
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
 }
 
 
 def _case(h, w, rh, rw, batch, n, bboxes, id_weight=1.0, with_identities=True, text_tokens=5):
-    return {"height": h, "width": w, "ref_height": rh, "ref_width": rw, "batch": batch, "num_ids": n,
-            "bboxes": bboxes, "id_weight": id_weight, "use_mask": bboxes is not None,
-            "with_identities": with_identities, "text_tokens": text_tokens,
-            "image_tokens": (h // 16) * (w // 16), "ref_tokens": (rh // 16) * (rw // 16), "guidance": 4.0}
+    return {
+        "height": h,
+        "width": w,
+        "ref_height": rh,
+        "ref_width": rw,
+        "batch": batch,
+        "num_ids": n,
+        "bboxes": bboxes,
+        "id_weight": id_weight,
+        "use_mask": bboxes is not None,
+        "with_identities": with_identities,
+        "text_tokens": text_tokens,
+        "image_tokens": (h // 16) * (w // 16),
+        "ref_tokens": (rh // 16) * (rw // 16),
+        "guidance": 4.0,
+    }
 
 
 UNSEEN_CASES = {
     # two images, three persons each, other boxes per image: overlapping, fractional, partly outside
-    "batch2_three_ids_overlap_fractional": _case(192, 320, 160, 224, 2, 3, [
-        [[-12.5, 10.2, 100.7, 120.9], [80.3, 30.0, 200.0, 150.5], [190.9, -8.0, 340.0, 175.3]],
-        [[20.0, 40.0, 140.0, 180.0], [130.6, 20.4, 250.2, 140.8], [240.0, 60.0, 319.9, 191.99]],
-    ]),
-    "batch3_four_ids_ref_larger": _case(256, 192, 320, 288, 3, 4,
-                                        [[[0, 0, 96, 120], [96, 0, 192, 120], [0, 128, 96, 256], [90, 125, 192, 256]]]
-                                        * 3, id_weight=0.7),
+    "batch2_three_ids_overlap_fractional": _case(
+        192,
+        320,
+        160,
+        224,
+        2,
+        3,
+        [
+            [[-12.5, 10.2, 100.7, 120.9], [80.3, 30.0, 200.0, 150.5], [190.9, -8.0, 340.0, 175.3]],
+            [[20.0, 40.0, 140.0, 180.0], [130.6, 20.4, 250.2, 140.8], [240.0, 60.0, 319.9, 191.99]],
+        ],
+    ),
+    "batch3_four_ids_ref_larger": _case(
+        256,
+        192,
+        320,
+        288,
+        3,
+        4,
+        [[[0, 0, 96, 120], [96, 0, 192, 120], [0, 128, 96, 256], [90, 125, 192, 256]]] * 3,
+        id_weight=0.7,
+    ),
     "one_id_tall_target_wide_ref": _case(288, 176, 144, 272, 1, 1, [[[30.6, 47.1, 150.4, 200.8]]]),
     "three_ids_no_layout_batch2": _case(208, 208, 208, 208, 2, 3, None),
     "no_identities_batch2": _case(176, 240, 224, 160, 2, 0, None, with_identities=False),
@@ -73,7 +109,7 @@ def kontext_mask(batch_boxes, height, width, id_len, heads, num_ids):
             for r in range(r0, r1):
                 for c in range(c0, c1):
                     for h in range(heads):
-                        mask[b, h, r * cols + c, person * id_len:(person + 1) * id_len] = True
+                        mask[b, h, r * cols + c, person * id_len : (person + 1) * id_len] = True
     return mask
 
 
@@ -95,8 +131,11 @@ def kontext_reference(state, cfg, t, case):
     if use_ip:
         n = case["num_ids"]
         tokens = ref._projector(sd, "arcface_in", t["arcface_embeddings"]).reshape(b, n * 8, cfg["hidden_size"])
-        mask = (kontext_mask(case["bboxes"], case["height"], case["width"], 8, heads, n)
-                if case["bboxes"] is not None and case["use_mask"] else None)
+        mask = (
+            kontext_mask(case["bboxes"], case["height"], case["width"], 8, heads, n)
+            if case["bboxes"] is not None and case["use_mask"]
+            else None
+        )
 
     def identity(idx, target):
         out = ref._perceiver_ca(sd, f"ipa.{idx}", tokens, target, mask, heads)
@@ -113,8 +152,8 @@ def kontext_reference(state, cfg, t, case):
     for i in range(cfg["depth_single_blocks"]):
         x = model._single(i, x, vec, pe)
         if use_ip:
-            target = x[:, text_len:text_len + length]
-            x = torch.cat([x[:, :text_len], target + identity(block, target), x[:, text_len + length:]], dim=1)
+            target = x[:, text_len : text_len + length]
+            x = torch.cat([x[:, :text_len], target + identity(block, target), x[:, text_len + length :]], dim=1)
         block += 1
     x = x[:, text_len:]
     shift, scale = ref._linear(sd, "final_layer.adaLN_modulation.1", F.silu(vec)).chunk(2, dim=1)
@@ -136,12 +175,28 @@ def _random_state(cfg, g):
     d, blocks = cfg["hidden_size"], cfg["depth"] + cfg["depth_single_blocks"]
     inner = cfg["num_heads"] * 64
     for i in range(blocks):
-        shapes.update({f"ipa.{i}.norm1.weight": (d,), f"ipa.{i}.norm1.bias": (d,), f"ipa.{i}.norm2.weight": (d,),
-                       f"ipa.{i}.norm2.bias": (d,), f"ipa.{i}.to_q.weight": (inner, d),
-                       f"ipa.{i}.to_kv.weight": (2 * inner, d), f"ipa.{i}.to_out.weight": (d, inner)})
+        shapes.update(
+            {
+                f"ipa.{i}.norm1.weight": (d,),
+                f"ipa.{i}.norm1.bias": (d,),
+                f"ipa.{i}.norm2.weight": (d,),
+                f"ipa.{i}.norm2.bias": (d,),
+                f"ipa.{i}.to_q.weight": (inner, d),
+                f"ipa.{i}.to_kv.weight": (2 * inner, d),
+                f"ipa.{i}.to_out.weight": (d, inner),
+            }
+        )
     for prefix, width in (("arcface_in", 512), ("siglip_in", 768)):  # siglip_in as released: present, unused
-        shapes.update({f"{prefix}.0.weight": (4 * d, width), f"{prefix}.0.bias": (4 * d,), f"{prefix}.2.weight": (4 * d,),
-                       f"{prefix}.2.bias": (4 * d,), f"{prefix}.3.weight": (8 * d, 4 * d), f"{prefix}.3.bias": (8 * d,)})
+        shapes.update(
+            {
+                f"{prefix}.0.weight": (4 * d, width),
+                f"{prefix}.0.bias": (4 * d,),
+                f"{prefix}.2.weight": (4 * d,),
+                f"{prefix}.2.bias": (4 * d,),
+                f"{prefix}.3.weight": (8 * d, 4 * d),
+                f"{prefix}.3.bias": (8 * d,),
+            }
+        )
     for name, shape in shapes.items():
         is_norm = len(shape) == 1 and (name.endswith("scale") or ".norm" in name or ".2." in name)
         if is_norm:
@@ -192,7 +247,11 @@ def _run_golden_test(folder: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WITHANYONE_GOLDEN_DIR": str(folder)}
     return subprocess.run(
         [sys.executable, "-m", "pytest", str(TESTS / "test_kontext_golden.py"), "-q", "-p", "no:cacheprovider"],
-        cwd=TESTS.parents[1], env=env, capture_output=True, text=True, timeout=900,
+        cwd=TESTS.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -201,7 +260,7 @@ def test_reference_restatement_reproduces_the_shipped_kontext_cases():
     state = load_file(str(DEFAULT_GOLDEN_DIR / "withanyone_tiny_ke_model.safetensors"))
     tensors = load_file(str(DEFAULT_GOLDEN_DIR / "withanyone_tiny_ke.safetensors"))
     for name, case in spec["cases"].items():
-        t = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         with torch.no_grad():
             out = kontext_reference(state, spec["config"], t, case)
         assert (out - t["output"]).abs().max() <= 1e-4, name
@@ -234,8 +293,10 @@ def test_kontext_golden_test_passes_on_unseen_data(tmp_path):
 @pytest.mark.slow
 def test_kontext_golden_test_fails_on_perturbed_data(tmp_path):
     """Not vacuous: a 1e-3 change of one output, or a box moved by one token, must fail."""
-    cases = {"out": UNSEEN_CASES["one_id_tall_target_wide_ref"],
-             "box": UNSEEN_CASES["batch2_three_ids_overlap_fractional"]}
+    cases = {
+        "out": UNSEEN_CASES["one_id_tall_target_wide_ref"],
+        "box": UNSEEN_CASES["batch2_three_ids_overlap_fractional"],
+    }
     write_kontext_set(tmp_path, "withanyone_bad", UNSEEN_CONFIG, cases, seed=5)
     path = tmp_path / "withanyone_bad_ke.safetensors"
     tensors = load_file(str(path))

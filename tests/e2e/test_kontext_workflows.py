@@ -60,12 +60,23 @@ def test_kontext_workflows_validate_on_the_server(server):
 def test_face_edit_prepare_runs_in_the_server(server):
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "group.png"}},
-        "2": {"class_type": "WithAnyoneFaceAnalyzerLoader",
-              "inputs": {"provider": "CPU", "detection_threshold": 0.4, "detection_size": 640}},
-        "3": {"class_type": "WithAnyoneFaceEditPrepare",
-              "inputs": {"image": ["1", 0], "face_analyzer": ["2", 0], "face_order": "left to right",
-                         "aspect_limit": "authors (0.9-1.1)", "megapixels": 0.0, "box_mapping": "authors",
-                         "min_blur_face": 100, "blur_radius": 15.0}},
+        "2": {
+            "class_type": "WithAnyoneFaceAnalyzerLoader",
+            "inputs": {"provider": "CPU", "detection_threshold": 0.4, "detection_size": 640},
+        },
+        "3": {
+            "class_type": "WithAnyoneFaceEditPrepare",
+            "inputs": {
+                "image": ["1", 0],
+                "face_analyzer": ["2", 0],
+                "face_order": "left to right",
+                "aspect_limit": "authors (0.9-1.1)",
+                "megapixels": 0.0,
+                "box_mapping": "authors",
+                "min_blur_face": 100,
+                "blur_radius": 15.0,
+            },
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
     }

@@ -27,7 +27,13 @@ TESTED_COMFYUI = (0, 3, 75)
 TAKEN_NAMES = {"comfyui-withanyone", "withanyone"}
 # comfy-cli's validate_and_extract_os_classifiers / validate_and_extract_accelerator_classifiers
 OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")
-ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend", "GPU :: Apple Metal"}
+ACCELERATORS = {
+    "GPU :: NVIDIA CUDA",
+    "GPU :: AMD ROCm",
+    "GPU :: Intel Arc",
+    "NPU :: Huawei Ascend",
+    "GPU :: Apple Metal",
+}
 # comfy-cli's validate_version, applied to each comma-separated part of requires-comfyui
 VERSION_PART = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
 
@@ -120,12 +126,14 @@ def test_publish_workflow_publishes_only_when_the_version_changes(tmp_path):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
 
     def commit(version: str, description: str) -> str:
-        (tmp_path / "pyproject.toml").write_text(f'[project]\nname = "x"\nversion = "{version}"\n'
-                                                  f'description = "{description}"\n')
+        (tmp_path / "pyproject.toml").write_text(
+            f'[project]\nname = "x"\nversion = "{version}"\ndescription = "{description}"\n'
+        )
         subprocess.run([*git, "add", "pyproject.toml"], cwd=tmp_path, check=True, capture_output=True)
         subprocess.run([*git, "commit", "-qm", version], cwd=tmp_path, check=True, capture_output=True)
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     def changed(before: str, event: str = "push") -> str:
         output = tmp_path / "github_output"
@@ -152,9 +160,24 @@ def _comfy_cli() -> Path:
     dependencies: its registry parser and packer need only typer and rich besides, which the dev environment has."""
     target = ROOT / ".cache" / f"comfy-cli-{COMFY_CLI}"
     if not ((target / "comfy_cli" / "registry" / "config_parser.py").is_file() and (target / "pathspec").is_dir()):
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
-                               str(target), f"comfy-cli=={COMFY_CLI}", "tomlkit", "pathspec"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+                str(target),
+                f"comfy-cli=={COMFY_CLI}",
+                "tomlkit",
+                "pathspec",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             message = f"comfy-cli=={COMFY_CLI} could not be installed: {done.stderr[-400:]}"
             if os.environ.get("CI"):
@@ -167,12 +190,19 @@ def test_comfy_cli_reads_every_registry_field_without_warnings():
     """The parser `comfy node publish` runs (comfy_cli.registry.config_parser) reads pyproject.toml: no
     warning, and every field the Registry shows is filled."""
     # tomlkit's string and array types: plain Python values before they leave the parser's process
-    code = ("import json; from comfy_cli.registry.config_parser import extract_node_configuration; "
-            "plain = lambda o: {k: plain(v) for k, v in vars(o).items()} if hasattr(o, '__dataclass_fields__') "
-            "else [plain(v) for v in o] if isinstance(o, list) else str(o); "
-            "print(json.dumps(plain(extract_node_configuration('pyproject.toml'))))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(_comfy_cli())})
+    code = (
+        "import json; from comfy_cli.registry.config_parser import extract_node_configuration; "
+        "plain = lambda o: {k: plain(v) for k, v in vars(o).items()} if hasattr(o, '__dataclass_fields__') "
+        "else [plain(v) for v in o] if isinstance(o, list) else str(o); "
+        "print(json.dumps(plain(extract_node_configuration('pyproject.toml'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(_comfy_cli())},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     *messages, answer = done.stdout.strip().splitlines()
     assert not [m for m in messages if "warning" in m.lower()], messages
@@ -193,16 +223,37 @@ def test_registry_package_holds_the_pack_and_leaves_out_the_tests(tmp_path):
 
     archive = tmp_path / "node.zip"
     code = f"from comfy_cli.file_utils import zip_files; zip_files({str(archive)!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(_comfy_cli())})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(_comfy_cli())},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     names = set(zipfile.ZipFile(archive).namelist())
-    needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md", "nodes/__init__.py",
-              "nodes/routes.py", "withanyone_core/__init__.py", "web/withanyone.js", "web/icon.png",
-              "web/docs/WithAnyoneLayout.md", "locales/en/nodeDefs.json", "locales/zh/nodeDefs.json",
-              # what a user runs besides the nodes: the trainer, the benchmark runner and the workflows
-              "train/run.py", "train/_script.py", "train/configs/comfyui.yaml", "tools/bench_run.py",
-              "tools/common/workflows.py", "example_workflows/WithAnyone - one person.json"}
+    needed = {
+        "__init__.py",
+        "pyproject.toml",
+        "requirements.txt",
+        "LICENSE",
+        "README.md",
+        "nodes/__init__.py",
+        "nodes/routes.py",
+        "withanyone_core/__init__.py",
+        "web/withanyone.js",
+        "web/icon.png",
+        "web/docs/WithAnyoneLayout.md",
+        "locales/en/nodeDefs.json",
+        "locales/zh/nodeDefs.json",
+        # what a user runs besides the nodes: the trainer, the benchmark runner and the workflows
+        "train/run.py",
+        "train/_script.py",
+        "train/configs/comfyui.yaml",
+        "tools/bench_run.py",
+        "tools/common/workflows.py",
+        "example_workflows/WithAnyone - one person.json",
+    }
     assert needed <= names, f"missing from the Registry package: {sorted(needed - names)}"
     # developer generators, test fixtures and CI stay in the repository
     assert not [n for n in names if n.startswith(("tests/", "dev/", ".ci/", ".github/"))]
@@ -213,16 +264,30 @@ def test_library_and_trainer_are_packages_of_the_project(tmp_path):
     and the trainer are installed (the pack's nodes, tools and tests never become top-level names)."""
     done = subprocess.run([sys.executable, "-m", "train.run", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and "--config" in done.stdout, done.stderr[-2000:]
-    code = ("import importlib.util, json; print(json.dumps({n: importlib.util.find_spec(n) is not None "
-            "for n in ('withanyone_core', 'train', 'train.data.sources', 'nodes', 'tools', 'dev', 'tests')}))")
-    found = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                                      check=True).stdout)
-    assert found == {"withanyone_core": True, "train": True, "train.data.sources": True, "nodes": False,
-                     "tools": False, "dev": False, "tests": False}
+    code = (
+        "import importlib.util, json; print(json.dumps({n: importlib.util.find_spec(n) is not None "
+        "for n in ('withanyone_core', 'train', 'train.data.sources', 'nodes', 'tools', 'dev', 'tests')}))"
+    )
+    found = json.loads(
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    )
+    assert found == {
+        "withanyone_core": True,
+        "train": True,
+        "train.data.sources": True,
+        "nodes": False,
+        "tools": False,
+        "dev": False,
+        "tests": False,
+    }
     # a script inside a ComfyUI install (the project not installed) runs as its package module
     for script in ("run", "merge", "prepare"):
-        done = subprocess.run([sys.executable, str(ROOT / "train" / f"{script}.py"), "--help"], cwd=tmp_path,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "train" / f"{script}.py"), "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0 and "usage:" in done.stdout, (script, done.stderr[-2000:])
 
 

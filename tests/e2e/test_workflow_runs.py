@@ -74,8 +74,12 @@ def _tiny(workflow_name: str, info: dict, steps: int = 2) -> dict:
 def _saved(entry: dict, base) -> list[np.ndarray]:
     error = execution_error(entry)
     assert error is None, error
-    return [np.asarray(Image.open(base / "output" / i["subfolder"] / i["filename"]).convert("RGB"))
-            for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
+    return [
+        np.asarray(Image.open(base / "output" / i["subfolder"] / i["filename"]).convert("RGB"))
+        for out in entry["outputs"].values()
+        for i in out.get("images", [])
+        if i["type"] == "output"
+    ]
 
 
 def _face_boxes(base_photo_size: int):
@@ -93,14 +97,14 @@ def test_edit_a_group_photo_redraws_only_the_faces(server):
     changed = np.abs(edited.astype(int) - group.astype(int)).max(axis=-1) > 2
     inside = np.zeros(changed.shape, bool)
     for x1, y1, x2, y2 in _face_boxes(SIZE):
-        inside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+        inside[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = True
     # the faces were redrawn (random weights: something else is there now) ...
     assert changed[inside].mean() > 0.5
     # ... and far from them (beyond the grown box and the soft edge) the photo is untouched
     near = np.zeros(changed.shape, bool)
     for x1, y1, x2, y2 in _face_boxes(SIZE):
         pad = 24 + 16 + 16  # the layout squares the box; grown 24 px; blurred edge
-        near[max(0, int(y1) - pad):int(y2) + pad, max(0, int(x1) - pad):int(x2) + pad] = True
+        near[max(0, int(y1) - pad) : int(y2) + pad, max(0, int(x1) - pad) : int(x2) + pad] = True
     assert not changed[~near].any()
 
 
@@ -146,6 +150,7 @@ def test_saved_people_need_no_face_analyzer_or_siglip(server):
     kinds = {n["class_type"] for n in prompt.values()}
     assert not kinds & {"WithAnyoneFaceAnalyzerLoader", "WithAnyoneSiglipLoader", "WithAnyoneFaceExtract"}
     prompt[next(k for k, n in prompt.items() if n["class_type"] == "WithAnyoneLayout")]["inputs"].update(
-        width=256, height=256)
+        width=256, height=256
+    )
     [image] = _saved(comfy.run(prompt, timeout=900), base)
     assert image.shape == (256, 256, 3)

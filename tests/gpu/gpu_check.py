@@ -44,16 +44,36 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from support.comfy_env import import_comfyui, import_pack  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
-FLUX_DEV = {"in_channels": 64, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
-            "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000,
-            "qkv_bias": True, "guidance_embed": True}
+FLUX_DEV = {
+    "in_channels": 64,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "hidden_size": 3072,
+    "mlp_ratio": 4.0,
+    "num_heads": 24,
+    "depth": 19,
+    "depth_single_blocks": 38,
+    "axes_dim": [16, 56, 56],
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
 SHORT, LONG = 2, 6
 
 
 def run_cuda_tests() -> int:
     env = {**os.environ, "WITHANYONE_TEST_CUDA": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/core/test_triton_attention.py",
-           "tests/nodes/test_comfy_host.py", "tests/core/test_adapter.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/core/test_triton_attention.py",
+        "tests/nodes/test_comfy_host.py",
+        "tests/core/test_adapter.py",
+    ]
     logger.info("CUDA tests: %s", " ".join(cmd[3:]))
     return subprocess.run(cmd, cwd=ROOT, env=env, timeout=300).returncode
 
@@ -70,7 +90,9 @@ def _random_state(config: dict, device: str, dtype: torch.dtype) -> dict[str, to
         if name.endswith("scale"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
         else:
-            t = torch.randn(shape, generator=g, device=device) * (0.5 / (shape[-1] if len(shape) == 2 else shape[0]) ** 0.5)
+            t = torch.randn(shape, generator=g, device=device) * (
+                0.5 / (shape[-1] if len(shape) == 2 else shape[0]) ** 0.5
+            )
         state[name] = t.to(dtype)
     return state
 
@@ -82,16 +104,21 @@ def _random_adapter(config: dict, device: str, dtype: torch.dtype):
 
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 
-    cfg = AdapterConfig(hidden_size=config["hidden_size"], num_heads=config["num_heads"],
-                        num_double_blocks=config["depth"], num_single_blocks=config["depth_single_blocks"])
+    cfg = AdapterConfig(
+        hidden_size=config["hidden_size"],
+        num_heads=config["num_heads"],
+        num_double_blocks=config["depth"],
+        num_single_blocks=config["depth_single_blocks"],
+    )
     with torch.device("meta"):
         adapter = IdentityAdapter(cfg, operations=adapter_operations())
     g = torch.Generator(device=device).manual_seed(1)
     state = {}
     for name, p in adapter.state_dict().items():
         if p.ndim == 1:
-            state[name] = (1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=g,
-                                                                                         device=device)
+            state[name] = (1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(
+                p.shape, generator=g, device=device
+            )
         else:
             state[name] = torch.randn(p.shape, generator=g, device=device) * (1.0 / p.shape[1] ** 0.5)
         state[name] = state[name].to(dtype)
@@ -110,8 +137,9 @@ def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtyp
     from withanyone_core.recipe import authors_sigmas
 
     started = time.perf_counter()
-    model = comfy.sd.load_diffusion_model_state_dict(_random_state(config, device, dtype),
-                                                     model_options={"dtype": dtype})
+    model = comfy.sd.load_diffusion_model_state_dict(
+        _random_state(config, device, dtype), model_options={"dtype": dtype}
+    )
     adapter = _random_adapter(config, device, dtype)
     logger.info("models built in %.0f s", time.perf_counter() - started)
     g = torch.Generator().manual_seed(0)
@@ -131,8 +159,9 @@ def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtyp
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        comfy.sample.sample_custom(m, noise, 1.0, sampler, authors_sigmas(steps, s // 8, s // 8), cond, cond, latent,
-                                   disable_pbar=True, seed=0)
+        comfy.sample.sample_custom(
+            m, noise, 1.0, sampler, authors_sigmas(steps, s // 8, s // 8), cond, cond, latent, disable_pbar=True, seed=0
+        )
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start, torch.cuda.max_memory_allocated() if cuda else 0
@@ -152,8 +181,13 @@ def benchmark(config: dict, size: int, reps: int, device: str, dtype: torch.dtyp
     for name, value in step.items():
         if value <= 0:
             raise SystemExit(f"{name} step time came out {value:.4f} s: too noisy, rerun with more --reps")
-    result = {"step_ratio": step["patched"] / step["unpatched"], "step_unpatched": step["unpatched"],
-              "step_patched": step["patched"], "peak_unpatched": peak["unpatched"], "peak_patched": peak["patched"]}
+    result = {
+        "step_ratio": step["patched"] / step["unpatched"],
+        "step_unpatched": step["unpatched"],
+        "step_patched": step["patched"],
+        "peak_unpatched": peak["unpatched"],
+        "peak_patched": peak["patched"],
+    }
     mm.unload_all_models()
     return result
 
@@ -185,8 +219,15 @@ def lean_training_peak(device: str, tiny: bool = False, steps: int = 3, size: in
     vae_cfg = dict(FLUX_DEV_VAE)
     text_tokens = 512
     if tiny:
-        flux_cfg.update(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
-                        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24))
+        flux_cfg.update(
+            num_layers=1,
+            num_single_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=64,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(16, 24, 24),
+        )
         vae_cfg.update(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
         text_tokens, size = 16, 128
     torch.manual_seed(0)
@@ -203,11 +244,17 @@ def lean_training_peak(device: str, tiny: bool = False, steps: int = 3, size: in
                     p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
     store_frozen_fp8(flux, LEAN["frozen_storage"])
     hidden = flux_cfg["num_attention_heads"] * flux_cfg["attention_head_dim"]
-    adapter = IdentityAdapter(AdapterConfig(hidden_size=hidden, num_heads=flux_cfg["num_attention_heads"],
-                                            num_double_blocks=flux_cfg["num_layers"],
-                                            num_single_blocks=flux_cfg["num_single_layers"]))
-    params = add_adapter_lora(adapter, BRANCH_PREFIXES["arcface"], LEAN["adapter_lora_rank"],
-                              float(LEAN["adapter_lora_rank"]), bf16)
+    adapter = IdentityAdapter(
+        AdapterConfig(
+            hidden_size=hidden,
+            num_heads=flux_cfg["num_attention_heads"],
+            num_double_blocks=flux_cfg["num_layers"],
+            num_single_blocks=flux_cfg["num_single_layers"],
+        )
+    )
+    params = add_adapter_lora(
+        adapter, BRANCH_PREFIXES["arcface"], LEAN["adapter_lora_rank"], float(LEAN["adapter_lora_rank"]), bf16
+    )
     for p in adapter.parameters():
         if not p.requires_grad:
             p.data = p.data.to(bf16)
@@ -221,11 +268,23 @@ def lean_training_peak(device: str, tiny: bool = False, steps: int = 3, size: in
     idle = [getattr(adapter, n) for n in IDLE_MODULES["arcface"]]
     estimate = estimate_training_memory(
         frozen_bytes=device_frozen_bytes([denoiser, vae], idle) + GLINTR100_PARAMS * 4,
-        trainable_params=sum(p.numel() for p in params), transformer_config=flux.config, vae_config=vae.config,
-        batch=1, height=size, width=size, text_tokens=text_tokens, compute_dtype=bf16, gradient_checkpointing=True,
-        id_losses=True, adapter_config=adapter.config, adapter_branches=("arc",), optimizer=name,
-        trainable_numels=[p.numel() for p in params], frozen_storage=LEAN["frozen_storage"],
-        adapter_lora_rank=LEAN["adapter_lora_rank"])
+        trainable_params=sum(p.numel() for p in params),
+        transformer_config=flux.config,
+        vae_config=vae.config,
+        batch=1,
+        height=size,
+        width=size,
+        text_tokens=text_tokens,
+        compute_dtype=bf16,
+        gradient_checkpointing=True,
+        id_losses=True,
+        adapter_config=adapter.config,
+        adapter_branches=("arc",),
+        optimizer=name,
+        trainable_numels=[p.numel() for p in params],
+        frozen_storage=LEAN["frozen_storage"],
+        adapter_lora_rank=LEAN["adapter_lora_rank"],
+    )
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -244,8 +303,9 @@ def lean_training_peak(device: str, tiny: bool = False, steps: int = 3, size: in
         arcface = (20 * torch.randn(1, 2, 512, generator=g)).to(device)
         siglip = torch.zeros(1, 2, 256, adapter.config.siglip_dim, device=device)
         with torch.autocast(device_type=device, dtype=bf16):
-            v = denoiser(noisy, t, text, pooled, torch.ones(1, device=device), arcface, siglip, boxes, size, size,
-                         1.0, 0.0)
+            v = denoiser(
+                noisy, t, text, pooled, torch.ones(1, device=device), arcface, siglip, boxes, size, size, 1.0, 0.0
+            )
             z = unpack_latents(noisy - t.view(-1, 1, 1) * v, size, size)
             image = vae.decode(z.to(bf16)).sample.float()
         loss = flow_matching_loss(v, noise, clean) + 1e-3 * image.square().mean()  # the ID loss's stand-in
@@ -256,18 +316,33 @@ def lean_training_peak(device: str, tiny: bool = False, steps: int = 3, size: in
     if cuda:
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() if cuda else 0
-    return {"peak": peak, "estimate": estimate, "seconds": time.perf_counter() - started, "losses": losses,
-            "optimizer": name, "size": size}
+    return {
+        "peak": peak,
+        "estimate": estimate,
+        "seconds": time.perf_counter() - started,
+        "losses": losses,
+        "optimizer": name,
+        "size": size,
+    }
 
 
 def report_lean(result: dict, tiny: bool) -> None:
     est = result["estimate"]
     where = "tiny, CPU" if tiny else "FLUX.1-dev, 19 + 38 blocks"
     peak = f"peak {result['peak'] / 1e9:.1f} GB allocated" if result["peak"] else "peak not measured on the CPU"
-    logger.info("gpu lean training %d² batch 1 (%s, %s): %s over %d steps vs the estimate %.1f GB (static %.1f + "
-                "activations %.1f; the estimate leaves out the CUDA context); %.1f s", result["size"], where,
-                result["optimizer"], peak,
-                len(result["losses"]), est.total / 1e9, est.static / 1e9, est.activations / 1e9, result["seconds"])
+    logger.info(
+        "gpu lean training %d² batch 1 (%s, %s): %s over %d steps vs the estimate %.1f GB (static %.1f + "
+        "activations %.1f; the estimate leaves out the CUDA context); %.1f s",
+        result["size"],
+        where,
+        result["optimizer"],
+        peak,
+        len(result["losses"]),
+        est.total / 1e9,
+        est.static / 1e9,
+        est.activations / 1e9,
+        result["seconds"],
+    )
 
 
 # (ComfyUI version, dynamic VRAM) the benchmark runs in, each in a process of its own
@@ -316,8 +391,15 @@ def run_configurations(reps: int) -> int:
 
     status = 0
     for version, dynamic in CONFIGURATIONS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--bench-only", "--dynamic-vram", dynamic, "--reps",
-               str(reps)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--bench-only",
+            "--dynamic-vram",
+            dynamic,
+            "--reps",
+            str(reps),
+        ]
         logger.info("gpu bench: ComfyUI %s, dynamic VRAM %s", version, dynamic)
         done = subprocess.run(cmd, cwd=ROOT, env=environment(version), timeout=600)
         status = status or done.returncode
@@ -331,8 +413,12 @@ def main() -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--bench-only", action="store_true", help="one benchmark in this process, no tests")
-    parser.add_argument("--dynamic-vram", choices=["on", "off"], default="off",
-                        help="with --bench-only: ComfyUI's dynamic VRAM (comfy-aimdo) on or off")
+    parser.add_argument(
+        "--dynamic-vram",
+        choices=["on", "off"],
+        default="off",
+        help="with --bench-only: ComfyUI's dynamic VRAM (comfy-aimdo) on or off",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     if not args.dry_run and not torch.cuda.is_available():
@@ -377,14 +463,22 @@ def main() -> int:
         logger.info("gpu check on %s", name)
         result = benchmark(FLUX_DEV, 1024, args.reps, "cuda", torch.bfloat16)
     blocks = "1 + 1" if args.dry_run else "19 + 38"
-    logger.info("gpu bench (%s blocks): patched step %.3f s vs unpatched %.3f s", blocks, result["step_patched"],
-                result["step_unpatched"])
-    logger.info("gpu bench 1024 (%s blocks, 2 people): patched step %.3fx the unpatched step", blocks,
-                result["step_ratio"])
+    logger.info(
+        "gpu bench (%s blocks): patched step %.3f s vs unpatched %.3f s",
+        blocks,
+        result["step_patched"],
+        result["step_unpatched"],
+    )
+    logger.info(
+        "gpu bench 1024 (%s blocks, 2 people): patched step %.3fx the unpatched step", blocks, result["step_ratio"]
+    )
     if result["peak_unpatched"]:
-        logger.info("gpu bench 1024: peak VRAM %.1f GB with the adapter vs %.1f GB without (%.3fx)",
-                    result["peak_patched"] / 1e9, result["peak_unpatched"] / 1e9,
-                    result["peak_patched"] / result["peak_unpatched"])
+        logger.info(
+            "gpu bench 1024: peak VRAM %.1f GB with the adapter vs %.1f GB without (%.3fx)",
+            result["peak_patched"] / 1e9,
+            result["peak_unpatched"] / 1e9,
+            result["peak_patched"] / result["peak_unpatched"],
+        )
     if args.dry_run:  # on a GPU the parent process measures it once, not once per ComfyUI configuration
         report_lean(lean_training_peak("cpu", tiny=True), True)
     logger.info("gpu check finished in %.0f s", time.perf_counter() - started)

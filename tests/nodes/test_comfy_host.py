@@ -80,8 +80,18 @@ def _sample(patcher, seed=11, steps=3):
     latent = torch.zeros(1, 16, H // 8, W // 8)
     noise = torch.randn(latent.shape, generator=g)
     sampler = comfy.samplers.sampler_object("euler")
-    return comfy.sample.sample_custom(patcher, noise, 1.0, sampler, authors_sigmas(steps, H // 8, W // 8), cond,
-                                      cond, latent, disable_pbar=True, seed=seed)
+    return comfy.sample.sample_custom(
+        patcher,
+        noise,
+        1.0,
+        sampler,
+        authors_sigmas(steps, H // 8, W // 8),
+        cond,
+        cond,
+        latent,
+        disable_pbar=True,
+        seed=seed,
+    )
 
 
 def test_loader_uses_comfy_cast_layers_and_follows_the_model_dtype(pack, adapter_file):
@@ -100,8 +110,9 @@ def test_loader_uses_comfy_cast_layers_and_follows_the_model_dtype(pack, adapter
     assert fp8_bytes < 0.51 * bf16_bytes
 
 
-def test_adapter_and_siglip_get_the_patcher_class_comfyui_gives_its_own_models(pack, adapter_file, tmp_path,
-                                                                              monkeypatch):
+def test_adapter_and_siglip_get_the_patcher_class_comfyui_gives_its_own_models(
+    pack, adapter_file, tmp_path, monkeypatch
+):
     """ComfyUI started with dynamic VRAM rebinds comfy.model_patcher.CoreModelPatcher (to ModelPatcherDynamic, as
     its main.py does when comfy-aimdo works) and builds CLIP vision and ControlNets with it: so do the loaders.
     A ComfyUI without CoreModelPatcher (before 0.17) gets ModelPatcher."""
@@ -286,17 +297,20 @@ def test_easycache_keeps_working_with_identities(pack, flux, adapter_file, ident
 
     adapter = _load(pack, adapter_file)
     patched = _apply(pack, flux, adapter, identities)
-    cached = EasyCacheNode.execute(patched.clone(), reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
-                                   verbose=False).result[0]
-    cached_base = EasyCacheNode.execute(flux.clone(), reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
-                                        verbose=False).result[0]
+    cached = EasyCacheNode.execute(
+        patched.clone(), reuse_threshold=0.2, start_percent=0.0, end_percent=1.0, verbose=False
+    ).result[0]
+    cached_base = EasyCacheNode.execute(
+        flux.clone(), reuse_threshold=0.2, start_percent=0.0, end_percent=1.0, verbose=False
+    ).result[0]
     out, out_base = _sample(cached, steps=6), _sample(cached_base, steps=6)
     assert torch.isfinite(out).all()
     assert (out - out_base).norm() > 0.5 * (_sample(patched, steps=6) - _sample(flux, steps=6)).norm()
 
 
-def test_sampler_node_reports_progress_previews_and_stops_on_interrupt(pack, flux, adapter_file, identities,
-                                                                        monkeypatch):
+def test_sampler_node_reports_progress_previews_and_stops_on_interrupt(
+    pack, flux, adapter_file, identities, monkeypatch
+):
     """The WithAnyone sampler drives ComfyUI's progress bar with a latent preview at every step (as the stock
     KSampler does; the server forwards both to the browser) and stops at the next step on an interrupt."""
     import comfy.model_management as mm
@@ -306,14 +320,32 @@ def test_sampler_node_reports_progress_previews_and_stops_on_interrupt(pack, flu
 
     monkeypatch.setattr(latent_preview.args, "preview_method", latent_preview.LatentPreviewMethod.Latent2RGB)
     updates = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
-                        updates.append((value, total, preview)))
+    monkeypatch.setattr(
+        comfy.utils,
+        "PROGRESS_BAR_HOOK",
+        lambda value, total, preview, node_id=None: updates.append((value, total, preview)),
+    )
     node = pack.nodes.sampling.WithAnyoneSampler
     cond = [[torch.randn(1, 7, 768), {"pooled_output": torch.randn(1, 768)}]]
-    args = dict(model=flux, positive=cond, negative=cond, adapter=_load(pack, adapter_file),
-                identities=Identities(identities[0], identities[1], (1, 1)), layout=Layout(W, H, BOXES), seed=1,
-                steps=3, cfg=1.0, sampler_name="euler", schedule="withanyone (authors)", guidance=4.0, batch_size=1,
-                siglip_share=0.0, weight_mode="share", id_weight=1.0, siglip_weight=0.0)
+    args = dict(
+        model=flux,
+        positive=cond,
+        negative=cond,
+        adapter=_load(pack, adapter_file),
+        identities=Identities(identities[0], identities[1], (1, 1)),
+        layout=Layout(W, H, BOXES),
+        seed=1,
+        steps=3,
+        cfg=1.0,
+        sampler_name="euler",
+        schedule="withanyone (authors)",
+        guidance=4.0,
+        batch_size=1,
+        siglip_share=0.0,
+        weight_mode="share",
+        id_weight=1.0,
+        siglip_weight=0.0,
+    )
     node.execute(**args)
     assert [(v, t) for v, t, _ in updates] == [(1, 3), (2, 3), (3, 3)]
     assert all(p is not None for _, _, p in updates)  # a preview image with every step

@@ -31,8 +31,10 @@ def flux():
     model = comfy.sd.load_diffusion_model_state_dict(dict(state), model_options={"dtype": torch.float32})
     adapter = flux_adapter()
     adapter_patcher = comfy.model_patcher.ModelPatcher(
-        adapter, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device())
+        adapter,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
     return model, adapter_patcher, state
 
 
@@ -74,14 +76,25 @@ def _forward(patcher, x, sigma, context, y, cond_or_uncond, ref_latents=None):
     options["sigmas"] = sigma
     diffusion = patcher.model.diffusion_model
     with torch.no_grad():
-        return diffusion(x, sigma, context, y=y, guidance=torch.full((x.shape[0],), 3.5),
-                         ref_latents=ref_latents, transformer_options=options)
+        return diffusion(
+            x,
+            sigma,
+            context,
+            y=y,
+            guidance=torch.full((x.shape[0],), 3.5),
+            ref_latents=ref_latents,
+            transformer_options=options,
+        )
 
 
 def _inputs(batch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 16, H // 8, W // 8, generator=g), torch.full((batch,), 0.7),
-            torch.randn(batch, 7, 768, generator=g), torch.randn(batch, 768, generator=g))
+    return (
+        torch.randn(batch, 16, H // 8, W // 8, generator=g),
+        torch.full((batch,), 0.7),
+        torch.randn(batch, 7, 768, generator=g),
+        torch.randn(batch, 768, generator=g),
+    )
 
 
 def test_patched_model_equals_diffusers_host(flux, identities):
@@ -97,12 +110,27 @@ def test_patched_model_equals_diffusers_host(flux, identities):
     handle = attach_adapter(transformer, adapter_patcher.model)
     img_ids, txt_ids = position_ids(H, W, 7, "cpu")
     arcface, siglip = identities
-    with torch.no_grad(), handle.conditioning(arcface[None].expand(2, -1, -1), siglip[None].expand(2, -1, -1, -1),
-                                              height=H, width=W, boxes=[list(BOXES)] * 2,
-                                              siglip_weight=1.0):
-        expected = transformer(hidden_states=pack_latents(x), encoder_hidden_states=context, pooled_projections=y,
-                               timestep=sigma, guidance=torch.full((2,), 3.5), img_ids=img_ids, txt_ids=txt_ids,
-                               return_dict=False)[0]
+    with (
+        torch.no_grad(),
+        handle.conditioning(
+            arcface[None].expand(2, -1, -1),
+            siglip[None].expand(2, -1, -1, -1),
+            height=H,
+            width=W,
+            boxes=[list(BOXES)] * 2,
+            siglip_weight=1.0,
+        ),
+    ):
+        expected = transformer(
+            hidden_states=pack_latents(x),
+            encoder_hidden_states=context,
+            pooled_projections=y,
+            timestep=sigma,
+            guidance=torch.full((2,), 3.5),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
     ours = pack_latents(out)
     rel = (ours - expected).abs().max() / expected.abs().max()
     assert rel <= 1e-4, f"relative error {rel:.2e}"
@@ -152,9 +180,13 @@ def test_start_end_percent_window(flux, identities):
     late = _apply(model, adapter_patcher, identities, start_percent=0.5, end_percent=1.0)
     sampling = model.get_model_object("model_sampling")
     early_sigma = torch.tensor([sampling.percent_to_sigma(0.1)])
-    assert torch.equal(_forward(late, x, early_sigma, context, y, [0]), _forward(model, x, early_sigma, context, y, [0]))
+    assert torch.equal(
+        _forward(late, x, early_sigma, context, y, [0]), _forward(model, x, early_sigma, context, y, [0])
+    )
     late_sigma = torch.tensor([sampling.percent_to_sigma(0.8)])
-    assert not torch.equal(_forward(late, x, late_sigma, context, y, [0]), _forward(model, x, late_sigma, context, y, [0]))
+    assert not torch.equal(
+        _forward(late, x, late_sigma, context, y, [0]), _forward(model, x, late_sigma, context, y, [0])
+    )
 
 
 def test_ksampler_end_to_end_cfg_and_batch(flux, identities):
@@ -163,14 +195,20 @@ def test_ksampler_end_to_end_cfg_and_batch(flux, identities):
     model, adapter_patcher, _ = flux
     patched = _apply(model, adapter_patcher, identities)
     g = torch.Generator().manual_seed(5)
-    positive = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
-    negative = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    positive = [
+        [torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]
+    ]
+    negative = [
+        [torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]
+    ]
     latent = torch.zeros(2, 16, H // 8, W // 8)
     noise = torch.randn(latent.shape, generator=g)
-    out = comfy.sample.sample(patched, noise, 2, 2.0, "euler", "simple", positive, negative, latent,
-                              disable_pbar=True, seed=5)
-    base = comfy.sample.sample(model, noise, 2, 2.0, "euler", "simple", positive, negative, latent,
-                               disable_pbar=True, seed=5)
+    out = comfy.sample.sample(
+        patched, noise, 2, 2.0, "euler", "simple", positive, negative, latent, disable_pbar=True, seed=5
+    )
+    base = comfy.sample.sample(
+        model, noise, 2, 2.0, "euler", "simple", positive, negative, latent, disable_pbar=True, seed=5
+    )
     assert out.shape == latent.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, base)
 
@@ -185,8 +223,9 @@ def test_not_flux_and_wrong_adapter_are_refused(flux, identities):
     other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device="cpu", offload_device="cpu")
     with pytest.raises(NotFluxError, match="needs a FLUX.1 model"):
         _apply(other, adapter_patcher, identities)
-    small = comfy.model_patcher.ModelPatcher(IdentityAdapter(AdapterConfig(128, 2, 1, 1)), load_device="cpu",
-                                             offload_device="cpu")
+    small = comfy.model_patcher.ModelPatcher(
+        IdentityAdapter(AdapterConfig(128, 2, 1, 1)), load_device="cpu", offload_device="cpu"
+    )
     with pytest.raises(NotFluxError, match="hidden size 3072"):
         _apply(model, small, identities)
 
@@ -210,17 +249,38 @@ WEIGHTS = dict(siglip_share=0.0, weight_mode="independent", id_weight=1.0, sigli
 def test_apply_and_sampler_nodes(flux, identities):
     model, adapter_patcher, _ = flux
     _, apply_node, sampler_node, ids, layout = _node_values(identities)
-    patched = apply_node.execute(model, adapter_patcher, ids, **WEIGHTS, start_percent=0.0, end_percent=1.0,
-                                 layout=layout).result[0]
+    patched = apply_node.execute(
+        model, adapter_patcher, ids, **WEIGHTS, start_percent=0.0, end_percent=1.0, layout=layout
+    ).result[0]
     assert "patches_replace" in patched.model_options["transformer_options"]
     with pytest.raises(ValueError, match="layout has 1 face box but 2 identities are connected"):
-        apply_node.execute(model, adapter_patcher, ids, **WEIGHTS, start_percent=0.0, end_percent=1.0,
-                           layout=type(layout)(W, H, BOXES[:1]))
+        apply_node.execute(
+            model,
+            adapter_patcher,
+            ids,
+            **WEIGHTS,
+            start_percent=0.0,
+            end_percent=1.0,
+            layout=type(layout)(W, H, BOXES[:1]),
+        )
     g = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
-    latent = sampler_node.execute(model, cond, cond, adapter_patcher, ids, layout, seed=3, steps=2, cfg=1.0,
-                                  sampler_name="euler", schedule="withanyone (authors)", guidance=4.0,
-                                  batch_size=2, **WEIGHTS).result[0]
+    latent = sampler_node.execute(
+        model,
+        cond,
+        cond,
+        adapter_patcher,
+        ids,
+        layout,
+        seed=3,
+        steps=2,
+        cfg=1.0,
+        sampler_name="euler",
+        schedule="withanyone (authors)",
+        guidance=4.0,
+        batch_size=2,
+        **WEIGHTS,
+    ).result[0]
     assert latent["samples"].shape == (2, 16, H // 8, W // 8) and torch.isfinite(latent["samples"]).all()
 
 
@@ -237,9 +297,14 @@ def test_trainer_lora_and_adapter_files_load_in_comfyui(flux, tmp_path):
 
     model, adapter_patcher, state = flux
     transformer = flux_from_bfl_state(state, axes_dims_rope=tuple(FLUX_CONFIG["axes_dim"]))
-    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2.0, init_lora_weights="gaussian",
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2",
-                                                       "proj_mlp", "proj_out"]))
+    transformer.add_adapter(
+        LoraConfig(
+            r=2,
+            lora_alpha=2.0,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2", "proj_mlp", "proj_out"],
+        )
+    )
     lora = comfy.lora_convert.convert_lora(lora_state_for_comfyui(transformer, alpha=2.0))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(lora, key_map, log_missing=True)
@@ -260,16 +325,20 @@ def _sample(patcher, seed=11, steps=2):
     cond = [[torch.randn(1, 7, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
     latent = torch.zeros(1, 16, H // 8, W // 8)
     noise = torch.randn(latent.shape, generator=g)
-    return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", cond, cond, latent,
-                               disable_pbar=True, seed=seed)
+    return comfy.sample.sample(
+        patcher, noise, steps, 1.0, "euler", "simple", cond, cond, latent, disable_pbar=True, seed=seed
+    )
 
 
 def _random_lora(seed=0, rank=4):
     """A LoRA in the kohya-style names ComfyUI maps onto FLUX (``lora_unet_*``), on attention and MLP."""
     g = torch.Generator().manual_seed(seed)
     lora = {}
-    for name, n_in, n_out in (("double_blocks_0_img_attn_proj", 3072, 3072), ("double_blocks_0_img_mlp_0", 3072, 12288),
-                              ("single_blocks_0_linear2", 15360, 3072)):
+    for name, n_in, n_out in (
+        ("double_blocks_0_img_attn_proj", 3072, 3072),
+        ("double_blocks_0_img_mlp_0", 3072, 12288),
+        ("single_blocks_0_linear2", 15360, 3072),
+    ):
         lora[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, n_in, generator=g) / n_in**0.5
         lora[f"lora_unet_{name}.lora_up.weight"] = torch.randn(n_out, rank, generator=g) * 0.2
         lora[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank))
@@ -309,8 +378,10 @@ def test_reduced_precision_weights_and_bf16_adapter(flux, identities, weight_dty
     assert model.model.diffusion_model.img_in.weight.dtype == weight_dtype
     adapter = copy.deepcopy(adapter32.model).to(torch.bfloat16)
     adapter_patcher = comfy.model_patcher.ModelPatcher(
-        adapter, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device())
+        adapter,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
     out = _sample(_apply(model, adapter_patcher, identities))
     reference = _sample(_apply(model32, adapter32, identities))
     base = _sample(model)
@@ -355,14 +426,28 @@ def test_wrapper_finds_its_inputs_by_name_whatever_the_forward_signature(flux, i
     seen = {}
 
     # ComfyUI's own forward signature, default included
-    def today(x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, transformer_options={},  # noqa: B006
-              **kwargs):
+    def today(
+        x,
+        timestep,
+        context,
+        y=None,
+        guidance=None,
+        ref_latents=None,
+        control=None,
+        transformer_options={},  # noqa: B006
+        **kwargs,
+    ):
         seen.update(options=transformer_options, state=transformer_options.get(key), y=y, kwargs=kwargs)
         return x
 
     def inserted(x, timestep, timestep_zero_index, context, y=None, transformer_options=None, attention_mask=None):
-        seen.update(options=transformer_options, state=transformer_options.get(key), y=y, zero=timestep_zero_index,
-                    mask=attention_mask)
+        seen.update(
+            options=transformer_options,
+            state=transformer_options.get(key),
+            y=y,
+            zero=timestep_zero_index,
+            mask=attention_mask,
+        )
         return x
 
     x, context, y = torch.zeros(1, 16, H // 8, W // 8), torch.zeros(1, 7, 768), torch.ones(1, 768)

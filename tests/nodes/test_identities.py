@@ -22,11 +22,15 @@ def _identity(name="alice", photos=2, seed=0) -> store.SavedIdentity:
     per_photo = torch.randn(photos, 512, generator=gen)
     per_photo = per_photo / per_photo.norm(dim=1, keepdim=True) * 25  # a real ArcFace embedding's norm: 15-35
     return store.SavedIdentity(
-        name=name, arcface=per_photo.mean(0), siglip=torch.randn(256, 768, generator=gen),
+        name=name,
+        arcface=per_photo.mean(0),
+        siglip=torch.randn(256, 768, generator=gen),
         photo_embeddings=per_photo,
-        photos=tuple(store.SavedPhoto(k, (10.0 + k, 20.0, 110.5, 140.0), 0.8, k == 1, f"{k:064x}")
-                     for k in range(photos)),
-        skipped=(photos,))
+        photos=tuple(
+            store.SavedPhoto(k, (10.0 + k, 20.0, 110.5, 140.0), 0.8, k == 1, f"{k:064x}") for k in range(photos)
+        ),
+        skipped=(photos,),
+    )
 
 
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
@@ -127,14 +131,22 @@ def test_wrong_or_damaged_files_are_refused_with_what_to_do(tmp_path):
         return target
 
     cases = {
-        "an adapter": (write("adapter.safetensors", {"ipa_arc.0.to_q.weight": torch.zeros(2, 2)}, format=None),
-                       "is not a saved WithAnyone identity"),
-        "newer format": (write("new.safetensors", format_version="2", pack_version="9.0.0"),
-                         "identity format 2 by pack version 9.0.0.*update the pack"),
-        "edited tensor": (write("edited.safetensors", {**tensors, "arcface": tensors["arcface"] + 1}),
-                          "do not match their checksum"),
-        "missing tensor": (write("missing.safetensors", {k: v for k, v in tensors.items() if k != "siglip"}),
-                           "lacks the tensor.s. siglip"),
+        "an adapter": (
+            write("adapter.safetensors", {"ipa_arc.0.to_q.weight": torch.zeros(2, 2)}, format=None),
+            "is not a saved WithAnyone identity",
+        ),
+        "newer format": (
+            write("new.safetensors", format_version="2", pack_version="9.0.0"),
+            "identity format 2 by pack version 9.0.0.*update the pack",
+        ),
+        "edited tensor": (
+            write("edited.safetensors", {**tensors, "arcface": tensors["arcface"] + 1}),
+            "do not match their checksum",
+        ),
+        "missing tensor": (
+            write("missing.safetensors", {k: v for k, v in tensors.items() if k != "siglip"}),
+            "lacks the tensor.s. siglip",
+        ),
         "photo count": (write("count.safetensors", photos=json.dumps([])), r"photo_embeddings has shape \(2, 512\)"),
         "NaN": (write("nan.safetensors", {**tensors, "siglip": tensors["siglip"] * float("nan")}), "NaN"),
     }
@@ -151,9 +163,12 @@ def test_wrong_or_damaged_files_are_refused_with_what_to_do(tmp_path):
         with pytest.raises(store.IdentityFileError, match=message):
             store.load_identity(target)
     with pytest.raises(store.IdentityFileError, match="arcface has shape"):
-        store.save_identity(tmp_path / "bad.safetensors",
-                            store.SavedIdentity("x", torch.zeros(3), torch.zeros(2, 2), torch.zeros(1, 512),
-                                                (store.SavedPhoto(0, (0, 0, 1, 1)),)))
+        store.save_identity(
+            tmp_path / "bad.safetensors",
+            store.SavedIdentity(
+                "x", torch.zeros(3), torch.zeros(2, 2), torch.zeros(1, 512), (store.SavedPhoto(0, (0, 0, 1, 1)),)
+            ),
+        )
 
 
 # --------------------------------------------------------------------------- the nodes
@@ -210,8 +225,9 @@ def test_saved_then_loaded_people_equal_freshly_encoded_ones(pack):
     assert mixed.photos_per_person == fresh.photos_per_person == (2, 1, 1)
     # only saved people: no SigLIP needed
     saved_only = encode.execute(None, loaded_alice, loaded_carol).result[0]
-    assert torch.equal(saved_only.arcface, fresh.arcface[[0, 2]]) and torch.equal(saved_only.siglip,
-                                                                                   fresh.siglip[[0, 2]])
+    assert torch.equal(saved_only.arcface, fresh.arcface[[0, 2]]) and torch.equal(
+        saved_only.siglip, fresh.siglip[[0, 2]]
+    )
     assert torch.equal(alone.arcface, fresh.arcface[:1]) and torch.equal(alone.siglip, fresh.siglip[:1])
     # the Save node's output is the person encoded: Identity Encode does not encode it again
     passed_on = identities.WithAnyoneSaveIdentity.execute(bob, siglip, "bob").result[0]
@@ -299,8 +315,9 @@ def test_absurd_identities_are_refused_before_sampling(pack):
         kontext.WithAnyoneArcFaceIdentities.execute(huge)
     noisy = Faces((), (), EncodedPerson(good.arcface, good.siglip * 1e8, 1, "noisy"))
     with pytest.raises(store.IdentityValueError, match="person_2: its SigLIP features holds a value of magnitude"):
-        faces.WithAnyoneIdentityEncode.execute(None, Faces((), (), EncodedPerson(good.arcface, good.siglip, 1, "ok")),
-                                               noisy)
+        faces.WithAnyoneIdentityEncode.execute(
+            None, Faces((), (), EncodedPerson(good.arcface, good.siglip, 1, "ok")), noisy
+        )
 
 
 def test_a_missing_saved_person_says_how_to_save_one(pack):
@@ -308,8 +325,12 @@ def test_a_missing_saved_person_says_how_to_save_one(pack):
     load = identities.WithAnyoneLoadIdentity
     message = load.validate_inputs("person_1.safetensors")
     assert isinstance(message, str)
-    for part in ("no saved identity 'person_1.safetensors' in models/withanyone/identities/",
-                 str(models / "withanyone" / "identities"), "Save WithAnyone Identity", "WithAnyone - save people"):
+    for part in (
+        "no saved identity 'person_1.safetensors' in models/withanyone/identities/",
+        str(models / "withanyone" / "identities"),
+        "Save WithAnyone Identity",
+        "WithAnyone - save people",
+    ):
         assert part in message
     with pytest.raises(FileNotFoundError, match="save the person first with a Save WithAnyone Identity node"):
         load.execute("person_1.safetensors")

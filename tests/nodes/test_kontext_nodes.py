@@ -48,7 +48,8 @@ def test_prepare_blurs_the_faces_and_lays_them_out(pack):
     kontext, _, analyzer = pack
     photo, boxes, _ = _photo([(4, 5), (14, 6), (9, 12)])  # 1280 px: faces of 128 px
     ref, layout, preview, count = kontext.WithAnyoneFaceEditPrepare.execute(
-        _image(photo), analyzer, "left to right", "authors (0.9-1.1)", 0.0).result
+        _image(photo), analyzer, "left to right", "authors (0.9-1.1)", 0.0
+    ).result
     assert count == 3 and (layout.width, layout.height) == (1280, 1280)
     order = np.argsort((boxes[:, 0] + boxes[:, 2]) / 2)
     assert layout.boxes == tuple(tuple(float(v) for v in edit.authors_round_trip(boxes[k], 1280, 1280)) for k in order)
@@ -57,11 +58,12 @@ def test_prepare_blurs_the_faces_and_lays_them_out(pack):
     changed = np.any(pixels != photo, axis=-1)
     inside = np.zeros(changed.shape, bool)
     for x1, y1, x2, y2 in layout.boxes:
-        inside[int(y1):int(y2), int(x1):int(x2)] = True
+        inside[int(y1) : int(y2), int(x1) : int(x2)] = True
     assert changed[inside].mean() > 0.5 and not changed[~inside].any()  # only the faces are blurred
 
     small, small_layout, _, _ = kontext.WithAnyoneFaceEditPrepare.execute(
-        _image(photo), analyzer, "left to right", "authors (0.9-1.1)", 0.25).result  # ~512 px
+        _image(photo), analyzer, "left to right", "authors (0.9-1.1)", 0.25
+    ).result  # ~512 px
     assert small_layout.width == small.shape[2] == 512 and small_layout.num_persons == 3
 
 
@@ -89,9 +91,15 @@ def test_arcface_identities_need_no_siglip(pack):
 
     kontext, _, _ = pack
     g = np.random.default_rng(0)
-    person = [Faces((FacePhoto(0, (0, 0, 1, 1), g.normal(size=512).astype(np.float32), None),
-                     FacePhoto(1, (0, 0, 1, 1), g.normal(size=512).astype(np.float32), None)))
-              for _ in range(2)]
+    person = [
+        Faces(
+            (
+                FacePhoto(0, (0, 0, 1, 1), g.normal(size=512).astype(np.float32), None),
+                FacePhoto(1, (0, 0, 1, 1), g.normal(size=512).astype(np.float32), None),
+            )
+        )
+        for _ in range(2)
+    ]
     ids = kontext.WithAnyoneArcFaceIdentities.execute(person[0], person[1]).result[0]
     assert ids.siglip is None and ids.arcface.shape == (2, 512) and ids.photos_per_person == (2, 2)
     expected = (person[1].photos[0].embedding + person[1].photos[1].embedding) / 2
@@ -115,8 +123,11 @@ def kontext_models(pack):
     with torch.no_grad():
         for block in adapter.ipa:
             block.to_out.weight.mul_(4.0)
-    patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(
+        adapter,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
     return model, patcher
 
 
@@ -131,9 +142,25 @@ def _conditioning(reference):
 
 def _sample(sampling, model, adapter, identities, layout, reference, mode="share", share=0.0, id_weight=1.0):
     cond = _conditioning(reference)
-    return sampling.WithAnyoneSampler.execute(model, cond, cond, adapter, identities, layout, 3, 2, 1.0, "euler",
-                                              "withanyone (authors)", 4.0, 2, share, mode, id_weight,
-                                              0.0).result[0]["samples"]
+    return sampling.WithAnyoneSampler.execute(
+        model,
+        cond,
+        cond,
+        adapter,
+        identities,
+        layout,
+        3,
+        2,
+        1.0,
+        "euler",
+        "withanyone (authors)",
+        4.0,
+        2,
+        share,
+        mode,
+        id_weight,
+        0.0,
+    ).result[0]["samples"]
 
 
 def test_ke_samples_with_a_reference_and_refuses_without(pack, kontext_models):

@@ -42,8 +42,20 @@ def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
     # person 1 is a copy of its reference, person 2 its ground truth, person 3 got lost
     output = make_face_image(cells[:2], identities=[11, 2], seed=3)[0]
     folder = _sample(tmp_path / "pack", "mixed", output, truth, refs)
-    bench_eval.main([str(tmp_path / "pack"), "--insightface", str(models / "insightface"), "--face-model",
-                     "antelopev2", "--det-thresh", "0.4", "--providers", "cpu", "--no-progress"])
+    bench_eval.main(
+        [
+            str(tmp_path / "pack"),
+            "--insightface",
+            str(models / "insightface"),
+            "--face-model",
+            "antelopev2",
+            "--det-thresh",
+            "0.4",
+            "--providers",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     cli = json.loads((folder / "metrics.json").read_text())["face_models"]["arcface"]
     assert cli["cp"] is None and cli["missing"] == [3]  # 2 faces for 3 people: CP undefined, as the authors'
 
@@ -51,8 +63,7 @@ def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
     siglip = nodes["WithAnyoneSiglipLoader"].execute("tiny-siglip").result[0]
     faces = [nodes["WithAnyoneFaceExtract"].execute(_tensor(pad_reference(r)), analyzer, -1, 0).result[0] for r in refs]
     identities = nodes["WithAnyoneIdentityEncode"].execute(siglip, *faces).result[0]
-    out = nodes["WithAnyoneIdentityMetrics"].execute(_tensor(output, alpha=True), analyzer, identities,
-                                                     _tensor(truth))
+    out = nodes["WithAnyoneIdentityMetrics"].execute(_tensor(output, alpha=True), analyzer, identities, _tensor(truth))
     node = json.loads(out.result[0])
     for key in ("sim_ref", "sim_gt", "off_ref", "off_gt", "faces_generated", "faces_ground_truth", "missing"):
         assert node[key] == pytest.approx(cli[key], abs=1e-6), key
@@ -63,9 +74,22 @@ def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
 
     # with every face present the node's CP is the CLI's too
     Image.fromarray(truth).save(folder / "out.png")
-    bench_eval.main([str(tmp_path / "pack"), "--insightface", str(models / "insightface"), "--face-model",
-                     "antelopev2", "--det-thresh", "0.4", "--providers", "cpu", "--no-progress"])
+    bench_eval.main(
+        [
+            str(tmp_path / "pack"),
+            "--insightface",
+            str(models / "insightface"),
+            "--face-model",
+            "antelopev2",
+            "--det-thresh",
+            "0.4",
+            "--providers",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     cli = json.loads((folder / "metrics.json").read_text())["face_models"]["arcface"]
-    node = json.loads(nodes["WithAnyoneIdentityMetrics"].execute(_tensor(truth), analyzer, identities,
-                                                                 _tensor(truth)).result[0])
+    node = json.loads(
+        nodes["WithAnyoneIdentityMetrics"].execute(_tensor(truth), analyzer, identities, _tensor(truth)).result[0]
+    )
     assert node["cp"] == pytest.approx(cli["cp"], abs=1e-6) and cli["cp"] == pytest.approx(-1.0, abs=1e-3)

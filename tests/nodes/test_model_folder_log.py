@@ -28,7 +28,9 @@ def test_pickled_adapter_files_are_named_in_the_start_up_log(tmp_path, caplog):
         loaders.register_model_folders()
     lines = [r.getMessage() for r in caplog.records if r.name == loaders.logger.name]
     named = sorted(line.split(" is not listed")[0].removeprefix("WithAnyone: ") for line in lines)
-    assert named == sorted([str(models / "withanyone" / "old" / "adapter.bin"), str(models / "withanyone" / "withanyone.pt")])
+    assert named == sorted(
+        [str(models / "withanyone" / "old" / "adapter.bin"), str(models / "withanyone" / "withanyone.pt")]
+    )
     assert "withanyone.safetensors" in folder_paths.get_filename_list("withanyone")
     assert "withanyone.pt" not in folder_paths.get_filename_list("withanyone")
 
@@ -39,5 +41,6 @@ def test_pickled_adapter_files_are_named_in_the_start_up_log(tmp_path, caplog):
     subprocess.run([sys.executable, "-c", *shlex.split(command)], check=True, cwd=tmp_path)
     from safetensors.torch import load_file
 
-    assert torch.equal(load_file(models / "withanyone" / "withanyone.safetensors")["ipa_arc.0.norm1.weight"],
-                       torch.ones(4))
+    assert torch.equal(
+        load_file(models / "withanyone" / "withanyone.safetensors")["ipa_arc.0.norm1.weight"], torch.ones(4)
+    )

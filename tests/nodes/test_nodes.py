@@ -21,11 +21,13 @@ def comfy(tmp_path_factory):
 
 
 def test_importing_the_pack_loads_nothing_heavy():
-    code = ("import sys, importlib.util; sys.path.insert(0, {0!r});"
-            "spec = importlib.util.spec_from_file_location('pack', {1!r}, submodule_search_locations=[{0!r}]);"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
-            "heavy = [n for n in ('torch', 'insightface', 'onnxruntime', 'transformers', 'diffusers') if n in sys.modules];"
-            "print(heavy, m.WEB_DIRECTORY)").format(str(ROOT), str(ROOT / "__init__.py"))
+    code = (
+        "import sys, importlib.util; sys.path.insert(0, {0!r});"
+        "spec = importlib.util.spec_from_file_location('pack', {1!r}, submodule_search_locations=[{0!r}]);"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
+        "heavy = [n for n in ('torch', 'insightface', 'onnxruntime', 'transformers', 'diffusers') if n in sys.modules];"
+        "print(heavy, m.WEB_DIRECTORY)"
+    ).format(str(ROOT), str(ROOT / "__init__.py"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] ./web"
 

@@ -45,7 +45,7 @@ def _group(cells, dim=(), identities=None, seed=0):
 
     photo, boxes, _ = make_face_image(cells, identities=identities, seed=seed)
     for cx, cy in dim:
-        photo[cy * 32:(cy + 1) * 32, cx * 32:(cx + 1) * 32] = (95, 165, 95)
+        photo[cy * 32 : (cy + 1) * 32, cx * 32 : (cx + 1) * 32] = (95, 165, 95)
     return photo, boxes
 
 
@@ -104,7 +104,7 @@ def test_face_extract_mask_blanks_the_siglip_background_only(pack):
     plain, plain_preview = extract.execute(_image(a, b), analyzer, 0, 32).result
     masks = torch.zeros(2, 640, 640)
     for k, (x1, y1, x2, y2) in enumerate([box_a[0], box_b[0]]):  # keep the left half of each face box
-        masks[k, int(y1):int(y2), int(x1):int((x1 + x2) / 2)] = 1.0
+        masks[k, int(y1) : int(y2), int(x1) : int((x1 + x2) / 2)] = 1.0
     masked, preview = extract.execute(_image(a, b), analyzer, 0, 32, mask=masks).result
     for k in range(2):
         assert np.array_equal(masked.photos[k].embedding, plain.photos[k].embedding)  # ArcFace untouched
@@ -128,8 +128,9 @@ def test_face_extract_no_face_policy(pack, caplog):
     b, _ = _group([(12, 9)], seed=2)
     blank = np.full((640, 640, 3), 100, np.uint8)
     extract = faces.WithAnyoneFaceExtract
-    with pytest.raises(ValueError, match="no face found in photo 2 of 3 at detection threshold 0.40: .*at least "
-                                         "48 px wide"):
+    with pytest.raises(
+        ValueError, match="no face found in photo 2 of 3 at detection threshold 0.40: .*at least 48 px wide"
+    ):
         extract.execute(_image(a, blank, b), analyzer, 0, 48)
     with caplog.at_level(logging.WARNING):
         out = extract.execute(_image(a, blank, b), analyzer, 0, 32, no_face="skip")
@@ -171,7 +172,7 @@ def _wide_photo_with_faces_at_both_edges():
     canvas = remove_green(rng.integers(60, 180, (424, 704, 3), dtype=np.uint8))  # one cell of margin around
     boxes = [paint_face(canvas, cx + 1, cy + 1, identity=k)[0] - 32 for k, (cx, cy) in enumerate([(0, 5), (19, 6)])]
     paint_face(canvas, 10, 5, identity=7)
-    canvas[5 * 32:6 * 32, 10 * 32:11 * 32] = (95, 165, 95)
+    canvas[5 * 32 : 6 * 32, 10 * 32 : 11 * 32] = (95, 165, 95)
     photo = canvas[32:392, 32:672]
     wide = np.asarray(Image.fromarray(np.ascontiguousarray(photo)).resize((1920, 1080), Image.NEAREST))
     return wide, np.stack(boxes) * 3
@@ -215,7 +216,8 @@ def test_layout_from_a_mask(pack):
     mask[0, 100:180, 250:330] = 1.0  # right person
     mask[0, 90:170, 40:120] = 1.0  # left person
     result, preview, person_masks, union = layout.WithAnyoneLayout.execute(
-        768, 768, "mask", 2, "", None, None, layout_mask=mask).result
+        768, 768, "mask", 2, "", None, None, layout_mask=mask
+    ).result
     assert [list(b) for b in result.boxes] == [[80.0, 180.0, 240.0, 340.0], [500.0, 200.0, 660.0, 360.0]]
     assert person_masks.shape == (2, 768, 768) and person_masks[0].sum() == 160 * 160
     assert preview.shape == (1, 512, 512, 3)
@@ -236,8 +238,11 @@ def test_layout_defaults_and_bad_box_text(pack):
     for bad in ("nan,0,10,10", "0,0,inf,10", "0,0,1e400,10", "-inf,0,10,10"):
         with pytest.raises(ValueError, match=r"layout line 2 .*every number must be finite"):
             parse("10,10,50,50\n" + bad, 512, 512)
-    with pytest.raises(ValueError, match=r"layout line 1 \('0.5,0.5,1,2'\) mixes fractions \(0.5, 0.5\) with pixels "
-                                         r"\(2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layout line 1 \('0.5,0.5,1,2'\) mixes fractions \(0.5, 0.5\) with pixels "
+        r"\(2\)",
+    ):
         parse("0.5,0.5,1,2", 512, 512)
     assert parse("0,0,1,1", 512, 256) == [(0.0, 0.0, 512.0, 256.0)]  # all within 0..1: fractions
     assert parse("0,0,1,2", 512, 256) == [(0.0, 0.0, 1.0, 2.0)]  # integers beyond 1: pixels

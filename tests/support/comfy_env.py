@@ -50,7 +50,8 @@ def import_pack():
         return sys.modules["withanyone_pack"]
 
     spec = importlib.util.spec_from_file_location(
-        "withanyone_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        "withanyone_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["withanyone_pack"] = module
     spec.loader.exec_module(module)
@@ -74,6 +75,7 @@ def release_comfy_models() -> list[str]:
     gc.collect()
     alive = [type(o).__name__ for o in gc.get_objects() if issubclass(type(o), patcher_module.ModelPatcher)]
     if alive:
-        logging.getLogger(__name__).warning("%d ModelPatcher(s) still referenced at session end: %s", len(alive),
-                                            ", ".join(sorted(set(alive))))
+        logging.getLogger(__name__).warning(
+            "%d ModelPatcher(s) still referenced at session end: %s", len(alive), ", ".join(sorted(set(alive)))
+        )
     return alive

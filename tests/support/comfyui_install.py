@@ -21,8 +21,17 @@ T5_TOKENIZER = Path("comfy") / "text_encoders" / "t5_tokenizer"
 
 
 def flux_bfl(hidden=128, heads=2, depth=1, single=1, context=32, vec=32, seed=0) -> dict[str, torch.Tensor]:
-    cfg = {"hidden_size": hidden, "num_heads": heads, "mlp_ratio": 4.0, "in_channels": 64, "context_in_dim": context,
-           "vec_in_dim": vec, "depth": depth, "depth_single_blocks": single, "qkv_bias": True}
+    cfg = {
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "mlp_ratio": 4.0,
+        "in_channels": 64,
+        "context_in_dim": context,
+        "vec_in_dim": vec,
+        "depth": depth,
+        "depth_single_blocks": single,
+        "qkv_bias": True,
+    }
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in bfl_shapes(cfg).items():
@@ -32,7 +41,7 @@ def flux_bfl(hidden=128, heads=2, depth=1, single=1, context=32, vec=32, seed=0)
             state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
             fan = shape[-1] if len(shape) == 2 else shape[0]
-            state[name] = torch.randn(shape, generator=g) * (0.5 / fan ** 0.5)
+            state[name] = torch.randn(shape, generator=g) * (0.5 / fan**0.5)
     return state
 
 
@@ -63,10 +72,18 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32,
-                         use_quant_conv=False, use_post_quant_conv=False).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
 
 
 def vae_to_bfl(state: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
@@ -78,13 +95,21 @@ def vae_to_bfl(state: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch
         k = key
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
-                   lambda m: f"decoder.up.{n_blocks - 1 - int(m.group(1))}.block.{m.group(2)}.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                   lambda m: f"decoder.up.{n_blocks - 1 - int(m.group(1))}.upsample.", k)
+        k = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+            lambda m: f"decoder.up.{n_blocks - 1 - int(m.group(1))}.block.{m.group(2)}.",
+            k,
+        )
+        k = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{n_blocks - 1 - int(m.group(1))}.upsample.",
+            k,
+        )
         k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", k)
         k = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        attn = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$", k)
+        attn = re.match(
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$", k
+        )
         if attn:
             name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[attn.group(2)]
             k = f"{attn.group(1)}.mid.attn_1.{name}.{attn.group(3)}"
@@ -98,28 +123,58 @@ def clip_l(vocab=49408, hidden=64, layers=1, heads=1):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(2)
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
 
 
 def t5(vocab=32128, d_model=32, layers=1, heads=2):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(3)
-    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=64, num_layers=layers,
-                                   num_heads=heads, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                                   pad_token_id=0, eos_token_id=1)).eval()
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=d_model,
+            d_kv=16,
+            d_ff=64,
+            num_layers=layers,
+            num_heads=heads,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
 
 
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
-def build_install(root: Path, comfy_tree: Path, *, flux=None, flux_name="flux1-dev.safetensors",
-                  text_dtype=torch.float16, t5_tokens: int | None = None, faces: bool = True,
-                  siglip: bool = True) -> Path:
+def build_install(
+    root: Path,
+    comfy_tree: Path,
+    *,
+    flux=None,
+    flux_name="flux1-dev.safetensors",
+    text_dtype=torch.float16,
+    t5_tokens: int | None = None,
+    faces: bool = True,
+    siglip: bool = True,
+) -> Path:
     """A ComfyUI folder: tokenizers from ``comfy_tree``, models/ in ComfyUI's folder names."""
     from withanyone_core.testing.faces import build_tiny_antelopev2
     from withanyone_core.testing.siglip import build_tiny_siglip
@@ -140,8 +195,10 @@ def build_install(root: Path, comfy_tree: Path, *, flux=None, flux_name="flux1-d
     save_file(fp8_variant(flux, "bf16"), str(models / "diffusion_models" / flux_name))
     vae = tiny_vae()
     save_file(vae_to_bfl(_state(vae), 4), str(models / "vae" / "ae.safetensors"))
-    text = {"clip_l.safetensors": clip_l(hidden=flux["vector_in.in_layer.weight"].shape[1]),
-            "t5xxl_fp16.safetensors": t5(d_model=flux["txt_in.weight"].shape[1])}
+    text = {
+        "clip_l.safetensors": clip_l(hidden=flux["vector_in.in_layer.weight"].shape[1]),
+        "t5xxl_fp16.safetensors": t5(d_model=flux["txt_in.weight"].shape[1]),
+    }
     for name, model in text.items():
         save_file({k: v.to(text_dtype) for k, v in _state(model).items()}, str(models / "text_encoders" / name))
     if faces:

@@ -67,7 +67,7 @@ class GoldenModel:
         self.tensors = load_safetensors(gset.cases_path)
 
     def run_case(self, name: str, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        t = {k[len(name) + 1:]: v for k, v in self.tensors.items() if k.startswith(name + ".")}
+        t = {k[len(name) + 1 :]: v for k, v in self.tensors.items() if k.startswith(name + ".")}
         img_ids, txt_ids = position_ids(case["height"], case["width"], t["txt"].shape[1])
         kwargs = dict(
             hidden_states=t["img"],

@@ -33,7 +33,7 @@ def reference_mask(batch_boxes, height, width, id_len, num_heads, num_ids=None):
             tokens = [r * cols + c for r in range(r0, r1) for c in range(c0, c1)]
             for h in range(num_heads):
                 for idx in tokens:
-                    mask[b, h, idx, person * id_len:(person + 1) * id_len] = True
+                    mask[b, h, idx, person * id_len : (person + 1) * id_len] = True
     return mask
 
 
@@ -136,7 +136,7 @@ class ReferenceWithAnyone:
         iq, ik, iv = qkv("img", img, im)
         tq, tk, tv = qkv("txt", txt, tm)
         attn = _attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), pe)
-        t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         def mlp(stream, x):
             x = F.gelu(_linear(sd, p + f"{stream}_mlp.0", x), approximate="tanh")
@@ -161,8 +161,22 @@ class ReferenceWithAnyone:
         out = _linear(sd, p + "linear2", torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=2))
         return x + gate * out
 
-    def forward(self, img, txt, y, timesteps, guidance, height, width, arcface=None, siglip=None,
-                bboxes=None, use_mask=True, id_weight=1.0, siglip_weight=1.0):
+    def forward(
+        self,
+        img,
+        txt,
+        y,
+        timesteps,
+        guidance,
+        height,
+        width,
+        arcface=None,
+        siglip=None,
+        bboxes=None,
+        use_mask=True,
+        id_weight=1.0,
+        siglip_weight=1.0,
+    ):
         sd, cfg = self.sd, self.cfg
         b = img.shape[0]
         rows, cols = height // 16, width // 16
@@ -191,8 +205,9 @@ class ReferenceWithAnyone:
                 sig_mask = reference_mask(bboxes, height, width, 264, self.adapter_heads, n)
 
         def identity(idx, image_tokens):
-            return id_weight * _perceiver_ca(sd, f"ipa_arc.{idx}", arc_tok, image_tokens, arc_mask, self.adapter_heads) + \
-                siglip_weight * _perceiver_ca(sd, f"ipa_sig.{idx}", sig_tok, image_tokens, sig_mask, self.adapter_heads)
+            return id_weight * _perceiver_ca(
+                sd, f"ipa_arc.{idx}", arc_tok, image_tokens, arc_mask, self.adapter_heads
+            ) + siglip_weight * _perceiver_ca(sd, f"ipa_sig.{idx}", sig_tok, image_tokens, sig_mask, self.adapter_heads)
 
         block = 0
         for i in range(cfg["depth"]):

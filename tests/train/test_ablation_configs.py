@@ -12,8 +12,12 @@ from train.config import load_config
 CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
 ENV = ("FLUX_DEV", "INSIGHTFACE", "SIGLIP", "DATA", "FFHQ_DATA")
 # config file -> Table 3 row (its "method" in withanyone_core/bench/paper_points.json)
-ROWS = {"ablation-no-phase3.yaml": "w/o Phase 3", "ablation-no-gt-align.yaml": "w/o GT-Align",
-        "ablation-no-ext-neg.yaml": "w/o Ext. Neg.", "ablation-ffhq-only.yaml": "FFHQ only"}
+ROWS = {
+    "ablation-no-phase3.yaml": "w/o Phase 3",
+    "ablation-no-gt-align.yaml": "w/o GT-Align",
+    "ablation-no-ext-neg.yaml": "w/o Ext. Neg.",
+    "ablation-ffhq-only.yaml": "FFHQ only",
+}
 
 
 @pytest.fixture()
@@ -40,8 +44,9 @@ def _differences(a, b, where=""):
 def test_every_ablation_row_has_a_config_and_every_config_a_row(env):
     shipped = {p.name for p in CONFIGS.glob("ablation-*.yaml")}
     assert shipped == set(ROWS)
-    table3 = json.loads((Path(__file__).resolve().parents[2] / "withanyone_core" / "bench" /
-                         "paper_points.json").read_text())["ablation"]["rows"]
+    table3 = json.loads(
+        (Path(__file__).resolve().parents[2] / "withanyone_core" / "bench" / "paper_points.json").read_text()
+    )["ablation"]["rows"]
     assert sorted(ROWS.values()) == sorted(r["method"] for r in table3 if r["method"] != "Full Setting")
     outputs = {load_config(CONFIGS / name).output_dir for name in shipped}
     assert len(outputs) == len(shipped)  # no two runs write into one folder
@@ -71,5 +76,11 @@ def test_each_config_changes_only_its_rows_option(env):
     ffhq = _load("ablation-ffhq-only.yaml")
     assert ffhq["data"]["manifest"] == str(env / "ffhq_data" / "manifest.jsonl")
     assert [p["paired_fallback"] for p in ffhq["phases"]] == ["skip", "skip", "self", "self"]
-    assert _differences(ffhq, full) == ["output_dir", "data.manifest", "data.negatives", "data.text_cache",
-                                        "phases[2].paired_fallback", "phases[3].paired_fallback"]
+    assert _differences(ffhq, full) == [
+        "output_dir",
+        "data.manifest",
+        "data.negatives",
+        "data.text_cache",
+        "phases[2].paired_fallback",
+        "phases[3].paired_fallback",
+    ]

@@ -86,12 +86,19 @@ def test_search_blocks_as_ray_tasks_equal_the_local_search():
 
     embs, _ = _faces(30, 20, noise=0.09, seed=2)
     threshold = 0.5
-    local = {name: similar_pairs(embs, threshold, search) for name, search in
-             (("exact", ClusterSearch("exact", block=128)), ("faiss", ClusterSearch("faiss", cells=8, nprobe=8)))}
+    local = {
+        name: similar_pairs(embs, threshold, search)
+        for name, search in (
+            ("exact", ClusterSearch("exact", block=128)),
+            ("faiss", ClusterSearch("faiss", cells=8, nprobe=8)),
+        )
+    }
     prepare_ray.start("local", num_cpus=2)
     try:
-        for name, search in (("exact", ClusterSearch("exact", block=128)),
-                             ("faiss", ClusterSearch("faiss", cells=8, nprobe=8, block=100))):
+        for name, search in (
+            ("exact", ClusterSearch("exact", block=128)),
+            ("faiss", ClusterSearch("faiss", cells=8, nprobe=8, block=100)),
+        ):
             remote = similar_pairs(embs, threshold, search, map_blocks=prepare_ray.block_map)
             for a, b in zip(local[name], remote):
                 np.testing.assert_array_equal(a, b)
@@ -104,8 +111,9 @@ def test_cannot_link_holds_in_large_clusters():
     embs, labels = _faces(3, 40, noise=0.05, seed=3)
     entries = {}
     for k in range(0, len(embs), 2):  # photos of two faces, often two look-alikes of one identity
-        entries[f"{k:04d}.png"] = {"faces": [{"box": [0, 0, 10, 10], "embedding": embs[k]},
-                                             {"box": [20, 0, 30, 10], "embedding": embs[k + 1]}]}
+        entries[f"{k:04d}.png"] = {
+            "faces": [{"box": [0, 0, 10, 10], "embedding": embs[k]}, {"box": [20, 0, 30, 10], "embedding": embs[k + 1]}]
+        }
     got = assign_identities(entries, 0.5)
     for photo in entries:
         assert got[(photo, 0)] != got[(photo, 1)]

@@ -52,8 +52,12 @@ def _emb(seed: int) -> np.ndarray:
 
 def _good(key: str, seed: int = 0, n: int = 1) -> tuple[str, bytes, dict, dict]:
     boxes = [[10.0 + 40 * i, 12.0, 40.0 + 40 * i, 44.0] for i in range(n)]
-    return (key, _jpg(seed), {"caption_en": f"photo {key}", "name": [f"id{i}" for i in range(n)]},
-            {"bboxes": boxes, "embeddings": [_emb(seed * 10 + i) for i in range(n)]})
+    return (
+        key,
+        _jpg(seed),
+        {"caption_en": f"photo {key}", "name": [f"id{i}" for i in range(n)]},
+        {"bboxes": boxes, "embeddings": [_emb(seed * 10 + i) for i in range(n)]},
+    )
 
 
 def _with(sample, jpg=None, meta=None, arrays=None):
@@ -97,7 +101,7 @@ DAMAGES = [
 def test_each_bad_sample_is_refused_naming_shard_member_and_reason(tmp_path, key, damage, reason):
     shard = tmp_path / "re_000007.tar"
     write_shard(shard, [damage(_good(key))])
-    (got_key, members), = list(iter_tar_samples(str(shard)))
+    ((got_key, members),) = list(iter_tar_samples(str(shard)))
     with pytest.raises(ShardFormatError, match=f"re_000007.tar:{key}") as info:
         parse_sample(str(shard), got_key, members)
     assert info.value.reason == reason
@@ -106,10 +110,13 @@ def test_each_bad_sample_is_refused_naming_shard_member_and_reason(tmp_path, key
 
 def test_a_good_sample_still_reads_with_an_edge_box_and_an_empty_crop(tmp_path):
     shard = tmp_path / "re_000000.tar"
-    edge = _with(_good("edge"), meta={"caption_en": "x", "name": "ann", "crop": []},
-                 arrays={"bboxes": [[-4.0, 60.0, 30.0, 84.0]], "embeddings": [_emb(1)]})  # a face at the border
+    edge = _with(
+        _good("edge"),
+        meta={"caption_en": "x", "name": "ann", "crop": []},
+        arrays={"bboxes": [[-4.0, 60.0, 30.0, 84.0]], "embeddings": [_emb(1)]},
+    )  # a face at the border
     write_shard(shard, [edge])
-    (key, members), = list(iter_tar_samples(str(shard)))
+    ((key, members),) = list(iter_tar_samples(str(shard)))
     sample = parse_sample(str(shard), key, members)
     assert sample.persons[0].box == (-4.0, 60.0, 30.0, 84.0) and sample.persons[0].name == "ann"
 
@@ -173,12 +180,20 @@ def test_stream_in_workers_skips_and_names_every_bad_sample_and_a_truncated_shar
 def test_too_many_bad_samples_stop_the_run_listing_them():
     ledger = SkipLedger(max_fraction=0.01, min_samples=200)
     ledger.seen(100)
-    ledger.add([("s.tar:a", "box_outside", "s.tar:a: face box lies outside"), ("s.tar:b", "json", "s.tar:b.json: x"),
-                ("s.tar:c", "json", "s.tar:c.json: y")])
+    ledger.add(
+        [
+            ("s.tar:a", "box_outside", "s.tar:a: face box lies outside"),
+            ("s.tar:b", "json", "s.tar:b.json: x"),
+            ("s.tar:c", "json", "s.tar:c.json: y"),
+        ]
+    )
     ledger.check()  # 100 read: too few to judge yet
     ledger.seen(100)
-    with pytest.raises(BadDataError, match=r"(?s)3 of 200 samples read were bad \(1.50 %, above data.max_bad_fraction "
-                                           r"= 1 %\); by reason: box_outside 1, json 2.*\[box_outside\] s.tar:a: face box lies outside\n"):
+    with pytest.raises(
+        BadDataError,
+        match=r"(?s)3 of 200 samples read were bad \(1.50 %, above data.max_bad_fraction "
+        r"= 1 %\); by reason: box_outside 1, json 2.*\[box_outside\] s.tar:a: face box lies outside\n",
+    ):
         ledger.check()
     ok = SkipLedger(max_fraction=0.05)
     ok.seen(3)
@@ -190,8 +205,11 @@ def test_too_many_bad_samples_stop_the_run_listing_them():
 
 def test_compressed_shards_say_what_to_do(tmp_path):
     (tmp_path / "re_000000.tar.gz").write_bytes(b"\x1f\x8b")
-    with pytest.raises(FileNotFoundError, match=r"compressed .tar.gz shards are not supported: gunzip them to .tar "
-                                                 r"\(e.g. `gunzip -k .*re_000000.tar.gz`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"compressed .tar.gz shards are not supported: gunzip them to .tar "
+        r"\(e.g. `gunzip -k .*re_000000.tar.gz`",
+    ):
         expand_shards(str(tmp_path / "re_*.tar.gz"))
     write_shard(tmp_path / "re_000000.tar", [_good("a")])
     assert expand_shards(str(tmp_path / "re_*")) == [str(tmp_path / "re_000000.tar")]  # the gunzipped one is used
@@ -222,9 +240,20 @@ def test_the_sample_step_passes_over_an_invalid_first_sample(tmp_path, caplog):
 
 
 def _manifest_line(image: str, width=96, height=80, box=(10, 12, 40, 44), emb=None, identity="ann") -> dict:
-    return {"image": image, "caption": "c", "width": width, "height": height,
-            "persons": [{"identity": identity, "box": list(box), "landmarks": [[20, 20]] * 5,
-                         "embedding": [float(v) for v in (_emb(1) if emb is None else emb)]}]}
+    return {
+        "image": image,
+        "caption": "c",
+        "width": width,
+        "height": height,
+        "persons": [
+            {
+                "identity": identity,
+                "box": list(box),
+                "landmarks": [[20, 20]] * 5,
+                "embedding": [float(v) for v in (_emb(1) if emb is None else emb)],
+            }
+        ],
+    }
 
 
 def test_manifest_bad_lines_are_skipped_and_named_by_the_trainer_s_lenient_load(tmp_path, caplog):
@@ -248,9 +277,13 @@ def test_manifest_bad_lines_are_skipped_and_named_by_the_trainer_s_lenient_load(
         manifest = Manifest.load(path, strict=False)
     assert [r.image for r in manifest.records] == ["a.jpg", "c.jpg"] and manifest.lines == [1, 6]
     assert [(w, r) for w, r, _ in manifest.bad] == [
-        ("manifest.jsonl line 2", "manifest_line"), ("manifest.jsonl line 3", "box_outside"),
-        ("manifest.jsonl line 4", "json"), ("manifest.jsonl line 5", "embedding_norm"),
-        ("manifest.jsonl line 7", "manifest_line"), ("manifest.jsonl line 8", "json")]
+        ("manifest.jsonl line 2", "manifest_line"),
+        ("manifest.jsonl line 3", "box_outside"),
+        ("manifest.jsonl line 4", "json"),
+        ("manifest.jsonl line 5", "embedding_norm"),
+        ("manifest.jsonl line 7", "manifest_line"),
+        ("manifest.jsonl line 8", "json"),
+    ]
     assert "line 7, person 1: embedding must be 512 finite numbers" in manifest.bad[4][2]
     assert all(f"line {n}" in caplog.text for n in (2, 3, 4, 5, 7, 8))
 
@@ -265,8 +298,10 @@ def test_manifest_items_that_fail_are_skipped_naming_the_line(tmp_path):
     dataset = WithAnyoneDataset(Manifest.load(path, strict=False), OPTIONS)
     batch = collate([dataset[i] for i in range(3)])
     assert batch["size"] == 1
-    assert [(w, r) for w, r, _ in batch["bad"]] == [("manifest.jsonl line 2 (b.jpg)", "image_size_mismatch"),
-                                                   ("manifest.jsonl line 3 (c.jpg)", "image_unreadable")]
+    assert [(w, r) for w, r, _ in batch["bad"]] == [
+        ("manifest.jsonl line 2 (b.jpg)", "image_size_mismatch"),
+        ("manifest.jsonl line 3 (c.jpg)", "image_unreadable"),
+    ]
     assert "Prepare it again" in batch["bad"][0][2]
 
 
@@ -281,8 +316,11 @@ def test_cluster_centres_and_references_validate_what_they_read(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         got = read_cluster_centres(centres, skipped)
     assert list(got) == ["ann"]
-    assert {(Path(w).name, r) for w, r, _ in skipped} == {("bob.npy", "embedding_not_finite"),
-                                                          ("cy.npy", "embedding_shape"), ("dee.npy", "format")}
+    assert {(Path(w).name, r) for w, r, _ in skipped} == {
+        ("bob.npy", "embedding_not_finite"),
+        ("cy.npy", "embedding_shape"),
+        ("dee.npy", "format"),
+    }
     npy = save_pickled_npy({"embeddings": [_emb(2)]})
     with pytest.raises(ShardFormatError, match="ref/ann/1: its .json must be an object"):
         reference_entry(npy, b"[1]", "ref/ann/1")
@@ -298,8 +336,9 @@ def test_a_damaged_landmark_cache_is_detected_again_and_bad_rows_leave_the_loss(
 
     shard = str(tmp_path / "re_000000.tar")
     target = landmark_file(tmp_path, shard)
-    target.write_text(json.dumps({"landmarks": {"a": [[[1, 2]] * 5, [[float("nan"), 1]] * 5, [[1, 2]] * 4],
-                                                "b": [None]}}))
+    target.write_text(
+        json.dumps({"landmarks": {"a": [[[1, 2]] * 5, [[float("nan"), 1]] * 5, [[1, 2]] * 4], "b": [None]}})
+    )
     assert load_landmarks([shard], tmp_path)[(shard, "a")] == [[[1, 2]] * 5, None, None]
     target.write_text("{broken")
     assert load_landmarks([shard], tmp_path) == {}
@@ -317,8 +356,9 @@ def _damaged_smoke_shards(root: Path, folder: Path) -> dict[str, str]:
     sources = sorted((root / "multiid2m" / "train").glob("re_*.tar"))
     expected: dict[str, str] = {}
     for i, source in enumerate(sources):
-        samples = [(key, m["jpg"], json.loads(m["json"]), load_npy(m["npy"], key))
-                   for key, m in iter_tar_samples(str(source))]
+        samples = [
+            (key, m["jpg"], json.loads(m["json"]), load_npy(m["npy"], key)) for key, m in iter_tar_samples(str(source))
+        ]
         name = source.name
         base = samples[-1]  # a good sample of this shard: the damaged ones are copies of it
         if i == 0:
@@ -355,8 +395,18 @@ def test_a_run_over_damaged_shards_finishes_with_a_finite_adapter_naming_every_s
     with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO):
         mp.setenv("WITHANYONE_SHARDS", str(tmp_path / "shards" / "re_*.tar"))
         mp.setenv("WITHANYONE_LANDMARKS", str(tmp_path / "landmarks"))  # detected anew, over the damaged shards
-        run.main(["--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "data.max_bad_fraction=0.9",
-                  "--set", "phases.1.steps=7"])
+        run.main(
+            [
+                "--config",
+                str(CONFIG),
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                "data.max_bad_fraction=0.9",
+                "--set",
+                "phases.1.steps=7",
+            ]
+        )
     final = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
     assert final.name == "step-9"
     adapter = load_file(final / "withanyone.safetensors")
@@ -386,8 +436,11 @@ def test_a_truncated_reference_tar_keeps_what_was_read_whole_and_names_the_rest(
     path = tmp_path / "ref_000.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name in ("alice", "bob"):
-            for suffix, data in (("npy", save_pickled_npy({"embeddings": [_emb(len(name))]})),
-                                 ("json", json.dumps({"bboxes": [[10, 12, 40, 44]]}).encode()), ("jpg", _jpg(1))):
+            for suffix, data in (
+                ("npy", save_pickled_npy({"embeddings": [_emb(len(name))]})),
+                ("json", json.dumps({"bboxes": [[10, 12, 40, 44]]}).encode()),
+                ("jpg", _jpg(1)),
+            ):
                 info = tarfile.TarInfo(f"untar/{name}/1.{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -423,13 +476,16 @@ def test_a_prepared_negative_pool_with_broken_rows_loses_only_those(tmp_path, ca
         NegativePool.load(tmp_path / "nan.safetensors")
 
 
-@pytest.mark.parametrize("setting, match", [
-    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be in \[0, 1\]; got 1.5"),
-    ("data.max_bad_fraction=-0.1", r"data.max_bad_fraction must be in \[0, 1\]; got -0.1"),
-    ("data.max_bad_fraction=.nan", "data.max_bad_fraction must be a finite number; got nan"),
-    ("data.max_image_pixels=-1", "data.max_image_pixels must be >= 0; got -1"),
-    ("data.max_image_pixels=1.5", r"data.max_image_pixels: expected int \(a whole number\), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "setting, match",
+    [
+        ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be in \[0, 1\]; got 1.5"),
+        ("data.max_bad_fraction=-0.1", r"data.max_bad_fraction must be in \[0, 1\]; got -0.1"),
+        ("data.max_bad_fraction=.nan", "data.max_bad_fraction must be a finite number; got nan"),
+        ("data.max_image_pixels=-1", "data.max_image_pixels must be >= 0; got -1"),
+        ("data.max_image_pixels=1.5", r"data.max_image_pixels: expected int \(a whole number\), got 1.5"),
+    ],
+)
 def test_the_data_limits_are_range_checked(tmp_path, monkeypatch, setting, match):
     from train.config import ConfigError, load_config
 
@@ -451,8 +507,18 @@ def test_a_run_with_more_bad_samples_than_allowed_stops_listing_them(tmp_path, c
         mp.setenv("WITHANYONE_SHARDS", str(tmp_path / "shards" / "re_*.tar"))
         mp.setenv("WITHANYONE_LANDMARKS", str(tmp_path / "landmarks"))
         with pytest.raises(SystemExit) as info:  # the default data.max_bad_fraction: 1 %
-            run.main(["--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "phases.1.steps=1",
-                      "--set", "data.num_workers=0"])
+            run.main(
+                [
+                    "--config",
+                    str(CONFIG),
+                    "--set",
+                    f"output_dir={out}",
+                    "--set",
+                    "phases.1.steps=1",
+                    "--set",
+                    "data.num_workers=0",
+                ]
+            )
     assert info.value.code == 1  # stopped with its message, not a traceback
     stops = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "withanyone.train"]
     assert len(stops) == 1

@@ -63,12 +63,22 @@ def build_shards(folder: Path, shards: int = 4, per_shard: int = 6) -> list[str]
                 key = f"{s:03d}{k:05d}"
                 n = 1 + (k % 2)
                 boxes = [[10.0 + 40 * i, 12.0, 40.0 + 40 * i, 44.0] for i in range(n)]
-                npy = {"bboxes": boxes, ("embeddings" if k % 3 else "embedding"): [_embedding(100 * s + 10 * k + i)
-                                                                                   for i in range(n)]}
-                meta = {"caption_en": f"photo {key}", "url": "http://x", "ram_score": 0.5, "aesthetics_score": 5.0,
-                        "name": [f"id{(s + k + i) % 5}" for i in range(n)]}
-                for suffix, data in (("jpg", _jpg(s * 100 + k)), ("json", json.dumps(meta).encode()),
-                                     ("npy", _authors_npy(npy))):
+                npy = {
+                    "bboxes": boxes,
+                    ("embeddings" if k % 3 else "embedding"): [_embedding(100 * s + 10 * k + i) for i in range(n)],
+                }
+                meta = {
+                    "caption_en": f"photo {key}",
+                    "url": "http://x",
+                    "ram_score": 0.5,
+                    "aesthetics_score": 5.0,
+                    "name": [f"id{(s + k + i) % 5}" for i in range(n)],
+                }
+                for suffix, data in (
+                    ("jpg", _jpg(s * 100 + k)),
+                    ("json", json.dumps(meta).encode()),
+                    ("npy", _authors_npy(npy)),
+                ):
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -110,10 +120,13 @@ def test_authors_pickled_npy_reads_and_malicious_pickle_is_refused_without_runni
 
 
 def test_field_rules_crop_shift_embedding_keys_and_names():
-    members = {"jpg": _jpg(1), "json": json.dumps({"caption_en": "hi", "crop": [5, 7, 95, 80],
-                                                   "keyword": "alice bob carl"}).encode(),
-               "npy": _authors_npy({"bboxes": [[15, 17, 45, 50], [50, 20, 80, 60]],
-                                    "embedding": [_embedding(1), _embedding(2)]})}
+    members = {
+        "jpg": _jpg(1),
+        "json": json.dumps({"caption_en": "hi", "crop": [5, 7, 95, 80], "keyword": "alice bob carl"}).encode(),
+        "npy": _authors_npy(
+            {"bboxes": [[15, 17, 45, 50], [50, 20, 80, 60]], "embedding": [_embedding(1), _embedding(2)]}
+        ),
+    }
     sample = parse_sample("s.tar", "k", members)
     assert sample.persons[0].box == (10.0, 10.0, 40.0, 43.0)  # shifted by the crop's corner
     assert [p.name for p in sample.persons] == ["alice", "bob"] and sample.caption == "hi"
@@ -147,8 +160,9 @@ def test_split_over_2_ranks_x_2_workers_sees_every_sample_once(tmp_path):
 
 
 def _batches(stream, count, workers):
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         multiprocessing_context="fork" if workers else None)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, multiprocessing_context="fork" if workers else None
+    )
     out = []
     for batch in loader:
         out.append(batch)
@@ -183,8 +197,9 @@ def test_paired_reference_from_ref_folder_and_negative_pool(tmp_path):
         (refs / f"{name}.json").write_text(json.dumps({"bboxes": [[5, 5, 60, 60]]}))
         (refs / f"{name}.npy").write_bytes(_authors_npy({"embeddings": [emb]}))
     folder = ReferenceFolder(tmp_path / "ref")
-    options = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=True, paired_ratio=1.0,
-                          paired_fallback="self")
+    options = DataOptions(
+        buckets=((64, 64),), min_face_size=8, siglip_crops=True, paired_ratio=1.0, paired_fallback="self"
+    )
     stream = MultiID2MStream(shards, options, batch_size=1, refs=folder, numbers=IdentityNumbers(folder.names()))
     item = stream.item(sample, 0)
     assert bool(item["paired"][0]) and torch.allclose(item["ref_embeddings"][0], torch.from_numpy(close))
@@ -198,7 +213,7 @@ def test_written_shards_load_the_way_the_authors_load_them(tmp_path):
     """write_shard's members decode with the authors' own calls (json.loads, np.load(allow_pickle).item())."""
     arrays = {"bboxes": np.array([[1, 2, 30, 40]], np.float32), "embeddings": _embedding(3)[None]}
     write_shard(tmp_path / "re_000000.tar", [("k0", _jpg(0), {"caption_en": "c", "name": ["a"]}, arrays)])
-    (key, members), = list(iter_tar_samples(str(tmp_path / "re_000000.tar")))
+    ((key, members),) = list(iter_tar_samples(str(tmp_path / "re_000000.tar")))
     theirs = np.load(io.BytesIO(members["npy"]), allow_pickle=True).item()
     np.testing.assert_array_equal(theirs["embeddings"], arrays["embeddings"])
     assert key == "k0" and json.loads(members["json"])["caption_en"] == "c"

@@ -70,8 +70,10 @@ def _references(shards: list[str]) -> dict[str, list[tuple[str, dict[str, bytes]
         for i, stem in enumerate(["a", "a-b", "b_far", f"{name}_00{n}"]):
             close = faces[name][i % len(faces[name])] + rng.standard_normal(512).astype(np.float32) * 3
             emb = close if stem != "b_far" else rng.standard_normal(512).astype(np.float32) * 20
-            members = {"npy": save_pickled_npy({"embeddings": [emb], "bboxes": [[4.0, 4.0, 50.0 + i, 52.0]]}),
-                       "jpg": _photo(100 * n + i, mode="L" if i == 1 else "RGB")}
+            members = {
+                "npy": save_pickled_npy({"embeddings": [emb], "bboxes": [[4.0, 4.0, 50.0 + i, 52.0]]}),
+                "jpg": _photo(100 * n + i, mode="L" if i == 1 else "RGB"),
+            }
             if stem != "a-b":
                 members["json"] = json.dumps({"bboxes": [[6, 5, 58, 60 - i]], "caption_en": "ref"}).encode()
             refs.append((stem, members))
@@ -130,11 +132,21 @@ def test_tars_read_exactly_what_the_untarred_folder_holds(released):
 
 
 def _items(shards, refs, epochs=3):
-    options = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=True, paired_ratio=1.0,
-                          paired_fallback="self", paired_candidates=2)
+    options = DataOptions(
+        buckets=((64, 64),),
+        min_face_size=8,
+        siglip_crops=True,
+        paired_ratio=1.0,
+        paired_fallback="self",
+        paired_candidates=2,
+    )
     stream = MultiID2MStream(shards, options, batch_size=1, refs=refs, numbers=IdentityNumbers(refs.names()))
-    return [stream.item(parse_sample(shard, key, members), epoch) for epoch in range(epochs) for shard in shards
-            for key, members in iter_tar_samples(shard)]
+    return [
+        stream.item(parse_sample(shard, key, members), epoch)
+        for epoch in range(epochs)
+        for shard in shards
+        for key, members in iter_tar_samples(shard)
+    ]
 
 
 def test_paired_reference_choice_is_the_same_from_tars_and_folder(released):
@@ -199,10 +211,17 @@ def test_tar_references_inside_dataloader_workers(released):
     assert box == refs.read(member)[1] and box is not None
 
     def batches(references):
-        options = DataOptions(buckets=((64, 64),), min_face_size=8, siglip_crops=True, paired_ratio=1.0,
-                              paired_fallback="self")
-        stream = MultiID2MStream(shards, options, batch_size=1, refs=references, shuffle_buffer=2,
-                                 numbers=IdentityNumbers(references.names()))
+        options = DataOptions(
+            buckets=((64, 64),), min_face_size=8, siglip_crops=True, paired_ratio=1.0, paired_fallback="self"
+        )
+        stream = MultiID2MStream(
+            shards,
+            options,
+            batch_size=1,
+            refs=references,
+            shuffle_buffer=2,
+            numbers=IdentityNumbers(references.names()),
+        )
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="fork")
         out = []
         for batch in loader:
@@ -289,14 +308,18 @@ def _config(tmp_path: Path, refs: str | None, centres: str | None):
         (tmp_path / "tiny" / folder).mkdir(parents=True, exist_ok=True)
     lines = [f"refs: {refs}"] if refs else []
     lines += [f"cluster_centers: {centres}"] if centres else []
-    text = textwrap.dedent("""
+    text = (
+        textwrap.dedent("""
         output_dir: out
         models: {base: tiny, siglip: tiny}
         data:
           source: multiid2m
           multiid2m:
             shards: rec/re_*.tar
-        """) + "".join(f"    {line}\n" for line in lines) + "phases:\n  - {name: a, steps: 1, prompt_mode: fixed}\n"
+        """)
+        + "".join(f"    {line}\n" for line in lines)
+        + "phases:\n  - {name: a, steps: 1, prompt_mode: fixed}\n"
+    )
     (tmp_path / "c.yaml").write_text(text)
     return load_config(tmp_path / "c.yaml")
 
@@ -310,8 +333,11 @@ def test_config_takes_tar_globs_or_folders_with_clear_errors(released):
     check_paths(_config(root, "ref/tars/*.tar", "ref/cluster_centers.tar"))
     check_paths(_config(root, "ref/untar", None))
     check_paths(_config(root, "ref/tars/ref_000.tar, ref/tars/ref_001.tar", None))  # comma-separated
-    with pytest.raises(ConfigError, match=r"data.multiid2m.refs: .*ref/tars holds tar files but no <name>/ folders: "
-                                          r"set it to the tars themselves, .*ref/tars/\*\.tar"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.multiid2m.refs: .*ref/tars holds tar files but no <name>/ folders: "
+        r"set it to the tars themselves, .*ref/tars/\*\.tar",
+    ):
         check_paths(_config(root, "ref/tars", None))
     with pytest.raises(ConfigError, match=r"data.multiid2m.refs: .*ref/none\*\.tar is not a folder, and no .tar file"):
         check_paths(_config(root, "ref/none*.tar", None))

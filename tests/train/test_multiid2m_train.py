@@ -78,10 +78,26 @@ def test_mix_of_manifest_and_shards_trains_on_both(shards_run, tmp_path, caplog)
 
     root = ROOT / ".cache" / "smoke"
     caplog.set_level(logging.INFO)
-    run.main(["--config", str(CONFIG), "--set", f"output_dir={tmp_path / 'mix'}", "--set", "data.source=mix",
-              "--set", f"data.manifest={root / 'data' / 'manifest.jsonl'}", "--set", "data.mix=[1.0, 1.0]",
-              "--set", "phases.1.steps=6", "--set", "sample.every=0",
-              "--set", f"data.multiid2m.landmarks={tmp_path / 'landmarks'}"])
+    run.main(
+        [
+            "--config",
+            str(CONFIG),
+            "--set",
+            f"output_dir={tmp_path / 'mix'}",
+            "--set",
+            "data.source=mix",
+            "--set",
+            f"data.manifest={root / 'data' / 'manifest.jsonl'}",
+            "--set",
+            "data.mix=[1.0, 1.0]",
+            "--set",
+            "phases.1.steps=6",
+            "--set",
+            "sample.every=0",
+            "--set",
+            f"data.multiid2m.landmarks={tmp_path / 'landmarks'}",
+        ]
+    )
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: "))
     assert "batches_from_manifest" in summary and "batches_from_multiid2m" in summary
     # an empty landmark cache: the trainer detected the GT faces' landmarks before training
@@ -116,13 +132,38 @@ def test_two_process_run_on_shards_resumes_bit_identically(shards_run, tmp_path)
     import sys
 
     def launch(out):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1",
-               "WITHANYONE_SHARDS": str(ROOT / ".cache" / "smoke" / "multiid2m" / "train" / "re_*.tar")}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "ACCELERATE_USE_CPU": "1",
+            "WITHANYONE_SHARDS": str(ROOT / ".cache" / "smoke" / "multiid2m" / "train" / "re_*.tar"),
+        }
         return subprocess.run(
-            [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "run.py"),
-             "--config", str(CONFIG), "--set", f"output_dir={out}", "--set", "sample.every=0"],
-            env=env, capture_output=True, text=True, timeout=600)
+            [
+                str(Path(sys.executable).parent / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                str(ROOT / "train" / "run.py"),
+                "--config",
+                str(CONFIG),
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                "sample.every=0",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     out = tmp_path / "ddp"
     result = launch(out)

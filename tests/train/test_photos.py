@@ -32,8 +32,11 @@ ORIENTATION = 0x0112
 
 def _rotated_jpeg(upright: Image.Image, path: Path, orientation: int = 6) -> None:
     """Store ``upright`` as a phone does: pixels sideways, EXIF saying how to turn them."""
-    stored = {6: upright.transpose(Image.Transpose.ROTATE_90), 8: upright.transpose(Image.Transpose.ROTATE_270),
-              3: upright.transpose(Image.Transpose.ROTATE_180)}[orientation]
+    stored = {
+        6: upright.transpose(Image.Transpose.ROTATE_90),
+        8: upright.transpose(Image.Transpose.ROTATE_270),
+        3: upright.transpose(Image.Transpose.ROTATE_180),
+    }[orientation]
     exif = Image.Exif()
     exif[ORIENTATION] = orientation
     stored.save(path, "JPEG", quality=98, exif=exif)
@@ -65,9 +68,16 @@ def test_every_colour_mode_becomes_the_same_rgb(tmp_path):
     cases = {
         "cmyk.jpg": (_saved(rgb.convert("CMYK"), "JPEG", quality=98), np.asarray(rgb), 6),
         "palette.png": (None, None, 0),
-        "grey16.png": (_saved(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), np.repeat(grey[..., None], 3, 2), 0),
-        "la.png": (_saved(Image.merge("LA", (Image.fromarray(grey), Image.new("L", rgb.size, 0))), "PNG"),
-                   np.repeat(grey[..., None], 3, 2), 0),
+        "grey16.png": (
+            _saved(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+            np.repeat(grey[..., None], 3, 2),
+            0,
+        ),
+        "la.png": (
+            _saved(Image.merge("LA", (Image.fromarray(grey), Image.new("L", rgb.size, 0))), "PNG"),
+            np.repeat(grey[..., None], 3, 2),
+            0,
+        ),
     }
     palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
     cases["palette.png"] = (_saved(palette, "PNG", transparency=0), np.asarray(palette.convert("RGB")), 0)
@@ -89,8 +99,11 @@ def test_a_dark_16_bit_photo_is_not_read_as_8_bit(tmp_path):
 def test_an_over_large_image_is_refused_from_its_header(tmp_path):
     huge = tmp_path / "huge.png"
     Image.new("L", (15000, 15000), 0).save(huge, optimize=False, compress_level=1)  # a 15000^2 PNG (225 MP)
-    with pytest.raises(ImageTooLargeError, match=r"huge.png is 15000x15000 \(225 megapixels\), above the limit of "
-                                                  r"150 megapixels.*--max-image-pixels.*data.max_image_pixels"):
+    with pytest.raises(
+        ImageTooLargeError,
+        match=r"huge.png is 15000x15000 \(225 megapixels\), above the limit of "
+        r"150 megapixels.*--max-image-pixels.*data.max_image_pixels",
+    ):
         load_image(huge)
     small = tmp_path / "small.png"
     Image.new("RGB", (300, 200)).save(small)
@@ -124,8 +137,9 @@ def models(tmp_path_factory):
 
 
 def _prepare(images: Path, out: Path, models: Path, *extra) -> dict:
-    return prepare.main(["--images", str(images), "--out", str(out), "--antelopev2", str(models),
-                         "--providers", "cpu", *extra])
+    return prepare.main(
+        ["--images", str(images), "--out", str(out), "--antelopev2", str(models), "--providers", "cpu", *extra]
+    )
 
 
 def test_prepare_records_a_phone_photo_upright(tmp_path, models):

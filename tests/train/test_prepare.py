@@ -65,7 +65,9 @@ def test_prepare_builds_manifest_and_resumes(tmp_path, caplog):
         again = prepare.main(args)
     assert "resuming: 2 of 9 photos already analysed" in caplog.text
     assert again == summary
-    assert [r.to_json() for r in Manifest.load(out / "manifest.jsonl").records] == [r.to_json() for r in manifest.records]
+    assert [r.to_json() for r in Manifest.load(out / "manifest.jsonl").records] == [
+        r.to_json() for r in manifest.records
+    ]
 
     # a photo removed since the analysis is left out, not resurrected from the partial file
     (photos / "stranger_b.png").unlink()
@@ -146,8 +148,22 @@ def test_prepare_multiid2m_format_round_trips_through_the_restricted_reader(tmp_
     build_tiny_antelopev2(models)
     photos, out = tmp_path / "photos", tmp_path / "data"
     _photo_folder(photos)
-    summary = prepare.main(["--images", str(photos), "--out", str(out), "--antelopev2", str(models),
-                            "--providers", "cpu", "--format", "multiid2m", "--shard-size", "2"])
+    summary = prepare.main(
+        [
+            "--images",
+            str(photos),
+            "--out",
+            str(out),
+            "--antelopev2",
+            str(models),
+            "--providers",
+            "cpu",
+            "--format",
+            "multiid2m",
+            "--shard-size",
+            "2",
+        ]
+    )
     manifest = Manifest.load(out / "manifest.jsonl")  # the manifest stays available
     shards = summary["multiid2m"]["shards"]
     assert len(shards) == (len(manifest) + 1) // 2
@@ -170,8 +186,14 @@ def test_prepare_multiid2m_format_round_trips_through_the_restricted_reader(tmp_
     emb, box = refs.read(refs.files("alice")[0])
     assert any(np.array_equal(emb, p.embedding) and np.allclose(box, p.box) for p in alice)
     # the training stream pairs a face with another photo of the same person from ref/
-    options = DataOptions(buckets=((128, 128),), min_face_size=32, siglip_crops=False, paired_ratio=1.0,
-                          paired_min_similarity=-1.0, paired_fallback="skip")
+    options = DataOptions(
+        buckets=((128, 128),),
+        min_face_size=32,
+        siglip_crops=False,
+        paired_ratio=1.0,
+        paired_min_similarity=-1.0,
+        paired_fallback="skip",
+    )
     stream = MultiID2MStream(shards, options, 1, refs=refs, numbers=IdentityNumbers(names), landmarks=landmarks)
     alice_sample = next(s for s in samples if [p.name for p in s.persons] == ["alice"])
     item = stream.item(alice_sample, 0)
@@ -196,8 +218,18 @@ def test_ray_path_on_local_2_cpu_ray_writes_the_same_bytes(tmp_path):
     build_tiny_antelopev2(models)
     photos = tmp_path / "photos"
     _photo_folder(photos)
-    common = ["--images", str(photos), "--antelopev2", str(models), "--providers", "cpu", "--format", "multiid2m",
-              "--shard-size", "2"]
+    common = [
+        "--images",
+        str(photos),
+        "--antelopev2",
+        str(models),
+        "--providers",
+        "cpu",
+        "--format",
+        "multiid2m",
+        "--shard-size",
+        "2",
+    ]
     single, parallel = tmp_path / "single", tmp_path / "ray"
     prepare.main(common + ["--out", str(single)])
     prepare_ray.start("local", num_cpus=2)
@@ -219,8 +251,10 @@ def test_ray_path_on_local_2_cpu_ray_writes_the_same_bytes(tmp_path):
 
     assert tree(single / "multiid2m" / "train") == tree(parallel / "multiid2m" / "train")
     for rel in [f"train/{r}" for r in tree(single / "multiid2m" / "train")] + [
-            f"ref/{r}" for r in tree(single / "multiid2m" / "ref")]:
+        f"ref/{r}" for r in tree(single / "multiid2m" / "ref")
+    ]:
         assert filecmp.cmp(single / "multiid2m" / rel, parallel / "multiid2m" / rel, shallow=False), rel
+
     def strip(root):  # the cache names hold the shard's absolute path: compare by shard name
         tables = [json.loads(p.read_text()) for p in (root / "multiid2m" / "landmarks").glob("*.json")]
         return {Path(t["shard"]).name: t["landmarks"] for t in tables}
@@ -262,7 +296,8 @@ def test_multiid2m_writing_resumes_per_shard_and_identity_chunk(tmp_path, caplog
                 if len(done) == units:
                     raise Killed
                 done.append(function(*args))
-            return done[-len(argument_tuples):] if argument_tuples else []
+            return done[-len(argument_tuples) :] if argument_tuples else []
+
         return shard_map
 
     ref_chunks = len(list((reference / "progress").glob("refs-*.json")))
@@ -314,7 +349,10 @@ def test_multiid2m_writing_resumes_per_shard_and_identity_chunk(tmp_path, caplog
     # fewer shards than before: the extra ones (and their landmark caches) go
     with caplog.at_level(logging.WARNING, logger="withanyone.prepare"):
         summary = write_multiid2m(manifest, target, per_shard=3)
-    assert sorted(p.name for p in (target / "train").glob("*.tar")) == ["re_000000.tar", "re_000001.tar",
-                                                                         "re_000002.tar"]
+    assert sorted(p.name for p in (target / "train").glob("*.tar")) == [
+        "re_000000.tar",
+        "re_000001.tar",
+        "re_000002.tar",
+    ]
     assert "removing" in caplog.text and len(summary["shards"]) == 3
     assert len(list((target / "landmarks").glob("*.json"))) == 3

@@ -130,7 +130,7 @@ def test_contrastive_prefers_the_reference_and_ignores_same_identity():
     unit = torch.nn.functional.normalize
     expected = []
     for k in range(4):
-        keys = torch.cat([refs[k:k + 1], refs[ids != ids[k]], per_anchor[k]])  # positive first
+        keys = torch.cat([refs[k : k + 1], refs[ids != ids[k]], per_anchor[k]])  # positive first
         logits = unit(keys, dim=1) @ unit(near[k], dim=0) / 0.1
         expected.append(torch.logsumexp(logits, 0) - logits[0])
     assert torch.isclose(gt_mode, torch.stack(expected).mean(), atol=1e-4)
@@ -155,8 +155,10 @@ def test_data_options_follow_the_phase_keys():
     phase_fields = {f.name: f for f in dataclasses.fields(PhaseConfig)}
     for name in DataOptions.phase_fields():
         assert name in phase_fields, name
-        assert phase_fields[name].default == dataclasses.fields(DataOptions)[
-            [f.name for f in dataclasses.fields(DataOptions)].index(name)].default, name
+        assert (
+            phase_fields[name].default
+            == dataclasses.fields(DataOptions)[[f.name for f in dataclasses.fields(DataOptions)].index(name)].default
+        ), name
     phase = PhaseConfig(name="p", steps=1, paired_ratio=0.5, crop="center")
     options = DataOptions.from_phase(phase, [[256, 128]])
     assert options.paired_ratio == 0.5 and options.crop == "center" and options.buckets == ((256, 128),)
@@ -207,15 +209,31 @@ def test_memory_arithmetic_and_measured_activations():
 
     assert optimizer_memory(10**9) == (4e9, 4e9, 8e9)
     assert optimizer_memory(10**9, zero_stage=2, num_processes=8) == (2e9 + 0.5e9, 0.5e9, 1e9)
-    flux = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                axes_dims_rope=(16, 24, 24))
+    flux = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    )
     kept = {ckpt: transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, ckpt) for ckpt in (True, False)}
     assert 0 < kept[True] < kept[False]
     assert transformer_activations(flux, 1, 512, 512, 32, torch.bfloat16, False) > 3 * kept[False]
-    vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
-               layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     small, large = (decoder_activations(vae, 1, s, s, torch.bfloat16) for s in (128, 256))
     assert 3.5 * small < large < 4.5 * small  # decoder activations grow with the pixel count
 
@@ -230,17 +248,35 @@ def test_flux_dev_configs_are_the_authors_recipe(monkeypatch, tmp_path):
     lora = load_config(configs / "flux-dev-lora.yaml")
     t = adapter.train
     assert (t.mode, t.branch, t.timesteps, t.mixed_precision, t.adapter_init) == (
-        "adapter", "arcface", "shifted_uniform", "bf16", "authors")
+        "adapter",
+        "arcface",
+        "shifted_uniform",
+        "bf16",
+        "authors",
+    )
     assert (t.optimizer.lr, t.optimizer.weight_decay, t.optimizer.warmup_steps) == (1e-4, 0.0, 0)
     assert [p.gt_aligned for p in adapter.phases] == [False, False, True, True]
     assert [p.paired_ratio for p in adapter.phases] == [0.0, 0.0, 0.5, 0.5]
     for phase in adapter.phases + lora.phases:
         assert (phase.loss.id, phase.loss.contrastive, phase.id_gate, phase.temperature, phase.negatives) == (
-            0.1, 0.1, 0.6, 0.1, 4033)
+            0.1,
+            0.1,
+            0.6,
+            0.1,
+            4033,
+        )
         assert (phase.contrastive_positive, phase.batch_negatives, phase.crop, phase.min_face_size) == (
-            "gt", "gt", "keep_faces", 100.0)
-        assert (phase.paired_candidates, phase.paired_min_similarity, phase.paired_accept_similarity,
-                phase.paired_fallback) == (20, 0.6, 0.8, "skip")
+            "gt",
+            "gt",
+            "keep_faces",
+            100.0,
+        )
+        assert (
+            phase.paired_candidates,
+            phase.paired_min_similarity,
+            phase.paired_accept_similarity,
+            phase.paired_fallback,
+        ) == (20, 0.6, 0.8, "skip")
 
 
 # --- configuration errors: one line, naming the file and line or the key, before anything loads ---
@@ -270,8 +306,10 @@ def test_floats_written_1e_4_are_numbers_in_the_file_and_in_set(tmp_path, monkey
     assert [p.lr for p in config.phases] == [5e-5, 2e-5] and [p.steps for p in config.phases] == [1000, 10000]
     assert config.train.mixed_precision == "no" and config.sample.width == 256 and config.data.batch_size == 2
     monkeypatch.setenv("BATCH", "4")  # an unquoted ${VAR} is read like a value written there
-    config = load_config(_write(tmp_path, NUMBERS), ["phases.1.lr=3e-4", "train.optimizer.lr=2E-3",
-                                                     "train.optimizer.betas=[9e-1, 0.99]", "data.mix=[1, 2e0]"])
+    config = load_config(
+        _write(tmp_path, NUMBERS),
+        ["phases.1.lr=3e-4", "train.optimizer.lr=2E-3", "train.optimizer.betas=[9e-1, 0.99]", "data.mix=[1, 2e0]"],
+    )
     assert config.data.batch_size == 4 and config.phases[1].lr == 3e-4 and config.train.optimizer.lr == 2e-3
     assert config.train.optimizer.betas == [0.9, 0.99] and config.data.mix == [1.0, 2.0]
 
@@ -310,14 +348,15 @@ def _numeric_keys() -> list[tuple[str, str]]:
                 if typing.get_origin(item) is typing.Annotated:
                     item = typing.get_args(item)[0]
                 if item in (int, float):
-                        out.append((p, s + ("[0][0]" if nested else "[0]"), "[[{}, 512]]" if nested else "[{}, 0.5]"))
+                    out.append((p, s + ("[0][0]" if nested else "[0]"), "[[{}, 512]]" if nested else "[{}, 0.5]"))
 
     walk(Config, "", "")
     return out
 
 
-MULTIID2M = BASE.replace("data: {manifest: data/manifest.jsonl}",
-                         "data: {source: multiid2m, multiid2m: {shards: s/*.tar}}")
+MULTIID2M = BASE.replace(
+    "data: {manifest: data/manifest.jsonl}", "data: {source: multiid2m, multiid2m: {shards: s/*.tar}}"
+)
 
 
 @pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf", "-1e30", "1e400"])
@@ -361,9 +400,11 @@ def test_numeric_settings_are_range_checked_naming_the_key(tmp_path, overrides, 
 
 
 def test_ranges_hold_in_the_file_too(tmp_path):
-    for key, value, match in (("lr", "-1e-3", r"train.optimizer.lr must be > 0"),
-                              ("lr", ".nan", r"train.optimizer.lr must be a finite number"),
-                              ("warmup_steps", "-2", r"train.optimizer.warmup_steps must be >= 0")):
+    for key, value, match in (
+        ("lr", "-1e-3", r"train.optimizer.lr must be > 0"),
+        ("lr", ".nan", r"train.optimizer.lr must be a finite number"),
+        ("warmup_steps", "-2", r"train.optimizer.warmup_steps must be >= 0"),
+    ):
         text = BASE + f"train: {{optimizer: {{{key}: {value}}}}}\n"
         with pytest.raises(ConfigError, match=match):
             load_config(_write(tmp_path, text))
@@ -372,14 +413,20 @@ def test_ranges_hold_in_the_file_too(tmp_path):
 @pytest.mark.parametrize(
     "assignment,match",
     [
-        ("phases.9.lr=1", r"--set phases.9.lr: '9' is not an index of phases, which is a list of 3: 0 \(a\), 1 \(b\), 2 \(c\)"),
+        (
+            "phases.9.lr=1",
+            r"--set phases.9.lr: '9' is not an index of phases, which is a list of 3: 0 \(a\), 1 \(b\), 2 \(c\)",
+        ),
         ("phases.x.lr=1", r"--set phases.x.lr: 'x' is not an index of phases, which is a list of 3"),
         ("phases.-1.lr=1", r"'-1' is not an index of phases"),
         ("data.batch_size.x=1", r"--set data.batch_size.x: data.batch_size is a single value, it has no 'x'"),
         ("data.manifest.x=1", r"data.manifest is a single value, it has no 'x'"),
         ("train.optimizer.lrr=1", r"train.optimizer: unknown key\(s\) \['lrr'\]; allowed: \['betas', 'eps', 'lr'"),
         ("trian.mode=lora", r"the config: unknown key\(s\) \['trian'\]; allowed: \["),
-        ("data.buckets.0=[256, 256]", r"data.buckets is not set in the config: set it whole \(--set data.buckets=\[...\]\)"),
+        (
+            "data.buckets.0=[256, 256]",
+            r"data.buckets is not set in the config: set it whole \(--set data.buckets=\[...\]\)",
+        ),
         ("phases..lr=1", r"'phases..lr' is not a key path"),
         ("phases.0.lr", r"use key.path=value"),
         ("train.optimizer.lr=[1", r"--set train.optimizer.lr line 1 column 3: not valid YAML"),
@@ -399,10 +446,22 @@ def test_set_reaches_lists_and_sections_the_file_leaves_out(tmp_path):
     "content,match",
     [
         (b"output_dir: out\nmodels: {base: x}\n  bad: [\n", r"c.yaml line 3 column 3: not valid YAML"),
-        (b"output_dir: out\nphases:\n  - {name: a, steps: 3\n", r"c.yaml line 4 column 1: not valid YAML: .*expected ',' or '}'"),
-        (b"output_dir: out\nseed: 1\noutput_dir: again\n", r"c.yaml line 3 column 1: .*'output_dir' is given twice \(first on line 1\)"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"c.yaml line 1: not a text config \(byte 0x89 at offset 0 is not UTF-8\)"),
-        (b"output_dir: out\nseed: 1\x00\x01\n", r"c.yaml line 2: character U\+0000 at offset 23 is not allowed in YAML"),
+        (
+            b"output_dir: out\nphases:\n  - {name: a, steps: 3\n",
+            r"c.yaml line 4 column 1: not valid YAML: .*expected ',' or '}'",
+        ),
+        (
+            b"output_dir: out\nseed: 1\noutput_dir: again\n",
+            r"c.yaml line 3 column 1: .*'output_dir' is given twice \(first on line 1\)",
+        ),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+            r"c.yaml line 1: not a text config \(byte 0x89 at offset 0 is not UTF-8\)",
+        ),
+        (
+            b"output_dir: out\nseed: 1\x00\x01\n",
+            r"c.yaml line 2: character U\+0000 at offset 23 is not allowed in YAML",
+        ),
         (b"- output_dir\n- models\n", r"c.yaml: the config must be a mapping of keys .* not a list"),
         (b"output_dir: out\n---\nseed: 1\n", r"c.yaml line 2 column 1: not valid YAML: .*single document"),
         (b"output_dir: out\nseed: !!int 1e3\n", r"c.yaml line 2 column 7: not valid YAML: '1e3' is not an integer"),
@@ -422,8 +481,9 @@ def test_errors_show_a_short_value_however_large_or_nested(tmp_path):
     lines = ["    fixed_prompt:", "      - &a [" + ", ".join(["lol"] * 9) + "]"]
     for previous, name in zip("abcdefgh", "bcdefghi"):
         lines.append(f"      - &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
-    text = BASE.replace("  - {name: a, steps: 3, prompt_mode: fixed}\n",
-                        "  - name: a\n    steps: 3\n" + "\n".join(lines) + "\n")
+    text = BASE.replace(
+        "  - {name: a, steps: 3, prompt_mode: fixed}\n", "  - name: a\n    steps: 3\n" + "\n".join(lines) + "\n"
+    )
     with pytest.raises(ConfigError, match=r"^phases\[0\].fixed_prompt: expected str, got \[\['lol'") as error:
         load_config(_write(tmp_path, text))
     assert len(str(error.value)) < 200 and "\n" not in str(error.value)
@@ -438,7 +498,8 @@ def test_environment_is_substituted_in_values_never_in_comments(tmp_path, monkey
         models: {base: ${FLUX}, adapter: ${NOT_SET_ANYWHERE:-}}  # ${NOT_SET_ANYWHERE}
         seed: ${SEED:-7}   # ${NOT_SET_ANYWHERE}
         setup_hint: "${NOT_SET_ANYWHERE:-no hint} #1"
-        """)
+        """
+    )
     config = load_config(_write(tmp_path, text))
     assert config.models.base == str(tmp_path / "models" / "flux")  # inside a flow mapping too
     assert config.seed == 7 and config.models.adapter is None and config.setup_hint == "no hint #1"
@@ -480,8 +541,11 @@ def test_output_dir_that_is_a_file_or_inside_one_is_refused_before_anything_is_w
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"^output_dir: .*/file is not a folder: give a folder"):
         check_output_dir(str(tmp_path / "file"))
-    with pytest.raises(ConfigError, match=r"^output_dir: .*/file/run is not a folder \(it would be inside .*/file, "
-                                          r"which is a file\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^output_dir: .*/file/run is not a folder \(it would be inside .*/file, "
+        r"which is a file\)",
+    ):
         check_output_dir(str(tmp_path / "file" / "run"))
     check_output_dir(str(tmp_path / "new" / "run"))  # creatable: fine, and nothing is created
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -523,20 +587,31 @@ def test_read_only_output_dir_is_refused_before_anything_loads(tmp_path):
     (tmp_path / "c.yaml").write_text(BASE)
     out = tmp_path / "out"
     (out / "checkpoints" / "step-4").mkdir(parents=True)
-    code = ("import sys\nfrom train.config import ConfigError, check_output_dir, load_config\n"
-            "try:\n    check_output_dir(load_config(sys.argv[1]).output_dir)\n"
-            "except ConfigError as exc:\n    sys.exit(f'error: {exc}')\nprint('writable')\n")
+    code = (
+        "import sys\nfrom train.config import ConfigError, check_output_dir, load_config\n"
+        "try:\n    check_output_dir(load_config(sys.argv[1]).output_dir)\n"
+        "except ConfigError as exc:\n    sys.exit(f'error: {exc}')\nprint('writable')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(root)}
     for folder, name in ((out, "out"), (out / "checkpoints", "out/checkpoints")):
         folder.chmod(0o555)
         try:
-            result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.yaml")], env=env,
-                                    capture_output=True, text=True, timeout=120, preexec_fn=_without_root_override())
+            result = subprocess.run(
+                [sys.executable, "-c", code, str(tmp_path / "c.yaml")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                preexec_fn=_without_root_override(),
+            )
         finally:
             folder.chmod(0o755)
         assert result.returncode == 1, result.stdout + result.stderr[-3000:]
-        assert re.fullmatch(rf"error: output_dir: .*/{name} is not writable \(Permission denied\): give a folder "
-                            r"you can write \(--set output_dir=...\)\n", result.stderr), result.stderr[-3000:]
+        assert re.fullmatch(
+            rf"error: output_dir: .*/{name} is not writable \(Permission denied\): give a folder "
+            r"you can write \(--set output_dir=...\)\n",
+            result.stderr,
+        ), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -584,8 +659,9 @@ def test_prepare_number_arguments_are_range_checked(tmp_path, capsys, option, va
     from train import prepare
 
     with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--antelopev2", str(tmp_path),
-                      option, value])
+        prepare.main(
+            ["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--antelopev2", str(tmp_path), option, value]
+        )
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err.strip().splitlines()[-1])
     assert not (tmp_path / "out").exists()

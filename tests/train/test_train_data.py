@@ -46,8 +46,16 @@ def _write_dataset(root, identities=("ann", "bob", "cid", "dee"), per_identity=3
                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / name)
             else:
                 (root / name).write_bytes(b"not an image")
-            lines.append({"image": name, "caption": f"{a} and {b}", "width": w, "height": h,
-                          "quality": 0.5 + 0.1 * (i % 3), "persons": [_person(a, 10, rng), _person(b, 100, rng)]})
+            lines.append(
+                {
+                    "image": name,
+                    "caption": f"{a} and {b}",
+                    "width": w,
+                    "height": h,
+                    "quality": 0.5 + 0.1 * (i % 3),
+                    "persons": [_person(a, 10, rng), _person(b, 100, rng)],
+                }
+            )
     path = root / "manifest.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return path
@@ -104,9 +112,22 @@ def test_manifest_error_for_bad_json_and_missing_file(tmp_path):
 def test_item_keys_and_types(tmp_path):
     manifest = Manifest.load(_write_dataset(tmp_path))
     item = WithAnyoneDataset(manifest, _options(buckets=((192, 256),)), seed=0)[0]
-    assert set(item) == {"pixels", "caption", "num_persons", "boxes", "landmarks", "gt_embeddings", "id_valid",
-                         "ref_embeddings", "ref_siglip_crops", "identity_ids", "paired", "record_index", "key",
-                         "events"}
+    assert set(item) == {
+        "pixels",
+        "caption",
+        "num_persons",
+        "boxes",
+        "landmarks",
+        "gt_embeddings",
+        "id_valid",
+        "ref_embeddings",
+        "ref_siglip_crops",
+        "identity_ids",
+        "paired",
+        "record_index",
+        "key",
+        "events",
+    }
     n = item["num_persons"]
     assert item["pixels"].dtype == torch.float32 and item["pixels"].shape == (3, 256, 192)
     assert item["boxes"].shape == (n, 4) and item["landmarks"].shape == (n, 5, 2)
@@ -117,8 +138,12 @@ def test_item_keys_and_types(tmp_path):
 
 def _occurrence_of(manifest, embedding):
     """(record, person) whose stored embedding is exactly ``embedding`` (all are random, so unique)."""
-    hits = [(r, p) for r, record in enumerate(manifest.records) for p, person in enumerate(record.persons)
-            if np.array_equal(person.embedding, embedding.numpy())]
+    hits = [
+        (r, p)
+        for r, record in enumerate(manifest.records)
+        for p, person in enumerate(record.persons)
+        if np.array_equal(person.embedding, embedding.numpy())
+    ]
     assert len(hits) == 1
     return hits[0]
 
@@ -307,8 +332,15 @@ def _single_person_manifest(root, cosines, size=(256, 256), box=(60.0, 60.0, 180
         emb = c * gt + np.sqrt(max(0.0, 1 - c * c)) * ortho
         name = f"ann_{i}.png"
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / name)
-        lines.append({"image": name, "caption": "one person", "width": size[0], "height": size[1],
-                      "persons": [{"identity": "ann", "box": list(box), "landmarks": lms, "embedding": emb.tolist()}]})
+        lines.append(
+            {
+                "image": name,
+                "caption": "one person",
+                "width": size[0],
+                "height": size[1],
+                "persons": [{"identity": "ann", "box": list(box), "landmarks": lms, "embedding": emb.tolist()}],
+            }
+        )
     (root / "manifest.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return Manifest.load(root / "manifest.jsonl")
 
@@ -364,8 +396,9 @@ def _two_faces(root, width, height, boxes):
     persons = []
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         lms = [[x1 + 8, y1 + 10], [x2 - 8, y1 + 10], [(x1 + x2) / 2, y1 + 18], [x1 + 9, y2 - 8], [x2 - 9, y2 - 8]]
-        persons.append({"identity": f"p{k}", "box": [x1, y1, x2, y2], "landmarks": lms,
-                        "embedding": rng.normal(size=512).tolist()})
+        persons.append(
+            {"identity": f"p{k}", "box": [x1, y1, x2, y2], "landmarks": lms, "embedding": rng.normal(size=512).tolist()}
+        )
     line = {"image": "wide.png", "caption": "", "width": width, "height": height, "persons": persons}
     (root / "manifest.jsonl").write_text(json.dumps(line) + "\n")
     return Manifest.load(root / "manifest.jsonl")
@@ -380,8 +413,10 @@ def test_keep_faces_crop_and_faces_cut_by_the_crop(tmp_path):
         ds = WithAnyoneDataset(manifest, _options(buckets=((128, 128),), crop="keep_faces"), seed=epoch)
         item = ds[0]
         assert item["id_valid"].all() and (item["boxes"] >= 0).all() and (item["boxes"] <= 128).all()
-    offsets = {float(WithAnyoneDataset(manifest, _options(buckets=((128, 128),), crop="keep_faces"),
-                                       seed=s)[0]["boxes"][0, 0]) for s in range(8)}
+    offsets = {
+        float(WithAnyoneDataset(manifest, _options(buckets=((128, 128),), crop="keep_faces"), seed=s)[0]["boxes"][0, 0])
+        for s in range(8)
+    }
     assert len(offsets) > 1  # random among the crops that keep the faces
     # faces too far apart for one square: centred on them, and the cut ones leave the ID losses
     apart = _two_faces(tmp_path, 600, 100, [(10, 20, 60, 70), (540, 20, 590, 70)])
@@ -430,8 +465,13 @@ def test_dataloader_workers_give_the_same_batches_and_resume(tmp_path):
         sampler = BucketBatchSampler(ds, batch_size=2, seed=4)
         if state:
             sampler.load_state_dict(state)
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                            multiprocessing_context="fork" if workers else None)
+        loader = DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            multiprocessing_context="fork" if workers else None,
+        )
         out = []
         for batch in loader:
             out.append(batch)
@@ -439,8 +479,12 @@ def test_dataloader_workers_give_the_same_batches_and_resume(tmp_path):
                 return out
 
     def same(a, b):
-        return (a["keys"] == b["keys"] and a["caption"] == b["caption"] and torch.equal(a["pixels"], b["pixels"])
-                and torch.equal(a["ref_embeddings"], b["ref_embeddings"]))
+        return (
+            a["keys"] == b["keys"]
+            and a["caption"] == b["caption"]
+            and torch.equal(a["pixels"], b["pixels"])
+            and torch.equal(a["ref_embeddings"], b["ref_embeddings"])
+        )
 
     plain, workers = batches(0), batches(2)
     assert all(same(a, b) for a, b in zip(plain, workers))  # across an epoch end (6 batches per epoch)

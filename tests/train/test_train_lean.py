@@ -31,8 +31,10 @@ def smoke_set():
 
 
 def _config(tmp_path, *overrides):
-    return load_config(SMOKE, [f"output_dir={tmp_path}", "tensorboard=false", "sample.every=0", ONE_STEP,
-                               "checkpoint.every=1", *overrides])
+    return load_config(
+        SMOKE,
+        [f"output_dir={tmp_path}", "tensorboard=false", "sample.every=0", ONE_STEP, "checkpoint.every=1", *overrides],
+    )
 
 
 # ------------------------------------------------------------------ fp8 storage
@@ -72,8 +74,11 @@ def test_fp8_storage_of_the_tiny_flux(smoke_set):
         store_frozen_fp8(flux)
     flux.requires_grad_(False)
     before = sum(p.numel() * p.element_size() for p in flux.parameters())
-    linears = sum(isinstance(m, nn.Linear) for b in [*flux.transformer_blocks, *flux.single_transformer_blocks]
-                  for m in b.modules())
+    linears = sum(
+        isinstance(m, nn.Linear)
+        for b in [*flux.transformer_blocks, *flux.single_transformer_blocks]
+        for m in b.modules()
+    )
     assert store_frozen_fp8(flux) == linears > 0
     assert sum(isinstance(m, FP8StorageLinear) for m in flux.modules()) == linears
     assert flux.dtype == torch.bfloat16  # diffusers reads the dtype from the first parameter: an embedder
@@ -98,13 +103,13 @@ NETWORK_FREE_IMPORTS = {
     "train.lean": "from train.lean import bitsandbytes, peft\npeft()\nassert hasattr(bitsandbytes().optim, 'AdamW8bit')\n",
     # the host's import of diffusers is what is checked: an empty state dict fails right after it
     "diffusers host": "from withanyone_core.hosts.diffusers import flux_from_bfl_state\n"
-                      "try:\n    flux_from_bfl_state({})\nexcept Exception:\n    pass\n",
+    "try:\n    flux_from_bfl_state({})\nexcept Exception:\n    pass\n",
     "tiny training models": "import tempfile\nfrom withanyone_core.testing.tiny_train import build_tiny_flux_folder\n"
-                            "build_tiny_flux_folder(tempfile.mkdtemp())\n",
+    "build_tiny_flux_folder(tempfile.mkdtemp())\n",
     "memory accounting": "from train.memory import decoder_activations\nimport torch\n"
-                         "decoder_activations(dict(latent_channels=16, block_out_channels=(32, 32), layers_per_block=1, "
-                         "down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2, "
-                         "norm_num_groups=8), 1, 64, 64, torch.float32)\n",
+    "decoder_activations(dict(latent_channels=16, block_out_channels=(32, 32), layers_per_block=1, "
+    "down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2, "
+    "norm_num_groups=8), 1, 64, 64, torch.float32)\n",
 }
 
 
@@ -126,9 +131,10 @@ def test_importing_bitsandbytes_peft_or_diffusers_reaches_no_network(entry):
         "socket.socket.connect = socket.socket.connect_ex = refuse\n"
         "import transformers\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
-        + NETWORK_FREE_IMPORTS[entry] +
-        "assert 'bitsandbytes' in sys.modules\n"
-        "print('ATTEMPTS', attempts)\n")
+        + NETWORK_FREE_IMPORTS[entry]
+        + "assert 'bitsandbytes' in sys.modules\n"
+        "print('ATTEMPTS', attempts)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ATTEMPTS []" in result.stdout, result.stdout + result.stderr[-2000:]
@@ -173,6 +179,7 @@ def test_merged_adapter_equals_the_adapter_with_its_lora(tmp_path):
     assert trained and all(".lora_" in n and n.startswith(BRANCH_PREFIXES["arcface"]) for n in trained)
     assert not any(n.startswith("ipa_sig") and ".lora_" in n for n, _ in adapter.named_parameters())
     import re
+
     assert re.fullmatch(adapter_lora_pattern(("ipa_arc.",)), "ipa_arc.3.to_kv")
     with torch.no_grad():  # a trained LoRA (peft starts B at zero)
         for p in params:
@@ -186,8 +193,11 @@ def test_merged_adapter_equals_the_adapter_with_its_lora(tmp_path):
     boxes = [[(0, 0, 32, 64), (32, 0, 64, 64)]]
     img = torch.randn(1, grid.rows * grid.cols, 128)
     with torch.no_grad():
-        outs = [m.block_residual(i, img, m.prepare(arcface, siglip, grid, boxes, 1.0, 0.5))
-                for m in (adapter, merged) for i in range(2)]
+        outs = [
+            m.block_residual(i, img, m.prepare(arcface, siglip, grid, boxes, 1.0, 0.5))
+            for m in (adapter, merged)
+            for i in range(2)
+        ]
     for a, b in zip(outs[:2], outs[2:]):
         assert a.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -208,11 +218,15 @@ def test_lean_keys_are_validated(smoke_set, tmp_path, monkeypatch):
     monkeypatch.setenv("WITHANYONE_SHARDS", str(smoke_set / "multiid2m" / "train" / "re_*.tar"))
     stream = [f"output_dir={tmp_path}", "train.release_text_encoders=true"]
     with pytest.raises(ConfigError, match="release_text_encoders needs every caption"):
-        load_config(ROOT / "train" / "configs" / "smoke-multiid2m.yaml",
-                    [*stream, "phases=[{name: c, steps: 1, prompt_mode: caption}]"])
+        load_config(
+            ROOT / "train" / "configs" / "smoke-multiid2m.yaml",
+            [*stream, "phases=[{name: c, steps: 1, prompt_mode: caption}]"],
+        )
     # fixed prompts only: every caption is known up front
-    load_config(ROOT / "train" / "configs" / "smoke-multiid2m.yaml", [*stream, "phases=[{name: f, steps: 1, "
-                                                                      "prompt_mode: fixed, text_dropout: 0.1}]"])
+    load_config(
+        ROOT / "train" / "configs" / "smoke-multiid2m.yaml",
+        [*stream, "phases=[{name: f, steps: 1, prompt_mode: fixed, text_dropout: 0.1}]"],
+    )
 
 
 def test_consumer_config_combines_every_lean_mode(monkeypatch, tmp_path):
@@ -221,8 +235,13 @@ def test_consumer_config_combines_every_lean_mode(monkeypatch, tmp_path):
     config = load_config(ROOT / "train" / "configs" / "consumer-24gb.yaml")
     assert config.models.comfyui == str(tmp_path / "comfyui") and not config.models.base  # the user's install
     t = config.train
-    assert (t.mode, t.branch, t.frozen_storage, t.optimizer.name, t.adapter_lora.rank) == \
-        ("adapter", "arcface", "fp8_e4m3fn", "adamw8bit", 64)
+    assert (t.mode, t.branch, t.frozen_storage, t.optimizer.name, t.adapter_lora.rank) == (
+        "adapter",
+        "arcface",
+        "fp8_e4m3fn",
+        "adamw8bit",
+        64,
+    )
     assert t.release_text_encoders and t.idle_branch_on_cpu and t.gradient_checkpointing
     assert config.data.batch_size == 1 and config.data.buckets == [[512, 512]]
     assert [p.steps for p in config.phases] == [20000, 20000, 20000, 5000]
@@ -251,10 +270,17 @@ MODES = {
     "adapter-lora": ["train.adapter_lora.rank=4", "train.mixed_precision=bf16"],
     "adamw8bit": ["train.optimizer.name=adamw8bit"],
     # every lean option (8-bit AdamW where bitsandbytes is installed, so the rest is checked without it too)
-    "lean": ["train.branch=arcface", "train.frozen_storage=fp8_e4m3fn",
-             f"train.optimizer.name={'adamw8bit' if HAS_BNB else 'adamw'}",
-             "train.adapter_lora.rank=4", "train.release_text_encoders=true", "train.idle_branch_on_cpu=true",
-             "train.gradient_checkpointing=true", "train.mixed_precision=bf16", "sample.every=1"],
+    "lean": [
+        "train.branch=arcface",
+        "train.frozen_storage=fp8_e4m3fn",
+        f"train.optimizer.name={'adamw8bit' if HAS_BNB else 'adamw'}",
+        "train.adapter_lora.rank=4",
+        "train.release_text_encoders=true",
+        "train.idle_branch_on_cpu=true",
+        "train.gradient_checkpointing=true",
+        "train.mixed_precision=bf16",
+        "sample.every=1",
+    ],
 }
 
 
@@ -285,8 +311,9 @@ def test_static_memory_estimate_equals_the_real_tensors_after_one_step(smoke_set
 
     def after_step(optimizer, *_):
         seen["grads"] = _tensor_bytes(p.grad for p in models.denoiser.parameters() if p.grad is not None)
-        seen["frozen_grads"] = [n for n, p in models.denoiser.named_parameters() if not p.requires_grad
-                                and p.grad is not None]
+        seen["frozen_grads"] = [
+            n for n, p in models.denoiser.named_parameters() if not p.requires_grad and p.grad is not None
+        ]
         seen["states"] = _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
 
     base = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -300,12 +327,19 @@ def test_static_memory_estimate_equals_the_real_tensors_after_one_step(smoke_set
     assert est.optimizer == seen["states"]
     # frozen: every frozen tensor of the models, less the adapter modules the step never ran when they wait on
     # the CPU (train.idle_branch_on_cpu); released text encoders hold nothing
-    idle = [m for m in models.adapter.modules() if id(m) not in called and list(m.parameters(recurse=False))] \
-        if trainer.config.train.idle_branch_on_cpu else []
+    idle = (
+        [m for m in models.adapter.modules() if id(m) not in called and list(m.parameters(recurse=False))]
+        if trainer.config.train.idle_branch_on_cpu
+        else []
+    )
     idle_ids = {id(t) for m in idle for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
-    frozen = [t for m in (models.denoiser, models.vae, models.text, models.arcface, getattr(models.siglip, "model", None))
-              if m is not None for t in [*m.parameters(), *m.buffers()]
-              if not (isinstance(t, nn.Parameter) and t.requires_grad) and id(t) not in idle_ids]
+    frozen = [
+        t
+        for m in (models.denoiser, models.vae, models.text, models.arcface, getattr(models.siglip, "model", None))
+        if m is not None
+        for t in [*m.parameters(), *m.buffers()]
+        if not (isinstance(t, nn.Parameter) and t.requires_grad) and id(t) not in idle_ids
+    ]
     assert est.frozen_weights == _tensor_bytes(frozen)
     if mode == "lean":
         _check_lean_run(trainer, tmp_path, smoke_set, idle)
@@ -324,8 +358,11 @@ def _check_lean_run(trainer, out: Path, smoke_set: Path, idle) -> None:
     assert {"", config.sample.prompt} <= set(models.text.embeddings)
     assert (out / "samples" / "step-000001.png").is_file()
     assert idle and all(p.device.type == "cpu" for m in idle for p in m.parameters())
-    assert {n.split(".")[0] for m in idle for n, _ in models.adapter.named_modules() if _ is m} <= \
-        {"ipa_sig", "siglip_in_sig", "arcface_in_sig"}
+    assert {n.split(".")[0] for m in idle for n, _ in models.adapter.named_modules() if _ is m} <= {
+        "ipa_sig",
+        "siglip_in_sig",
+        "arcface_in_sig",
+    }
     encoder = TextEncoder(Path(config.models.base), dtype=torch.bfloat16)
     t5, pooled = encoder([config.sample.prompt])
     cached_t5, cached_pooled = models.text([config.sample.prompt])
@@ -403,9 +440,25 @@ def test_lean_run_resumes_bit_identically(smoke_set, tmp_path, fresh_accelerate)
 
     def train(out):
         AcceleratorState._reset_state(reset_partial_state=True)
-        run.main(["--config", str(SMOKE), *[a for o in (f"output_dir={out}", "tensorboard=false", "sample.every=0",
-                                                       "checkpoint.every=1", "checkpoint.keep=3", phases, *lean)
-                                           for a in ("--set", o)]])
+        run.main(
+            [
+                "--config",
+                str(SMOKE),
+                *[
+                    a
+                    for o in (
+                        f"output_dir={out}",
+                        "tensorboard=false",
+                        "sample.every=0",
+                        "checkpoint.every=1",
+                        "checkpoint.keep=3",
+                        phases,
+                        *lean,
+                    )
+                    for a in ("--set", o)
+                ],
+            ]
+        )
 
     def losses(out):
         return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
@@ -423,9 +476,18 @@ def test_adapter_activations_under_checkpointing_are_one_blocks_worth():
     from train.memory import _adapter_block_activations, transformer_activations
     from withanyone_core.adapter import AdapterConfig
 
-    flux = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                axes_dims_rope=(16, 24, 24))
+    flux = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    )
     adapter = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2, siglip_dim=32)
     one_block = _adapter_block_activations(adapter, ("arc",), 1, 256, 2, torch.bfloat16)
     assert one_block > 0

@@ -39,7 +39,9 @@ def _reject_constant(name):
 
 def _strict_rows(out: Path) -> list[dict]:
     """losses.jsonl parsed as strict JSON: a bare NaN/Infinity fails here (Python's json accepts them)."""
-    return [json.loads(line, parse_constant=_reject_constant) for line in (out / "losses.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line, parse_constant=_reject_constant) for line in (out / "losses.jsonl").read_text().splitlines()
+    ]
 
 
 def _train(out: Path, *overrides: str) -> None:
@@ -95,7 +97,9 @@ def test_nonfinite_steps_are_skipped_and_never_applied(smoke_set, tmp_path, monk
 
     ckpt = out / "checkpoints"
     adapters = {n: load_safetensors(ckpt / f"step-{n}" / "withanyone.safetensors") for n in (4, 5, 6, 7, 8)}
-    optim = {n: torch.load(ckpt / f"step-{n}" / "accelerate" / "optimizer.bin", weights_only=True) for n in (4, 5, 6, 7)}
+    optim = {
+        n: torch.load(ckpt / f"step-{n}" / "accelerate" / "optimizer.bin", weights_only=True) for n in (4, 5, 6, 7)
+    }
     for before, after in ((4, 5), (6, 7)):  # the skipped steps changed nothing
         assert all(torch.equal(adapters[before][k], adapters[after][k]) for k in adapters[before]), (before, after)
         assert optim[before]["state"].keys() == optim[after]["state"].keys()
@@ -126,10 +130,29 @@ def test_a_run_of_nan_steps_stops_with_one_line_and_finite_checkpoints(smoke_set
     save_file(vae, str(vae_file))
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE), "--set", f"output_dir={out}",
-         "--set", f"models.base={base}", "--set", "train.max_nonfinite_steps=3", "--set", "checkpoint.every=1",
-         "--set", "sample.every=0", "--set", "tensorboard=false"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "train" / "run.py"),
+            "--config",
+            str(SMOKE),
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"models.base={base}",
+            "--set",
+            "train.max_nonfinite_steps=3",
+            "--set",
+            "checkpoint.every=1",
+            "--set",
+            "sample.every=0",
+            "--set",
+            "tensorboard=false",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
@@ -161,8 +184,11 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(smoke_set, tmp_pa
     weight = trainer.models.adapter.ipa_arc[0].to_q.weight
     with torch.no_grad():
         weight[0, 0] = float("nan")
-    with pytest.raises(CheckpointError, match=r"step-1 not written: withanyone.safetensors ipa_arc.0.to_q.weight "
-                                              r"is not finite"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"step-1 not written: withanyone.safetensors ipa_arc.0.to_q.weight "
+        r"is not finite",
+    ):
         trainer.save(active)
     assert _nothing_written(out)
     with torch.no_grad():
@@ -174,8 +200,11 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(smoke_set, tmp_pa
     inner = trainer.optimizer.optimizer
     first = trainer.params[0]
     inner.state[first]["exp_avg_sq"].view(-1)[0] = float("inf")
-    with pytest.raises(CheckpointError, match=rf"optimizer state exp_avg_sq of {trainer.param_names[id(first)]} "
-                                              r"is not finite"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"optimizer state exp_avg_sq of {trainer.param_names[id(first)]} "
+        r"is not finite",
+    ):
         trainer.save(active)
     assert _nothing_written(out)
     inner.state[first]["exp_avg_sq"].view(-1)[0] = 0.0
@@ -219,15 +248,36 @@ def test_every_rank_skips_together(smoke_set, tmp_path):
         "trainer = run.Trainer(config)\n"
         "trainer.run()\n"
         "total = sum(float(p.detach().double().sum()) for p in trainer.params)\n"
-        "print(f'rank {trainer.accelerator.process_index} weights {total!r}', flush=True)\n")
+        "print(f'rank {trainer.accelerator.process_index} weights {total!r}', flush=True)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
     accelerate = Path(sys.executable).parent / "accelerate"
     result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), f"output_dir={out}", "sample.every=0",
-         "tensorboard=false", "checkpoint.every=1", "checkpoint.keep=5",
-         "phases=[{name: fit, steps: 3, prompt_mode: fixed, min_face_size: 32}]"],
-        env=env, capture_output=True, text=True, timeout=900)
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+            f"output_dir={out}",
+            "sample.every=0",
+            "tensorboard=false",
+            "checkpoint.every=1",
+            "checkpoint.keep=5",
+            "phases=[{name: fit, steps: 3, prompt_mode: fixed, min_face_size: 32}]",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     weights = sorted(line.split(" weights ")[1] for line in result.stdout.splitlines() if " weights " in line)
     assert len(weights) == 2 and weights[0] == weights[1], result.stdout  # the ranks agree

@@ -27,8 +27,17 @@ def smoke_set():
 
 
 def _train(out: Path, *overrides: str) -> None:
-    run.main(["--config", str(SMOKE), "--set", f"output_dir={out}", "--set", "sample.every=0",
-              *[a for o in overrides for a in ("--set", o)]])
+    run.main(
+        [
+            "--config",
+            str(SMOKE),
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "sample.every=0",
+            *[a for o in overrides for a in ("--set", o)],
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,7 @@ def _truncate(path: Path) -> None:
 
 def _overwrite_same_size(path: Path, offset: int = 0) -> None:
     data = bytearray(path.read_bytes())
-    data[offset:offset + 16] = b"\xff" * 16
+    data[offset : offset + 16] = b"\xff" * 16
     path.write_bytes(bytes(data))
 
 
@@ -57,8 +66,11 @@ def _refresh_sizes(folder: Path) -> None:
     """Record the files' present sizes in the marker: damage that happened before it was written (a NaN saved
     by an older trainer), so the content checks, not the size check, must find it."""
     marker = json.loads((folder / MARKER).read_text())
-    marker["sizes"] = {p.relative_to(folder).as_posix(): p.stat().st_size
-                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+    marker["sizes"] = {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
     (folder / MARKER).write_text(json.dumps(marker))
 
 
@@ -90,43 +102,74 @@ def _nan_in_optimizer(path: Path) -> None:
 
 DAMAGE = {
     # truncated (disk full, interrupted copy): found by the sizes the marker records, nothing read
-    "truncated adapter": (lambda f: _truncate(f / "withanyone.safetensors"),
-                          r"withanyone.safetensors is \d+ bytes, written as \d+"),
-    "truncated model": (lambda f: _truncate(f / "accelerate" / "model.safetensors"),
-                        r"accelerate/model.safetensors is \d+ bytes, written as \d+"),
-    "truncated optimizer": (lambda f: _truncate(f / "accelerate" / "optimizer.bin"),
-                            r"accelerate/optimizer.bin is \d+ bytes"),
+    "truncated adapter": (
+        lambda f: _truncate(f / "withanyone.safetensors"),
+        r"withanyone.safetensors is \d+ bytes, written as \d+",
+    ),
+    "truncated model": (
+        lambda f: _truncate(f / "accelerate" / "model.safetensors"),
+        r"accelerate/model.safetensors is \d+ bytes, written as \d+",
+    ),
+    "truncated optimizer": (
+        lambda f: _truncate(f / "accelerate" / "optimizer.bin"),
+        r"accelerate/optimizer.bin is \d+ bytes",
+    ),
     "truncated trainer.json": (lambda f: _truncate(f / "trainer.json"), r"trainer.json is \d+ bytes"),
-    "truncated RNG state": (lambda f: _truncate(f / "accelerate" / "random_states_0.pkl"),
-                            r"accelerate/random_states_0.pkl is \d+ bytes"),
+    "truncated RNG state": (
+        lambda f: _truncate(f / "accelerate" / "random_states_0.pkl"),
+        r"accelerate/random_states_0.pkl is \d+ bytes",
+    ),
     "missing optimizer": (lambda f: (f / "accelerate" / "optimizer.bin").unlink(), r"optimizer.bin is missing"),
     "missing adapter": (lambda f: (f / "withanyone.safetensors").unlink(), r"withanyone.safetensors is missing"),
     # altered in place, same size: found by reading
-    "garbled adapter header": (lambda f: _overwrite_same_size(f / "withanyone.safetensors", 8),
-                               r"withanyone.safetensors is not readable \(SafetensorError"),
+    "garbled adapter header": (
+        lambda f: _overwrite_same_size(f / "withanyone.safetensors", 8),
+        r"withanyone.safetensors is not readable \(SafetensorError",
+    ),
     "garbled trainer.json": (lambda f: _overwrite_same_size(f / "trainer.json"), r"trainer.json is not valid JSON"),
     "garbled marker": (lambda f: (f / MARKER).write_text("{not json"), r"COMPLETE is not valid JSON"),
     # written so by an older trainer: non-finite tensors or numbers
-    "NaN in adapter": (lambda f: (_nan_in_safetensors(f / "withanyone.safetensors"), _refresh_sizes(f)),
-                       r"withanyone.safetensors: tensor \S+ is not finite"),
-    "NaN in model": (lambda f: (_nan_in_safetensors(f / "accelerate" / "model.safetensors"), _refresh_sizes(f)),
-                     r"accelerate/model.safetensors: tensor \S+ is not finite"),
-    "NaN in optimizer": (lambda f: (_nan_in_optimizer(f / "accelerate" / "optimizer.bin"), _refresh_sizes(f)),
-                         r"accelerate/optimizer.bin: tensor state.\d+.exp_avg is not finite"),
-    "NaN in trainer.json": (lambda f: ((f / "trainer.json").write_text(
-        (f / "trainer.json").read_text().replace('"losses": {', '"losses": {"loss/x": NaN, ')), _refresh_sizes(f)),
-        r"trainer.json is not valid JSON \(NaN is not a number JSON allows\)"),
-    "wrong step in trainer.json": (lambda f: ((f / "trainer.json").write_text(
-        (f / "trainer.json").read_text().replace('"step": 12', '"step": 7')), _refresh_sizes(f)),
-        r"trainer.json says step 7, the folder step 12"),
+    "NaN in adapter": (
+        lambda f: (_nan_in_safetensors(f / "withanyone.safetensors"), _refresh_sizes(f)),
+        r"withanyone.safetensors: tensor \S+ is not finite",
+    ),
+    "NaN in model": (
+        lambda f: (_nan_in_safetensors(f / "accelerate" / "model.safetensors"), _refresh_sizes(f)),
+        r"accelerate/model.safetensors: tensor \S+ is not finite",
+    ),
+    "NaN in optimizer": (
+        lambda f: (_nan_in_optimizer(f / "accelerate" / "optimizer.bin"), _refresh_sizes(f)),
+        r"accelerate/optimizer.bin: tensor state.\d+.exp_avg is not finite",
+    ),
+    "NaN in trainer.json": (
+        lambda f: (
+            (f / "trainer.json").write_text(
+                (f / "trainer.json").read_text().replace('"losses": {', '"losses": {"loss/x": NaN, ')
+            ),
+            _refresh_sizes(f),
+        ),
+        r"trainer.json is not valid JSON \(NaN is not a number JSON allows\)",
+    ),
+    "wrong step in trainer.json": (
+        lambda f: (
+            (f / "trainer.json").write_text((f / "trainer.json").read_text().replace('"step": 12', '"step": 7')),
+            _refresh_sizes(f),
+        ),
+        r"trainer.json says step 7, the folder step 12",
+    ),
     # checkpoints written before sizes were recorded: truncation found by reading
-    "old marker, truncated optimizer": (lambda f: (_old_marker(f), _truncate(f / "accelerate" / "optimizer.bin")),
-                                        r"accelerate/optimizer.bin is not readable"),
-    "old marker, truncated model": (lambda f: (_old_marker(f), _truncate(f / "accelerate" / "model.safetensors")),
-                                    r"accelerate/model.safetensors is not readable"),
-    "old marker, truncated RNG state": (lambda f: (_old_marker(f),
-                                                   _truncate(f / "accelerate" / "random_states_0.pkl")),
-                                        r"accelerate/random_states_0.pkl is not readable"),
+    "old marker, truncated optimizer": (
+        lambda f: (_old_marker(f), _truncate(f / "accelerate" / "optimizer.bin")),
+        r"accelerate/optimizer.bin is not readable",
+    ),
+    "old marker, truncated model": (
+        lambda f: (_old_marker(f), _truncate(f / "accelerate" / "model.safetensors")),
+        r"accelerate/model.safetensors is not readable",
+    ),
+    "old marker, truncated RNG state": (
+        lambda f: (_old_marker(f), _truncate(f / "accelerate" / "random_states_0.pkl")),
+        r"accelerate/random_states_0.pkl is not readable",
+    ),
 }
 
 

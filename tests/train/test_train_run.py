@@ -78,8 +78,18 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
 def test_kill_9_mid_run_and_partial_checkpoints_never_break_resume(reference_run, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE), "--set", f"output_dir={out}",
-           "--set", "checkpoint.every=1", "--set", "checkpoint.keep=3"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "run.py"),
+        "--config",
+        str(SMOKE),
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=3",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and latest_checkpoint(out) is None:  # wait until saving has begun
@@ -99,21 +109,25 @@ def test_kill_9_mid_run_and_partial_checkpoints_never_break_resume(reference_run
     assert _losses(out) == _losses(reference_run)  # same losses as never interrupted
 
 
-@pytest.mark.parametrize("mode,branch", [("adapter", "both"), ("adapter", "arcface"), ("adapter", "siglip"),
-                                         ("lora", "both"), ("full", "both")])
+@pytest.mark.parametrize(
+    "mode,branch",
+    [("adapter", "both"), ("adapter", "arcface"), ("adapter", "siglip"), ("lora", "both"), ("full", "both")],
+)
 def test_each_mode_trains_exactly_its_parameters(smoke_set, tmp_path, mode, branch):
     from train.config import load_config
     from train.models import BRANCH_PREFIXES, load_models, set_trainable
 
-    config = load_config(SMOKE, [f"output_dir={tmp_path}", f"train.mode={mode}", "train.lora.rank=4",
-                                 f"train.branch={branch}"])
+    config = load_config(
+        SMOKE, [f"output_dir={tmp_path}", f"train.mode={mode}", "train.lora.rank=4", f"train.branch={branch}"]
+    )
     models = load_models(config)
     params = set_trainable(models, mode, config.train.lora, branch)
     names = {n for n, p in models.denoiser.named_parameters() if p.requires_grad}
     assert {id(p) for p in params} == {id(p) for p in models.denoiser.parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 for p in params)  # fp32 master weights
-    adapter_names = {"adapter." + n for n, _ in models.adapter.named_parameters()
-                     if n.startswith(BRANCH_PREFIXES[branch])}
+    adapter_names = {
+        "adapter." + n for n, _ in models.adapter.named_parameters() if n.startswith(BRANCH_PREFIXES[branch])
+    }
     assert (models.siglip is None) == (branch == "arcface")  # the ArcFace branch never loads SigLIP
     transformer_names = {n for n, _ in models.denoiser.named_parameters() if n.startswith("transformer.")}
     if mode == "adapter":
@@ -129,8 +143,17 @@ def test_each_mode_trains_exactly_its_parameters(smoke_set, tmp_path, mode, bran
 
 def test_lora_checkpoint_is_comfyui_format_and_only_trainables_change(smoke_set, tmp_path):
     out = tmp_path / "lora"
-    _train(out, "train.mode=lora", "train.lora.rank=4", "phases.0.steps=2", "phases.1.steps=1",
-           "phases.2.steps=1", "phases.3.steps=1", "checkpoint.every=5", "sample.every=0")
+    _train(
+        out,
+        "train.mode=lora",
+        "train.lora.rank=4",
+        "phases.0.steps=2",
+        "phases.1.steps=1",
+        "phases.2.steps=1",
+        "phases.3.steps=1",
+        "checkpoint.every=5",
+        "sample.every=0",
+    )
     ckpt = out / "checkpoints" / "step-5"
     lora = load_safetensors(ckpt / "lora.safetensors")
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in lora
@@ -141,7 +164,9 @@ def test_lora_checkpoint_is_comfyui_format_and_only_trainables_change(smoke_set,
     trained = load_safetensors(ckpt / "accelerate" / "model.safetensors")
     for name, value in base.items():  # the frozen base weights are untouched
         key = "transformer." + name
-        key = key if key in trained else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        key = (
+            key if key in trained else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
         assert torch.equal(trained[key], value), name
 
 
@@ -179,22 +204,50 @@ def test_id_loss_gradient_and_gate(smoke_set, tmp_path, monkeypatch, caplog):
 
 def test_loss_falls_on_synthetic_data(smoke_set, tmp_path):
     out = tmp_path / "fit"
-    _train(out, "train.mode=full", "phases=[{name: fit, steps: 40, prompt_mode: fixed, min_face_size: 32}]", "checkpoint.every=40",
-           "sample.every=0", "train.optimizer.lr=3.0e-4", "data.batch_size=4")
+    _train(
+        out,
+        "train.mode=full",
+        "phases=[{name: fit, steps: 40, prompt_mode: fixed, min_face_size: 32}]",
+        "checkpoint.every=40",
+        "sample.every=0",
+        "train.optimizer.lr=3.0e-4",
+        "data.batch_size=4",
+    )
     flow = [row["loss/flow"] for row in _losses(out)]
     assert sum(flow[-10:]) / 10 < 0.8 * sum(flow[:10]) / 10
 
 
-def _launch(out: Path, *launch_args: str, cpu_ddp: bool = False, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _launch(
+    out: Path, *launch_args: str, cpu_ddp: bool = False, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if cpu_ddp:
         env["ACCELERATE_USE_CPU"] = "1"
     accelerate = Path(sys.executable).parent / "accelerate"
     return subprocess.run(
-        [str(accelerate), "launch", *launch_args, "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(ROOT / "train" / "run.py"), "--config", str(SMOKE),
-         "--set", f"output_dir={out}", "--set", "sample.every=0", *[a for o in extra for a in ("--set", o)]],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(accelerate),
+            "launch",
+            *launch_args,
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "train" / "run.py"),
+            "--config",
+            str(SMOKE),
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "sample.every=0",
+            *[a for o in extra for a in ("--set", o)],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -208,7 +261,8 @@ def test_two_process_accelerate_run(smoke_set, reference_run, tmp_path):
     result = _launch(out, "--multi_gpu", "--num_processes", "2", cpu_ddp=True, extra=cache)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list((tmp_path / "text-cache").glob("*.safetensors"))) >= 3 and not list(
-        (tmp_path / "text-cache").glob("*.tmp"))
+        (tmp_path / "text-cache").glob("*.tmp")
+    )
     # one scheduler step per optimizer step whatever the process count, each phase's lr from its first step
     assert [row["lr"] for row in _losses(out)] == [row["lr"] for row in _losses(reference_run)]
     state = sorted((out / "checkpoints" / "step-12" / "accelerate").glob("random_states_*.pkl"))
@@ -235,8 +289,10 @@ def test_misconfigured_multi_process_launch_is_refused(smoke_set, tmp_path):
     assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr
 
 
-PAIRED_ONLY = ("phases=[{name: paired, steps: 3, paired_ratio: 0.5, min_face_size: 32, "
-               "loss: {flow: 1.0, id: 0.1, contrastive: 0.1}, id_gate: 1.0, negatives: 8}]")
+PAIRED_ONLY = (
+    "phases=[{name: paired, steps: 3, paired_ratio: 0.5, min_face_size: 32, "
+    "loss: {flow: 1.0, id: 0.1, contrastive: 0.1}, id_gate: 1.0, negatives: 8}]"
+)
 
 
 def test_gradient_checkpointing_and_bf16(smoke_set, tmp_path, monkeypatch):
@@ -265,8 +321,13 @@ def test_gradient_checkpointing_and_bf16(smoke_set, tmp_path, monkeypatch):
 
     # accelerate fixes the precision once per process: a fresh one, as a user would run it
     args = [a for o in (*common, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'bf16'}") for a in ("--set", o)]
-    subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE), *args], check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE), *args],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        timeout=600,
+    )
     bf16 = _losses(tmp_path / "bf16")
     assert len(bf16) == 3
     first, first_bf16 = plain[0], bf16[0]  # same weights and batch: only the precision differs
@@ -280,9 +341,22 @@ def test_wrong_paths_fail_fast_naming_key_and_path(smoke_set, tmp_path):
     a smoke run before the smoke set exists says how to build it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     missing = tmp_path / "no-such-flux"
-    result = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--config", str(SMOKE),
-                             "--set", f"models.base={missing}", "--set", f"output_dir={tmp_path / 'out'}"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "run.py"),
+            "--config",
+            str(SMOKE),
+            "--set",
+            f"models.base={missing}",
+            "--set",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"models.base: {missing} does not exist" in result.stderr and "make train-smoke" in result.stderr
     assert "huggingface" not in result.stderr.lower() and "connect" not in result.stderr
@@ -295,15 +369,31 @@ def test_branches_train_separately_and_merge(smoke_set, tmp_path):
 
     one_phase = "phases=[{name: fit, steps: 2, prompt_mode: fixed, min_face_size: 32}]"
     for branch in ("arcface", "siglip"):
-        _train(tmp_path / branch, f"train.branch={branch}", one_phase, "checkpoint.every=1", "sample.every=0",
-               "tensorboard=false")
+        _train(
+            tmp_path / branch,
+            f"train.branch={branch}",
+            one_phase,
+            "checkpoint.every=1",
+            "sample.every=0",
+            "tensorboard=false",
+        )
     files = {b: tmp_path / b / "checkpoints" / "step-2" / "withanyone.safetensors" for b in ("arcface", "siglip")}
     first = load_safetensors(tmp_path / "arcface" / "checkpoints" / "step-1" / "withanyone.safetensors")
     arc, sig = load_safetensors(files["arcface"]), load_safetensors(files["siglip"])
     assert not torch.equal(first["ipa_arc.0.to_q.weight"], arc["ipa_arc.0.to_q.weight"])  # the ArcFace branch trains
     assert all(torch.equal(first[k], arc[k]) for k in arc if k.startswith(("ipa_sig.", "siglip_in_sig.")))
-    out = merge.main(["--arcface", str(files["arcface"]), "--siglip", str(files["siglip"]),
-                      "--out", str(tmp_path / "withanyone.safetensors"), "--dtype", "fp32"])
+    out = merge.main(
+        [
+            "--arcface",
+            str(files["arcface"]),
+            "--siglip",
+            str(files["siglip"]),
+            "--out",
+            str(tmp_path / "withanyone.safetensors"),
+            "--dtype",
+            "fp32",
+        ]
+    )
     merged = load_safetensors(out)
     assert set(merged) == set(arc)
     for key, value in merged.items():
@@ -332,8 +422,7 @@ def test_detected_faces_are_matched_to_the_gt_boxes(smoke_set):
 
 def test_a_phase_without_usable_items_stops_with_the_reason(smoke_set, tmp_path):
     """The authors skip an item without a good paired reference; when no item qualifies the run stops and says why."""
-    phases = ("phases=[{name: strict, steps: 2, paired_ratio: 1.0, paired_min_similarity: 1.0, "
-              "min_face_size: 32}]")
+    phases = "phases=[{name: strict, steps: 2, paired_ratio: 1.0, paired_min_similarity: 1.0, min_face_size: 32}]"
     with pytest.raises(RuntimeError, match="no usable item .*paired_no_similar_reference.*paired_fallback: self"):
         _train(tmp_path / "strict", phases, "data.num_workers=0", "sample.every=0", "tensorboard=false")
 
@@ -354,14 +443,35 @@ def test_a_failure_on_the_main_process_stops_every_rank(tmp_path):
         "except Exception as exc:\n"
         "    print(f'rank {acc.process_index} stopped: {exc}', flush=True)\n"
         "    sys.exit(3)\n"
-        "print(f'rank {acc.process_index} went on', flush=True)\n")
+        "print(f'rank {acc.process_index} went on', flush=True)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
     accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
-    assert "rank 0 stopped: re_000003.tar: unexpected end of data" in result.stdout, result.stdout + result.stderr[-3000:]
-    assert ("rank 1 stopped: the main process failed while indexing the references: OSError: re_000003.tar"
-            in result.stdout), result.stdout + result.stderr[-3000:]
+    assert "rank 0 stopped: re_000003.tar: unexpected end of data" in result.stdout, (
+        result.stdout + result.stderr[-3000:]
+    )
+    assert (
+        "rank 1 stopped: the main process failed while indexing the references: OSError: re_000003.tar" in result.stdout
+    ), result.stdout + result.stderr[-3000:]
     assert "went on" not in result.stdout

@@ -18,8 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _fresh_clone(dest: Path) -> None:
     """The files a clone has (tracked, plus new files not ignored: the work being tested), no .cache."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file() and not source.is_symlink():
@@ -38,8 +46,9 @@ def test_make_train_smoke_from_a_fresh_clone_with_no_environment(tmp_path):
     assert not (clone / ".cache").exists()
     (clone / ".venv").symlink_to((ROOT / ".venv").resolve())
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path))}
-    result = subprocess.run(["make", "-o", "setup", "train-smoke"], cwd=clone, env=env, capture_output=True,
-                            text=True, timeout=1500)
+    result = subprocess.run(
+        ["make", "-o", "setup", "train-smoke"], cwd=clone, env=env, capture_output=True, text=True, timeout=1500
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for run, steps in (("run", 12), ("run-multiid2m", 5)):
         out = clone / ".cache" / "smoke" / run

@@ -44,8 +44,21 @@ def _frontend_root(version: str) -> Path | None:
     if not (static / "index.html").is_file():
         shutil.rmtree(target, ignore_errors=True)
         # a folder of its own: the venv keeps the frontend ComfyUI 0.3.75 pins
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                               f"comfyui-frontend-package=={version}"], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(target),
+                f"comfyui-frontend-package=={version}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode or not (static / "index.html").is_file():
             message = f"comfyui-frontend-package=={version} could not be installed: {done.stderr[-500:]}"
             if os.environ.get("CI"):
@@ -67,6 +80,7 @@ def servers(tmp_path_factory):
     """Boots one ComfyUI server per frontend version on first use; all stop after the last test of tests/web."""
     booted = {}
     with contextlib.ExitStack() as stack:
+
         def get(version: str) -> tuple[str, str]:
             if version not in booted:
                 root = _frontend_root(version)

@@ -23,8 +23,15 @@ FRONTENDS = [PINNED_FRONTEND, LATEST_FRONTEND]
 RENDERERS = ["classic", "vue"]
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 GOOD_TEXT = "# two people\n0.1,0.2,0.4,0.6\n600 100 900 500"
 BAD_TEXT = "0.1,0.2,0.4,0.6\n10,10,5"
 # five boxes (box 5 has a colour of its own), a comment that the editor must keep, pixels and fractions
@@ -138,15 +145,26 @@ def wait_for(page, script, arg, predicate, timeout=15, what="value"):
 
 def wait_layout(page, node_id, predicate, timeout=15):
     """Poll node.withanyoneLayout until ``predicate(layout)`` holds; returns it."""
-    return json.loads(wait_for(page, LAYOUT_OF, node_id, lambda v: v != "null" and predicate(json.loads(v)),
-                            timeout, "node.withanyoneLayout"))
+    return json.loads(
+        wait_for(
+            page,
+            LAYOUT_OF,
+            node_id,
+            lambda v: v != "null" and predicate(json.loads(v)),
+            timeout,
+            "node.withanyoneLayout",
+        )
+    )
 
 
 def open_app(browser, url, renderer="classic"):
     """The ComfyUI page in the chosen node renderer, our extension registered, an empty graph."""
     # the frontend's own setting, stored by the server before the page reads its settings
-    req = urllib.request.Request(url + "/settings/Comfy.VueNodes.Enabled", data=json.dumps(renderer == "vue").encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/settings/Comfy.VueNodes.Enabled",
+        data=json.dumps(renderer == "vue").encode(),
+        headers={"Content-Type": "application/json"},
+    )
     assert urllib.request.urlopen(req, timeout=30).status == 200
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page_errors = []
@@ -160,7 +178,7 @@ def open_app(browser, url, renderer="classic"):
 
 
 def hex_rgb(color: str) -> tuple[int, int, int]:
-    return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def best_match(image, x: float, y: float, color, radius: int = 3) -> float:

@@ -34,7 +34,9 @@ def test_every_node_has_a_help_page(pinned_server):
         assert len(page) > 300, f"web/docs/{node_id}.md says too little"
         # the Chinese page the frontend picks for the zh locale
         try:
-            zh = urllib.request.urlopen(f"{url}/extensions/{PACK_NAME}/docs/{node_id}/zh.md", timeout=30).read().decode()
+            zh = (
+                urllib.request.urlopen(f"{url}/extensions/{PACK_NAME}/docs/{node_id}/zh.md", timeout=30).read().decode()
+            )
         except urllib.error.HTTPError:
             missing.append(f"{node_id}/zh")
             continue
@@ -88,19 +90,25 @@ def test_chinese_locale_in_the_frontend(latest_server, browser):
     zh = json.loads((ROOT / "locales" / "zh" / "nodeDefs.json").read_text())["WithAnyoneLayout"]
 
     def set_locale(value):
-        req = urllib.request.Request(url + "/settings/Comfy.Locale", data=json.dumps(value).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/settings/Comfy.Locale",
+            data=json.dumps(value).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(req, timeout=30)
 
     set_locale("zh")
     try:
         page, page_errors = open_app(browser, url)
         node_id = page.evaluate(ADD_LAYOUT_NODE, [120, 120])
-        shown = page.evaluate("""(id) => {
+        shown = page.evaluate(
+            """(id) => {
             const node = app.graph.getNodeById(id);
             const width = node.widgets.find((w) => w.name === "width");
             return {title: node.title, width: width.label ?? null};
-        }""", node_id)
+        }""",
+            node_id,
+        )
         assert shown["title"] == zh["display_name"], shown
         assert shown["width"] == zh["inputs"]["width"]["name"], shown
         assert not page_errors, page_errors

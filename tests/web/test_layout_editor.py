@@ -48,22 +48,34 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     url, version = server
     page, page_errors = open_app(browser, url, renderer)
     node_id = page.evaluate(ADD_LAYOUT_NODE, [120, 120])
-    size = page.evaluate("(id) => [0, 1].map((i) => app.graph.getNodeById(id).widgets.find("
-                         "(w) => w.name === ['width', 'height'][i]).value)", node_id)
+    size = page.evaluate(
+        "(id) => [0, 1].map((i) => app.graph.getNodeById(id).widgets.find("
+        "(w) => w.name === ['width', 'height'][i]).value)",
+        node_id,
+    )
     width, height = size
     # the default widgets (a preset) are drawn before anything is touched
     people = page.evaluate(WIDGET_VALUE, [node_id, "people"])
-    wait_layout(page, node_id, lambda lay: lay["boxes"] == [list(b) for b in
-                                                               layout_module.preset_boxes(people, width, height)])
-    wait_for(page, "(id) => app.graph.getNodeById(id).withanyoneEditor.canvas.clientHeight", node_id, lambda h: h > 100,
-          what="the editor canvas height")
+    wait_layout(
+        page, node_id, lambda lay: lay["boxes"] == [list(b) for b in layout_module.preset_boxes(people, width, height)]
+    )
+    wait_for(
+        page,
+        "(id) => app.graph.getNodeById(id).withanyoneEditor.canvas.clientHeight",
+        node_id,
+        lambda h: h > 100,
+        what="the editor canvas height",
+    )
     assert_boxes_drawn(page, node_id)
 
     # typing into the boxes text area redraws the editor; four lines show without a scroll bar
     page.evaluate(SET_WIDGET, [node_id, "source", "text"])
     type_boxes(page, node_id, FOUR_TEXT)
-    wait_layout(page, node_id, lambda lay: lay["boxes"] == [list(b) for b in
-                                                               layout_module.parse_boxes(FOUR_TEXT, width, height)])
+    wait_layout(
+        page,
+        node_id,
+        lambda lay: lay["boxes"] == [list(b) for b in layout_module.parse_boxes(FOUR_TEXT, width, height)],
+    )
     area = page.evaluate(BOXES_TEXTAREA, node_id)
     assert area["value"] == FOUR_TEXT and area["scrollHeight"] <= area["clientHeight"] + 1, area
     type_boxes(page, node_id, FIVE_TEXT)
@@ -104,6 +116,7 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     fx1, fy1, fx2, fy2 = geometry["frame"]
     step = 16 * geometry["screenPerPixel"]
     row = fy2 - 8 * geometry["screenPerPixel"]  # the last token row: below every box of FIVE_TEXT
+
     def brightness(x, spread):  # the brightest pixel within `spread` (a 1-px line falls on one of them)
         return max(sum(image.getpixel((round(x) + d, round(row)))) for d in range(-spread, spread + 1))
 
@@ -118,8 +131,9 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     geometry = page.evaluate(GEOMETRY, node_id)
     bx1, by1, bx2, by2 = geometry["boxes"][1]
     drag(page, (bx2, by2), (24, 40))
-    resized = wait_for(page, WIDGET_VALUE, [node_id, "boxes"], lambda v: box_lines(v)[1] != box_lines(text)[1],
-                    what="the resized box")
+    resized = wait_for(
+        page, WIDGET_VALUE, [node_id, "boxes"], lambda v: box_lines(v)[1] != box_lines(text)[1], what="the resized box"
+    )
     line = box_lines(resized)[1]
     assert all(0 <= float(v) <= 1 for v in line.split(",")), line
     before, after = (layout_module.parse_boxes(t, width, height)[1] for t in (text, resized))
@@ -136,17 +150,23 @@ def test_layout_editor(server, browser, layout_module, renderer, tmp_path):
     assert box_lines(page.evaluate(WIDGET_VALUE, [node_id, "boxes"])) == box_lines(resized)
 
     # a bad line and a NaN box: the node's error, in red below the drawing; the node keeps drawing
-    for bad, message in ((BAD_TEXT, error_of(layout_module.parse_boxes, BAD_TEXT, width, height)),
-                         ("nan,nan,nan,nan", non_finite_message(layout_module, "nan,nan,nan,nan", width, height))):
+    for bad, message in (
+        (BAD_TEXT, error_of(layout_module.parse_boxes, BAD_TEXT, width, height)),
+        ("nan,nan,nan,nan", non_finite_message(layout_module, "nan,nan,nan,nan", width, height)),
+    ):
         page.evaluate(SET_WIDGET, [node_id, "boxes", bad])
         layout = wait_layout(page, node_id, lambda lay, m=message: m in (lay.get("error") or ""))
         assert layout["boxes"] == []
-        geometry = wait_for(page, GEOMETRY, node_id, lambda g, m=message: m in g["messageText"],
-                            what="the error message")
+        geometry = wait_for(
+            page, GEOMETRY, node_id, lambda g, m=message: m in g["messageText"], what="the error message"
+        )
         assert geometry["messageColor"] == "rgb(255, 85, 85)"
     page.evaluate(SET_WIDGET, [node_id, "boxes", GOOD_TEXT])
-    wait_layout(page, node_id, lambda lay: lay["boxes"] == [list(b) for b in
-                                                               layout_module.parse_boxes(GOOD_TEXT, width, height)])
+    wait_layout(
+        page,
+        node_id,
+        lambda lay: lay["boxes"] == [list(b) for b in layout_module.parse_boxes(GOOD_TEXT, width, height)],
+    )
     assert_boxes_drawn(page, node_id)
 
     # the editor stays out of the prompt and the saved workflow
@@ -179,6 +199,7 @@ WARNING_OF = "(id) => app.graph.getNodeById(id).withanyoneCountWarning ?? null"
 def _fulfil_with(status: int, body: str):
     def handler(route):
         route.fulfill(status=status, body=body)
+
     return handler
 
 
@@ -198,15 +219,18 @@ def test_box_count_checked_against_connected_people_before_the_run(server, brows
     page.evaluate(SET_WIDGET, [layout_id, "people", 2])
     wait_for(page, WARNING_OF, layout_id, lambda w: w is None, what="no count warning")
     # unplugging person 2 is a change elsewhere in the graph: the layout node hears of it
-    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('person_2')); }",
-                  encode_id)
+    page.evaluate(
+        "(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('person_2')); }", encode_id
+    )
     warning = wait_for(page, WARNING_OF, layout_id, bool, what="the warning after unplugging")
     assert warning.startswith("2 face boxes but 1 person is connected"), warning
 
     # an answer that is not a layout (a proxy's HTML page, a NaN) becomes a message, not a broken node
     message_of = "(id) => app.graph.getNodeById(id).withanyoneEditor.message.textContent"
-    for status, body, expected in ((502, "<html>Bad Gateway</html>", "HTTP 502"),
-                                   (200, '{"boxes": [[NaN, 0, 1, 1]], "width": 768, "height": 768}', "not a layout")):
+    for status, body, expected in (
+        (502, "<html>Bad Gateway</html>", "HTTP 502"),
+        (200, '{"boxes": [[NaN, 0, 1, 1]], "width": 768, "height": 768}', "not a layout"),
+    ):
         page.route("**/withanyone/layout", _fulfil_with(status, body))
         page.evaluate(SET_WIDGET, [layout_id, "people", 1 if status == 502 else 2])
         wait_for(page, message_of, layout_id, lambda m, e=expected: e in m, what=f"the message for {expected}")
@@ -227,7 +251,9 @@ PHOTO_GRAPH = """(photo) => {
     layout.connect(layout.findOutputSlot("preview"), preview, 0);
     return [layout.id, load.id, preview.id];
 }"""
-BACKGROUND_OF = "(id) => { const e = app.graph.getNodeById(id).withanyoneEditor; return e.background ? e.backgroundUrl : null; }"
+BACKGROUND_OF = (
+    "(id) => { const e = app.graph.getNodeById(id).withanyoneEditor; return e.background ? e.backgroundUrl : null; }"
+)
 
 
 def test_layout_photo_and_last_generated_image_behind_the_boxes(server, browser):
@@ -253,11 +279,16 @@ def test_layout_photo_and_last_generated_image_behind_the_boxes(server, browser)
     assert drawn_like(frame_colour(), PHOTO_COLORS[photo]), frame_colour()
 
     # the run's image (PreviewImage downstream of the layout) replaces it once the photo is unplugged
-    page.evaluate("""([preview, name]) => window.comfyAPI.api.api.dispatchCustomEvent("executed",
+    page.evaluate(
+        """([preview, name]) => window.comfyAPI.api.api.dispatchCustomEvent("executed",
         {node: String(preview), display_node: String(preview), output: {images: [{filename: name, subfolder: "",
-         type: "input"}]}})""", [preview_id, generated])
-    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('layout_image')); }",
-                  layout_id)
+         type: "input"}]}})""",
+        [preview_id, generated],
+    )
+    page.evaluate(
+        "(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('layout_image')); }",
+        layout_id,
+    )
     assert generated in wait_for(page, BACKGROUND_OF, layout_id, lambda u: u and generated in u, what="the run's image")
     assert drawn_like(frame_colour(), PHOTO_COLORS[generated]), frame_colour()
 

@@ -30,8 +30,10 @@ def test_identity_metrics_and_extension_listing(pinned_server, browser):
         return {state: node.withanyoneMetrics, text: els.text.value, readOnly: els.text.readOnly,
                 meter: els.meter.style.display, label: els.label.textContent, fill: els.fill.style.background};
     }""")
-    assert metrics["state"]["lines"] == ["image 1 person 1: Sim(Ref) 0.612, Sim(GT) 0.401, CP +0.300",
-                                         "image 1 person 2: Sim(Ref) 0.5, Sim(GT) 0.6, CP -0.100"]
+    assert metrics["state"]["lines"] == [
+        "image 1 person 1: Sim(Ref) 0.612, Sim(GT) 0.401, CP +0.300",
+        "image 1 person 2: Sim(Ref) 0.5, Sim(GT) 0.6, CP -0.100",
+    ]
     assert metrics["state"]["meanCP"] == pytest.approx(0.1)
     assert metrics["text"] == "\n".join(metrics["state"]["lines"]) and metrics["readOnly"]
     assert metrics["meter"] == "block" and "+0.100" in metrics["label"] and metrics["fill"]
@@ -39,8 +41,10 @@ def test_identity_metrics_and_extension_listing(pinned_server, browser):
     # a loaded workflow sets widget values without callbacks: its layout is drawn all the same
     node_id = page.evaluate(ADD_LAYOUT_NODE, [120, 160])
     page.evaluate(SET_WIDGET, [node_id, "source", "text"])
-    page.evaluate("([id, text]) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'boxes').value = text",
-                  [node_id, GOOD_TEXT])
+    page.evaluate(
+        "([id, text]) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'boxes').value = text",
+        [node_id, GOOD_TEXT],
+    )
     page.evaluate("() => app.loadGraphData(app.graph.serialize())")
     layout = wait_layout(page, node_id, lambda lay: len(lay["boxes"]) == 2)
     assert layout["error"] is None

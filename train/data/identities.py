@@ -74,31 +74,48 @@ class NegativePool:
         tensors = load_safetensors(path)
         missing = {"embeddings", "identity_ids"} - set(tensors)
         if missing:
-            raise ValueError(f"{path} is not a negative pool (missing {sorted(missing)}); "
-                             "rebuild it with `python train/prepare.py`")
+            raise ValueError(
+                f"{path} is not a negative pool (missing {sorted(missing)}); rebuild it with `python train/prepare.py`"
+            )
         embeddings, ids = tensors["embeddings"].float(), tensors["identity_ids"]
         if embeddings.ndim != 2 or ids.ndim != 1 or embeddings.shape[0] != ids.shape[0]:
-            raise ValueError(f"{path}: a negative pool holds embeddings [P, D] and identity_ids [P], got "
-                             f"{list(embeddings.shape)} and {list(ids.shape)}; rebuild it with `python train/prepare.py`")
+            raise ValueError(
+                f"{path}: a negative pool holds embeddings [P, D] and identity_ids [P], got "
+                f"{list(embeddings.shape)} and {list(ids.shape)}; rebuild it with `python train/prepare.py`"
+            )
         norms = embeddings.double().norm(dim=1)
-        good = torch.isfinite(embeddings).all(dim=1) & (norms >= EMBEDDING_NORM_RANGE[0]) & (norms <= EMBEDDING_NORM_RANGE[1])
+        good = (
+            torch.isfinite(embeddings).all(dim=1)
+            & (norms >= EMBEDDING_NORM_RANGE[0])
+            & (norms <= EMBEDDING_NORM_RANGE[1])
+        )
         bad = (~good).nonzero().flatten().tolist()
         if bad:
             if len(bad) == len(good):
-                raise ValueError(f"{path}: every one of its {len(bad)} embeddings is non-finite or of an impossible "
-                                 "norm; rebuild it with `python train/prepare.py`")
+                raise ValueError(
+                    f"{path}: every one of its {len(bad)} embeddings is non-finite or of an impossible "
+                    "norm; rebuild it with `python train/prepare.py`"
+                )
             logging.getLogger(__name__).warning(
                 "%s: skipping %d of %d negative embeddings that are non-finite or of an impossible norm (rows %s%s); "
-                "rebuild it with `python train/prepare.py`", path, len(bad), len(good), bad[:10],
-                " ..." if len(bad) > 10 else "")
+                "rebuild it with `python train/prepare.py`",
+                path,
+                len(bad),
+                len(good),
+                bad[:10],
+                " ..." if len(bad) > 10 else "",
+            )
             embeddings, ids = embeddings[good], ids[good]
         return cls(embeddings, ids)
 
-    def sample(self, k: int, exclude_identities: Sequence[int] | torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, k: int, exclude_identities: Sequence[int] | torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``k`` embeddings ``[k, D]`` of identities not in ``exclude_identities``."""
-        exclude = torch.as_tensor(list(exclude_identities) if not torch.is_tensor(exclude_identities)
-                                  else exclude_identities, dtype=torch.long).flatten()
+        exclude = torch.as_tensor(
+            list(exclude_identities) if not torch.is_tensor(exclude_identities) else exclude_identities,
+            dtype=torch.long,
+        ).flatten()
         candidates = (~torch.isin(self._identities, exclude)).nonzero().flatten()
         if candidates.numel() == 0:
             raise ValueError("the negative pool has no identity outside the batch: add more identities to the dataset")
@@ -106,7 +123,8 @@ class NegativePool:
         within = (torch.rand(k, generator=generator) * self._counts[pick]).long().clamp(max=self._counts[pick] - 1)
         return self.embeddings[self._order[self._starts[pick] + within]]
 
-    def sample_per_anchor(self, k: int, anchor_identities: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_per_anchor(
+        self, k: int, anchor_identities: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``[M, k, D]``: for each anchor, ``k`` embeddings of identities other than its own."""
         return torch.stack([self.sample(k, [int(i)], generator) for i in anchor_identities.flatten().cpu()])

@@ -34,8 +34,7 @@ def square_crop(image: np.ndarray, box: Sequence[float], size: int = SIGLIP_CROP
     return siglip_crop(image, np.asarray(box, dtype=np.float32), size=size)
 
 
-def choose_window(size: int, target: int, face_lo: float, face_hi: float, rule: str,
-                  rng: random.Random | None) -> int:
+def choose_window(size: int, target: int, face_lo: float, face_hi: float, rule: str, rng: random.Random | None) -> int:
     """Start of a ``target``-long window in ``[0, size]``.
 
     ``center``: the middle. ``keep_faces`` (the authors' rule): a random start among those
@@ -53,8 +52,14 @@ def choose_window(size: int, target: int, face_lo: float, face_hi: float, rule: 
     return int(min(limit, max(0, round((face_lo + face_hi) / 2 - target / 2))))
 
 
-def crop_to_bucket(image: np.ndarray, width: int, height: int, boxes: np.ndarray | None = None,
-                   rule: str = "center", rng: random.Random | None = None) -> tuple[np.ndarray, float, float, float]:
+def crop_to_bucket(
+    image: np.ndarray,
+    width: int,
+    height: int,
+    boxes: np.ndarray | None = None,
+    rule: str = "center",
+    rng: random.Random | None = None,
+) -> tuple[np.ndarray, float, float, float]:
     """Resize to cover ``width x height`` and crop; returns image, scale, x offset, y offset.
 
     ``boxes`` ``[n, 4]`` in the photo's pixels steer the ``keep_faces`` rule.
@@ -74,7 +79,7 @@ def crop_to_bucket(image: np.ndarray, width: int, height: int, boxes: np.ndarray
         extent_x, extent_y, rule = (0.0, new_w), (0.0, new_h), "center"
     x0 = choose_window(new_w, width, *extent_x, rule, rng)
     y0 = choose_window(new_h, height, *extent_y, rule, rng)
-    return np.array(resized[y0:y0 + height, x0:x0 + width]), scale, float(x0), float(y0)
+    return np.array(resized[y0 : y0 + height, x0 : x0 + width]), scale, float(x0), float(y0)
 
 
 def fit_to_bucket(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, float, float, float]:
@@ -92,6 +97,7 @@ def faces_inside(boxes: torch.Tensor, landmarks: torch.Tensor, width: int, heigh
     x2, y2 = boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)
     visible = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6)
-    lm_in = ((landmarks[..., 0] >= 0) & (landmarks[..., 0] < width)
-             & (landmarks[..., 1] >= 0) & (landmarks[..., 1] < height)).all(dim=-1)
+    lm_in = (
+        (landmarks[..., 0] >= 0) & (landmarks[..., 0] < width) & (landmarks[..., 1] >= 0) & (landmarks[..., 1] < height)
+    ).all(dim=-1)
     return lm_in & (visible / area >= MIN_VISIBLE_FACE)

@@ -37,8 +37,9 @@ def box_problem(box, width: float, height: float) -> tuple[str, str] | None:
         return "box_inverted", f"face box {[x1, y1, x2, y2]} is empty or inverted (x2 <= x1 or y2 <= y1)"
     mx, my = BOX_MARGIN * (x2 - x1), BOX_MARGIN * (y2 - y1)
     if x1 < -mx or y1 < -my or x2 > width + mx or y2 > height + my:
-        return "box_outside", (f"face box {[round(v, 1) for v in (x1, y1, x2, y2)]} lies outside the "
-                               f"{width:g}x{height:g} photo")
+        return "box_outside", (
+            f"face box {[round(v, 1) for v in (x1, y1, x2, y2)]} lies outside the {width:g}x{height:g} photo"
+        )
     return None
 
 
@@ -49,8 +50,10 @@ def embedding_problem(embedding: np.ndarray) -> tuple[str, str] | None:
     norm = float(np.linalg.norm(np.asarray(embedding, dtype=np.float64)))
     low, high = EMBEDDING_NORM_RANGE
     if not low <= norm <= high:
-        return "embedding_norm", (f"embedding norm {norm:.4g} is outside [{low:g}, {high:g}] (raw ArcFace embeddings "
-                                  "have norms of about 15-35)")
+        return "embedding_norm", (
+            f"embedding norm {norm:.4g} is outside [{low:g}, {high:g}] (raw ArcFace embeddings "
+            "have norms of about 15-35)"
+        )
     return None
 
 
@@ -116,8 +119,9 @@ def _finite_floats(value, shape: tuple[int, ...], what: str, where: str) -> np.n
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: {what} must be numbers, got {value!r:.80}") from exc
     if array.shape != shape or not np.isfinite(array).all():
-        raise ManifestError(f"{where}: {what} must be {'x'.join(map(str, shape))} finite numbers, "
-                            f"got shape {array.shape}")
+        raise ManifestError(
+            f"{where}: {what} must be {'x'.join(map(str, shape))} finite numbers, got shape {array.shape}"
+        )
     return array
 
 
@@ -132,8 +136,9 @@ def _parse_person(raw: dict, where: str, width: int | None = None, height: int |
         raise ManifestError(f"{where}: identity must be a non-empty string id, got {identity!r}")
     box = _finite_floats(raw["box"], (4,), "box [x1, y1, x2, y2]", where)
     if not (box[2] > box[0] and box[3] > box[1]):
-        raise ManifestError(f"{where}: box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box.tolist()}",
-                            "box_inverted")
+        raise ManifestError(
+            f"{where}: box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box.tolist()}", "box_inverted"
+        )
     problem = box_problem(box, width, height) if width is not None else None
     if problem is not None:
         raise ManifestError(f"{where}: {problem[1]}", problem[0])
@@ -142,8 +147,9 @@ def _parse_person(raw: dict, where: str, width: int | None = None, height: int |
     problem = embedding_problem(embedding)
     if problem is not None:
         raise ManifestError(f"{where}: {problem[1]}", problem[0])
-    return Person(str(identity), tuple(float(v) for v in box),
-                  tuple((float(x), float(y)) for x, y in landmarks), embedding)
+    return Person(
+        str(identity), tuple(float(v) for v in box), tuple((float(x), float(y)) for x, y in landmarks), embedding
+    )
 
 
 def parse_record(raw: dict, where: str) -> Record:
@@ -162,23 +168,33 @@ def parse_record(raw: dict, where: str) -> Record:
     quality = _finite_floats(raw.get("quality", 1.0), (), "quality", where)
     if not isinstance(raw["persons"], list):
         raise ManifestError(f"{where}: persons must be a list of objects")
-    persons = tuple(_parse_person(p, f"{where}, person {i + 1}", raw["width"], raw["height"])
-                    for i, p in enumerate(raw["persons"]))
+    persons = tuple(
+        _parse_person(p, f"{where}, person {i + 1}", raw["width"], raw["height"]) for i, p in enumerate(raw["persons"])
+    )
     if not persons:
         raise ManifestError(f"{where}: a record needs at least one person")
     names = [p.identity for p in persons]
     if len(set(names)) != len(names):
-        raise ManifestError(f"{where}: identity listed twice in one image ({names}); "
-                            "each person of an image must be a different identity")
-    return Record(raw["image"], str(raw.get("caption", "")), int(raw["width"]), int(raw["height"]),
-                  float(quality), persons)
+        raise ManifestError(
+            f"{where}: identity listed twice in one image ({names}); "
+            "each person of an image must be a different identity"
+        )
+    return Record(
+        raw["image"], str(raw.get("caption", "")), int(raw["width"]), int(raw["height"]), float(quality), persons
+    )
 
 
 class Manifest:
     """All records of a dataset, with image paths resolved against ``root``."""
 
-    def __init__(self, records: Sequence[Record], root: Path, name: str = "manifest",
-                 lines: Sequence[int] | None = None, bad: Sequence[tuple[str, str, str]] = ()):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        root: Path,
+        name: str = "manifest",
+        lines: Sequence[int] | None = None,
+        bad: Sequence[tuple[str, str, str]] = (),
+    ):
         self.records = list(records)
         self.root = Path(root)
         self.name = name  # the file name warnings use
@@ -220,8 +236,9 @@ class Manifest:
                     logging.getLogger(__name__).warning("skipping a bad manifest line (%s): %s", exc.reason, exc)
                     bad.append((where, exc.reason, str(exc)))
         if not records:
-            raise ManifestError(f"{path} holds no usable record"
-                                + (f" ({len(bad)} bad line(s), first: {bad[0][2]})" if bad else ""))
+            raise ManifestError(
+                f"{path} holds no usable record" + (f" ({len(bad)} bad line(s), first: {bad[0][2]})" if bad else "")
+            )
         return cls(records, path.parent, path.name, lines, bad)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -48,12 +48,12 @@ class BucketBatchSampler:
         batches = []
         for group in sorted(by_group):
             items = by_group[group]
-            batches += [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+            batches += [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         batches = [b for b in batches if len(b) == self.batch_size] or batches
         perm = torch.randperm(len(batches), generator=g).tolist()
         batches = [batches[i] for i in perm]
         usable = len(batches) - len(batches) % self.num_replicas if len(batches) >= self.num_replicas else len(batches)
-        return batches[:usable][self.rank::self.num_replicas]
+        return batches[:usable][self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         return len(self._batches(self.epoch))

@@ -28,8 +28,9 @@ class BadDataError(RuntimeError):
 
 
 class SkipLedger:
-    def __init__(self, max_fraction: float = 0.01, path: str | Path | None = None,
-                 min_samples: int = MIN_SAMPLES_TO_JUDGE):
+    def __init__(
+        self, max_fraction: float = 0.01, path: str | Path | None = None, min_samples: int = MIN_SAMPLES_TO_JUDGE
+    ):
         self.max_fraction = float(max_fraction)
         self.path = Path(path) if path is not None else None
         self.min_samples = min_samples
@@ -71,9 +72,11 @@ class SkipLedger:
             return f"no bad data skipped ({self.read} samples read)"
         reasons = ", ".join(f"{reason} {n}" for reason, n in self.counts().items())
         where = f"; each is listed in {self.path}" if self.path is not None else ""
-        return (f"skipped {len(self.entries)} bad sample(s) of {self.read} read ({100 * self.fraction:.2f} %)"
-                + (f" and {len(self.other)} bad reference/centre file(s)" if self.other else "")
-                + f": {reasons}{where}")
+        return (
+            f"skipped {len(self.entries)} bad sample(s) of {self.read} read ({100 * self.fraction:.2f} %)"
+            + (f" and {len(self.other)} bad reference/centre file(s)" if self.other else "")
+            + f": {reasons}{where}"
+        )
 
     def check(self, final: bool = False, totals: tuple[float, float] | None = None) -> None:
         """Raise :class:`BadDataError` when the bad share is above ``max_fraction`` (judged after
@@ -84,11 +87,14 @@ class SkipLedger:
             return
         if bad / max(read, bad, 1) <= self.max_fraction:
             return
-        listed = "\n".join(f"  [{reason}] {message if where in message else f'{where}: {message}'}"
-                           for where, reason, message in self.entries[:LISTED_IN_ERROR])
+        listed = "\n".join(
+            f"  [{reason}] {message if where in message else f'{where}: {message}'}"
+            for where, reason, message in self.entries[:LISTED_IN_ERROR]
+        )
         more = f"\n  ... and {len(self.entries) - LISTED_IN_ERROR} more" if len(self.entries) > LISTED_IN_ERROR else ""
         raise BadDataError(
             f"{int(bad)} of {int(read)} samples read were bad ({100 * bad / max(read, bad, 1):.2f} %, above "
             f"data.max_bad_fraction = {100 * self.max_fraction:g} %); by reason: "
             f"{', '.join(f'{r} {n}' for r, n in self.counts().items())}."
-            f" Fix or remove them (or raise data.max_bad_fraction to train on the rest):\n{listed}{more}")
+            f" Fix or remove them (or raise data.max_bad_fraction to train on the rest):\n{listed}{more}"
+        )

@@ -53,8 +53,13 @@ class PhaseLoading:
         from torch.utils.data import DataLoader
 
         context = "fork" if self.workers and sys.platform == "linux" else None
-        return DataLoader(dataset, num_workers=self.workers, prefetch_factor=2 if self.workers else None,
-                          multiprocessing_context=context, **kwargs)
+        return DataLoader(
+            dataset,
+            num_workers=self.workers,
+            prefetch_factor=2 if self.workers else None,
+            multiprocessing_context=context,
+            **kwargs,
+        )
 
 
 class DataSource(ABC):
@@ -125,8 +130,9 @@ class ManifestSource(DataSource):
 
     def start_phase(self, loading: PhaseLoading, saved: dict | None) -> str:
         dataset = WithAnyoneDataset(self._manifest, loading.options, seed=loading.seed, index=self.index)
-        self.sampler = BucketBatchSampler(dataset, loading.batch_size, seed=loading.seed,
-                                          num_replicas=loading.world, rank=loading.rank)
+        self.sampler = BucketBatchSampler(
+            dataset, loading.batch_size, seed=loading.seed, num_replicas=loading.world, rank=loading.rank
+        )
         if saved is not None:
             self.sampler.load_state_dict(saved["sampler"])
         # workers only load items: every random choice comes from the item's key, so an item is
@@ -190,8 +196,9 @@ class MultiID2MSource(DataSource):
         if section.refs:
             # a folder, or the released tars read in place: the main process indexes them once (cached in
             # <cache>/ref-index/), the other ranks then read that index instead of scanning every tar too
-            self.refs = main_process_first(accelerator, lambda: open_references(section.refs, self.cache),
-                                           "indexing the references")
+            self.refs = main_process_first(
+                accelerator, lambda: open_references(section.refs, self.cache), "indexing the references"
+            )
             if not accelerator.is_main_process:
                 self.refs = open_references(section.refs, self.cache)
             if accelerator.is_main_process and getattr(self.refs, "scanned", 0):
@@ -205,16 +212,24 @@ class MultiID2MSource(DataSource):
             def detect() -> int:
                 from withanyone_core.faces import FaceAnalyzer
 
-                return detect_landmarks(self.shards, self.cache,
-                                        FaceAnalyzer(config.models.antelopev2, providers="auto"),
-                                        max_pixels=config.data.max_image_pixels)
+                return detect_landmarks(
+                    self.shards,
+                    self.cache,
+                    FaceAnalyzer(config.models.antelopev2, providers="auto"),
+                    max_pixels=config.data.max_image_pixels,
+                )
 
             detected = main_process_first(accelerator, detect, "detecting the GT landmarks")
             if detected:
                 logger.info("detected GT landmarks of %d shard(s) into %s", detected, self.cache)
-        logger.info("MultiID-2M: %d shard(s), %s, %d identities with cluster centres", len(self.shards),
-                    f"references from {self.refs.description}" if self.refs
-                    else "references are the training photos themselves", len(self.centres))
+        logger.info(
+            "MultiID-2M: %d shard(s), %s, %d identities with cluster centres",
+            len(self.shards),
+            f"references from {self.refs.description}"
+            if self.refs
+            else "references are the training photos themselves",
+            len(self.centres),
+        )
         self.landmarks = load_landmarks(self.shards, self.cache)
         self.loader = self.batches = None
         self.consumed = 0  # batches this process took from the phase's stream
@@ -229,13 +244,23 @@ class MultiID2MSource(DataSource):
             raise RuntimeError(
                 f"the checkpoint's MultiID-2M stream position was saved with {saved_stream['world']} process(es) "
                 f"x {saved_stream['workers']} DataLoader worker(s); resume with the same (now {loading.world} x "
-                f"{loading.workers}: set data.num_workers / the process count back) or start a new output_dir")
+                f"{loading.workers}: set data.num_workers / the process count back) or start a new output_dir"
+            )
         self.layout = layout
         self.consumed = int(saved_stream["batches"]) if saved_stream is not None else 0
         stream = MultiID2MStream(
-            self.shards, loading.options, loading.batch_size, seed=loading.seed, rank=loading.rank,
-            world_size=loading.world, shuffle_buffer=self.section.shuffle_buffer, refs=self.refs,
-            numbers=self.numbers, landmarks=self.landmarks, skip_batches=self.consumed)
+            self.shards,
+            loading.options,
+            loading.batch_size,
+            seed=loading.seed,
+            rank=loading.rank,
+            world_size=loading.world,
+            shuffle_buffer=self.section.shuffle_buffer,
+            refs=self.refs,
+            numbers=self.numbers,
+            landmarks=self.landmarks,
+            skip_batches=self.consumed,
+        )
         self.loader = loading.loader(stream, batch_size=None)
         self.batches = iter(self.loader)
         return f"{len(self.shards)} MultiID-2M shards"
@@ -246,8 +271,10 @@ class MultiID2MSource(DataSource):
         return batch
 
     def state(self, phase_done: bool) -> dict:
-        return {"sampler": {"epoch": 0, "position": 0},
-                "stream": {"batches": 0 if phase_done else self.consumed, **self.layout}}
+        return {
+            "sampler": {"epoch": 0, "position": 0},
+            "stream": {"batches": 0 if phase_done else self.consumed, **self.layout},
+        }
 
     def negative_pool(self, accelerator) -> NegativePool:
         from train.data.multiid2m.identities import negative_pool_tensors
@@ -255,8 +282,11 @@ class MultiID2MSource(DataSource):
 
         # built once (the authors cache theirs as ref_dict.pth), keyed by what it is built from
         # (reference tars by path, size and mtime, so a changed tar builds a new pool; a folder by its path)
-        digest = hashlib.sha1(json.dumps([self.refs.fingerprint() if self.refs else None,
-                                          self.section.cluster_centers, self.shards]).encode("utf-8"))
+        digest = hashlib.sha1(
+            json.dumps(
+                [self.refs.fingerprint() if self.refs else None, self.section.cluster_centers, self.shards]
+            ).encode("utf-8")
+        )
         for name, centre in sorted(self.centres.items()):  # changed centres build a new pool
             digest.update(name.encode("utf-8") + np.ascontiguousarray(centre, dtype=np.float32).tobytes())
         cached = Path(self.cache) / f"negatives-{digest.hexdigest()[:12]}.safetensors"
@@ -311,8 +341,9 @@ class MixedSource(DataSource):
 
     def negative_pool(self, accelerator) -> NegativePool:
         stream, manifest = self.stream_part.negative_pool(accelerator), self.manifest_part.negative_pool(accelerator)
-        return NegativePool(torch.cat([stream.embeddings, manifest.embeddings]),
-                            torch.cat([stream.identity_ids, manifest.identity_ids]))
+        return NegativePool(
+            torch.cat([stream.embeddings, manifest.embeddings]), torch.cat([stream.identity_ids, manifest.identity_ids])
+        )
 
     def sample_item(self, options: DataOptions) -> dict | None:
         return self.manifest_part.sample_item(options)
@@ -330,7 +361,10 @@ def open_data_source(config, accelerator, skips: SkipLedger, output_dir: Path) -
     if source == "multiid2m":
         return MultiID2MSource(config, accelerator, skips, output_dir)
     if source == "mix":
-        return MixedSource(ManifestSource(config.data.manifest, skips, identity_offset=MANIFEST_ID_OFFSET),
-                           MultiID2MSource(config, accelerator, skips, output_dir), tuple(config.data.mix),
-                           config.seed)
+        return MixedSource(
+            ManifestSource(config.data.manifest, skips, identity_offset=MANIFEST_ID_OFFSET),
+            MultiID2MSource(config, accelerator, skips, output_dir),
+            tuple(config.data.mix),
+            config.seed,
+        )
     raise ValueError(f"unknown data.source {source!r}: use manifest, multiid2m or mix")

@@ -29,13 +29,30 @@ def robust_stats(values, factor: float = IQR_FACTOR) -> dict | None:
     kept = arr[(arr >= q1 - factor * iqr) & (arr <= q3 + factor * iqr)]
     if len(kept) < 0.5 * len(arr):
         median = float(np.median(arr))
-        return {"mean": median, "std": float(q3 - q1), "min": float(np.percentile(arr, 5)),
-                "max": float(np.percentile(arr, 95)), "median": median, "q1": float(q1), "q3": float(q3),
-                "n": int(arr.size), "outliers_removed": 0, "robust_fallback": True}
-    return {"mean": float(kept.mean()), "std": float(kept.std()), "min": float(kept.min()), "max": float(kept.max()),
-            "median": float(np.median(kept)), "q1": float(np.percentile(kept, 25)),
-            "q3": float(np.percentile(kept, 75)), "n": int(arr.size),
-            "outliers_removed": int(arr.size - kept.size), "robust_fallback": False}
+        return {
+            "mean": median,
+            "std": float(q3 - q1),
+            "min": float(np.percentile(arr, 5)),
+            "max": float(np.percentile(arr, 95)),
+            "median": median,
+            "q1": float(q1),
+            "q3": float(q3),
+            "n": int(arr.size),
+            "outliers_removed": 0,
+            "robust_fallback": True,
+        }
+    return {
+        "mean": float(kept.mean()),
+        "std": float(kept.std()),
+        "min": float(kept.min()),
+        "max": float(kept.max()),
+        "median": float(np.median(kept)),
+        "q1": float(np.percentile(kept, 25)),
+        "q3": float(np.percentile(kept, 75)),
+        "n": int(arr.size),
+        "outliers_removed": int(arr.size - kept.size),
+        "robust_fallback": False,
+    }
 
 
 def gated(values, sim_gt, gate: float) -> list[float]:

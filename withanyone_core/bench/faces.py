@@ -35,7 +35,7 @@ def pad_reference(image: np.ndarray, ratio: float = REFERENCE_PAD_RATIO) -> np.n
     side = int(max(h, w) * ratio)
     out = np.zeros((side, side, 3), np.uint8)
     y0, x0 = (side - h) // 2, (side - w) // 2
-    out[y0:y0 + h, x0:x0 + w] = image
+    out[y0 : y0 + h, x0 : x0 + w] = image
     return out
 
 
@@ -69,8 +69,9 @@ class _Buffalo(FaceAnalyzer):
         self.detector = model_zoo.get_model(str(folder / det_file), providers=self.providers)
         self.recognizer = model_zoo.get_model(str(folder / rec_file), providers=self.providers)
         if type(self.detector).__name__ != "SCRFD" or type(self.recognizer).__name__ != "ArcFaceONNX":
-            raise FaceModelsNotFound(f"{folder}: {det_file} / {rec_file} are not a face detector / recognizer; "
-                                     "re-download buffalo_l")
+            raise FaceModelsNotFound(
+                f"{folder}: {det_file} / {rec_file} are not a face detector / recognizer; re-download buffalo_l"
+            )
         self.detector.prepare(0, input_size=(self.det_size, self.det_size), det_thresh=self.det_thresh)
 
 
@@ -79,8 +80,14 @@ class InsightFaceModel:
 
     kind = "arcface"  # the column name the authors give insightface's recognizer
 
-    def __init__(self, root: str | os.PathLike, name: str = "buffalo_l", det_thresh: float = DET_THRESH,
-                 providers: str = "auto", pad_references: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        name: str = "buffalo_l",
+        det_thresh: float = DET_THRESH,
+        providers: str = "auto",
+        pad_references: bool = True,
+    ):
         folder = find_face_model_dir(root, name)
         self.name = name
         self.pad_references = pad_references

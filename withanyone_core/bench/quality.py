@@ -51,7 +51,8 @@ def _hf_folder(path, what: str, needs: tuple[str, ...]) -> Path:
     if not path.is_dir() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise MissingWeights(
             f"{what}: {path} must be a Hugging Face folder with config.json, model.safetensors and {', '.join(needs)} "
-            f"(e.g. `huggingface-cli download {what} --local-dir {path}` on a machine with internet)")
+            f"(e.g. `huggingface-cli download {what} --local-dir {path}` on a machine with internet)"
+        )
     return path
 
 
@@ -110,7 +111,8 @@ class AestheticMetric:
         if not head_file.is_file():
             raise MissingWeights(
                 f"aesthetic head {head_file} not found: convert aesthetic_predictor_v2_5.pth (github "
-                f"discus0434/aesthetic-predictor-v2-5, models/) to {AESTHETIC_HEAD} and put it there")
+                f"discus0434/aesthetic-predictor-v2-5, models/) to {AESTHETIC_HEAD} and put it there"
+            )
         self.device = _device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.encoder = SiglipVisionModel.from_pretrained(encoder_folder, local_files_only=True)
@@ -121,8 +123,10 @@ class AestheticMetric:
         try:
             self.head.load_state_dict(state)
         except RuntimeError as exc:
-            raise CheckpointError(f"{head_file.name} is not an aesthetic v2.5 head for a {self.encoder.config.hidden_size}"
-                                  f"-wide encoder: {exc}") from exc
+            raise CheckpointError(
+                f"{head_file.name} is not an aesthetic v2.5 head for a {self.encoder.config.hidden_size}"
+                f"-wide encoder: {exc}"
+            ) from exc
         self.encoder.to(self.device, self.dtype).eval()
         self.head.to(self.device, self.dtype).eval()
 
@@ -135,8 +139,16 @@ class AestheticMetric:
             def __init__(self):
                 super().__init__()
                 self.scoring_head = nn.Sequential(
-                    nn.Linear(width, 1024), nn.Dropout(0.5), nn.Linear(1024, 128), nn.Dropout(0.5),
-                    nn.Linear(128, 64), nn.Dropout(0.5), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 1))
+                    nn.Linear(width, 1024),
+                    nn.Dropout(0.5),
+                    nn.Linear(1024, 128),
+                    nn.Dropout(0.5),
+                    nn.Linear(128, 64),
+                    nn.Dropout(0.5),
+                    nn.Linear(64, 16),
+                    nn.Dropout(0.2),
+                    nn.Linear(16, 1),
+                )
 
             def forward(self, x):
                 return self.scoring_head(x)
@@ -170,8 +182,13 @@ def _fid_blocks():
         def _forward(self, x):
             b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
             d = x
-            for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                          self.branch7x7dbl_5):
+            for layer in (
+                self.branch7x7dbl_1,
+                self.branch7x7dbl_2,
+                self.branch7x7dbl_3,
+                self.branch7x7dbl_4,
+                self.branch7x7dbl_5,
+            ):
                 d = layer(d)
             return [self.branch1x1(x), b7, d, self.branch_pool(avg(x))]
 
@@ -242,7 +259,8 @@ class FIDMetric:
         if not weights.is_file():
             raise MissingWeights(
                 f"FID weights {weights} not found: convert pytorch-fid's {FID_WEIGHTS[0].replace('.safetensors', '.pth')} "
-                f"(or torchvision's inception_v3_google-0cc3c7bd.pth) to safetensors and give its path")
+                f"(or torchvision's inception_v3_google-0cc3c7bd.pth) to safetensors and give its path"
+            )
         state = load_safetensors(weights)
         state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
         classes = state.get("fc.weight", torch.zeros(0)).shape[0]
@@ -250,17 +268,35 @@ class FIDMetric:
         self.net = build_inception(self.variant)
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"{weights.name} is not InceptionV3 weights (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
+            raise CheckpointError(
+                f"{weights.name} is not InceptionV3 weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.device = _device(device)
         self.net.to(self.device).eval()
         self.batch_size = batch_size
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
-        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
-                      n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
-                      n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+        for layer in (
+            n.Conv2d_1a_3x3,
+            n.Conv2d_2a_3x3,
+            n.Conv2d_2b_3x3,
+            n.maxpool1,
+            n.Conv2d_3b_1x1,
+            n.Conv2d_4a_3x3,
+            n.maxpool2,
+            n.Mixed_5b,
+            n.Mixed_5c,
+            n.Mixed_5d,
+            n.Mixed_6a,
+            n.Mixed_6b,
+            n.Mixed_6c,
+            n.Mixed_6d,
+            n.Mixed_6e,
+            n.Mixed_7a,
+            n.Mixed_7b,
+            n.Mixed_7c,
+        ):
             x = layer(x)
         return torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
 
@@ -281,10 +317,14 @@ class FIDMetric:
     def features(self, images, form: str = "standard") -> np.ndarray:
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = [self.preprocess(i, form) for i in images[start:start + self.batch_size]]
+            batch = [self.preprocess(i, form) for i in images[start : start + self.batch_size]]
             # 'standard' keeps each image's own size until the wrapper's bilinear resize
-            x = torch.cat([torch.nn.functional.interpolate(t[None], size=(299, 299), mode="bilinear",
-                                                           align_corners=False) for t in batch])
+            x = torch.cat(
+                [
+                    torch.nn.functional.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)
+                    for t in batch
+                ]
+            )
             out.append(self._blocks((2 * x - 1).to(self.device)).cpu().double().numpy())
         return np.concatenate(out)
 

@@ -24,19 +24,46 @@ from .aggregate import CP_GATES
 
 PAPER_POINTS = Path(__file__).with_name("paper_points.json")
 SUBSETS = ("single", "multi", "multi_2", "multi_3_4")
-SUBSET_TITLES = {"single": "Table 1: single person", "multi": "Table 2: multi-person (2-4 people)",
-                 "multi_2": "Table 2a: 2 people", "multi_3_4": "Table 2b: 3-4 people"}
+SUBSET_TITLES = {
+    "single": "Table 1: single person",
+    "multi": "Table 2: multi-person (2-4 people)",
+    "multi_2": "Table 2a: 2 people",
+    "multi_3_4": "Table 2b: 3-4 people",
+}
 # (summary key, header, higher is better, ranked)
-COLUMNS = [("sim_gt", "Sim(GT)↑", True, True), ("sim_ref", "Sim(Ref)", True, False), ("cp", "CP↓", False, True),
-           ("bld", "Bld↓", False, True), ("clip_i", "CLIP-I↑", True, True), ("clip_t", "CLIP-T↑", True, True),
-           ("aesthetic", "Aes↑", True, True), ("fid", "FID↓", False, True)]
+COLUMNS = [
+    ("sim_gt", "Sim(GT)↑", True, True),
+    ("sim_ref", "Sim(Ref)", True, False),
+    ("cp", "CP↓", False, True),
+    ("bld", "Bld↓", False, True),
+    ("clip_i", "CLIP-I↑", True, True),
+    ("clip_t", "CLIP-T↑", True, True),
+    ("aesthetic", "Aes↑", True, True),
+    ("fid", "FID↓", False, True),
+]
 # a published row's key (the paper's column) -> the pack's metric (summary "table" key). The paper
 # prints no FID; the pack measures no column the paper has not. A key missing from a row is an empty cell.
-PAPER_KEYS = {"sim_gt": "sim_gt", "sim_ref": "sim_ref", "cp": "cp", "bld": "bld", "clip_i": "clip_i",
-              "clip_t": "clip_t", "aes": "aesthetic", "fid": "fid"}
+PAPER_KEYS = {
+    "sim_gt": "sim_gt",
+    "sim_ref": "sim_ref",
+    "cp": "cp",
+    "bld": "bld",
+    "clip_i": "clip_i",
+    "clip_t": "clip_t",
+    "aes": "aesthetic",
+    "fid": "fid",
+}
 # the range each value must lie in (cosines and CP are bounded; FID is a distance)
-_RANGES = {"sim_gt": (-1.0, 1.0), "sim_ref": (-1.0, 1.0), "cp": (-1.0, 1.0), "bld": (-1.0, 1.0),
-           "clip_i": (-1.0, 1.0), "clip_t": (-1.0, 1.0), "aes": (-math.inf, math.inf), "fid": (0.0, math.inf)}
+_RANGES = {
+    "sim_gt": (-1.0, 1.0),
+    "sim_ref": (-1.0, 1.0),
+    "cp": (-1.0, 1.0),
+    "bld": (-1.0, 1.0),
+    "clip_i": (-1.0, 1.0),
+    "clip_t": (-1.0, 1.0),
+    "aes": (-math.inf, math.inf),
+    "fid": (0.0, math.inf),
+}
 
 
 class PaperPointsError(ValueError):
@@ -69,16 +96,27 @@ def published_rows(paper: dict | None, subset: str) -> list[dict]:
     if not paper:
         return []
     bound_names = set(paper.get("bound_rows", ()))
-    return [{"method": row["method"], "n": None, "source": "published", "bound": row["method"] in bound_names,
-             **{key: row.get(key) for key, *_ in COLUMNS}}
-            for row in paper["subsets"].get(subset, {}).get("rows", [])]
+    return [
+        {
+            "method": row["method"],
+            "n": None,
+            "source": "published",
+            "bound": row["method"] in bound_names,
+            **{key: row.get(key) for key, *_ in COLUMNS},
+        }
+        for row in paper["subsets"].get(subset, {}).get("rows", [])
+    ]
 
 
 def all_rows(methods: dict[str, dict], subset: str, paper: dict | None, bounds: dict | None = None) -> list[dict]:
     """Published methods, measured methods, then the bound rows (published, measured)."""
     published, measured = published_rows(paper, subset), table_rows(methods, subset, bounds)
-    return ([r for r in published if not r["bound"]] + [r for r in measured if not r["bound"]]
-            + [r for r in published if r["bound"]] + [r for r in measured if r["bound"]])
+    return (
+        [r for r in published if not r["bound"]]
+        + [r for r in measured if not r["bound"]]
+        + [r for r in published if r["bound"]]
+        + [r for r in measured if r["bound"]]
+    )
 
 
 def _ranks(rows: list[dict], key: str, higher: bool, subset: str) -> dict[int, int]:
@@ -96,17 +134,21 @@ def _source_cell(row: dict, paper: dict | None, subset: str) -> str:
     return "measured"
 
 
-def markdown_tables(methods: dict[str, dict], subsets=SUBSETS, paper: dict | None = None,
-                    bounds: dict[str, dict] | None = None) -> str:
+def markdown_tables(
+    methods: dict[str, dict], subsets=SUBSETS, paper: dict | None = None, bounds: dict[str, dict] | None = None
+) -> str:
     out = []
     citation = (paper or {}).get("citation", "the --paper-points file")
     for subset in subsets:
         rows = all_rows(methods, subset, paper, bounds)
         if not rows:
             continue
-        out += [f"### {SUBSET_TITLES[subset]}", "",
-                "| Method | source | " + " | ".join(h for _, h, *_ in COLUMNS) + " | samples |",
-                "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
+        out += [
+            f"### {SUBSET_TITLES[subset]}",
+            "",
+            "| Method | source | " + " | ".join(h for _, h, *_ in COLUMNS) + " | samples |",
+            "|---|---|" + "---:|" * (len(COLUMNS) + 1),
+        ]
         ranks = {key: _ranks(rows, key, higher, subset) if ranked else {} for key, _, higher, ranked in COLUMNS}
         for i, row in enumerate(rows):
             cells = []
@@ -116,11 +158,14 @@ def markdown_tables(methods: dict[str, dict], subsets=SUBSETS, paper: dict | Non
                 rank = ranks[key].get(i)
                 cells.append(f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
             samples = "" if row["n"] is None else str(row["n"])
-            out.append(f"| {row['method']} | {_source_cell(row, paper, subset)} | " + " | ".join(cells)
-                       + f" | {samples} |")
-        notes = [f"CP is ranked among methods with Sim(GT) > {_gate(subset):.2f}; GT and Ref (the ground truth "
-                 "and the reference scored as the output) are the metric's bounds, not ranked. An empty cell: "
-                 "not published or not measured."]
+            out.append(
+                f"| {row['method']} | {_source_cell(row, paper, subset)} | " + " | ".join(cells) + f" | {samples} |"
+            )
+        notes = [
+            f"CP is ranked among methods with Sim(GT) > {_gate(subset):.2f}; GT and Ref (the ground truth "
+            "and the reference scored as the output) are the metric's bounds, not ranked. An empty cell: "
+            "not published or not measured."
+        ]
         part = (paper or {}).get("subsets", {}).get(subset, {})
         if part.get("rows"):
             notes.append(f"Published rows: {part.get('table', 'the published table')} of {citation}.")
@@ -132,16 +177,25 @@ def markdown_tables(methods: dict[str, dict], subsets=SUBSETS, paper: dict | Non
     return "\n".join(out)
 
 
-def csv_table(methods: dict[str, dict], subsets=SUBSETS, paper: dict | None = None,
-              bounds: dict[str, dict] | None = None) -> str:
+def csv_table(
+    methods: dict[str, dict], subsets=SUBSETS, paper: dict | None = None, bounds: dict[str, dict] | None = None
+) -> str:
     """One line per row and subset; ``source`` published/measured, ``kind`` method/bound; empty = no value."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["subset", "method", *[key for key, *_ in COLUMNS], "samples", "source", "kind"])
     for subset in subsets:
         for row in all_rows(methods, subset, paper, bounds):
-            writer.writerow([subset, row["method"], *["" if row[k] is None else f"{row[k]:.6g}" for k, *_ in COLUMNS],
-                             "" if row["n"] is None else row["n"], row["source"], "bound" if row["bound"] else "method"])
+            writer.writerow(
+                [
+                    subset,
+                    row["method"],
+                    *["" if row[k] is None else f"{row[k]:.6g}" for k, *_ in COLUMNS],
+                    "" if row["n"] is None else row["n"],
+                    row["source"],
+                    "bound" if row["bound"] else "method",
+                ]
+            )
     return buffer.getvalue()
 
 
@@ -150,24 +204,35 @@ def _number(value, key: str, where: str):
     low, high = _RANGES[key]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        span = "a finite number" if math.isinf(low) and math.isinf(high) else \
-            f"a number >= {low:g}" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        span = (
+            "a finite number"
+            if math.isinf(low) and math.isinf(high)
+            else f"a number >= {low:g}"
+            if math.isinf(high)
+            else f"a number in [{low:g}, {high:g}]"
+        )
         raise PaperPointsError(f"{where}: {key!r} must be {span} or null, got {value!r}")
     return float(value)
 
 
 def _rows(raw, where: str) -> list[dict]:
     if not isinstance(raw, list):
-        raise PaperPointsError(f"{where}: expected a list of rows {{method, {', '.join(PAPER_KEYS)}}}, got "
-                               f"{type(raw).__name__}")
+        raise PaperPointsError(
+            f"{where}: expected a list of rows {{method, {', '.join(PAPER_KEYS)}}}, got {type(raw).__name__}"
+        )
     rows, seen = [], set()
     for i, row in enumerate(raw):
         here = f"{where}[{i}]"
         if not isinstance(row, dict):
-            raise PaperPointsError(f"{here}: expected an object {{method, {', '.join(PAPER_KEYS)}}}, "
-                                   f"got {type(row).__name__}")
+            raise PaperPointsError(
+                f"{here}: expected an object {{method, {', '.join(PAPER_KEYS)}}}, got {type(row).__name__}"
+            )
         method = row.get("method")
         if not isinstance(method, str) or not method.strip():
             raise PaperPointsError(f"{here}: 'method' must be a non-empty name")
@@ -201,8 +266,9 @@ def load_paper_points(path: str | Path | None = None) -> dict:
         raise PaperPointsError(f"{path}: not readable JSON ({exc}){hint}") from None
     try:
         if not isinstance(data, dict) or not isinstance(data.get("subsets"), dict):
-            raise PaperPointsError("expected an object with a 'subsets' mapping of subset -> "
-                                   "{table, rows: [{method, sim_gt, cp, ...}]}")
+            raise PaperPointsError(
+                "expected an object with a 'subsets' mapping of subset -> {table, rows: [{method, sim_gt, cp, ...}]}"
+            )
         unknown = sorted(set(data["subsets"]) - set(SUBSETS))
         if unknown:
             raise PaperPointsError(f"subsets: unknown subset(s) {unknown}; allowed: {', '.join(SUBSETS)}")
@@ -211,8 +277,10 @@ def load_paper_points(path: str | Path | None = None) -> dict:
             entry = {"rows": raw} if isinstance(raw, list) else raw
             if not isinstance(entry, dict) or "rows" not in entry:
                 raise PaperPointsError(f"subsets.{subset}: expected {{table, rows: [...]}} or a list of rows")
-            subsets[subset] = {**{k: v for k, v in entry.items() if k != "rows"},
-                               "rows": _rows(entry["rows"], f"subsets.{subset}.rows")}
+            subsets[subset] = {
+                **{k: v for k, v in entry.items() if k != "rows"},
+                "rows": _rows(entry["rows"], f"subsets.{subset}.rows"),
+            }
         out = {**data, "subsets": subsets}
         if "ablation" in data:
             if not isinstance(data["ablation"], dict) or "rows" not in data["ablation"]:
@@ -220,7 +288,7 @@ def load_paper_points(path: str | Path | None = None) -> dict:
             out["ablation"] = {**data["ablation"], "rows": _rows(data["ablation"]["rows"], "ablation.rows")}
         bound = data.get("bound_rows", [])
         if not isinstance(bound, list) or not all(isinstance(b, str) for b in bound):
-            raise PaperPointsError("bound_rows: expected a list of row names (e.g. [\"GT\", \"Ref\"])")
+            raise PaperPointsError('bound_rows: expected a list of row names (e.g. ["GT", "Ref"])')
     except PaperPointsError as exc:
         raise PaperPointsError(f"{path}: {exc}{hint}") from None
     return out
@@ -240,8 +308,13 @@ def fit_tradeoff(points: list[tuple[float, float]]) -> np.ndarray | None:
     return np.polyfit(cp, sim, 1)
 
 
-def tradeoff_figure(methods: dict[str, dict], path: str | Path, paper: dict | None = None,
-                    panels=("single", "multi_2", "multi_3_4"), dpi: int = 100) -> dict[str, dict]:
+def tradeoff_figure(
+    methods: dict[str, dict],
+    path: str | Path,
+    paper: dict | None = None,
+    panels=("single", "multi_2", "multi_3_4"),
+    dpi: int = 100,
+) -> dict[str, dict]:
     """Sim(GT) (y) against CP (x), one panel per subset: every published method and every measured one.
 
     The curve is fitted to the paper's points of the other methods (not WithAnyone), as the
@@ -260,10 +333,16 @@ def tradeoff_figure(methods: dict[str, dict], path: str | Path, paper: dict | No
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     drawn = {}
     for ax, subset in zip(axes[0], panels):
-        published = [r for r in published_rows(paper, subset)
-                     if not r["bound"] and r["cp"] is not None and r["sim_gt"] is not None]
-        ours = [(r["method"], r["cp"], r["sim_gt"]) for r in table_rows(methods, subset)
-                if r["cp"] is not None and r["sim_gt"] is not None]
+        published = [
+            r
+            for r in published_rows(paper, subset)
+            if not r["bound"] and r["cp"] is not None and r["sim_gt"] is not None
+        ]
+        ours = [
+            (r["method"], r["cp"], r["sim_gt"])
+            for r in table_rows(methods, subset)
+            if r["cp"] is not None and r["sim_gt"] is not None
+        ]
         others = [(p["cp"], p["sim_gt"]) for p in published if p["method"] != own]
         coeffs = fit_tradeoff(others)
         if coeffs is not None:
@@ -272,11 +351,18 @@ def tradeoff_figure(methods: dict[str, dict], path: str | Path, paper: dict | No
         table = paper.get("subsets", {}).get(subset, {}).get("table")
         for k, p in enumerate(published):
             mine = p["method"] == own
-            ax.scatter(p["cp"], p["sim_gt"], marker="D" if mine else "o", facecolors="none",
-                       edgecolors="tab:red" if mine else "0.4", zorder=2,
-                       label=(f"published ({table})" if table else "published") if k == 0 else None)
-            ax.annotate(p["method"], (p["cp"], p["sim_gt"]), fontsize=6, color="0.35", xytext=(3, 3),
-                        textcoords="offset points")
+            ax.scatter(
+                p["cp"],
+                p["sim_gt"],
+                marker="D" if mine else "o",
+                facecolors="none",
+                edgecolors="tab:red" if mine else "0.4",
+                zorder=2,
+                label=(f"published ({table})" if table else "published") if k == 0 else None,
+            )
+            ax.annotate(
+                p["method"], (p["cp"], p["sim_gt"]), fontsize=6, color="0.35", xytext=(3, 3), textcoords="offset points"
+            )
         for name, cp, sim in ours:
             ax.scatter(cp, sim, marker="*", s=120, zorder=3, label=f"{name} (measured)")
             ax.annotate(name, (cp, sim), fontsize=8, xytext=(4, -9), textcoords="offset points")
@@ -288,8 +374,9 @@ def tradeoff_figure(methods: dict[str, dict], path: str | Path, paper: dict | No
         if published or ours:
             ax.legend(fontsize=7, loc="best")
         drawn[subset] = {"paper": len(published), "methods": len(ours), "curve": coeffs is not None}
-    fig.text(0.01, 0.01, f"published points: {paper.get('citation', 'the --paper-points file')}",
-             fontsize=7, color="0.4")
+    fig.text(
+        0.01, 0.01, f"published points: {paper.get('citation', 'the --paper-points file')}", fontsize=7, color="0.4"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -16,8 +16,9 @@ import torch
 
 def _byte_chars() -> list[str]:
     """CLIP's byte -> printable unicode table (every byte becomes one visible character)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -42,18 +43,35 @@ def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt")).save_pretrained(folder)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
-                         pad_token_id=eos),
-        vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            image_size=224,
+            patch_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
     return folder
 
 
-def build_tiny_aesthetic(folder: str | Path, head_file: str | Path, seed: int = 0, image_size: int = 56) -> tuple[Path, Path]:
+def build_tiny_aesthetic(
+    folder: str | Path, head_file: str | Path, seed: int = 0, image_size: int = 56
+) -> tuple[Path, Path]:
     from safetensors.torch import save_file
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
@@ -62,8 +80,14 @@ def build_tiny_aesthetic(folder: str | Path, head_file: str | Path, seed: int = 
     folder, head_file = Path(folder), Path(head_file)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=image_size, patch_size=14)
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+    )
     SiglipVisionModel(config).save_pretrained(folder)
     SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     head = AestheticMetric.build_head(config.hidden_size)

@@ -39,14 +39,27 @@ from .quality import MissingWeights
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = {"adaface": "adaface_ir50_ms1mv2.safetensors", "facenet": "facenet_vggface2.safetensors",
-                "retinaface": "detection_Resnet50_Final.safetensors"}
-RELEASES = {"adaface": "adaface_ir50_ms1mv2.ckpt (github mk-minchul/AdaFace; its 'state_dict' without 'model.')",
-            "facenet": "20180402-114759-vggface2.pt (github timesler/facenet-pytorch releases)",
-            "retinaface": "detection_Resnet50_Final.pth (github xinntao/facexlib releases v0.1.0)"}
+WEIGHT_FILES = {
+    "adaface": "adaface_ir50_ms1mv2.safetensors",
+    "facenet": "facenet_vggface2.safetensors",
+    "retinaface": "detection_Resnet50_Final.safetensors",
+}
+RELEASES = {
+    "adaface": "adaface_ir50_ms1mv2.ckpt (github mk-minchul/AdaFace; its 'state_dict' without 'model.')",
+    "facenet": "20180402-114759-vggface2.pt (github timesler/facenet-pytorch releases)",
+    "retinaface": "detection_Resnet50_Final.pth (github xinntao/facexlib releases v0.1.0)",
+}
 # facexlib FaceRestoreHelper's 5-point template for 512 px faces (eyes, nose, mouth corners)
-FFHQ_TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
-                              [201.26117, 371.41043], [313.08905, 371.15118]], dtype=np.float64)
+FFHQ_TEMPLATE_512 = np.array(
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ],
+    dtype=np.float64,
+)
 CROP_BORDER_BGR = (135, 133, 132)
 DETECTION_SCORE = 0.97
 
@@ -146,7 +159,7 @@ class RetinaFaceR50(nn.Module):
         centres = priors[:, :2] + loc[:, :2] * v0 * priors[:, 2:]
         sizes = priors[:, 2:] * torch.exp(loc[:, 2:] * v1)
         boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], 1) * torch.tensor([w, h, w, h])
-        points = torch.cat([priors[:, :2] + landm[:, 2 * k:2 * k + 2] * v0 * priors[:, 2:] for k in range(5)], 1)
+        points = torch.cat([priors[:, :2] + landm[:, 2 * k : 2 * k + 2] * v0 * priors[:, 2:] for k in range(5)], 1)
         points = points * torch.tensor([w, h] * 5, dtype=torch.float32)
         scores = conf[:, 1]
         finite = torch.isfinite(boxes).all(1) & torch.isfinite(points).all(1)  # overflowing exp(): no box
@@ -167,8 +180,9 @@ def align_faces(bgr: np.ndarray, detections: np.ndarray, size: int = 112) -> lis
     for row in detections:
         landmarks = row[5:15].reshape(5, 2).astype(np.float32)  # as facexlib passes them
         matrix = cv2.estimateAffinePartial2D(landmarks, template, method=cv2.LMEDS)[0]
-        crops.append(cv2.warpAffine(bgr, matrix, (size, size), borderMode=cv2.BORDER_CONSTANT,
-                                    borderValue=CROP_BORDER_BGR))
+        crops.append(
+            cv2.warpAffine(bgr, matrix, (size, size), borderMode=cv2.BORDER_CONSTANT, borderValue=CROP_BORDER_BGR)
+        )
     return crops
 
 
@@ -180,9 +194,14 @@ class _IRBlock(nn.Module):
             self.shortcut_layer = nn.MaxPool2d(1, stride)
         else:
             self.shortcut_layer = nn.Sequential(nn.Conv2d(cin, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
-        self.res_layer = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, depth, 3, 1, 1, bias=False),
-                                       nn.BatchNorm2d(depth), nn.PReLU(depth),
-                                       nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth))
+        self.res_layer = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, depth, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(depth),
+            nn.PReLU(depth),
+            nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(depth),
+        )
 
     def forward(self, x):
         return self.res_layer(x) + self.shortcut_layer(x)
@@ -201,16 +220,22 @@ class AdaFaceIR50(nn.Module):
             blocks.append(_IRBlock(cin, depth, 2))
             blocks += [_IRBlock(depth, depth, 1) for _ in range(units - 1)]
         self.body = nn.Sequential(*blocks)
-        self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(0.4), nn.Flatten(),
-                                          nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512, affine=False))
+        self.output_layer = nn.Sequential(
+            nn.BatchNorm2d(512),
+            nn.Dropout(0.4),
+            nn.Flatten(),
+            nn.Linear(512 * 7 * 7, 512),
+            nn.BatchNorm1d(512, affine=False),
+        )
 
     def forward(self, x):
         return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=1)
 
     @staticmethod
     def preprocess(crops_bgr: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(((np.stack(crops_bgr).astype(np.float64) / 255.0 - 0.5) / 0.5)
-                                .transpose(0, 3, 1, 2).astype(np.float32))
+        return torch.from_numpy(
+            ((np.stack(crops_bgr).astype(np.float64) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2).astype(np.float32)
+        )
 
 
 # --------------------------------------------------------------------------- FaceNet InceptionResnetV1
@@ -243,22 +268,49 @@ class _Residual(nn.Module):
 
 
 def _block35(scale):
-    return _Residual(256, [_BasicConv(256, 32, 1, 1),
-                           nn.Sequential(_BasicConv(256, 32, 1, 1), _BasicConv(32, 32, 3, 1, 1)),
-                           nn.Sequential(_BasicConv(256, 32, 1, 1), _BasicConv(32, 32, 3, 1, 1),
-                                         _BasicConv(32, 32, 3, 1, 1))], 96, scale)
+    return _Residual(
+        256,
+        [
+            _BasicConv(256, 32, 1, 1),
+            nn.Sequential(_BasicConv(256, 32, 1, 1), _BasicConv(32, 32, 3, 1, 1)),
+            nn.Sequential(_BasicConv(256, 32, 1, 1), _BasicConv(32, 32, 3, 1, 1), _BasicConv(32, 32, 3, 1, 1)),
+        ],
+        96,
+        scale,
+    )
 
 
 def _block17(scale):
-    return _Residual(896, [_BasicConv(896, 128, 1, 1),
-                           nn.Sequential(_BasicConv(896, 128, 1, 1), _BasicConv(128, 128, (1, 7), 1, (0, 3)),
-                                         _BasicConv(128, 128, (7, 1), 1, (3, 0)))], 256, scale)
+    return _Residual(
+        896,
+        [
+            _BasicConv(896, 128, 1, 1),
+            nn.Sequential(
+                _BasicConv(896, 128, 1, 1),
+                _BasicConv(128, 128, (1, 7), 1, (0, 3)),
+                _BasicConv(128, 128, (7, 1), 1, (3, 0)),
+            ),
+        ],
+        256,
+        scale,
+    )
 
 
 def _block8(scale, relu=True):
-    return _Residual(1792, [_BasicConv(1792, 192, 1, 1),
-                            nn.Sequential(_BasicConv(1792, 192, 1, 1), _BasicConv(192, 192, (1, 3), 1, (0, 1)),
-                                          _BasicConv(192, 192, (3, 1), 1, (1, 0)))], 384, scale, relu)
+    return _Residual(
+        1792,
+        [
+            _BasicConv(1792, 192, 1, 1),
+            nn.Sequential(
+                _BasicConv(1792, 192, 1, 1),
+                _BasicConv(192, 192, (1, 3), 1, (0, 1)),
+                _BasicConv(192, 192, (3, 1), 1, (1, 0)),
+            ),
+        ],
+        384,
+        scale,
+        relu,
+    )
 
 
 class _Concat(nn.Module):
@@ -285,22 +337,39 @@ class FaceNetInceptionResnetV1(nn.Module):
         self.conv2d_4a = _BasicConv(80, 192, 3, 1)
         self.conv2d_4b = _BasicConv(192, 256, 3, 2)
         self.repeat_1 = nn.Sequential(*[_block35(0.17) for _ in range(5)])
-        self.mixed_6a = _Concat(_BasicConv(256, 384, 3, 2),
-                                nn.Sequential(_BasicConv(256, 192, 1, 1), _BasicConv(192, 192, 3, 1, 1),
-                                              _BasicConv(192, 256, 3, 2)), nn.MaxPool2d(3, 2))
+        self.mixed_6a = _Concat(
+            _BasicConv(256, 384, 3, 2),
+            nn.Sequential(_BasicConv(256, 192, 1, 1), _BasicConv(192, 192, 3, 1, 1), _BasicConv(192, 256, 3, 2)),
+            nn.MaxPool2d(3, 2),
+        )
         self.repeat_2 = nn.Sequential(*[_block17(0.10) for _ in range(10)])
-        self.mixed_7a = _Concat(nn.Sequential(_BasicConv(896, 256, 1, 1), _BasicConv(256, 384, 3, 2)),
-                                nn.Sequential(_BasicConv(896, 256, 1, 1), _BasicConv(256, 256, 3, 2)),
-                                nn.Sequential(_BasicConv(896, 256, 1, 1), _BasicConv(256, 256, 3, 1, 1),
-                                              _BasicConv(256, 256, 3, 2)), nn.MaxPool2d(3, 2))
+        self.mixed_7a = _Concat(
+            nn.Sequential(_BasicConv(896, 256, 1, 1), _BasicConv(256, 384, 3, 2)),
+            nn.Sequential(_BasicConv(896, 256, 1, 1), _BasicConv(256, 256, 3, 2)),
+            nn.Sequential(_BasicConv(896, 256, 1, 1), _BasicConv(256, 256, 3, 1, 1), _BasicConv(256, 256, 3, 2)),
+            nn.MaxPool2d(3, 2),
+        )
         self.repeat_3 = nn.Sequential(*[_block8(0.20) for _ in range(5)])
         self.block8 = _block8(1.0, relu=False)
         self.last_linear = nn.Linear(1792, 512, bias=False)
         self.last_bn = nn.BatchNorm1d(512, eps=0.001, momentum=0.1)
 
     def forward(self, x):
-        for name in ("conv2d_1a", "conv2d_2a", "conv2d_2b", "maxpool_3a", "conv2d_3b", "conv2d_4a", "conv2d_4b",
-                     "repeat_1", "mixed_6a", "repeat_2", "mixed_7a", "repeat_3", "block8"):
+        for name in (
+            "conv2d_1a",
+            "conv2d_2a",
+            "conv2d_2b",
+            "maxpool_3a",
+            "conv2d_3b",
+            "conv2d_4a",
+            "conv2d_4b",
+            "repeat_1",
+            "mixed_6a",
+            "repeat_2",
+            "mixed_7a",
+            "repeat_3",
+            "block8",
+        ):
             x = getattr(self, name)(x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # dropout is inactive at eval
         return F.normalize(self.last_bn(self.last_linear(x)), p=2, dim=1)
@@ -313,30 +382,40 @@ class FaceNetInceptionResnetV1(nn.Module):
 # --------------------------------------------------------------------------- the face model
 def _load(module: nn.Module, path: Path, what: str, ignore: tuple[str, ...] = ()) -> nn.Module:
     if not path.is_file():
-        raise MissingWeights(f"{what} weights {path} not found: convert {RELEASES[what]} to safetensors "
-                             f"and put it there as {WEIGHT_FILES[what]}")
+        raise MissingWeights(
+            f"{what} weights {path} not found: convert {RELEASES[what]} to safetensors "
+            f"and put it there as {WEIGHT_FILES[what]}"
+        )
     state = load_safetensors(path)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(ignore)}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         from ..checkpoints.reading import CheckpointError
 
-        raise CheckpointError(f"{path.name} does not hold {what} weights (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path.name} does not hold {what} weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return module.eval()
 
 
 class TorchFaceModel:
     """AdaFace or FaceNet embeddings of every facexlib-aligned face of an image (the authors' pipeline)."""
 
-    def __init__(self, kind: str, folder: str | os.PathLike, device=None, pad_references: bool = True,
-                 detector: RetinaFaceR50 | None = None):
+    def __init__(
+        self,
+        kind: str,
+        folder: str | os.PathLike,
+        device=None,
+        pad_references: bool = True,
+        detector: RetinaFaceR50 | None = None,
+    ):
         if kind not in ("adaface", "facenet"):
             raise ValueError(f"kind must be 'adaface' or 'facenet', got {kind!r}")
         folder = Path(folder).expanduser()
         self.kind = kind
-        self.device = torch.device(device if device not in (None, "auto") else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(
+            device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.pad_references = pad_references
         self.detector = detector or _load(RetinaFaceR50(), folder / WEIGHT_FILES["retinaface"], "retinaface")
         self.detector.to(self.device)

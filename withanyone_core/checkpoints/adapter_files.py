@@ -49,7 +49,8 @@ def detect_adapter_layout(shapes: Mapping[str, tuple[int, ...]]) -> str:
     if two and one:
         raise CheckpointError(
             "this file mixes the two-branch keys (ipa_arc.*, ipa_sig.*) with the ArcFace-only keys (ipa.*, "
-            "arcface_in.*) of WithAnyone.Ke: it holds two adapters; save each one to its own file")
+            "arcface_in.*) of WithAnyone.Ke: it holds two adapters; save each one to its own file"
+        )
     if two:
         return "two_branch"
     if one:
@@ -60,7 +61,8 @@ def detect_adapter_layout(shapes: Mapping[str, tuple[int, ...]]) -> str:
             raise CheckpointError(
                 "this is a single SigLIP-branch checkpoint from training (ipa.*, arcface_in.*, siglip_in.* with "
                 f"siglip_in.0.weight {tuple(siglip_in)}): merge it with its ArcFace branch into the two-branch "
-                "layout first (train/merge.py, as the authors' merge_ipa.py)")
+                "layout first (train/merge.py, as the authors' merge_ipa.py)"
+            )
         return "arcface_only"
     found = ", ".join(sorted(names)[:5]) or "no tensors"
     raise CheckpointError(
@@ -87,11 +89,13 @@ def infer_adapter_variant(layout: str, metadata: Mapping[str, str] | None = None
     if declared is not None:
         declared = declared.strip().lower()
         if declared not in ADAPTER_VARIANTS:
-            raise CheckpointError(f"the file's metadata names an unknown variant {declared!r} "
-                                  f"(known: {', '.join(ADAPTER_VARIANTS)})")
+            raise CheckpointError(
+                f"the file's metadata names an unknown variant {declared!r} (known: {', '.join(ADAPTER_VARIANTS)})"
+            )
         if ADAPTER_VARIANTS[declared]["layout"] != layout:
-            raise CheckpointError(f"the file's metadata says {ADAPTER_VARIANTS[declared]['title']}, but its keys "
-                                  f"have the {layout} layout")
+            raise CheckpointError(
+                f"the file's metadata says {ADAPTER_VARIANTS[declared]['title']}, but its keys have the {layout} layout"
+            )
         return declared
     if layout == "arcface_only":
         return "ke"
@@ -115,8 +119,10 @@ def infer_adapter_config(shapes: Mapping[str, tuple[int, ...]], variant: str | N
     if variant not in ADAPTER_VARIANTS:
         raise CheckpointError(f"unknown adapter variant {variant!r}: use one of {', '.join(ADAPTER_VARIANTS)}")
     if ADAPTER_VARIANTS[variant]["layout"] != layout:
-        raise CheckpointError(f"{ADAPTER_VARIANTS[variant]['title']} has the {ADAPTER_VARIANTS[variant]['layout']} "
-                              f"key layout, but these keys have the {layout} layout")
+        raise CheckpointError(
+            f"{ADAPTER_VARIANTS[variant]['title']} has the {ADAPTER_VARIANTS[variant]['layout']} "
+            f"key layout, but these keys have the {layout} layout"
+        )
     if layout == "arcface_only":
         return _arcface_only_config(shapes, variant)
     if "ipa_arc.0.to_q.weight" not in shapes:
@@ -153,9 +159,14 @@ def _arcface_only_config(shapes: Mapping[str, tuple[int, ...]], variant: str) ->
     num_double = 19 if num_blocks == 57 else num_blocks
     arc_out = shapes.get("arcface_in.3.weight", (ARC_TOKENS * hidden,))[0]
     return AdapterConfig(
-        hidden_size=hidden, num_heads=inner // head_dim, num_double_blocks=num_double,
-        num_single_blocks=num_blocks - num_double, head_dim=head_dim,
-        arcface_dim=shapes.get("arcface_in.0.weight", (0, 512))[1], arc_tokens=arc_out // hidden, variant=variant,
+        hidden_size=hidden,
+        num_heads=inner // head_dim,
+        num_double_blocks=num_double,
+        num_single_blocks=num_blocks - num_double,
+        head_dim=head_dim,
+        arcface_dim=shapes.get("arcface_in.0.weight", (0, 512))[1],
+        arc_tokens=arc_out // hidden,
+        variant=variant,
     )
 
 
@@ -189,12 +200,15 @@ def check_adapter_state(state: Mapping[str, object], adapter: IdentityAdapterBas
             made_for = "an unknown model"
         raise CheckpointError(
             f"{source} does not fit this adapter ({adapter.config.describe()}, i.e. "
-            f"{_describe_flux(adapter.config)}): " + "; ".join(problems)
+            f"{_describe_flux(adapter.config)}): "
+            + "; ".join(problems)
             + f". The file looks made for {made_for}; use the adapter that matches your FLUX model."
         )
 
 
-FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, name))
+FP8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, name)
+)
 
 
 def norm_dtype_for(dtype: torch.dtype | None) -> torch.dtype | None:
@@ -250,7 +264,9 @@ def load_adapter(
             state = LazySafetensorsFile(path)
             shapes = state.shapes()
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{source} could not be read as safetensors ({exc}); the file may be truncated") from exc
+            raise CheckpointError(
+                f"{source} could not be read as safetensors ({exc}); the file may be truncated"
+            ) from exc
         metadata = read_safetensors_metadata(path)
     if num_double_blocks is None:
         num_double_blocks = _double_block_count(shapes, metadata)
@@ -259,8 +275,12 @@ def load_adapter(
     if layout == "arcface_only":
         unused = sorted(k for k in shapes if k.startswith(UNUSED_ARCFACE_ONLY_PREFIXES))
         if unused:
-            logger.info("%s: ignoring %d siglip_in.* tensors (the Kontext adapter defines them but its ArcFace-only "
-                        "path never reads them)", source, len(unused))
+            logger.info(
+                "%s: ignoring %d siglip_in.* tensors (the Kontext adapter defines them but its ArcFace-only "
+                "path never reads them)",
+                source,
+                len(unused),
+            )
             shapes = {k: v for k, v in shapes.items() if k not in unused}
     if variant is None and config is None:
         variant = infer_adapter_variant(layout, metadata, None if isinstance(path_or_state, Mapping) else source)
@@ -280,8 +300,12 @@ def load_adapter(
         adapter = adapter_for_config(config, operations=operations)
     check_adapter_state({k: _ShapeOnly(v) for k, v in shapes.items()}, adapter, source)
     norm_dtype = norm_dtype_for(dtype)
-    norm_keys = {f"{name}.{p}" for name, module in adapter.named_modules()
-                 if isinstance(module, torch.nn.LayerNorm) for p in ("weight", "bias")}
+    norm_keys = {
+        f"{name}.{p}"
+        for name, module in adapter.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for p in ("weight", "bias")
+    }
     loaded = {}
     for key in shapes:
         tensor = state[key]
@@ -292,9 +316,14 @@ def load_adapter(
         del tensor
     adapter.load_state_dict(loaded, strict=True, assign=True)
     del loaded
-    logger.info("loaded WithAnyone adapter from %s: %s (%s layout; %s, weights %s)", source, config.title,
-                config.layout.replace("_", "-"), config.describe(),
-                str(dtype or adapter.weight_dtype).replace("torch.", ""))
+    logger.info(
+        "loaded WithAnyone adapter from %s: %s (%s layout; %s, weights %s)",
+        source,
+        config.title,
+        config.layout.replace("_", "-"),
+        config.describe(),
+        str(dtype or adapter.weight_dtype).replace("torch.", ""),
+    )
     return adapter
 
 
@@ -310,13 +339,17 @@ def _double_block_count(state: Mapping[str, object], metadata: Mapping[str, str]
     return max(doubles) + 1 if doubles else None
 
 
-def save_adapter(adapter: IdentityAdapterBase, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save_adapter(
+    adapter: IdentityAdapterBase, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Save in the official key layout (loadable by :func:`load_adapter` and the ComfyUI loader)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    meta = {"format": "withanyone-adapter", "num_double_blocks": str(adapter.config.num_double_blocks),
-            VARIANT_METADATA_KEY: adapter.config.variant}
+    meta = {
+        "format": "withanyone-adapter",
+        "num_double_blocks": str(adapter.config.num_double_blocks),
+        VARIANT_METADATA_KEY: adapter.config.variant,
+    }
     meta.update(metadata or {})
     save_file(state, str(path), metadata=meta)
-

@@ -50,7 +50,7 @@ _TOP_SIMPLE = {
 def _map_simple(name: str, table: Mapping[str, str]) -> str | None:
     for src, dst in table.items():
         if name == src + ".weight" or name == src + ".bias":
-            return dst + name[len(src):]
+            return dst + name[len(src) :]
         if name == src:  # RMSNorm scales carry no .weight suffix in BFL files
             return dst
     return None
@@ -110,7 +110,11 @@ def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
                 base = f"transformer_blocks.{idx}."
                 qkv = re.match(r"(img|txt)_attn\.qkv\.(weight|bias)$", rest)
                 if qkv:
-                    names = ("to_q", "to_k", "to_v") if qkv.group(1) == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
+                    names = (
+                        ("to_q", "to_k", "to_v")
+                        if qkv.group(1) == "img"
+                        else ("add_q_proj", "add_k_proj", "add_v_proj")
+                    )
                     for name, part in zip(names, torch.split(value, hidden, dim=0)):
                         out[f"{base}attn.{name}.{qkv.group(2)}"] = part
                     continue

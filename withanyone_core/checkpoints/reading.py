@@ -54,7 +54,9 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     try:
         return load_file(str(path), device=str(device))
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{path.name} could not be read as safetensors ({exc}); the file may be truncated") from exc
+        raise CheckpointError(
+            f"{path.name} could not be read as safetensors ({exc}); the file may be truncated"
+        ) from exc
 
 
 def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -83,19 +85,28 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch
             changed = False
             for prefix in _WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key = key[len(prefix):]
+                    key = key[len(prefix) :]
                     changed = True
         out[key] = value
     return out
 
 
-
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-       if hasattr(torch, attr)},
+    **{
+        name: getattr(torch, attr)
+        for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+        if hasattr(torch, attr)
+    },
 }
 
 
@@ -145,4 +156,3 @@ class LazySafetensorsFile(Mapping):
 
     def __len__(self) -> int:
         return len(self._entries)
-

@@ -35,10 +35,21 @@ from .images import (
 
 # Layouts from a photo's faces or a mask live in withanyone_core.layout.photo, which uses this package's detector
 # types; their old names here are looked up there on first use (importing it at this point would be a circle).
-_LAYOUT_NAMES = frozenset({
-    "FRAMINGS", "PhotoFraming", "PhotoLayout", "box_masks", "boxes_from_mask", "fit_boxes", "layout_boxes_from_image",
-    "layout_from_faces", "layout_from_photo", "map_face_boxes", "photo_framing",
-})
+_LAYOUT_NAMES = frozenset(
+    {
+        "FRAMINGS",
+        "PhotoFraming",
+        "PhotoLayout",
+        "box_masks",
+        "boxes_from_mask",
+        "fit_boxes",
+        "layout_boxes_from_image",
+        "layout_from_faces",
+        "layout_from_photo",
+        "map_face_boxes",
+        "photo_framing",
+    }
+)
 
 
 def __getattr__(name: str):
@@ -50,11 +61,41 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ANTELOPEV2_FILES", "DEFAULT_FACE_CHOICE", "DEFAULT_MAX_PIXELS", "DETECTOR_FILE", "FACE_CHOICES", "FRAMINGS", "RECOGNIZER_FILE", "Face",
+    "ANTELOPEV2_FILES",
+    "DEFAULT_FACE_CHOICE",
+    "DEFAULT_MAX_PIXELS",
+    "DETECTOR_FILE",
+    "FACE_CHOICES",
+    "FRAMINGS",
+    "RECOGNIZER_FILE",
+    "Face",
     "FaceIndexError",
-    "FaceAnalyzer", "FaceModelsNotFound", "ImageReadError", "ImageTooLargeError", "NoFaceError", "PhotoFraming", "PhotoLayout",
-    "arcface_crop", "box_masks", "boxes_from_mask", "count_noun", "decode_image", "find_antelopev2_dir", "fit_boxes", "image_size",
-    "layout_boxes_from_image", "layout_from_faces", "layout_from_photo", "load_image", "map_face_boxes",
-    "no_face_message", "onnx_providers", "photo_framing", "rank_faces", "select_face", "siglip_crop", "square_box",
+    "FaceAnalyzer",
+    "FaceModelsNotFound",
+    "ImageReadError",
+    "ImageTooLargeError",
+    "NoFaceError",
+    "PhotoFraming",
+    "PhotoLayout",
+    "arcface_crop",
+    "box_masks",
+    "boxes_from_mask",
+    "count_noun",
+    "decode_image",
+    "find_antelopev2_dir",
+    "fit_boxes",
+    "image_size",
+    "layout_boxes_from_image",
+    "layout_from_faces",
+    "layout_from_photo",
+    "load_image",
+    "map_face_boxes",
+    "no_face_message",
+    "onnx_providers",
+    "photo_framing",
+    "rank_faces",
+    "select_face",
+    "siglip_crop",
+    "square_box",
     "to_rgb_uint8",
 ]

@@ -73,8 +73,13 @@ def find_antelopev2_dir(root: str | os.PathLike) -> Path:
     that unzipping the release produces, and ``root`` being the antelopev2 folder itself.
     """
     root = Path(root).expanduser()
-    candidates = [root / "models" / "antelopev2", root / "models" / "antelopev2" / "antelopev2",
-                  root / "antelopev2", root / "antelopev2" / "antelopev2", root]
+    candidates = [
+        root / "models" / "antelopev2",
+        root / "models" / "antelopev2" / "antelopev2",
+        root / "antelopev2",
+        root / "antelopev2" / "antelopev2",
+        root,
+    ]
     required = (DETECTOR_FILE, RECOGNIZER_FILE)
     for folder in candidates:
         if all((folder / name).is_file() for name in required):
@@ -117,8 +122,9 @@ def onnx_providers(choice: str = "auto") -> list[str]:
 class FaceAnalyzer:
     """antelopev2 detection + ArcFace recognition through insightface and onnxruntime."""
 
-    def __init__(self, models_root: str | os.PathLike, providers: str = "auto", det_thresh: float = 0.4,
-                 det_size: int = 640):
+    def __init__(
+        self, models_root: str | os.PathLike, providers: str = "auto", det_thresh: float = 0.4, det_size: int = 640
+    ):
         from insightface.model_zoo import model_zoo
 
         self.folder = find_antelopev2_dir(models_root)
@@ -134,8 +140,13 @@ class FaceAnalyzer:
                 "re-download antelopev2"
             )
         self.detector.prepare(0, input_size=(self.det_size, self.det_size), det_thresh=self.det_thresh)
-        logger.info("face analysis: antelopev2 from %s on %s (threshold %.2f, size %d)", self.folder,
-                    self.providers[0].replace("ExecutionProvider", ""), self.det_thresh, self.det_size)
+        logger.info(
+            "face analysis: antelopev2 from %s on %s (threshold %.2f, size %d)",
+            self.folder,
+            self.providers[0].replace("ExecutionProvider", ""),
+            self.det_thresh,
+            self.det_size,
+        )
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces (box, landmarks, score) of an RGB uint8 image, largest first (see :func:`rank_faces`)."""
@@ -150,8 +161,11 @@ class FaceAnalyzer:
         bgr = np.ascontiguousarray(work[..., ::-1])
         boxes, kpss = self.detector.detect(bgr, input_size=(self.det_size, self.det_size), det_thresh=self.det_thresh)
         faces = [
-            Face(bbox=(boxes[i, :4] / scale).astype(np.float32), kps=(kpss[i] / scale).astype(np.float32),
-                 score=float(boxes[i, 4]))
+            Face(
+                bbox=(boxes[i, :4] / scale).astype(np.float32),
+                kps=(kpss[i] / scale).astype(np.float32),
+                score=float(boxes[i, 4]),
+            )
             for i in range(boxes.shape[0])
         ]
         return sorted(faces, key=lambda f: -f.area)
@@ -167,16 +181,29 @@ class FaceAnalyzer:
         for face, feat in zip(faces, feats):
             face.embedding = np.asarray(feat, dtype=np.float32).ravel()
 
-    def extract(self, image: np.ndarray, *, choice: str = "highest score", index: int = 0, min_size: float = 0.0,
-                image_name: str = "image") -> Face:
+    def extract(
+        self,
+        image: np.ndarray,
+        *,
+        choice: str = "highest score",
+        index: int = 0,
+        min_size: float = 0.0,
+        image_name: str = "image",
+    ) -> Face:
         """The reference face of a photo (see :func:`select_face`) with its embedding.
 
         Only that face goes through the recognizer: a group photo costs one detection and
         one recognition, not one per face.
         """
         image = to_rgb_uint8(image, image_name) if isinstance(image, np.ndarray) else load_image(image)
-        face = select_face(self.detect(image), choice=choice, index=index, image_name=image_name, min_size=min_size,
-                           det_thresh=self.det_thresh)
+        face = select_face(
+            self.detect(image),
+            choice=choice,
+            index=index,
+            image_name=image_name,
+            min_size=min_size,
+            det_thresh=self.det_thresh,
+        )
         self.embed(image, [face])
         return face
 
@@ -217,14 +244,21 @@ def _describe(face: Face) -> str:
 def no_face_message(image_name: str, min_size: float = 0.0, det_thresh: float | None = None) -> str:
     """What to do when the detector finds nothing in ``image_name``."""
     threshold = f" at detection threshold {det_thresh:.2f}" if det_thresh is not None else ""
-    size = (f" and at least {min_size:.0f} px wide (the minimum face size set)" if min_size > 0
-            else " and not tiny")
-    return (f"no face found in {image_name}{threshold}: use a photo where the face is clearly visible, "
-            f"frontal-ish{size}, or lower the detection threshold")
+    size = f" and at least {min_size:.0f} px wide (the minimum face size set)" if min_size > 0 else " and not tiny"
+    return (
+        f"no face found in {image_name}{threshold}: use a photo where the face is clearly visible, "
+        f"frontal-ish{size}, or lower the detection threshold"
+    )
 
 
-def select_face(faces: list[Face], index: int = 0, image_name: str = "image", min_size: float = 0.0,
-                choice: str = DEFAULT_FACE_CHOICE, det_thresh: float | None = None) -> Face:
+def select_face(
+    faces: list[Face],
+    index: int = 0,
+    image_name: str = "image",
+    min_size: float = 0.0,
+    choice: str = DEFAULT_FACE_CHOICE,
+    det_thresh: float | None = None,
+) -> Face:
     """The reference face among the faces at least ``min_size`` px on their shorter side.
 
     ``choice`` ranks them (:data:`FACE_CHOICES`; default: the highest detection score, as the
@@ -248,17 +282,25 @@ def select_face(faces: list[Face], index: int = 0, image_name: str = "image", mi
         raise FaceIndexError(
             f"{image_name}: face index {index} requested but only {count_noun(len(usable), 'face')} "
             f"{'is' if len(usable) == 1 else 'are'} usable (index 0 = the first by {choice}; "
-            f"faces under {min_size:.0f} px are not counted)")
+            f"faces under {min_size:.0f} px are not counted)"
+        )
     chosen = usable[index]
     ignored = len(faces) - len(usable)
     if len(usable) > 1 or ignored:
-        first = {"highest score": "the face with the highest detection score", "largest": "the largest face",
-                 "left to right": "the leftmost face"}[choice]
+        first = {
+            "highest score": "the face with the highest detection score",
+            "largest": "the largest face",
+            "left to right": "the leftmost face",
+        }[choice]
         reason = f"face {index + 1} of {len(usable)} ranked by {choice} (face_index {index})" if index else first
         others = "; ".join(_describe(f) for f in usable if f is not chosen)
         logger.warning(
             "%s has %s%s; took %s (%s)%s. Choose another with face_choice / face_index.",
-            image_name, count_noun(len(usable), "usable face" if ignored else "face"),
-            f" ({ignored} more under {min_size:.0f} px ignored)" if ignored else "", reason, _describe(chosen),
-            f"; the others: {others}" if others else "")
+            image_name,
+            count_noun(len(usable), "usable face" if ignored else "face"),
+            f" ({ignored} more under {min_size:.0f} px ignored)" if ignored else "",
+            reason,
+            _describe(chosen),
+            f"; the others: {others}" if others else "",
+        )
     return chosen

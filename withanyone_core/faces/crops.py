@@ -35,8 +35,9 @@ def square_box(bbox, width: int, height: int) -> tuple[int, int, int, int]:
     return max(0, x1), max(0, y1), min(width, x2), min(height, y2)
 
 
-def siglip_crop(image: np.ndarray, face_or_bbox, size: int = SIGLIP_CROP_SIZE,
-                matte: np.ndarray | None = None) -> np.ndarray:
+def siglip_crop(
+    image: np.ndarray, face_or_bbox, size: int = SIGLIP_CROP_SIZE, matte: np.ndarray | None = None
+) -> np.ndarray:
     """The reference's crop for SigLIP: the face box squared about its centre, clipped, resized (Lanczos).
 
     ``matte`` (``H x W`` in [0, 1], 1 = the person, at the image's size) blanks the background

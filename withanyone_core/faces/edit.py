@@ -72,14 +72,18 @@ def check_aspect(width: int, height: int, aspect_limit: str = ASPECT_LIMITS[0]) 
         raise ValueError(
             f"the source photo is {width}x{height} (aspect {ratio:.2f}); WithAnyone.Ke was trained on square photos "
             f"and the authors accept only aspects between {lo} and {hi}. Crop the photo to near-square, or set "
-            "aspect_limit to 'off' (the pack maps boxes correctly at any aspect; results may be weaker)")
+            "aspect_limit to 'off' (the pack maps boxes correctly at any aspect; results may be weaker)"
+        )
     if not lo < ratio < hi:
-        logger.warning("WithAnyone Face Edit: aspect %.2f is outside the authors' 0.9-1.1; the model was trained on "
-                       "square photos", ratio)
+        logger.warning(
+            "WithAnyone Face Edit: aspect %.2f is outside the authors' 0.9-1.1; the model was trained on square photos",
+            ratio,
+        )
 
 
-def select_edit_faces(faces: list[Face], order: str = FACE_ORDERS[0],
-                      max_faces: int = MAX_EDIT_FACES) -> tuple[list[Face], list[Face]]:
+def select_edit_faces(
+    faces: list[Face], order: str = FACE_ORDERS[0], max_faces: int = MAX_EDIT_FACES
+) -> tuple[list[Face], list[Face]]:
     """(kept, dropped): the ``max_faces`` highest-scoring faces (the authors keep the detector's first
     four, which it sorts by score), in ``order``: by score (the authors') or left to right."""
     if order not in FACE_ORDERS:
@@ -106,28 +110,40 @@ def authors_round_trip(box, width: int, height: int, side: int = ROUND_TRIP_SIDE
     off_y = (height - square) // 2 if height > width else 0
     scale = side / square
     x1, y1, x2, y2 = (int(v) for v in box[:4])
-    there = [int((x1 - off_x) * scale), int((y1 - off_y) * scale), int((x2 - off_x) * scale),
-             int((y2 - off_y) * scale)]
+    there = [int((x1 - off_x) * scale), int((y1 - off_y) * scale), int((x2 - off_x) * scale), int((y2 - off_y) * scale)]
     back = min(width / side, height / side)
     dx, dy = (width - side * back) / 2, (height - side * back) / 2
     return (int(there[0] * back + dx), int(there[1] * back + dy), int(there[2] * back + dx), int(there[3] * back + dy))
 
 
-def plan_face_edit(faces: list[Face], width: int, height: int, *, order: str = FACE_ORDERS[0],
-                   box_mapping: str = BOX_MAPPINGS[0], aspect_limit: str = ASPECT_LIMITS[0],
-                   min_blur_face: int = BLUR_MIN_FACE, image_name: str = "the source photo") -> FaceEditPlan:
+def plan_face_edit(
+    faces: list[Face],
+    width: int,
+    height: int,
+    *,
+    order: str = FACE_ORDERS[0],
+    box_mapping: str = BOX_MAPPINGS[0],
+    aspect_limit: str = ASPECT_LIMITS[0],
+    min_blur_face: int = BLUR_MIN_FACE,
+    image_name: str = "the source photo",
+) -> FaceEditPlan:
     """Boxes on the target and faces to blur for a ``width x height`` photo with ``faces`` detected."""
     if box_mapping not in BOX_MAPPINGS:
         raise ValueError(f"unknown box mapping {box_mapping!r}: use one of {', '.join(BOX_MAPPINGS)}")
     check_aspect(width, height, aspect_limit)
     if not faces:
-        raise NoFaceError(f"no face found in {image_name}: WithAnyone.Ke replaces the faces of the photo, so it needs "
-                          "at least one (use a photo where each face is at least 64 px wide, or lower the face "
-                          "analyzer's detection threshold)")
+        raise NoFaceError(
+            f"no face found in {image_name}: WithAnyone.Ke replaces the faces of the photo, so it needs "
+            "at least one (use a photo where each face is at least 64 px wide, or lower the face "
+            "analyzer's detection threshold)"
+        )
     kept, dropped = select_edit_faces(faces, order)
     if dropped:
-        logger.info("WithAnyone Face Edit: %d faces found, the %d with the highest detection scores are edited",
-                    len(faces), len(kept))
+        logger.info(
+            "WithAnyone Face Edit: %d faces found, the %d with the highest detection scores are edited",
+            len(faces),
+            len(kept),
+        )
     tw, th = target_size(width, height)
     photo_boxes = tuple(tuple(float(v) for v in f.bbox[:4]) for f in kept)
     if box_mapping == "authors":
@@ -141,10 +157,12 @@ def plan_face_edit(faces: list[Face], width: int, height: int, *, order: str = F
     blur = tuple(b for b in blur if b[2] - b[0] >= min_blur_face and b[3] - b[1] >= min_blur_face)
     small = len(kept) - len(blur)
     if small:
-        logger.info("WithAnyone Face Edit: %d face(s) smaller than %d px are edited but not blurred (as the authors)",
-                    small, min_blur_face)
-    return FaceEditPlan(tw, th, boxes, blur, photo_boxes,
-                        tuple(tuple(float(v) for v in f.bbox[:4]) for f in dropped))
+        logger.info(
+            "WithAnyone Face Edit: %d face(s) smaller than %d px are edited but not blurred (as the authors)",
+            small,
+            min_blur_face,
+        )
+    return FaceEditPlan(tw, th, boxes, blur, photo_boxes, tuple(tuple(float(v) for v in f.bbox[:4]) for f in dropped))
 
 
 def blur_faces(image: np.ndarray, boxes, radius: float = BLUR_RADIUS) -> np.ndarray:

@@ -80,9 +80,11 @@ def _limit(max_pixels: int | None) -> int | None:
 
 
 def too_large_message(name: str, width: int, height: int, max_pixels: int) -> str:
-    return (f"{name} is {width}x{height} ({width * height / 1e6:.3g} megapixels), above the limit of "
-            f"{max_pixels / 1e6:g} megapixels: downscale it, or raise the limit (prepare: --max-image-pixels, "
-            "trainer: data.max_image_pixels)")
+    return (
+        f"{name} is {width}x{height} ({width * height / 1e6:.3g} megapixels), above the limit of "
+        f"{max_pixels / 1e6:g} megapixels: downscale it, or raise the limit (prepare: --max-image-pixels, "
+        "trainer: data.max_image_pixels)"
+    )
 
 
 def _open(fh, name: str, max_pixels: int | None):
@@ -168,8 +170,9 @@ def _read(fh, name: str, max_pixels: int | None) -> np.ndarray:
         except ImageReadError:
             raise
         except (OSError, SyntaxError, ValueError, MemoryError) as exc:
-            raise ImageReadError(f"{name} could not be decoded ({type(exc).__name__}: {exc}); "
-                                 "re-export it as PNG or JPEG") from exc
+            raise ImageReadError(
+                f"{name} could not be decoded ({type(exc).__name__}: {exc}); re-export it as PNG or JPEG"
+            ) from exc
 
 
 def load_image(source: str | os.PathLike | np.ndarray, max_pixels: int | None = None) -> np.ndarray:

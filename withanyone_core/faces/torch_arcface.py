@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCFACE_TEMPLATE = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=torch.float32)
+ARCFACE_TEMPLATE = torch.tensor(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=torch.float32,
+)
 
 
 class TorchArcFace(nn.Module):
@@ -36,8 +38,10 @@ class TorchArcFace(nn.Module):
         model = onnx.load(str(path))
         # mxnet-era exports normalise inside the graph (insightface checks the same way)
         names = [n.name for n in model.graph.node[:8]]
-        inside = any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names)
-        return cls(convert(model), *( (0.0, 1.0) if inside else (127.5, 127.5)))
+        inside = any(n.startswith(("Sub", "_minus")) for n in names) and any(
+            n.startswith(("Mul", "_mul")) for n in names
+        )
+        return cls(convert(model), *((0.0, 1.0) if inside else (127.5, 127.5)))
 
     def forward(self, aligned: torch.Tensor) -> torch.Tensor:
         """aligned RGB crops in [0, 1] ``[B, 3, 112, 112]`` -> raw embeddings ``[B, 512]``."""
@@ -73,13 +77,19 @@ def align_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = 112) 
     a, t = m[:, :, :2], m[:, :, 2:]
     a_inv = torch.linalg.inv(a)
     t_inv = -a_inv @ t
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=images.dtype, device=images.device),
-                            torch.arange(size, dtype=images.dtype, device=images.device), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=images.dtype, device=images.device),
+        torch.arange(size, dtype=images.dtype, device=images.device),
+        indexing="ij",
+    )
     crop_pts = torch.stack([xs, ys], dim=-1).reshape(1, -1, 2)
-    img_pts = torch.einsum("bij,bnj->bni", a_inv.to(images.dtype), crop_pts.expand(b, -1, -1)) + t_inv.to(images.dtype).transpose(1, 2)
+    img_pts = torch.einsum("bij,bnj->bni", a_inv.to(images.dtype), crop_pts.expand(b, -1, -1)) + t_inv.to(
+        images.dtype
+    ).transpose(1, 2)
     grid = torch.stack([(img_pts[..., 0] + 0.5) / w * 2 - 1, (img_pts[..., 1] + 0.5) / h * 2 - 1], dim=-1)
-    return F.grid_sample(images, grid.reshape(b, size, size, 2), mode="bilinear", padding_mode="zeros",
-                         align_corners=False)
+    return F.grid_sample(
+        images, grid.reshape(b, size, size, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
 
 
 def numpy_crop_to_tensor(crop: np.ndarray) -> torch.Tensor:

@@ -121,10 +121,15 @@ class AdapterHandle:
         if not self.attached:
             raise RuntimeError("the adapter was detached from this transformer; attach it again")
         checkpoint_func = getattr(self.transformer, "_gradient_checkpointing_func", None)
-        if (torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False)
-                and getattr(checkpoint_func, "withanyone_handle", None) is not self):
-            raise RuntimeError("gradient checkpointing was enabled on the transformer directly; call "
-                               "handle.enable_gradient_checkpointing() so recomputed blocks keep their identities")
+        if (
+            torch.is_grad_enabled()
+            and getattr(self.transformer, "gradient_checkpointing", False)
+            and getattr(checkpoint_func, "withanyone_handle", None) is not self
+        ):
+            raise RuntimeError(
+                "gradient checkpointing was enabled on the transformer directly; call "
+                "handle.enable_gradient_checkpointing() so recomputed blocks keep their identities"
+            )
         if arcface.ndim == 2:
             arcface = arcface[None]
         if siglip is not None and siglip.ndim == 3:

@@ -45,8 +45,12 @@ class PhotoFraming:
 
     def map_box(self, box) -> list[float]:
         x1, y1, x2, y2 = (float(v) for v in box[:4])
-        return [x1 * self.scale + self.offset_x, y1 * self.scale + self.offset_y,
-                x2 * self.scale + self.offset_x, y2 * self.scale + self.offset_y]
+        return [
+            x1 * self.scale + self.offset_x,
+            y1 * self.scale + self.offset_y,
+            x2 * self.scale + self.offset_x,
+            y2 * self.scale + self.offset_y,
+        ]
 
 
 def _place(lo: float, hi: float, size: float, extent: float) -> float:
@@ -58,8 +62,9 @@ def _place(lo: float, hi: float, size: float, extent: float) -> float:
     return min(max(start, hi - size), lo)  # every face inside (boxes may stick out of the photo a little)
 
 
-def photo_framing(boxes, image_width: int, image_height: int, width: int, height: int,
-                  framing: str = "square") -> PhotoFraming:
+def photo_framing(
+    boxes, image_width: int, image_height: int, width: int, height: int, framing: str = "square"
+) -> PhotoFraming:
     """The uniform mapping of a photo's face ``boxes`` [n, 4] into a ``width x height`` output."""
     if framing not in FRAMINGS:
         raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}; got {framing!r}")
@@ -100,8 +105,9 @@ def _square_and_clip(box: list[float], width: int, height: int) -> list[float]:
     return [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
 
 
-def map_face_boxes(boxes, image_width: int, image_height: int, width: int, height: int,
-                   framing: str = "square", square: bool = True) -> tuple[list[list[float]], PhotoFraming]:
+def map_face_boxes(
+    boxes, image_width: int, image_height: int, width: int, height: int, framing: str = "square", square: bool = True
+) -> tuple[list[list[float]], PhotoFraming]:
     """Face boxes of a photo -> boxes in the output, in the input order, and the mapping used.
 
     Every box is valid (x1 < x2, y1 < y2) and inside ``[0, width] x [0, height]``; a face that
@@ -111,18 +117,23 @@ def map_face_boxes(boxes, image_width: int, image_height: int, width: int, heigh
     out = []
     for k, box in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
         mapped = mapping.map_box(box)
-        mapped = _square_and_clip(mapped, width, height) if square else [
-            max(0.0, mapped[0]), max(0.0, mapped[1]), min(float(width), mapped[2]), min(float(height), mapped[3])]
+        mapped = (
+            _square_and_clip(mapped, width, height)
+            if square
+            else [max(0.0, mapped[0]), max(0.0, mapped[1]), min(float(width), mapped[2]), min(float(height), mapped[3])]
+        )
         if not (mapped[2] - mapped[0] >= 1 and mapped[3] - mapped[1] >= 1):
             raise ValueError(
                 f"face {k + 1} (photo box {[round(float(v)) for v in box]}) does not land inside the "
-                f"{width}x{height} output (got {[round(v, 1) for v in mapped]}): is its detection box empty?")
+                f"{width}x{height} output (got {[round(v, 1) for v in mapped]}): is its detection box empty?"
+            )
         out.append(mapped)
     return out, mapping
 
 
-def fit_boxes(boxes, image_width: int, image_height: int, width: int, height: int,
-              framing: str = "square") -> list[list[float]]:
+def fit_boxes(
+    boxes, image_width: int, image_height: int, width: int, height: int, framing: str = "square"
+) -> list[list[float]]:
     """Map face boxes of an ``image_width x image_height`` photo into a ``width x height`` layout.
 
     Square boxes (clipped at the output's edges), ordered left to right by their centres.
@@ -145,9 +156,16 @@ class PhotoLayout:
         return [self.mapping.map_box(f.bbox) for f in self.dropped] if self.mapping else []
 
 
-def layout_from_faces(faces: list[Face], image_width: int, image_height: int, width: int, height: int,
-                      max_faces: int | None = None, image_name: str = "layout image",
-                      framing: str = "square") -> PhotoLayout:
+def layout_from_faces(
+    faces: list[Face],
+    image_width: int,
+    image_height: int,
+    width: int,
+    height: int,
+    max_faces: int | None = None,
+    image_name: str = "layout image",
+    framing: str = "square",
+) -> PhotoLayout:
     """Keep the ``max_faces`` faces with the highest detection scores (the authors' order), place them
     left to right."""
     if not faces:
@@ -158,44 +176,79 @@ def layout_from_faces(faces: list[Face], image_width: int, image_height: int, wi
     ranked = sorted(faces, key=lambda f: -f.score)
     kept, dropped = (ranked, []) if max_faces is None else (ranked[:max_faces], ranked[max_faces:])
     kept = sorted(kept, key=lambda f: float(f.bbox[0] + f.bbox[2]))
-    mapped, mapping = map_face_boxes(np.stack([f.bbox for f in kept]), image_width, image_height, width, height,
-                                     framing)
+    mapped, mapping = map_face_boxes(
+        np.stack([f.bbox for f in kept]), image_width, image_height, width, height, framing
+    )
     if dropped:
         logger.warning(
             "the %s has %s; kept the %s with the highest detection scores (people = %d), numbered left to right; "
-            "left out: %s", image_name, count_noun(len(faces), "face"), count_noun(len(kept), "face"), max_faces,
-            "; ".join(f"box [{', '.join(f'{v:.0f}' for v in f.bbox)}] score {f.score:.2f}" for f in dropped))
+            "left out: %s",
+            image_name,
+            count_noun(len(faces), "face"),
+            count_noun(len(kept), "face"),
+            max_faces,
+            "; ".join(f"box [{', '.join(f'{v:.0f}' for v in f.bbox)}] score {f.score:.2f}" for f in dropped),
+        )
     elif max_faces is not None and len(kept) < max_faces:
-        logger.warning("the %s has only %s but people = %d: the layout has %s", image_name,
-                       count_noun(len(kept), "face"), max_faces, count_noun(len(kept), "box", "boxes"))
+        logger.warning(
+            "the %s has only %s but people = %d: the layout has %s",
+            image_name,
+            count_noun(len(kept), "face"),
+            max_faces,
+            count_noun(len(kept), "box", "boxes"),
+        )
     for k, box in enumerate(mapped):
         side = min(box[2] - box[0], box[3] - box[1])
         if side < SMALL_FACE_PX:
-            logger.warning("face %d of the %s is only %.0f px in the %dx%d output: the faces are far apart in the "
-                           "photo; crop the photo closer or use a larger output", k + 1, image_name, side, width,
-                           height)
+            logger.warning(
+                "face %d of the %s is only %.0f px in the %dx%d output: the faces are far apart in the "
+                "photo; crop the photo closer or use a larger output",
+                k + 1,
+                image_name,
+                side,
+                width,
+                height,
+            )
     return PhotoLayout(mapped, kept, dropped, mapping)
 
 
-def layout_from_photo(analyzer: FaceAnalyzer, image: np.ndarray, width: int, height: int,
-                      image_name: str = "layout image", max_faces: int | None = None,
-                      framing: str = "square") -> PhotoLayout:
+def layout_from_photo(
+    analyzer: FaceAnalyzer,
+    image: np.ndarray,
+    width: int,
+    height: int,
+    image_name: str = "layout image",
+    max_faces: int | None = None,
+    framing: str = "square",
+) -> PhotoLayout:
     """Detect the faces of ``image`` and place them in a ``width x height`` output (see :func:`layout_from_faces`)."""
     image = to_rgb_uint8(image, image_name)
     faces = analyzer.detect(image)
     return layout_from_faces(faces, image.shape[1], image.shape[0], width, height, max_faces, image_name, framing)
 
 
-def layout_boxes_from_image(analyzer: FaceAnalyzer, image: np.ndarray, width: int, height: int,
-                            image_name: str = "layout image", max_faces: int | None = None,
-                            framing: str = "square") -> list[list[float]]:
+def layout_boxes_from_image(
+    analyzer: FaceAnalyzer,
+    image: np.ndarray,
+    width: int,
+    height: int,
+    image_name: str = "layout image",
+    max_faces: int | None = None,
+    framing: str = "square",
+) -> list[list[float]]:
     """Boxes ``[x1, y1, x2, y2]`` in a ``width x height`` output, one per face, left to right."""
     return layout_from_photo(analyzer, image, width, height, image_name, max_faces, framing).boxes
 
 
-def boxes_from_mask(mask: np.ndarray, width: int, height: int, max_regions: int | None = None,
-                    threshold: float = 0.5, min_area_fraction: float = 1e-4,
-                    mask_name: str = "layout mask") -> list[list[float]]:
+def boxes_from_mask(
+    mask: np.ndarray,
+    width: int,
+    height: int,
+    max_regions: int | None = None,
+    threshold: float = 0.5,
+    min_area_fraction: float = 1e-4,
+    mask_name: str = "layout mask",
+) -> list[list[float]]:
     """One box per connected region of ``mask`` (> ``threshold``), left to right, in a ``width x height`` output.
 
     The mask is stretched to the output size (its corners are the output's corners). Regions
@@ -211,29 +264,44 @@ def boxes_from_mask(mask: np.ndarray, width: int, height: int, max_regions: int 
         raise ValueError(f"{mask_name} contains NaN or infinite values")
     mh, mw = mask.shape
     if abs(mw / mh - width / height) > 0.01 * (width / height):
-        logger.warning("%s is %dx%d but the output is %dx%d: the mask is stretched to the output", mask_name,
-                       mw, mh, width, height)
+        logger.warning(
+            "%s is %dx%d but the output is %dx%d: the mask is stretched to the output", mask_name, mw, mh, width, height
+        )
     labels, count = ndimage.label(mask > threshold, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        raise ValueError(f"{mask_name} has no region above {threshold}: paint one blob per person's face "
-                         "(white on black)")
+        raise ValueError(
+            f"{mask_name} has no region above {threshold}: paint one blob per person's face (white on black)"
+        )
     areas = ndimage.sum_labels(np.ones_like(mask), labels, index=np.arange(1, count + 1))
     slices = ndimage.find_objects(labels)
     regions = [(float(a), s) for a, s in zip(areas, slices) if a >= min_area_fraction * mh * mw]
     if not regions:
-        raise ValueError(f"{mask_name}: its {count_noun(count, 'region')} are all smaller than "
-                         f"{min_area_fraction:.2%} of the mask; paint larger blobs")
+        raise ValueError(
+            f"{mask_name}: its {count_noun(count, 'region')} are all smaller than "
+            f"{min_area_fraction:.2%} of the mask; paint larger blobs"
+        )
     if len(regions) < count:
-        logger.info("%s: ignored %d specks below %.2f%% of its area", mask_name, count - len(regions),
-                    100 * min_area_fraction)
+        logger.info(
+            "%s: ignored %d specks below %.2f%% of its area", mask_name, count - len(regions), 100 * min_area_fraction
+        )
     regions.sort(key=lambda r: -r[0])
     if max_regions is not None and len(regions) > max_regions:
-        logger.warning("%s has %s; kept the %d largest (people = %d)", mask_name,
-                       count_noun(len(regions), "region"), max_regions, max_regions)
+        logger.warning(
+            "%s has %s; kept the %d largest (people = %d)",
+            mask_name,
+            count_noun(len(regions), "region"),
+            max_regions,
+            max_regions,
+        )
         regions = regions[:max_regions]
     elif max_regions is not None and len(regions) < max_regions:
-        logger.warning("%s has only %s but people = %d: the layout has %s", mask_name,
-                       count_noun(len(regions), "region"), max_regions, count_noun(len(regions), "box", "boxes"))
+        logger.warning(
+            "%s has only %s but people = %d: the layout has %s",
+            mask_name,
+            count_noun(len(regions), "region"),
+            max_regions,
+            count_noun(len(regions), "box", "boxes"),
+        )
     sx, sy = width / mw, height / mh
     boxes = [[s[1].start * sx, s[0].start * sy, s[1].stop * sx, s[0].stop * sy] for _, s in regions]
     return sorted(boxes, key=lambda b: (b[0] + b[2]) / 2)

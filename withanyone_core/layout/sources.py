@@ -44,7 +44,8 @@ def _read_box_line(number: int, line: str, width: int, height: int) -> tuple[flo
         pixels = ", ".join(f"{v:g}" for v in values if not 0.0 <= v <= 1.0)
         raise ValueError(
             f"layout line {number} ({line!r}) mixes fractions ({fractions}) with pixels ({pixels}): write all four "
-            f"as 0-1 fractions of the size or all four in pixels of the {width}x{height} output")
+            f"as 0-1 fractions of the size or all four in pixels of the {width}x{height} output"
+        )
     x1, y1, x2, y2 = values
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"layout line {number} ({line!r}): x2 must exceed x1 and y2 must exceed y1")
@@ -64,8 +65,10 @@ def parse_boxes(text: str, width: int, height: int) -> list[tuple[float, float, 
         if not line or line.startswith("#"):
             continue
         if len(boxes) == MAX_BOXES:  # stop reading: a pasted file of millions of lines is refused at once
-            raise ValueError(f"more than {MAX_BOXES} boxes given (line {number} is box {MAX_BOXES + 1}): a layout "
-                             f"holds one box per person, and Identity Encode takes up to 4 people; remove lines")
+            raise ValueError(
+                f"more than {MAX_BOXES} boxes given (line {number} is box {MAX_BOXES + 1}): a layout "
+                f"holds one box per person, and Identity Encode takes up to 4 people; remove lines"
+            )
         boxes.append(_read_box_line(number, line, width, height))
     if not boxes:
         raise ValueError("no boxes given: write one x1,y1,x2,y2 per line (pixels or 0-1 fractions)")
@@ -90,6 +93,8 @@ def layout_from_text(text: str, width: int, height: int) -> Layout:
 def layout_from_preset(people: int, width: int, height: int) -> Layout:
     """The preset :class:`Layout` for ``people`` (1-4) side by side."""
     if isinstance(people, bool) or people not in PRESETS:
-        raise ValueError(f"a preset layout is for 1 to {max(PRESETS)} people, got {people!r}: choose one of "
-                         f"{', '.join(map(str, PRESETS))} or give the boxes as text")
+        raise ValueError(
+            f"a preset layout is for 1 to {max(PRESETS)} people, got {people!r}: choose one of "
+            f"{', '.join(map(str, PRESETS))} or give the boxes as text"
+        )
     return Layout(width, height, preset_boxes(people, width, height))

@@ -95,8 +95,9 @@ def box_token_ranges(boxes: torch.Tensor, grid: TokenGrid, rule: str = "base") -
     return torch.stack([c0, r0, c1, r1], dim=-1).to(torch.int64)
 
 
-def boxes_membership(boxes: torch.Tensor, grid: TokenGrid, device: torch.device | str | None = None,
-                     rule: str = "base") -> torch.Tensor:
+def boxes_membership(
+    boxes: torch.Tensor, grid: TokenGrid, device: torch.device | str | None = None, rule: str = "base"
+) -> torch.Tensor:
     """``[..., n, 4]`` boxes -> ``[..., L, n]`` bool: token l lies in person k's box (``rule``: see
     :func:`box_token_ranges`)."""
     ranges = box_token_ranges(boxes, grid, rule).to(device)

@@ -43,8 +43,10 @@ def _shown(value) -> str:
 
 def _side(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
-        raise ValueError(f"layout {name} must be a positive whole number of pixels, got {value!r}: give the size of "
-                         "the canvas the boxes are drawn on")
+        raise ValueError(
+            f"layout {name} must be a positive whole number of pixels, got {value!r}: give the size of "
+            "the canvas the boxes are drawn on"
+        )
     return int(value)
 
 
@@ -68,12 +70,16 @@ def _box(number: int, box, size: str) -> Box:
         except (TypeError, ValueError, OverflowError):
             raise ValueError(f"layout box {number} ({_shown(box)}): {v!r} is not a number: {what}") from None
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"layout box {number} ({_shown(box)}) has a coordinate that is not a finite number (NaN or "
-                         f"infinity): {what}")
+        raise ValueError(
+            f"layout box {number} ({_shown(box)}) has a coordinate that is not a finite number (NaN or "
+            f"infinity): {what}"
+        )
     x1, y1, x2, y2 = values
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"layout box {number} ({_shown(box)}) is empty or inverted: x2 must exceed x1 and y2 must "
-                         "exceed y1 (give the top-left corner first, then the bottom-right one)")
+        raise ValueError(
+            f"layout box {number} ({_shown(box)}) is empty or inverted: x2 must exceed x1 and y2 must "
+            "exceed y1 (give the top-left corner first, then the bottom-right one)"
+        )
     return x1, y1, x2, y2
 
 
@@ -92,8 +98,9 @@ class Layout:
         width, height = _side("width", self.width), _side("height", self.height)
         boxes = self.boxes
         if isinstance(boxes, (str, bytes, dict)) or not hasattr(boxes, "__iter__"):
-            raise ValueError(f"layout boxes must be a list of [x1, y1, x2, y2] boxes, one per person; got "
-                             f"{type(boxes).__name__}")
+            raise ValueError(
+                f"layout boxes must be a list of [x1, y1, x2, y2] boxes, one per person; got {type(boxes).__name__}"
+            )
         size = f"{width}x{height}"
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "height", height)

@@ -48,8 +48,11 @@ def bfl_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             lin(p + "to_q", d, inner, bias=False)
             lin(p + "to_kv", d, 2 * inner, bias=False)
             lin(p + "to_out", inner, d, bias=False)
-    for proj, n_in, hid, out in (("arcface_in_arc", 512, 4 * d, 8 * d), ("arcface_in_sig", 512, 4 * d, 8 * d),
-                                 ("siglip_in_sig", 768, d, d)):
+    for proj, n_in, hid, out in (
+        ("arcface_in_arc", 512, 4 * d, 8 * d),
+        ("arcface_in_sig", 512, 4 * d, 8 * d),
+        ("siglip_in_sig", 768, d, d),
+    ):
         lin(proj + ".0", n_in, hid)
         shapes[proj + ".2.weight"] = (hid,)
         shapes[proj + ".2.bias"] = (hid,)

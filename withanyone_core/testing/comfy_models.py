@@ -13,9 +13,18 @@ import torch
 from ..offline import settle_bitsandbytes
 
 FLUX_CONFIG = {
-    "in_channels": 64, "vec_in_dim": 768, "context_in_dim": 768, "hidden_size": 3072, "mlp_ratio": 4.0,
-    "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000,
-    "qkv_bias": True, "guidance_embed": True,
+    "in_channels": 64,
+    "vec_in_dim": 768,
+    "context_in_dim": 768,
+    "hidden_size": 3072,
+    "mlp_ratio": 4.0,
+    "num_heads": 24,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "axes_dim": [16, 56, 56],
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
 }
 
 
@@ -54,9 +63,19 @@ def clip_l_state(seed: int = 0) -> dict[str, torch.Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
-                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=49407, pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        projection_dim=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=0,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
     state = CLIPTextModelWithProjection(config).state_dict()
     return {k: v.contiguous() for k, v in state.items() if not k.endswith("position_ids")}
 
@@ -68,8 +87,15 @@ def flux_vae_state(seed: int = 0) -> dict[str, torch.Tensor]:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
     return {k: v.contiguous() for k, v in vae.state_dict().items()}

@@ -27,8 +27,10 @@ import numpy as np
 STRIDES = (8, 16, 32)
 FACE_CELL = 32  # the detector fires on green 32x32 cells (stride-32 grid)
 BOX_HALF = 32.0  # boxes are 64x64 around the cell centre
-_ARCFACE_DST = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                         [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+_ARCFACE_DST = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
 # landmarks relative to the box centre: insightface's template scaled to the 64 px box
 LANDMARK_OFFSETS = (_ARCFACE_DST - 56.0) * (2 * BOX_HALF / 112.0)
 
@@ -50,7 +52,9 @@ def _burn_branch(nodes, inits, source: str, size: int, gflops: float, prefix: st
         inits.append(helper.make_tensor(name, TensorProto.FLOAT, shape, w.ravel()))
 
     weight(f"{prefix}_w0", [channels, 3, 3, 3])
-    nodes.append(helper.make_node("Conv", [source, f"{prefix}_w0"], [f"{prefix}_c0"], strides=[2, 2], pads=[1, 1, 1, 1]))
+    nodes.append(
+        helper.make_node("Conv", [source, f"{prefix}_w0"], [f"{prefix}_c0"], strides=[2, 2], pads=[1, 1, 1, 1])
+    )
     last = f"{prefix}_c0"
     for i in range(1, layers + 1):
         weight(f"{prefix}_w{i}", [channels, channels, 3, 3])
@@ -116,18 +120,29 @@ def _detector_model(burn_gflops: float = 0.0):
             outputs[kind].append(f"{kind}_{s}")
     out_names = outputs["score"] + outputs["bbox"] + outputs["kps"]
     widths = {"score": 1, "bbox": 4, "kps": 10}
-    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", widths[name.split("_")[0]]])
-                     for name in out_names]
+    graph_outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", widths[name.split("_")[0]]]) for name in out_names
+    ]
     graph = helper.make_graph(
-        nodes, "tiny_scrfd",
+        nodes,
+        "tiny_scrfd",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "h", "w"])],
-        graph_outputs, inits,
+        graph_outputs,
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-def _pooled_projection_model(name: str, size: int, pool: int, out_dim: int, seed: int, scale: float = 1.0,
-                             ignore_centre: bool = False, burn_gflops: float = 0.0):
+def _pooled_projection_model(
+    name: str,
+    size: int,
+    pool: int,
+    out_dim: int,
+    seed: int,
+    scale: float = 1.0,
+    ignore_centre: bool = False,
+    burn_gflops: float = 0.0,
+):
     """input [N, 3, size, size] -> AveragePool(pool) -> flatten -> fixed random projection.
 
     ``ignore_centre`` zeroes the weights of the middle of the crop, where every painted
@@ -150,8 +165,9 @@ def _pooled_projection_model(name: str, size: int, pool: int, out_dim: int, seed
     weight = weight.reshape(cells, out_dim).astype(np.float32)
     inits = [helper.make_tensor("proj", TensorProto.FLOAT, weight.shape, weight.ravel())]
     nodes = [
-        helper.make_node("AveragePool", ["input.1"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool],
-                         name="pool"),
+        helper.make_node(
+            "AveragePool", ["input.1"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool], name="pool"
+        ),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1, name="flatten"),
         helper.make_node("MatMul", ["flat", "proj"], ["out" if not burn_gflops else "projected"], name="fc"),
     ]
@@ -161,7 +177,8 @@ def _pooled_projection_model(name: str, size: int, pool: int, out_dim: int, seed
         inits.append(helper.make_tensor("burn_axes", TensorProto.INT64, [1], [0]))
         nodes.append(helper.make_node("Add", ["projected", "burn_col"], ["out"], name="burn_add"))
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", out_dim])],
         inits,
@@ -195,14 +212,18 @@ def build_tiny_antelopev2(models_root: str | Path, compute_scale: float = 0.0) -
     burn = {name: compute_scale * g for name, g in ANTELOPEV2_GFLOPS.items()}
     models = {
         "scrfd_10g_bnkps.onnx": _detector_model(burn["scrfd_10g_bnkps.onnx"]),
-        "glintr100.onnx": _pooled_projection_model("tiny_glint", 112, 4, 512, seed=1, scale=8.0, ignore_centre=True,
-                                                   burn_gflops=burn["glintr100.onnx"]),
-        "1k3d68.onnx": _pooled_projection_model("tiny_1k3d68", 192, 8, 3309, seed=2, scale=0.1,
-                                                burn_gflops=burn["1k3d68.onnx"]),
-        "2d106det.onnx": _pooled_projection_model("tiny_2d106", 192, 8, 212, seed=3, scale=0.1,
-                                                  burn_gflops=burn["2d106det.onnx"]),
-        "genderage.onnx": _pooled_projection_model("tiny_genderage", 96, 8, 3, seed=4, scale=0.1,
-                                                   burn_gflops=burn["genderage.onnx"]),
+        "glintr100.onnx": _pooled_projection_model(
+            "tiny_glint", 112, 4, 512, seed=1, scale=8.0, ignore_centre=True, burn_gflops=burn["glintr100.onnx"]
+        ),
+        "1k3d68.onnx": _pooled_projection_model(
+            "tiny_1k3d68", 192, 8, 3309, seed=2, scale=0.1, burn_gflops=burn["1k3d68.onnx"]
+        ),
+        "2d106det.onnx": _pooled_projection_model(
+            "tiny_2d106", 192, 8, 212, seed=3, scale=0.1, burn_gflops=burn["2d106det.onnx"]
+        ),
+        "genderage.onnx": _pooled_projection_model(
+            "tiny_genderage", 96, 8, 3, seed=4, scale=0.1, burn_gflops=burn["genderage.onnx"]
+        ),
     }
     for name, model in models.items():
         onnx.checker.check_model(model)
@@ -227,15 +248,16 @@ def paint_face(canvas: np.ndarray, cell_x: int, cell_y: int, identity: int) -> t
     x0, y0 = int(cx - BOX_HALF), int(cy - BOX_HALF)
     texture = rng.integers(20, 200, (int(2 * BOX_HALF), int(2 * BOX_HALF), 3), dtype=np.uint8)
     texture[..., 1] = np.minimum(texture[..., 0], texture[..., 2])  # green never dominates: no false marker
-    canvas[y0:y0 + texture.shape[0], x0:x0 + texture.shape[1]] = texture
+    canvas[y0 : y0 + texture.shape[0], x0 : x0 + texture.shape[1]] = texture
     m0 = cell_x * FACE_CELL, cell_y * FACE_CELL
-    canvas[m0[1]:m0[1] + FACE_CELL, m0[0]:m0[0] + FACE_CELL] = (0, 255, 0)
+    canvas[m0[1] : m0[1] + FACE_CELL, m0[0] : m0[0] + FACE_CELL] = (0, 255, 0)
     box = np.array([cx - BOX_HALF, cy - BOX_HALF, cx + BOX_HALF, cy + BOX_HALF], dtype=np.float32)
     return box, (LANDMARK_OFFSETS + np.array([cx, cy], dtype=np.float32)).astype(np.float32)
 
 
-def make_face_image(cells: list[tuple[int, int]], identities: list[int] | None = None, seed: int = 0,
-                    size: int = 640) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_face_image(
+    cells: list[tuple[int, int]], identities: list[int] | None = None, seed: int = 0, size: int = 640
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A ``size x size`` RGB image with faces at the given stride-32 cells.
 
     Returns (image, boxes [n,4], landmarks [n,5,2]) as the tiny detector reports them when

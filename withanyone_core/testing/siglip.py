@@ -10,8 +10,15 @@ import torch
 
 from ..siglip import SHIPPED_CONFIG
 
-TINY_SIGLIP = {"hidden_size": 32, "image_size": 256, "intermediate_size": 64, "num_attention_heads": 2,
-               "num_hidden_layers": 1, "patch_size": 16, "num_channels": 3}
+TINY_SIGLIP = {
+    "hidden_size": 32,
+    "image_size": 256,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 1,
+    "patch_size": 16,
+    "num_channels": 3,
+}
 
 
 def build_tiny_siglip(folder: str | Path, seed: int = 0, hidden_size: int = 32) -> Path:

@@ -36,11 +36,16 @@ def _word_tokenizer(max_length: int, bos: bool):
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    single = ("[BOS] $A [EOS]" if bos else "$A [EOS]")
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="[BOS]", eos_token="[EOS]", model_max_length=max_length)
+    single = "[BOS] $A [EOS]" if bos else "$A [EOS]"
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=max_length,
+    )
     fast.do_lower_case = True
     return fast, len(vocab)
 
@@ -58,29 +63,62 @@ def build_tiny_flux_folder(root: str | Path, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
-        num_attention_heads=TINY_HIDDEN // 64, joint_attention_dim=TINY_TEXT_DIM,
-        pooled_projection_dim=TINY_TEXT_DIM, guidance_embeds=True, axes_dims_rope=(16, 24, 24),
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=64,
+        num_attention_heads=TINY_HIDDEN // 64,
+        joint_attention_dim=TINY_TEXT_DIM,
+        pooled_projection_dim=TINY_TEXT_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
     ).save_pretrained(root / "transformer")
     AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     ).save_pretrained(root / "vae")
     clip_tok, vocab = _word_tokenizer(77, bos=True)
     clip_tok.save_pretrained(root / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=TINY_TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=TINY_TEXT_DIM,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )).save_pretrained(root / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=TINY_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=TINY_TEXT_DIM,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
+    ).save_pretrained(root / "text_encoder")
     t5_tok, vocab = _word_tokenizer(32, bos=False)
     t5_tok.save_pretrained(root / "tokenizer_2")
-    T5EncoderModel(T5Config(
-        vocab_size=vocab, d_model=TINY_TEXT_DIM, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=3,
-    )).save_pretrained(root / "text_encoder_2")
+    T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=TINY_TEXT_DIM,
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=3,
+        )
+    ).save_pretrained(root / "text_encoder_2")
     marker.write_text(json.dumps({"version": _VERSION, "hidden": TINY_HIDDEN}))
     logger.info("built the tiny FLUX model set in %s", root)
     return root

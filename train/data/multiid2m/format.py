@@ -64,9 +64,12 @@ def check_embeddings(embeddings: np.ndarray, where: str) -> None:
 
 # everything np.save of a dict of arrays/lists/numbers needs, and nothing that can run code
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
 }
 
 
@@ -80,7 +83,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 f"{self.where}: the pickle asks for {module}.{name}; only dicts, lists, tuples, numbers, strings "
                 "and numpy arrays are accepted, so it was refused without running it. Do not train on this shard; "
-                "re-create it with `python train/prepare.py --format multiid2m`")
+                "re-create it with `python train/prepare.py --format multiid2m`"
+            )
         return super().find_class(module, name)
 
     def persistent_load(self, pid):
@@ -187,8 +191,11 @@ def embeddings_of(arrays: dict, where: str) -> np.ndarray:
     if emb.size == 0:
         return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
     if emb.shape[-1] != EMBEDDING_DIM or emb.ndim > 2:
-        raise ShardFormatError(f"{where}: embeddings of shape {list(emb.shape)}; expected [faces, {EMBEDDING_DIM}] "
-                               "(raw antelopev2 vectors)", "embedding_shape")
+        raise ShardFormatError(
+            f"{where}: embeddings of shape {list(emb.shape)}; expected [faces, {EMBEDDING_DIM}] "
+            "(raw antelopev2 vectors)",
+            "embedding_shape",
+        )
     emb = emb.reshape(-1, EMBEDDING_DIM)
     check_embeddings(emb, where)
     return emb
@@ -216,8 +223,9 @@ def _boxes_of(value, where: str) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise ShardFormatError(f"{where}: bboxes are not numbers ({exc})", "box_shape") from exc
     if boxes.size % 4 or (boxes.ndim and boxes.shape[-1] != 4 and boxes.size):
-        raise ShardFormatError(f"{where}: bboxes of shape {list(boxes.shape)}; expected [faces, 4] "
-                               "([x1, y1, x2, y2] each)", "box_shape")
+        raise ShardFormatError(
+            f"{where}: bboxes of shape {list(boxes.shape)}; expected [faces, 4] ([x1, y1, x2, y2] each)", "box_shape"
+        )
     return boxes.reshape(-1, 4)
 
 
@@ -227,12 +235,12 @@ def _crop_of(meta: dict, width: int, height: int, where: str) -> tuple[float, fl
     if crop is None or (isinstance(crop, list) and not crop):
         return 0.0, 0.0
     if not isinstance(crop, list) or len(crop) != 4 or not all(_is_number(v) for v in crop):
-        raise ShardFormatError(f"{where}: crop must be [x1, y1, x2, y2] (4 numbers), got {json.dumps(crop)[:80]}",
-                               "crop")
+        raise ShardFormatError(
+            f"{where}: crop must be [x1, y1, x2, y2] (4 numbers), got {json.dumps(crop)[:80]}", "crop"
+        )
     x1, y1, x2, y2 = (float(v) for v in crop)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x1 < 0 or y1 < 0 or x2 <= x1 or y2 <= y1:
-        raise ShardFormatError(f"{where}: crop {crop} must be finite, non-negative, with x2 > x1 and y2 > y1",
-                               "crop")
+        raise ShardFormatError(f"{where}: crop {crop} must be finite, non-negative, with x2 > x1 and y2 > y1", "crop")
     return x1, y1
 
 
@@ -249,21 +257,29 @@ def parse_sample(shard: str, key: str, members: dict[str, bytes], max_pixels: in
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardFormatError(f"{where}.json: not valid JSON ({exc})", "json") from exc
     if not isinstance(meta, dict):
-        raise ShardFormatError(f"{where}.json: expected a JSON object ({{\"caption_en\": ..., \"crop\": ...}}), got "
-                               f"a {type(meta).__name__}", "json")
+        raise ShardFormatError(
+            f'{where}.json: expected a JSON object ({{"caption_en": ..., "crop": ...}}), got a {type(meta).__name__}',
+            "json",
+        )
     caption = meta.get("caption_en")
     if caption is not None and not isinstance(caption, str):
         raise ShardFormatError(f"{where}.json: caption_en must be a string, got {json.dumps(caption)[:80]}", "json")
     for field_name in ("name", "names", "keyword"):
-        if field_name in meta and not (meta[field_name] is None or isinstance(meta[field_name], str)
-                                       or (isinstance(meta[field_name], list)
-                                           and all(isinstance(n, (str, type(None))) for n in meta[field_name]))):
-            raise ShardFormatError(f"{where}.json: {field_name} must be a string or a list of strings, got "
-                                   f"{json.dumps(meta[field_name])[:80]}", "json")
+        if field_name in meta and not (
+            meta[field_name] is None
+            or isinstance(meta[field_name], str)
+            or (isinstance(meta[field_name], list) and all(isinstance(n, (str, type(None))) for n in meta[field_name]))
+        ):
+            raise ShardFormatError(
+                f"{where}.json: {field_name} must be a string or a list of strings, got "
+                f"{json.dumps(meta[field_name])[:80]}",
+                "json",
+            )
     quality = meta.get("aesthetics_score")
     if quality is not None and not (_is_number(quality) and math.isfinite(quality)):
-        raise ShardFormatError(f"{where}.json: aesthetics_score must be a finite number, got "
-                               f"{json.dumps(quality)[:80]}", "json")
+        raise ShardFormatError(
+            f"{where}.json: aesthetics_score must be a finite number, got {json.dumps(quality)[:80]}", "json"
+        )
     arrays = load_npy(members["npy"], f"{where}.npy")
     if not isinstance(arrays, dict) or "bboxes" not in arrays:
         raise ShardFormatError(f"{where}.npy: expected a dict with 'bboxes' and 'embeddings'", "npy")
@@ -277,8 +293,16 @@ def parse_sample(shard: str, key: str, members: dict[str, bytes], max_pixels: in
     check_boxes(boxes, width, height, where)
     names = person_names(meta, len(boxes))
     persons = tuple(StreamPerson(n, tuple(float(v) for v in b), e) for n, b, e in zip(names, boxes, embeddings))
-    return StreamSample(shard, key, members["jpg"], int(width), int(height), caption or "",
-                        float(quality) if quality is not None else 1.0, persons)
+    return StreamSample(
+        shard,
+        key,
+        members["jpg"],
+        int(width),
+        int(height),
+        caption or "",
+        float(quality) if quality is not None else 1.0,
+        persons,
+    )
 
 
 # ------------------------------------------------------------------ shards
@@ -290,18 +314,26 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     found = sorted(path for path in matched if path.endswith(".tar"))
     compressed = sorted(path for path in matched if path.lower().endswith(COMPRESSED_SHARD_SUFFIXES))
     if compressed and found:
-        logger.warning("%d compressed shard(s) matching %s are left out (first: %s): only plain .tar shards are "
-                       "read; gunzip them to .tar to train on them", len(compressed), list(patterns), compressed[0])
+        logger.warning(
+            "%d compressed shard(s) matching %s are left out (first: %s): only plain .tar shards are "
+            "read; gunzip them to .tar to train on them",
+            len(compressed),
+            list(patterns),
+            compressed[0],
+        )
     elif compressed:
         first = compressed[0]
         raise FileNotFoundError(
-            f"compressed {first[first.lower().rindex('.tar'):]} shards are not supported: gunzip them to .tar "
+            f"compressed {first[first.lower().rindex('.tar') :]} shards are not supported: gunzip them to .tar "
             f"(e.g. `gunzip -k {first}`; bzip2/xz/zstd: `bunzip2 -k`, `unxz -k`, `unzstd`) and point "
             f"data.multiid2m.shards at the .tar files ({len(compressed)} compressed shard(s) match "
-            f"{list(patterns)}). Shards are streamed many times per run; a plain tar is read without decompressing")
+            f"{list(patterns)}). Shards are streamed many times per run; a plain tar is read without decompressing"
+        )
     if not found:
-        raise FileNotFoundError(f"no .tar shard matches {list(patterns)}: point data.multiid2m.shards at the "
-                                "MultiID-2M tars (e.g. /data/MultiID-2M/train_rec/re_*.tar)")
+        raise FileNotFoundError(
+            f"no .tar shard matches {list(patterns)}: point data.multiid2m.shards at the "
+            "MultiID-2M tars (e.g. /data/MultiID-2M/train_rec/re_*.tar)"
+        )
     return found
 
 
@@ -344,16 +376,22 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         after = f"after sample {last_whole}" if last_whole is not None else "before its first sample"
         lost = f"; sample {key} and everything after it are lost" if key is not None else ""
-        raise ShardFormatError(f"{path}: unreadable tar {after} ({type(exc).__name__}: {exc}){lost}. "
-                               "The shard is truncated or damaged: copy it again (compare its size or checksum "
-                               "with the source)", "shard_unreadable") from exc
+        raise ShardFormatError(
+            f"{path}: unreadable tar {after} ({type(exc).__name__}: {exc}){lost}. "
+            "The shard is truncated or damaged: copy it again (compare its size or checksum "
+            "with the source)",
+            "shard_unreadable",
+        ) from exc
     if key is not None:
         yield key, members
 
 
-def parsed_samples(shard: str, what: str, max_pixels: int | None = None,
-                   on_bad: Callable[[ShardFormatError], bool | None] | None = None,
-                   ) -> Iterator[tuple[str, StreamSample]]:
+def parsed_samples(
+    shard: str,
+    what: str,
+    max_pixels: int | None = None,
+    on_bad: Callable[[ShardFormatError], bool | None] | None = None,
+) -> Iterator[tuple[str, StreamSample]]:
     """(key, sample) of one shard for the passes outside the stream (landmarks, negatives, the sample step).
 
     A bad sample is skipped with a warning naming it (``what`` says which pass), an unreadable rest of
@@ -380,5 +418,3 @@ def parsed_samples(shard: str, what: str, max_pixels: int | None = None,
                 return
             continue
         yield key, sample
-
-

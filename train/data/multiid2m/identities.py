@@ -46,8 +46,10 @@ def read_cluster_centres(source: str | os.PathLike, skipped: list | None = None)
                     if info.isfile() and base.endswith(".npy") and not base.startswith("."):
                         found[base[: -len(".npy")]] = (tar.extractfile(info).read(), f"{source}:{info.name}")
         except tarfile.TarError as exc:
-            raise ShardFormatError(f"{source}: not a readable tar ({exc}); data.multiid2m.cluster_centers takes "
-                                   "ref/cluster_centers.tar or the folder it untars into") from exc
+            raise ShardFormatError(
+                f"{source}: not a readable tar ({exc}); data.multiid2m.cluster_centers takes "
+                "ref/cluster_centers.tar or the folder it untars into"
+            ) from exc
     else:
         for path in sorted(source.glob("*.npy")):
             found[path.stem] = (path.read_bytes(), str(path))
@@ -61,9 +63,11 @@ def read_cluster_centres(source: str | os.PathLike, skipped: list | None = None)
             except (TypeError, ValueError) as exc:
                 raise ShardFormatError(f"{where}: not an array of numbers ({exc})", "embedding_shape") from exc
             if centre.size < EMBEDDING_DIM or centre.size % EMBEDDING_DIM:
-                raise ShardFormatError(f"{where}: a cluster centre of shape {list(centre.shape)}; expected "
-                                       f"[{EMBEDDING_DIM}] (or [k, {EMBEDDING_DIM}]: the first is used)",
-                                       "embedding_shape")
+                raise ShardFormatError(
+                    f"{where}: a cluster centre of shape {list(centre.shape)}; expected "
+                    f"[{EMBEDDING_DIM}] (or [k, {EMBEDDING_DIM}]: the first is used)",
+                    "embedding_shape",
+                )
             centre = centre.reshape(-1, EMBEDDING_DIM)[0]
             check_embeddings(centre[None], where)
         except UnsafePickleError:
@@ -97,8 +101,12 @@ class IdentityNumbers:
         return self.ids.get(name, (1 << 56) + _stable_id(name))
 
 
-def negative_pool_tensors(refs: ReferenceFolder | ReferenceTars | None, centres: dict[str, np.ndarray],
-                          numbers: IdentityNumbers, shards: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def negative_pool_tensors(
+    refs: ReferenceFolder | ReferenceTars | None,
+    centres: dict[str, np.ndarray],
+    numbers: IdentityNumbers,
+    shards: Sequence[str] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and identity ids of the negative pool.
 
     The authors' pool: up to 200 reference embeddings per identity; an identity without
@@ -132,5 +140,3 @@ def negative_pool_tensors(refs: ReferenceFolder | ReferenceTars | None, centres:
     if not embs:
         raise ValueError("no embedding for the negative pool: give data.multiid2m.refs or cluster_centers")
     return torch.from_numpy(np.stack(embs).astype(np.float32)), torch.tensor(ids, dtype=torch.long)
-
-

@@ -23,8 +23,9 @@ def landmark_file(cache_dir: str | os.PathLike, shard: str) -> Path:
     return Path(cache_dir) / f"{Path(shard).stem}-{digest}.landmarks.json"
 
 
-def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detector, iou_min: float = 0.3,
-                     max_pixels: int | None = None) -> int:
+def detect_landmarks(
+    shards: Sequence[str], cache_dir: str | os.PathLike, detector, iou_min: float = 0.3, max_pixels: int | None = None
+) -> int:
     """Detect the GT faces' 5 landmarks once per shard and cache them (the release has none).
 
     Each GT box takes the detection that overlaps it most (IoU >= ``iou_min``); a box with
@@ -43,7 +44,9 @@ def detect_landmarks(shards: Sequence[str], cache_dir: str | os.PathLike, detect
         table: dict[str, list] = {}
         truncated: list[ShardFormatError] = []
 
-        for key, sample in parsed_samples(shard, "landmarks", max_pixels, functools.partial(_note_truncated, truncated)):
+        for key, sample in parsed_samples(
+            shard, "landmarks", max_pixels, functools.partial(_note_truncated, truncated)
+        ):
             try:
                 image = decode_image(sample.image, f"{sample.where}.jpg", max_pixels)
                 faces = detector.detect(image)
@@ -95,8 +98,12 @@ def read_landmark_file(path: Path) -> dict[str, list] | None:
     for key, rows in table.items():
         checked = [_landmark_row(r) for r in rows]
         if any(r is False for r in checked):
-            logger.warning("landmark cache %s: %s has a row that is not 5 finite [x, y] points; its faces leave "
-                           "the GT-aligned ID loss", path, key)
+            logger.warning(
+                "landmark cache %s: %s has a row that is not 5 finite [x, y] points; its faces leave "
+                "the GT-aligned ID loss",
+                path,
+                key,
+            )
             checked = [None if r is False else r for r in checked]
         out[key] = checked
     return out

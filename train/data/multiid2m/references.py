@@ -19,7 +19,6 @@ Compressed tars (``.tar.gz`` ...) have no random access: they are refused with w
 The object is pickled into DataLoader workers; file handles are opened lazily per process.
 """
 
-
 from __future__ import annotations
 
 import glob
@@ -82,8 +81,10 @@ class ReferenceFolder:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"reference folder {self.root} does not exist (untar ref/tars/ into it, or "
-                                    "set data.multiid2m.refs to the tars: /data/MultiID-2M/ref/tars/*.tar)")
+            raise FileNotFoundError(
+                f"reference folder {self.root} does not exist (untar ref/tars/ into it, or "
+                "set data.multiid2m.refs to the tars: /data/MultiID-2M/ref/tars/*.tar)"
+            )
         self._files: dict[str, list[Path]] = {}
 
     @property
@@ -121,8 +122,16 @@ REFERENCE_SUFFIXES = ("npy", "json", "jpg")
 # open tar files kept per process (the release has many ref tars; stay far below ulimit -n)
 MAX_OPEN_TARS = 32
 
-_COMPRESSED_NAMES = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bzip2", ".tbz2": "bzip2", ".tar.xz": "xz",
-                     ".txz": "xz", ".tar.zst": "zstd", ".tar.zstd": "zstd"}
+_COMPRESSED_NAMES = {
+    ".tar.gz": "gzip",
+    ".tgz": "gzip",
+    ".tar.bz2": "bzip2",
+    ".tbz2": "bzip2",
+    ".tar.xz": "xz",
+    ".txz": "xz",
+    ".tar.zst": "zstd",
+    ".tar.zstd": "zstd",
+}
 _COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
@@ -134,7 +143,8 @@ def _compressed_error(path: str, kind: str) -> CompressedTarError:
     return CompressedTarError(
         f"{path} is a {kind}-compressed tar: references are read by random access, which a compressed tar does "
         f"not allow. Recompress it as a plain .tar (e.g. `gunzip -k {path}` for gzip) or untar it and set "
-        "data.multiid2m.refs to the folder")
+        "data.multiid2m.refs to the folder"
+    )
 
 
 def check_plain_tar(path: str) -> None:
@@ -162,9 +172,11 @@ def expand_reference_tars(patterns: str | Sequence[str]) -> list[str]:
             if path.endswith(".tar") and os.path.isfile(path):
                 found.add(os.path.abspath(path))
     if not found:
-        raise FileNotFoundError(f"no .tar file matches {list(patterns)}: point data.multiid2m.refs at the released "
-                                "reference tars (e.g. /data/MultiID-2M/ref/tars/*.tar) or at the folder they untar "
-                                "into (<name>/*.npy)")
+        raise FileNotFoundError(
+            f"no .tar file matches {list(patterns)}: point data.multiid2m.refs at the released "
+            "reference tars (e.g. /data/MultiID-2M/ref/tars/*.tar) or at the folder they untar "
+            "into (<name>/*.npy)"
+        )
     for path in found:
         check_plain_tar(path)
     return sorted(found)
@@ -199,20 +211,31 @@ def scan_tar(path: str) -> list[list]:
             while (info := tar.next()) is not None:
                 tar.members.clear()
                 base = info.name.rsplit("/", 1)[-1]
-                if not info.isfile() or base.startswith(".") or "." not in base \
-                        or base.rsplit(".", 1)[1] not in REFERENCE_SUFFIXES:
+                if (
+                    not info.isfile()
+                    or base.startswith(".")
+                    or "." not in base
+                    or base.rsplit(".", 1)[1] not in REFERENCE_SUFFIXES
+                ):
                     continue
                 if info.offset_data + info.size > size:
                     raise tarfile.ReadError(f"{info.name}: member data past the end of the file")
                 members.append([info.name, info.offset_data, info.size])
     except tarfile.TarError as exc:
         if not members:
-            raise ShardFormatError(f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
-                                   "ref/tars/*.tar (uncompressed) or the folder they untar into") from exc
+            raise ShardFormatError(
+                f"{path}: not a readable plain tar ({exc}); data.multiid2m.refs takes the released "
+                "ref/tars/*.tar (uncompressed) or the folder they untar into"
+            ) from exc
         # truncated: the references read whole are used, the rest of this tar is skipped (named)
-        logger.warning("reference tar %s is truncated or damaged after %s (%s): its %d reference member(s) before "
-                       "that are used, the rest is skipped; copy the tar again to use all of it", path,
-                       members[-1][0], exc, len(members))
+        logger.warning(
+            "reference tar %s is truncated or damaged after %s (%s): its %d reference member(s) before "
+            "that are used, the rest is skipped; copy the tar again to use all of it",
+            path,
+            members[-1][0],
+            exc,
+            len(members),
+        )
     return members
 
 
@@ -244,11 +267,16 @@ class ReferenceTars:
                 if ref is not None:
                     stems[stem] = ref
         # the folder's order: sorted(<name>/*.npy), i.e. by file name
-        self._files = {name: [stems[s] for s in sorted(stems, key=lambda s: s + ".npy")]
-                       for name, stems in by_name.items()}
+        self._files = {
+            name: [stems[s] for s in sorted(stems, key=lambda s: s + ".npy")] for name, stems in by_name.items()
+        }
         if rootless:
-            logger.warning("references: %d member(s) at the root of %s name no identity folder (<name>/<stem>.npy) "
-                           "and are skipped", rootless, self.spec)
+            logger.warning(
+                "references: %d member(s) at the root of %s name no identity folder (<name>/<stem>.npy) "
+                "and are skipped",
+                rootless,
+                self.spec,
+            )
         self._pid: int | None = None
         self._open: OrderedDict[str, io.BufferedReader] = OrderedDict()
 
@@ -274,8 +302,9 @@ class ReferenceTars:
                 tmp.write_text(json.dumps({**key, "members": members}), encoding="utf-8")
                 os.replace(tmp, target)
             except OSError as exc:
-                logger.warning("could not cache the index of %s in %s (%s); it is scanned again next run",
-                               tar, target, exc)
+                logger.warning(
+                    "could not cache the index of %s in %s (%s); it is scanned again next run", tar, target, exc
+                )
         return members
 
     @staticmethod
@@ -326,8 +355,10 @@ class ReferenceTars:
         fh.seek(offset)
         data = fh.read(size)
         if len(data) != size:
-            raise ShardFormatError(f"{ref.tar}: {ref.member[:-4]}.{suffix} ends early; the tar changed since it was "
-                                   "indexed (restart the run to re-index it)")
+            raise ShardFormatError(
+                f"{ref.tar}: {ref.member[:-4]}.{suffix} ends early; the tar changed since it was "
+                "indexed (restart the run to re-index it)"
+            )
         return data
 
     def read(self, ref: RefMember) -> tuple[np.ndarray, tuple[float, ...] | None]:

@@ -48,10 +48,20 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
     of ranks and workers (the trainer checks it).
     """
 
-    def __init__(self, shards: Sequence[str], options: DataOptions, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 refs: ReferenceFolder | ReferenceTars | None = None, numbers: IdentityNumbers | None = None,
-                 landmarks: dict | None = None, skip_batches: int = 0):
+    def __init__(
+        self,
+        shards: Sequence[str],
+        options: DataOptions,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        refs: ReferenceFolder | ReferenceTars | None = None,
+        numbers: IdentityNumbers | None = None,
+        landmarks: dict | None = None,
+        skip_batches: int = 0,
+    ):
         super().__init__()
         self.shards = list(shards)
         self.options, self.batch_size, self.seed = options, batch_size, seed
@@ -115,8 +125,9 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             return "small_face"
         return None
 
-    def grouped(self, epoch: int, slot: int, slots: int, pending: dict | None = None,
-                counts: dict | None = None) -> Iterator[list[StreamSample]]:
+    def grouped(
+        self, epoch: int, slot: int, slots: int, pending: dict | None = None, counts: dict | None = None
+    ) -> Iterator[list[StreamSample]]:
         """Lists of ``batch_size`` samples of one bucket and person count, in stream order.
 
         ``pending`` (kept by the caller across epochs) holds the incomplete groups, so a slot
@@ -171,11 +182,13 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             if not counts.get("usable"):
                 bad = counts.get("bad", [])
                 reasons = ", ".join(f"{r} {n}" for r, n in sorted(_count_reasons(bad).items()))
-                raise RuntimeError(f"slot {slot} of {slots} (rank x DataLoader worker) got no usable sample from "
-                                   f"{len(self.shards)} shard(s) in epoch {epoch}"
-                                   + (f" ({len(bad)} bad: {reasons}; first: {bad[0][2]})" if bad else "")
-                                   + ": give more shards/samples, fewer data.num_workers, or lower the phase's "
-                                   "min_face_size / min_quality")
+                raise RuntimeError(
+                    f"slot {slot} of {slots} (rank x DataLoader worker) got no usable sample from "
+                    f"{len(self.shards)} shard(s) in epoch {epoch}"
+                    + (f" ({len(bad)} bad: {reasons}; first: {bad[0][2]})" if bad else "")
+                    + ": give more shards/samples, fewer data.num_workers, or lower the phase's "
+                    "min_face_size / min_quality"
+                )
             epoch += 1
 
     # ---- items
@@ -248,16 +261,23 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             logger.warning("skipping unreadable image %s (%s)", sample.where, exc)
             return {"skipped": sample.where, "skip_reason": reason, "error": str(exc)}
         if image.shape[1] != sample.width or image.shape[0] != sample.height:
-            raise ShardFormatError(f"{sample.where}.jpg: decoded {image.shape[1]}x{image.shape[0]}, but its header "
-                                   f"says {sample.width}x{sample.height}", "image_unreadable")
+            raise ShardFormatError(
+                f"{sample.where}.jpg: decoded {image.shape[1]}x{image.shape[0]}, but its header "
+                f"says {sample.width}x{sample.height}",
+                "image_unreadable",
+            )
         width, height = opts.buckets[self._bucket(sample)]
         photo_boxes = np.array([p.box for p in sample.persons], dtype=np.float64)
         pixels, scale, x0, y0 = crop_to_bucket(image, width, height, photo_boxes, opts.crop, rng)
         boxes = torch.tensor(photo_boxes, dtype=torch.float32) * scale - torch.tensor([x0, y0, x0, y0])
         rows = self.landmarks.get((sample.shard, sample.key)) or [None] * len(sample.persons)
         if len(rows) != len(sample.persons):  # a stale cache from other shards of the same name
-            logger.warning("%s: %d cached landmark rows for %d faces; its faces leave the GT-aligned ID loss",
-                           sample.where, len(rows), len(sample.persons))
+            logger.warning(
+                "%s: %d cached landmark rows for %d faces; its faces leave the GT-aligned ID loss",
+                sample.where,
+                len(rows),
+                len(sample.persons),
+            )
             rows = [None] * len(sample.persons)
         has_landmarks = torch.tensor([r is not None for r in rows])
         landmarks = torch.tensor([r if r is not None else [[0.0, 0.0]] * 5 for r in rows], dtype=torch.float32)
@@ -288,11 +308,18 @@ class MultiID2MStream(torch.utils.data.IterableDataset):
             events.append("no_gt_landmarks")
         item = {
             "pixels": torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0,
-            "caption": caption, "num_persons": n, "boxes": boxes, "landmarks": landmarks, "id_valid": id_valid,
+            "caption": caption,
+            "num_persons": n,
+            "boxes": boxes,
+            "landmarks": landmarks,
+            "id_valid": id_valid,
             "gt_embeddings": torch.from_numpy(np.stack([p.embedding for p in sample.persons]).astype(np.float32)),
             "ref_embeddings": torch.stack(ref_embeddings),
             "identity_ids": torch.tensor([self.numbers.of(p.name, sample, i) for i, p in enumerate(sample.persons)]),
-            "paired": torch.tensor(paired), "record_index": -1, "key": sample.where, "events": events,
+            "paired": torch.tensor(paired),
+            "record_index": -1,
+            "key": sample.where,
+            "events": events,
         }
         if opts.siglip_crops:
             item["ref_siglip_crops"] = torch.from_numpy(np.stack(crops))

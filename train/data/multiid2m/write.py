@@ -30,8 +30,11 @@ def write_shard(path: str | Path, samples: Sequence[tuple[str, bytes, dict, dict
     tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, jpg, meta, arrays in samples:
-            for suffix, data in (("jpg", jpg), ("json", json.dumps(meta).encode("utf-8")),
-                                 ("npy", save_pickled_npy(arrays))):
+            for suffix, data in (
+                ("jpg", jpg),
+                ("json", json.dumps(meta).encode("utf-8")),
+                ("npy", save_pickled_npy(arrays)),
+            ):
                 info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
@@ -59,8 +62,20 @@ def _fingerprint(root: Path, records: Sequence, extra) -> str:
     for record in records:
         stat = (Path(root) / record.image).stat()  # a replaced photo re-encodes
         persons = [[p.identity, list(p.box), [list(xy) for xy in p.landmarks]] for p in record.persons]
-        digest.update(json.dumps([record.image, record.caption, record.width, record.height, record.quality, persons,
-                                  stat.st_size, stat.st_mtime_ns]).encode("utf-8"))
+        digest.update(
+            json.dumps(
+                [
+                    record.image,
+                    record.caption,
+                    record.width,
+                    record.height,
+                    record.quality,
+                    persons,
+                    stat.st_size,
+                    stat.st_mtime_ns,
+                ]
+            ).encode("utf-8")
+        )
         for person in record.persons:
             digest.update(np.ascontiguousarray(person.embedding, dtype=np.float32).tobytes())
     return digest.hexdigest()
@@ -84,9 +99,14 @@ def _serial_map(function, argument_tuples: list[tuple]) -> list:
     return [function(*args) for args in argument_tuples]
 
 
-def write_manifest_shards(manifest, out_dir: str | os.PathLike, per_shard: int = 1000,
-                          landmark_dir: str | os.PathLike | None = None, progress_dir: str | os.PathLike | None = None,
-                          shard_map=None) -> list[Path]:
+def write_manifest_shards(
+    manifest,
+    out_dir: str | os.PathLike,
+    per_shard: int = 1000,
+    landmark_dir: str | os.PathLike | None = None,
+    progress_dir: str | os.PathLike | None = None,
+    shard_map=None,
+) -> list[Path]:
     """The records of a manifest as released-layout shards ``re_000000.tar``, ...
 
     Each photo becomes ``<key>.jpg`` (JPEG), ``<key>.json`` (``caption_en``, ``name``,
@@ -108,18 +128,27 @@ def write_manifest_shards(manifest, out_dir: str | os.PathLike, per_shard: int =
     paths = [out_dir / f"re_{i:06d}.tar" for i in range(count)]
     todo = []
     for index, path in enumerate(paths):
-        records = manifest.records[index * per_shard:(index + 1) * per_shard]
+        records = manifest.records[index * per_shard : (index + 1) * per_shard]
         fingerprint = None
         if progress is not None:
             fingerprint = _fingerprint(manifest.root, records, ["shard", index * per_shard])
             marker = _read_marker(progress / f"{path.name}.json")
-            if (marker and marker.get("fingerprint") == fingerprint and path.is_file()
-                    and path.stat().st_size == marker.get("size") and landmark_file(landmark_dir, str(path)).is_file()):
+            if (
+                marker
+                and marker.get("fingerprint") == fingerprint
+                and path.is_file()
+                and path.stat().st_size == marker.get("size")
+                and landmark_file(landmark_dir, str(path)).is_file()
+            ):
                 continue
         todo.append((manifest.root, records, index * per_shard, path, landmark_dir, progress, fingerprint))
     if len(todo) < count:
-        logger.info("shards: %d of %d already written by an earlier run and unchanged; writing %d",
-                    count - len(todo), count, len(todo))
+        logger.info(
+            "shards: %d of %d already written by an earlier run and unchanged; writing %d",
+            count - len(todo),
+            count,
+            len(todo),
+        )
     (shard_map or _serial_map)(write_records_shard, todo)
     _remove_stale_shards(out_dir, count, landmark_dir, progress)
     return paths
@@ -136,8 +165,15 @@ def _remove_stale_shards(out_dir: Path, count: int, landmark_dir: Path, progress
             path.unlink()
 
 
-def write_records_shard(root: Path, records: Sequence, first: int, path: Path, landmark_dir: Path,
-                        progress: Path | None = None, fingerprint: str | None = None) -> Path:
+def write_records_shard(
+    root: Path,
+    records: Sequence,
+    first: int,
+    path: Path,
+    landmark_dir: Path,
+    progress: Path | None = None,
+    fingerprint: str | None = None,
+) -> Path:
     """One shard of :func:`write_manifest_shards`: tar, landmark cache, then its marker."""
     from withanyone_core.faces import load_image
 
@@ -146,18 +182,26 @@ def write_records_shard(root: Path, records: Sequence, first: int, path: Path, l
     for number, record in enumerate(records, first):
         key = f"{number:09d}"
         image = load_image(Path(root) / record.image)
-        meta = {"caption_en": record.caption, "name": [p.identity for p in record.persons],
-                "aesthetics_score": record.quality, "width": record.width, "height": record.height,
-                "source": record.image}
-        arrays = {"bboxes": np.array([p.box for p in record.persons], dtype=np.float32),
-                  "embeddings": np.stack([p.embedding for p in record.persons]).astype(np.float32)}
+        meta = {
+            "caption_en": record.caption,
+            "name": [p.identity for p in record.persons],
+            "aesthetics_score": record.quality,
+            "width": record.width,
+            "height": record.height,
+            "source": record.image,
+        }
+        arrays = {
+            "bboxes": np.array([p.box for p in record.persons], dtype=np.float32),
+            "embeddings": np.stack([p.embedding for p in record.persons]).astype(np.float32),
+        }
         samples.append((key, jpeg_bytes(image), meta, arrays))
         table[key] = [[list(map(float, xy)) for xy in p.landmarks] for p in record.persons]
     write_shard(path, samples)
     _write_json_atomic(landmark_file(landmark_dir, str(path)), {"shard": os.path.abspath(path), "landmarks": table})
     if progress is not None:
-        _write_json_atomic(Path(progress) / f"{path.name}.json",
-                           {"fingerprint": fingerprint, "size": path.stat().st_size})
+        _write_json_atomic(
+            Path(progress) / f"{path.name}.json", {"fingerprint": fingerprint, "size": path.stat().st_size}
+        )
     return path
 
 
@@ -175,8 +219,14 @@ def _identity_chunks(by_name: dict[str, list], faces_per_chunk: int) -> list[lis
     return chunks
 
 
-def write_reference_chunk(root: Path, identities: list[tuple[str, list]], refs: Path, centres: Path,
-                          marker: Path | None = None, fingerprint: str | None = None) -> list[str]:
+def write_reference_chunk(
+    root: Path,
+    identities: list[tuple[str, list]],
+    refs: Path,
+    centres: Path,
+    marker: Path | None = None,
+    fingerprint: str | None = None,
+) -> list[str]:
     """References and cluster centres of some identities (a unit of work), then their marker.
 
     ``identities``: ``(name, [(number, image, caption, box, embedding), ...])``. An
@@ -194,10 +244,14 @@ def write_reference_chunk(root: Path, identities: list[tuple[str, list]], refs: 
         for number, image, caption, box, embedding in faces:
             stem = folder / f"{number:09d}"
             (stem.with_suffix(".jpg")).write_bytes(jpeg_bytes(load_image(Path(root) / image)))
-            (stem.with_suffix(".json")).write_text(json.dumps({"bboxes": [list(box)], "name": [name],
-                                                               "caption_en": caption}))
-            (stem.with_suffix(".npy")).write_bytes(save_pickled_npy(
-                {"bboxes": np.array([box], dtype=np.float32), "embeddings": embedding[None].astype(np.float32)}))
+            (stem.with_suffix(".json")).write_text(
+                json.dumps({"bboxes": [list(box)], "name": [name], "caption_en": caption})
+            )
+            (stem.with_suffix(".npy")).write_bytes(
+                save_pickled_npy(
+                    {"bboxes": np.array([box], dtype=np.float32), "embeddings": embedding[None].astype(np.float32)}
+                )
+            )
         centre = np.mean([f[4] for f in faces], axis=0).astype(np.float32)
         buf = io.BytesIO()
         np.save(buf, centre, allow_pickle=False)
@@ -210,15 +264,17 @@ def write_reference_chunk(root: Path, identities: list[tuple[str, list]], refs: 
     return [name for name, _ in identities]
 
 
-def write_references(manifest, refs: Path, centres: Path, progress: Path | None, faces_per_chunk: int = 1000,
-                     chunk_map=None) -> int:
+def write_references(
+    manifest, refs: Path, centres: Path, progress: Path | None, faces_per_chunk: int = 1000, chunk_map=None
+) -> int:
     """Every identity's references (``refs/<name>/``) and centre (``centres/<name>.npy``), resumable per chunk."""
     by_name: dict[str, list] = {}
     records_of: dict[str, list] = {}
     for number, record in enumerate(manifest.records):
         for person in record.persons:
             by_name.setdefault(person.identity, []).append(
-                (number, record.image, record.caption, tuple(person.box), person.embedding))
+                (number, record.image, record.caption, tuple(person.box), person.embedding)
+            )
             records_of.setdefault(person.identity, []).append(record)
     refs.mkdir(parents=True, exist_ok=True)
     centres.mkdir(parents=True, exist_ok=True)
@@ -230,13 +286,20 @@ def write_references(manifest, refs: Path, centres: Path, progress: Path | None,
             fingerprint = _fingerprint(manifest.root, [r for name in chunk for r in records_of[name]], ["refs", chunk])
             marker = progress / f"refs-{hashlib.sha1(chunk[0].encode('utf-8')).hexdigest()[:16]}.json"
             done = _read_marker(marker)
-            if (done and done.get("fingerprint") == fingerprint
-                    and all((centres / f"{name}.npy").is_file() for name in chunk)):
+            if (
+                done
+                and done.get("fingerprint") == fingerprint
+                and all((centres / f"{name}.npy").is_file() for name in chunk)
+            ):
                 continue
         todo.append((manifest.root, [(name, by_name[name]) for name in chunk], refs, centres, marker, fingerprint))
     if len(todo) < len(chunks):
-        logger.info("references: %d of %d identity chunks already written and unchanged; writing %d",
-                    len(chunks) - len(todo), len(chunks), len(todo))
+        logger.info(
+            "references: %d of %d identity chunks already written and unchanged; writing %d",
+            len(chunks) - len(todo),
+            len(chunks),
+            len(todo),
+        )
     (chunk_map or _serial_map)(write_reference_chunk, todo)
     for folder in sorted(p for p in refs.iterdir() if p.is_dir() and p.name not in by_name):
         logger.warning("removing %s: an identity of an earlier run that this collection no longer has", folder)
@@ -263,9 +326,19 @@ def write_multiid2m(manifest, out_dir: str | os.PathLike, per_shard: int = 1000,
     """
     out_dir = Path(out_dir)
     progress = out_dir / "progress"
-    shards = write_manifest_shards(manifest, out_dir / "train", per_shard, landmark_dir=out_dir / "landmarks",
-                                   progress_dir=progress, shard_map=shard_map)
+    shards = write_manifest_shards(
+        manifest,
+        out_dir / "train",
+        per_shard,
+        landmark_dir=out_dir / "landmarks",
+        progress_dir=progress,
+        shard_map=shard_map,
+    )
     refs, centres = out_dir / "ref" / "untar", out_dir / "ref" / "cluster_centers"
     identities = write_references(manifest, refs, centres, progress, faces_per_chunk=per_shard, chunk_map=shard_map)
-    return {"shards": [str(p) for p in shards], "identities": identities, "refs": str(refs),
-            "cluster_centers": str(centres)}
+    return {
+        "shards": [str(p) for p in shards],
+        "identities": identities,
+        "refs": str(refs),
+        "cluster_centers": str(centres),
+    }
