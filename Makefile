@@ -4,6 +4,7 @@
 #   make comfyui-ui   the browser UI on the demo's ComfyUI and models: http://127.0.0.1:8188 (PORT=...)
 #   make setup   create .venv/ with everything the tests, the demo and training need, and the ComfyUI trees
 #   make test    run the whole test suite on ComfyUI 0.3.75, then the ComfyUI-facing tests on ComfyUI 0.30.0
+#   make lint    ruff: lint rules and formatting (pyproject.toml [tool.ruff]); CI runs it
 #   make bench   run the benchmarks (each prints its ratios; not part of the tests)
 #   make train-smoke  train the tiny model set on the CPU (four phases, a few seconds)
 #   make gpu-check    on a CUDA machine: the CUDA tests and the FLUX.1-dev-size benchmark (< 8 min)
@@ -13,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup demo comfyui-ui test bench train-smoke gpu-check comfyui workflows clean
+.PHONY: setup demo comfyui-ui test lint bench train-smoke gpu-check comfyui workflows clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt requirements-parity.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ COMFY_NEWEST := 0.30.0
 COMFY_NEWEST_TESTS := tests/e2e/test_e2e_golden.py tests/e2e/test_kontext_golden.py tests/nodes/test_comfy_host.py \
 	tests/nodes/test_comfy_patch.py tests/nodes/test_nodes.py tests/e2e/test_comfy_server.py tests/e2e/test_workflow_runs.py \
 	tests/web
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	$(PY) -m tools.common.get_comfyui --version $(COMFY_NEWEST)
