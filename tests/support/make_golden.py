@@ -4,7 +4,7 @@ Used by tests/core/test_golden_unseen.py to prove that tests/core/test_golden.py
 has never seen (other batch sizes, 3-4 persons, overlapping, fractional and partly
 outside boxes, other resolutions and model sizes). Run as a script to write a set::
 
-    python tests/support/make_golden.py OUT_DIR
+    cd tests && python -m support.make_golden OUT_DIR
 """
 
 from __future__ import annotations
