@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from support.launch import accelerate_launch
 from train import run
 from train.config import ConfigError, load_config
 from train.smoke_data import build_smoke_set
@@ -127,43 +128,13 @@ def test_gt_landmarks_detected_once_match_the_prepared_ones(shards_run, tmp_path
 
 def test_two_process_run_on_shards_resumes_bit_identically(shards_run, tmp_path):
     """Two real processes (DDP over gloo on the CPU) x 2 DataLoader workers: 4 stream slots over 5 shards."""
-    import os
-    import subprocess
-    import sys
 
     def launch(out):
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "ACCELERATE_USE_CPU": "1",
-            "WITHANYONE_SHARDS": str(ROOT / ".cache" / "smoke" / "multiid2m" / "train" / "re_*.tar"),
-        }
-        return subprocess.run(
-            [
-                str(Path(sys.executable).parent / "accelerate"),
-                "launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                str(ROOT / "train" / "run.py"),
-                "--config",
-                str(CONFIG),
-                "--set",
-                f"output_dir={out}",
-                "--set",
-                "sample.every=0",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        shards = str(ROOT / ".cache" / "smoke" / "multiid2m" / "train" / "re_*.tar")
+        return accelerate_launch(
+            ROOT / "train" / "run.py", "--config", str(CONFIG), "--set", f"output_dir={out}",
+            "--set", "sample.every=0", env={"WITHANYONE_SHARDS": shards}, timeout=600,
+        )  # fmt: skip
 
     out = tmp_path / "ddp"
     result = launch(out)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.launch import accelerate_launch
 from train import objective, run
 from train.checkpointing import CheckpointError, verify_checkpoint
 from train.smoke_data import build_smoke_set
@@ -250,33 +251,14 @@ def test_every_rank_skips_together(smoke_set, tmp_path):
         "total = sum(float(p.detach().double().sum()) for p in trainer.params)\n"
         "print(f'rank {trainer.accelerator.process_index} weights {total!r}', flush=True)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run(
-        [
-            str(accelerate),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(script),
-            f"output_dir={out}",
-            "sample.every=0",
-            "tensorboard=false",
-            "checkpoint.every=1",
-            "checkpoint.keep=5",
-            "phases=[{name: fit, steps: 3, prompt_mode: fixed, min_face_size: 32}]",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = accelerate_launch(
+        script,
+        f"output_dir={out}",
+        "sample.every=0",
+        "tensorboard=false",
+        "checkpoint.every=1",
+        "checkpoint.keep=5",
+        "phases=[{name: fit, steps: 3, prompt_mode: fixed, min_face_size: 32}]",
     )
     assert result.returncode == 0, result.stderr[-4000:]
     weights = sorted(line.split(" weights ")[1] for line in result.stdout.splitlines() if " weights " in line)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from support.launch import accelerate_launch
 from train import run
 from train.checkpointing import latest_checkpoint
 from train.smoke_data import build_smoke_set
@@ -220,35 +221,11 @@ def test_loss_falls_on_synthetic_data(smoke_set, tmp_path):
 def _launch(
     out: Path, *launch_args: str, cpu_ddp: bool = False, extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if cpu_ddp:
-        env["ACCELERATE_USE_CPU"] = "1"
-    accelerate = Path(sys.executable).parent / "accelerate"
-    return subprocess.run(
-        [
-            str(accelerate),
-            "launch",
-            *launch_args,
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(ROOT / "train" / "run.py"),
-            "--config",
-            str(SMOKE),
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "sample.every=0",
-            *[a for o in extra for a in ("--set", o)],
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    overrides = [a for o in ("sample.every=0", *extra) for a in ("--set", o)]
+    return accelerate_launch(
+        ROOT / "train" / "run.py", "--config", str(SMOKE), "--set", f"output_dir={out}", *overrides,
+        launch_args=launch_args, cpu=cpu_ddp,
+    )  # fmt: skip
 
 
 def test_two_process_accelerate_run(smoke_set, reference_run, tmp_path):
@@ -445,28 +422,7 @@ def test_a_failure_on_the_main_process_stops_every_rank(tmp_path):
         "    sys.exit(3)\n"
         "print(f'rank {acc.process_index} went on', flush=True)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run(
-        [
-            str(accelerate),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(script),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = accelerate_launch(script, timeout=300)
     assert result.returncode != 0
     assert "rank 0 stopped: re_000003.tar: unexpected end of data" in result.stdout, (
         result.stdout + result.stderr[-3000:]
