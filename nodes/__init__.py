@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from comfy_api.latest import ComfyExtension, io
 
-# ComfyUI imports the pack by file path; the shared library next to it is imported by name
-_PACK_ROOT = str(Path(__file__).resolve().parents[1])
-if _PACK_ROOT not in sys.path:
-    sys.path.append(_PACK_ROOT)
+# ComfyUI imports the pack by file path as a package; the node modules reach the shared library next to them
+# relatively (``..withanyone_core``), so nothing of the pack becomes a top-level name in ComfyUI's process.
 
 
 class WithAnyoneExtension(ComfyExtension):

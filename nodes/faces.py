@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from withanyone_core.faces.analysis import DEFAULT_FACE_CHOICE, FACE_CHOICES, FaceIndexError, count_noun
-
+from ..withanyone_core.faces.analysis import DEFAULT_FACE_CHOICE, FACE_CHOICES, FaceIndexError, count_noun
 from .types import FACE_ANALYZER, FACES, IDENTITIES, SIGLIP, FacePhoto, Faces, Identities
 
 logger = logging.getLogger(__name__)
@@ -22,7 +21,7 @@ TILE_SIDE = 256  # the labelled tiles shown on the node after a run
 
 def _photo_pixels(image: torch.Tensor, name: str) -> np.ndarray:
     """One IMAGE item -> RGB uint8 through the core's conversion (alpha dropped, with a log line)."""
-    from withanyone_core.faces import to_rgb_uint8
+    from ..withanyone_core.faces import to_rgb_uint8
 
     pixels = image.detach().cpu().float().numpy()
     if pixels.ndim == 3 and pixels.shape[-1] == 4:
@@ -166,8 +165,8 @@ class WithAnyoneFaceExtract(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        from withanyone_core.faces import NoFaceError, select_face, siglip_crop
-        from withanyone_core.identity_store import image_sha256
+        from ..withanyone_core.faces import NoFaceError, select_face, siglip_crop
+        from ..withanyone_core.identity_store import image_sha256
 
         if no_face not in NO_FACE_POLICIES:
             raise ValueError(f"no_face must be one of {', '.join(NO_FACE_POLICIES)}, got {no_face!r}")
@@ -314,7 +313,7 @@ class WithAnyoneIdentityEncode(io.ComfyNode):
             )
         if fresh:
             comfy.model_management.load_models_gpu([siglip.patcher])
-        from withanyone_core.identity_store import check_encoded
+        from ..withanyone_core.identity_store import check_encoded
 
         arcface, features = [], []
         for k, person in enumerate(persons, 1):

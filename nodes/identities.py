@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from withanyone_core.identity_store import (
+from ..withanyone_core.identity_store import (
     IdentityFileError,
     SavedIdentity,
     SavedPhoto,
@@ -25,7 +25,6 @@ from withanyone_core.identity_store import (
     normalize_name,
     save_identity,
 )
-
 from .faces import encode_person
 from .loaders import IDENTITIES_SUBFOLDER
 from .types import FACES, IDENTITIES, SIGLIP, EncodedPerson, Faces, Identities

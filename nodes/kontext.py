@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from withanyone_core.faces import edit
-from withanyone_core.layout import Layout
-
+from ..withanyone_core.faces import edit
+from ..withanyone_core.layout import Layout
 from .schema import advanced
 from .types import FACE_ANALYZER, FACES, IDENTITIES, LAYOUT, Faces, Identities
 
@@ -231,7 +230,7 @@ class WithAnyoneArcFaceIdentities(io.ComfyNode):
             else torch.from_numpy(np.mean([p.embedding for p in person.photos], axis=0)).float()
             for person in persons
         ]
-        from withanyone_core.identity_store import check_encoded
+        from ..withanyone_core.identity_store import check_encoded
 
         for k, arc in enumerate(arcface, 1):
             check_encoded(arc, None, f"person_{k}")

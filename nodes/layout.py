@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from withanyone_core.faces import to_rgb_uint8
-from withanyone_core.layout import SIZE_RANGE, SOURCES, Layout, layout_from_preset, layout_from_text, render_preview
-from withanyone_core.layout.photo import FRAMINGS, box_masks, boxes_from_mask, layout_from_photo
-from withanyone_core.layout.preview import mask_on_output, photo_on_output
-
+from ..withanyone_core.faces import to_rgb_uint8
+from ..withanyone_core.layout import SIZE_RANGE, SOURCES, Layout, layout_from_preset, layout_from_text, render_preview
+from ..withanyone_core.layout.photo import FRAMINGS, box_masks, boxes_from_mask, layout_from_photo
+from ..withanyone_core.layout.preview import mask_on_output, photo_on_output
 from .types import FACE_ANALYZER, LAYOUT
 
 logger = logging.getLogger(__name__)

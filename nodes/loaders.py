@@ -164,7 +164,7 @@ def load_adapter_patcher(path: str, weight_dtype: str = "default"):
     fp8 storage is scaled per tensor (the largest weight maps to e4m3fn's largest value)."""
     import comfy.model_management as mm
 
-    from withanyone_core.checkpoints.adapter_files import FP8_DTYPES, load_adapter
+    from ..withanyone_core.checkpoints.adapter_files import FP8_DTYPES, load_adapter
 
     load_device = mm.get_torch_device()
     dtype = adapter_storage_dtype(weight_dtype, load_device)
@@ -265,7 +265,7 @@ class WithAnyoneFaceAnalyzerLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, provider: str, detection_threshold: float, detection_size: int) -> io.NodeOutput:
-        from withanyone_core.faces import FaceAnalyzer, FaceModelsNotFound, find_antelopev2_dir
+        from ..withanyone_core.faces import FaceAnalyzer, FaceModelsNotFound, find_antelopev2_dir
 
         errors = []
         for root in _insightface_roots():
@@ -305,7 +305,7 @@ class WithAnyoneSiglipLoader(io.ComfyNode):
     def execute(cls, siglip_name: str) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from withanyone_core.siglip import SiglipEncoder
+        from ..withanyone_core.siglip import SiglipEncoder
 
         encoder = SiglipEncoder.load(resolve_siglip(siglip_name))
         # a plain container: ModelPatcher sets .device, which transformers models expose as a read-only property

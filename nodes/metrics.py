@@ -19,7 +19,7 @@ from .types import FACE_ANALYZER, IDENTITIES, Identities
 
 
 def _rgb(image: torch.Tensor, name: str):
-    from withanyone_core.faces.images import to_rgb_uint8
+    from ..withanyone_core.faces.images import to_rgb_uint8
 
     return to_rgb_uint8(image.detach().cpu().float().numpy(), name)  # RGBA / grey IMAGEs as well
 
@@ -53,8 +53,8 @@ class WithAnyoneIdentityMetrics(io.ComfyNode):
     def execute(
         cls, image: torch.Tensor, face_analyzer, identities: Identities, ground_truth: torch.Tensor | None = None
     ) -> io.NodeOutput:
-        from withanyone_core.bench.faces import InsightFaceModel
-        from withanyone_core.bench_eval import score_identity
+        from ..withanyone_core.bench.faces import InsightFaceModel
+        from ..withanyone_core.bench_eval import score_identity
 
         model = InsightFaceModel.from_analyzer(face_analyzer)
         refs = identities.arcface.detach().cpu().double().numpy()

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from withanyone_core.adapter import BlockInputs, IdentityAdapterBase
-from withanyone_core.host import IdentityRequest, IdentityRun
-from withanyone_core.layout import Layout, TokenGrid
+from ..withanyone_core.adapter import BlockInputs, IdentityAdapterBase
+from ..withanyone_core.host import IdentityRequest, IdentityRun
+from ..withanyone_core.layout import Layout, TokenGrid
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 
-from withanyone_core.layout import (
+from ..withanyone_core.layout import (
     MAX_BOXES,
     PRESETS,
     SIZE_RANGE,

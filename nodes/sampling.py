@@ -7,9 +7,8 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from withanyone_core import recipe
-from withanyone_core.wording import count_noun
-
+from ..withanyone_core import recipe
+from ..withanyone_core.wording import count_noun
 from .schema import advanced
 from .types import ADAPTER, IDENTITIES, LAYOUT, Identities, Layout
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from comfy_api.latest import io
 
-from withanyone_core.layout import Layout  # noqa: F401  (the LAYOUT socket's value: face boxes on their canvas)
+from ..withanyone_core.layout import Layout  # noqa: F401  (the LAYOUT socket's value: face boxes on their canvas)
 
 ADAPTER = io.Custom("WITHANYONE_ADAPTER")
 FACE_ANALYZER = io.Custom("WITHANYONE_FACE_ANALYZER")

@@ -97,3 +97,54 @@ def test_core_imports_neither_comfyui_nor_nodes_nor_train():
             if name.split(".")[0] in COMFY_NAMES:
                 offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not offenders, offenders
+
+
+PACK_TOP_NAMES = ("withanyone_core", "train", "tools", "tests", "support", "dev")
+
+
+def _absolute_pack_imports(path: Path) -> list[str]:
+    """Where ``path`` imports one of the pack's own folders by its top-level name (``import withanyone_core``,
+    ``from train.x import y``), anywhere in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module]
+        else:
+            continue
+        found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in PACK_TOP_NAMES]
+    return found
+
+
+def test_node_pack_imports_its_own_modules_relatively():
+    """Inside ComfyUI the pack is a package named after its folder and nothing of it is importable by name (unless
+    a user pip-installed it), so the entry point and the nodes reach the core as ``..withanyone_core``; imports
+    inside functions count too (they run only when a node executes)."""
+    files = [ROOT / "__init__.py", *sorted((ROOT / "nodes").glob("*.py"))]
+    offenders = [hit for path in files for hit in _absolute_pack_imports(path)]
+    assert not offenders, offenders
+    assert _absolute_pack_imports(ROOT / "nodes" / "sampling.py") == []  # the check reads real node modules
+
+
+def test_the_absolute_import_check_finds_them(tmp_path):
+    module = tmp_path / "kontext.py"
+    module.write_text(
+        "from ..withanyone_core import recipe\n\ndef run():\n    from withanyone_core.faces import edit\n"
+    )
+    assert _absolute_pack_imports(module) == ["kontext.py:4 imports withanyone_core.faces"]
+
+
+def test_no_sys_path_edit_outside_tests():
+    """The library, the trainer, the nodes and the tools are packages; only the tests' bootstrap edits sys.path."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "build") or any(
+            part.startswith(".") or part == "node_modules" for part in rel.parts
+        ):
+            continue  # the tests' own bootstrap; environments, caches and build output
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, offenders

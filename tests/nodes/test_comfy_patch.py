@@ -45,7 +45,7 @@ def identities():
 
 
 def _apply(model, adapter_patcher, identities, **kw):
-    from withanyone_pack_patch import apply_withanyone
+    from withanyone_pack.nodes.patch import apply_withanyone
 
     kw.setdefault("siglip_weight", 1.0)  # both branches, so each test exercises both
     return apply_withanyone(model, adapter_patcher, *identities, Layout(W, H, BOXES), **kw)
@@ -53,17 +53,14 @@ def _apply(model, adapter_patcher, identities, **kw):
 
 @pytest.fixture(scope="module", autouse=True)
 def patch_module():
-    """nodes/patch.py imported as ComfyUI would import the pack's module."""
-    import importlib.util
-    import sys
+    """nodes/patch.py imported inside the pack, as ComfyUI imports it."""
+    import importlib
 
-    from support.comfy_env import ROOT
+    from support.comfy_env import import_pack
 
-    spec = importlib.util.spec_from_file_location("withanyone_pack_patch", ROOT / "nodes" / "patch.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["withanyone_pack_patch"] = module
-    spec.loader.exec_module(module)
-    return module
+    import_comfyui()
+    import_pack()
+    return importlib.import_module("withanyone_pack.nodes.patch")
 
 
 def _forward(patcher, x, sigma, context, y, cond_or_uncond, ref_latents=None):
@@ -215,7 +212,7 @@ def test_ksampler_end_to_end_cfg_and_batch(flux, identities):
 
 def test_not_flux_and_wrong_adapter_are_refused(flux, identities):
     import comfy.model_patcher
-    from withanyone_pack_patch import NotFluxError
+    from withanyone_pack.nodes.patch import NotFluxError
 
     from withanyone_core.adapter import AdapterConfig, IdentityAdapter
 

@@ -1,6 +1,7 @@
 """WithAnyone nodes inside the real ComfyUI modules (in-process)."""
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -30,6 +31,59 @@ def test_importing_the_pack_loads_nothing_heavy():
     ).format(str(ROOT), str(ROOT / "__init__.py"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] ./web"
+
+
+# Run in a fresh process: ComfyUI's own loader imports the pack from a custom_nodes folder while the names the
+# pack's folder would add (its library, trainer, tools, tests) cannot be imported by name, as in a ComfyUI
+# install that has not pip-installed the pack. A node module that imported the core by name would fail here.
+_LOAD_AS_COMFYUI_DOES = """
+import asyncio, importlib.abc, json, sys
+BLOCKED = ("withanyone_core", "train", "tools", "tests", "support")
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{fullname} imported by name", name=fullname)
+
+sys.meta_path.insert(0, Blocker())
+comfyui, pack = sys.argv[1:3]
+sys.path.insert(0, comfyui)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+loaded = asyncio.run(nodes.load_custom_node(pack))
+layout_node = nodes.NODE_CLASS_MAPPINGS["WithAnyoneLayout"]
+layout = layout_node.execute(1024, 768, "preset", 3, "", None, None).result[0]
+print(json.dumps({
+    "loaded": loaded,
+    "nodes": sorted(n for n in nodes.NODE_CLASS_MAPPINGS if n.startswith("WithAnyone")),
+    "layout_type": type(layout).__module__,
+    "people": layout.num_persons,
+    "pack_on_path": pack in sys.path,
+}))
+"""
+
+
+def test_the_pack_runs_without_its_folder_on_sys_path(comfy, tmp_path):
+    from support.comfy_env import comfyui_dir
+
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    pack = custom_nodes / "ComfyUI-WithAnyone"
+    pack.symlink_to(ROOT, target_is_directory=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_AS_COMFYUI_DOES, str(comfyui_dir()), str(pack)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    _, listed, _ = comfy
+    assert report["loaded"] is True and report["nodes"] == sorted(listed)
+    assert report["layout_type"].endswith("ComfyUI-WithAnyone.withanyone_core.layout.value")
+    assert report["people"] == 3
+    assert report["pack_on_path"] is False
 
 
 def test_entrypoint_lists_v3_nodes_with_prefixed_ids(comfy):

@@ -9,6 +9,8 @@ line is not parsed (defaults), and ComfyUI picks the CPU when there is no GPU.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -39,16 +41,40 @@ def import_comfyui(models_dir: Path | None = None):
     return folder_paths
 
 
+class _CoreAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolve the pack's ``withanyone_pack.withanyone_core[.x]`` to the installed ``withanyone_core[.x]``.
+
+    The node modules import the core relatively (as they must inside ComfyUI, where nothing of the pack is a
+    top-level name); the tests import it by name. Without this alias one test process would hold two copies of
+    every core class, and the host would rightly refuse a ``Layout`` built by a test as a foreign type. The
+    real path (relative imports, no alias) is what the ComfyUI server tests and
+    tests/nodes/test_nodes.py::test_the_pack_runs_without_its_folder_on_sys_path run."""
+
+    PREFIX = "withanyone_pack.withanyone_core"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.PREFIX and not fullname.startswith(self.PREFIX + "."):
+            return None
+        installed = importlib.import_module("withanyone_core" + fullname[len(self.PREFIX) :])
+        return importlib.util.spec_from_loader(fullname, self, is_package=hasattr(installed, "__path__"))
+
+    def create_module(self, spec):
+        return sys.modules["withanyone_core" + spec.name[len(self.PREFIX) :]]
+
+    def exec_module(self, module):  # already executed under its installed name
+        pass
+
+
 def import_pack():
     """Import this repository as ComfyUI imports a custom node pack (a package named after its folder).
 
     Once per process: a second import would make a new package object whose ``nodes`` attribute is missing
     while ``withanyone_pack.nodes.*`` stay cached under the first one."""
-    import importlib.util
-
     if "withanyone_pack" in sys.modules:
         return sys.modules["withanyone_pack"]
 
+    if not any(isinstance(finder, _CoreAlias) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _CoreAlias())
     spec = importlib.util.spec_from_file_location(
         "withanyone_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
     )
