@@ -1,9 +1,5 @@
-"""The MultiID-Bench evaluation CLI on folders of samples built for the tiny detector.
-
-The tiny detector (withanyone_core/testing/faces.py) fires on green 32 px cells of its 640 px
-input, so reference photos are 427 px crops of a 640 px canvas: the authors' 1.5x black
-padding makes them 640 px again, with the face back on the detector's grid.
-"""
+"""The MultiID-Bench evaluation CLI on folders of samples built for the tiny detector (the folders and the
+reference photos: tests/support/bench_samples.py)."""
 
 import csv
 import io
@@ -16,32 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support.bench_samples import reference_photo, write_sample
 from withanyone_core import bench_eval
 from withanyone_core.bench.report import load_paper_points
 from withanyone_core.bench.tiny import build_random_inception, build_tiny_aesthetic, build_tiny_clip
 from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image
-
-REF_SIDE, REF_OFFSET = 427, 106  # int(427 * 1.5) = 640; (640 - 427) // 2 = 106
-
-
-def reference_photo(identity: int, seed: int) -> np.ndarray:
-    canvas = make_face_image([(9, 9)], identities=[identity], seed=seed)[0]
-    return canvas[REF_OFFSET : REF_OFFSET + REF_SIDE, REF_OFFSET : REF_OFFSET + REF_SIDE].copy()
-
-
-def _save(path, image):
-    Image.fromarray(image).save(path)
-
-
-def _sample(root, name, out, truth, refs, prompt="two people", first=1):
-    folder = root / name
-    folder.mkdir(parents=True)
-    _save(folder / "out.png", out)
-    _save(folder / "ori.png", truth)
-    for k, ref in enumerate(refs):
-        _save(folder / f"ref_{k + first}.png", ref)
-    (folder / "meta.json").write_text(json.dumps({"prompt": prompt}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +41,14 @@ def bench(tmp_path):
     truth = make_face_image(cells, identities=[1, 2], seed=3)[0]
     refs = [reference_photo(11, 21), reference_photo(12, 22)]
     # "gt": the output is the ground truth itself -> Sim(GT) 1, CP -1 (faces listed in any order)
-    _sample(root, "gt", truth, truth, refs)
+    write_sample(root, "gt", truth, truth, refs)
     # "copy": the output shows the references' faces -> CP about +1
-    _sample(root, "copy", make_face_image(cells[::-1], identities=[12, 11], seed=4)[0], truth, refs)
+    write_sample(root, "copy", make_face_image(cells[::-1], identities=[12, 11], seed=4)[0], truth, refs)
     # "swapped": the gt sample with the persons listed in the other order (0-based names, the authors')
-    _sample(root, "swapped", truth, truth, refs[::-1], first=0)
+    write_sample(root, "swapped", truth, truth, refs[::-1], first=0)
     single_truth = make_face_image([(7, 7)], identities=[3], seed=5)[0]
-    _sample(root, "single", single_truth, single_truth, [reference_photo(13, 23)], prompt="one person")
-    _sample(
+    write_sample(root, "single", single_truth, single_truth, [reference_photo(13, 23)], prompt="one person")
+    write_sample(
         root,
         "single_copy",
         make_face_image([(8, 6)], identities=[13], seed=6)[0],
@@ -82,8 +57,8 @@ def bench(tmp_path):
         prompt="one person",
     )
     # "broken": the reference has no face -> reported, left out of every metric
-    _sample(root, "broken", truth, truth, [np.full((100, 100, 3), 90, np.uint8)])
-    bad_meta = _sample(root, "bad_meta", truth, truth, refs)
+    write_sample(root, "broken", truth, truth, [np.full((100, 100, 3), 90, np.uint8)])
+    bad_meta = write_sample(root, "bad_meta", truth, truth, refs)
     (bad_meta / "meta.json").write_text("{not json")
     return root
 
@@ -334,7 +309,7 @@ def test_bounds_leave_cp_unchecked_where_ground_truth_and_reference_coincide(mod
 
     ref = reference_photo(13, 23)
     truth = pad_reference(ref)  # the ground truth is the padded reference itself: the same embedding
-    _sample(
+    write_sample(
         tmp_path / "pack",
         "same",
         make_face_image([(8, 6)], identities=[13], seed=6)[0],

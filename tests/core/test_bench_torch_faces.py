@@ -156,8 +156,7 @@ def test_torch_face_model_from_a_folder_and_missing_files(tmp_path):
 
 
 def test_cli_adds_adaface_facenet_and_the_pooled_average(tmp_path):
-    from test_bench_eval import _sample, reference_photo
-
+    from support.bench_samples import reference_photo, write_sample
     from withanyone_core import bench_eval
     from withanyone_core.testing.faces import build_tiny_antelopev2, make_face_image
 
@@ -179,7 +178,7 @@ def test_cli_adds_adaface_facenet_and_the_pooled_average(tmp_path):
         save_file(state, str(weights / f"{name}.safetensors"))
     build_tiny_antelopev2(tmp_path / "insightface")
     truth = make_face_image([(5, 6), (13, 8)], identities=[1, 2], seed=3)[0]
-    _sample(tmp_path / "pack", "gt", truth, truth, [reference_photo(11, 21), reference_photo(12, 22)])
+    write_sample(tmp_path / "pack", "gt", truth, truth, [reference_photo(11, 21), reference_photo(12, 22)])
     bench_eval.main(
         [
             str(tmp_path / "pack"),

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_bench_eval import _sample, reference_photo
 
+from support.bench_samples import reference_photo, write_sample
 from support.comfy_env import import_comfyui, import_pack
 from withanyone_core import bench_eval
 from withanyone_core.bench.faces import pad_reference
@@ -41,7 +41,7 @@ def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
     refs = [reference_photo(11 + k, 21 + k) for k in range(3)]
     # person 1 is a copy of its reference, person 2 its ground truth, person 3 got lost
     output = make_face_image(cells[:2], identities=[11, 2], seed=3)[0]
-    folder = _sample(tmp_path / "pack", "mixed", output, truth, refs)
+    folder = write_sample(tmp_path / "pack", "mixed", output, truth, refs)
     bench_eval.main(
         [
             str(tmp_path / "pack"),
