@@ -1,11 +1,16 @@
-"""Who imports whom, read from the source with ``ast`` (nothing is imported): the node modules form no import
-circle (also none through imports inside functions), and ``withanyone_core`` imports neither ComfyUI, the nodes
-nor the trainer."""
+"""Who imports whom, read from the source with ``ast`` (nothing is imported; tests/support/import_graph.py): no
+package of the project has an import circle (also none through imports inside functions or under TYPE_CHECKING),
+``withanyone_core`` imports neither ComfyUI, the nodes nor the trainer, the node pack imports its own modules
+relatively, and nothing outside the tests edits ``sys.path``."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
+
+from support.import_graph import find_cycle, import_graph
 
 ROOT = Path(__file__).resolve().parents[2]
 COMFY_NAMES = (
@@ -39,54 +44,58 @@ def _imports(path: Path, package: str) -> set[str]:
     return names
 
 
-def node_graph(folder: Path) -> dict[str, set[str]]:
-    """``nodes/*.py`` module name -> the sibling modules it imports."""
-    modules = {p.stem: p for p in folder.glob("*.py") if p.stem != "__init__"}
-    graph = {}
-    for name, path in modules.items():
-        found = _imports(path, "nodes")
-        graph[name] = {m for m in modules if f"nodes.{m}" in found and m != name}
-    return graph
+def _circle(graph: dict[str, set[str]]) -> str:
+    cycle = find_cycle(graph)
+    return "" if cycle is None else " -> ".join(cycle)
 
 
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle of ``graph`` (its modules in order, the first repeated at the end), or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(name: str) -> list[str] | None:
-        state[name], _ = 1, path.append(name)
-        for nxt in sorted(graph.get(name, ())):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt) :] + [nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        state[name], _ = 2, path.pop()
-        return None
-
-    for name in sorted(graph):
-        if name not in state and (found := visit(name)):
-            return found
-    return None
+@pytest.mark.parametrize("package", ["withanyone_core", "nodes", "train", "tools", "dev"])
+def test_no_import_circle(package):
+    graph = import_graph(ROOT / package)
+    assert len(graph) > 1  # the walk saw the package's modules
+    assert not _circle(graph), f"import circle in {package}/: {_circle(graph)}"
 
 
-def test_node_modules_have_no_import_circle():
-    graph = node_graph(ROOT / "nodes")
-    assert {"layout", "routes", "types", "patch", "sampling", "kontext"} <= set(graph)
-    assert find_cycle(graph) is None, f"import circle in nodes/: {' -> '.join(find_cycle(graph))}"
-    assert "layout" not in graph["routes"] and "routes" not in graph["layout"]  # the route and the node stand apart
+def test_the_walk_sees_what_it_checks():
+    nodes, train = import_graph(ROOT / "nodes"), import_graph(ROOT / "train")
+    assert {f"nodes.{m}" for m in ("layout", "routes", "types", "patch", "sampling", "kontext")} <= set(nodes)
+    assert "nodes.layout" not in nodes["nodes.routes"] and "nodes.routes" not in nodes["nodes.layout"]
+    assert "train.data.sources" in train and train["train.prepare"]
 
 
-def test_the_cycle_finder_finds_circles(tmp_path):
+def test_the_circle_finder_finds_circles(tmp_path):
     """The check above can fail: the circle nodes/layout.py <-> nodes/routes.py had (one side importing inside a
     function) is found."""
-    (tmp_path / "layout.py").write_text("def draw():\n    from .routes import box_colors\n")
-    (tmp_path / "routes.py").write_text("from .layout import parse_boxes\n")
-    (tmp_path / "types.py").write_text("import json\n")
-    graph = node_graph(tmp_path)
-    assert graph == {"layout": {"routes"}, "routes": {"layout"}, "types": set()}
-    assert find_cycle(graph) == ["layout", "routes", "layout"]
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    (nodes / "__init__.py").write_text("")
+    (nodes / "layout.py").write_text("def draw():\n    from .routes import box_colors\n")
+    (nodes / "routes.py").write_text("from .layout import parse_boxes\n")
+    (nodes / "types.py").write_text("import json\n")
+    graph = import_graph(nodes)
+    assert graph == {
+        "nodes": set(),
+        "nodes.layout": {"nodes.routes"},
+        "nodes.routes": {"nodes.layout"},
+        "nodes.types": set(),
+    }
+    assert find_cycle(graph) == ["nodes.layout", "nodes.routes", "nodes.layout"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_a_package_importing_its_own_parts_is_no_circle(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .low import x\n")
+    (pkg / "sub" / "low.py").write_text("x = 1\n")
+    (pkg / "a.py").write_text("from pkg.sub.low import x\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg import a\n")
+    assert find_cycle(import_graph(pkg)) is None  # a package importing its own parts is no circle
+    (pkg / "sub" / "low.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import b\n")
+    (pkg / "a.py").write_text("from .sub.low import x\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg import a\n")
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.low", "pkg.b", "pkg.a"]
 
 
 def test_core_imports_neither_comfyui_nor_nodes_nor_train():

@@ -1,12 +1,10 @@
-"""No import circle among train's modules: every import, at the top, inside a function or under
-TYPE_CHECKING, is an edge (read with ast, nothing imported), and the graph of train's modules has no cycle."""
+"""Who imports whom inside one of the project's packages, read from the source with ``ast`` (nothing is
+imported): every import, at the top, inside a function or under TYPE_CHECKING, is an edge."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def module_names(package: Path) -> dict[str, Path]:
@@ -73,25 +71,3 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def import_graph(package: Path) -> dict[str, set[str]]:
     known = module_names(package)
     return {name: imports_of(name, path, known) for name, path in known.items()}
-
-
-def test_the_checker_finds_a_circle(tmp_path):
-    pkg = tmp_path / "pkg"
-    (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sub" / "__init__.py").write_text("from .low import x\n")
-    (pkg / "sub" / "low.py").write_text("x = 1\n")
-    (pkg / "a.py").write_text("from pkg.sub.low import x\n")
-    (pkg / "b.py").write_text("def f():\n    from pkg import a\n")
-    assert find_cycle(import_graph(pkg)) is None  # a package importing its own parts is no circle
-    (pkg / "sub" / "low.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import b\n")
-    (pkg / "a.py").write_text("from .sub.low import x\n")
-    (pkg / "b.py").write_text("def f():\n    from pkg import a\n")
-    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.low", "pkg.b", "pkg.a"]
-
-
-def test_no_import_circle_in_train():
-    graph = import_graph(ROOT / "train")
-    assert "train.data.sources" in graph and graph["train.prepare"]  # the walk saw train's modules
-    cycle = find_cycle(graph)
-    assert cycle is None, "import circle among train's modules: " + " -> ".join(cycle)
