@@ -29,24 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from support import reference_flux as ref
 from support.golden import DEFAULT_GOLDEN_DIR
+from support.make_golden import UNSEEN_CONFIG  # the block-parity sets' unseen FLUX: Kontext runs on it too
 from withanyone_core.testing.bfl import bfl_shapes
 
 TESTS = Path(__file__).resolve().parent
-
-UNSEEN_CONFIG = {
-    "in_channels": 64,
-    "vec_in_dim": 24,
-    "context_in_dim": 40,
-    "hidden_size": 192,
-    "mlp_ratio": 4.0,
-    "num_heads": 3,
-    "depth": 1,
-    "depth_single_blocks": 2,
-    "axes_dim": [16, 24, 24],
-    "theta": 10000,
-    "qkv_bias": True,
-    "guidance_embed": True,
-}
 
 
 def _case(h, w, rh, rw, batch, n, bboxes, id_weight=1.0, with_identities=True, text_tokens=5):

@@ -17,6 +17,8 @@ import pytest
 import tomllib
 import yaml
 
+from support.needs import missing, pip_install_into
+
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
@@ -160,29 +162,9 @@ def _comfy_cli() -> Path:
     dependencies: its registry parser and packer need only typer and rich besides, which the dev environment has."""
     target = ROOT / ".cache" / f"comfy-cli-{COMFY_CLI}"
     if not ((target / "comfy_cli" / "registry" / "config_parser.py").is_file() and (target / "pathspec").is_dir()):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--upgrade",
-                "--target",
-                str(target),
-                f"comfy-cli=={COMFY_CLI}",
-                "tomlkit",
-                "pathspec",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            message = f"comfy-cli=={COMFY_CLI} could not be installed: {done.stderr[-400:]}"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        error = pip_install_into(target, f"comfy-cli=={COMFY_CLI}", "tomlkit", "pathspec", upgrade=True)
+        if error:
+            missing(f"comfy-cli=={COMFY_CLI} could not be installed: {error}")
     return target
 
 

@@ -34,17 +34,11 @@ def _tensor(image: np.ndarray, alpha: bool = False) -> torch.Tensor:
     return torch.from_numpy(pixels)[None]
 
 
-def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
-    nodes, models = nodes
-    cells = [(5, 6), (13, 8), (9, 15)]
-    truth = make_face_image(cells, identities=[1, 2, 3], seed=3)[0]
-    refs = [reference_photo(11 + k, 21 + k) for k in range(3)]
-    # person 1 is a copy of its reference, person 2 its ground truth, person 3 got lost
-    output = make_face_image(cells[:2], identities=[11, 2], seed=3)[0]
-    folder = write_sample(tmp_path / "pack", "mixed", output, truth, refs)
+def _cli_scores(pack, folder, models) -> dict:
+    """The MultiID-Bench CLI's ArcFace scores of the sample ``folder`` (scored with the whole ``pack``)."""
     bench_eval.main(
         [
-            str(tmp_path / "pack"),
+            str(pack),
             "--insightface",
             str(models / "insightface"),
             "--face-model",
@@ -56,7 +50,18 @@ def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
             "--no-progress",
         ]
     )
-    cli = json.loads((folder / "metrics.json").read_text())["face_models"]["arcface"]
+    return json.loads((folder / "metrics.json").read_text())["face_models"]["arcface"]
+
+
+def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
+    nodes, models = nodes
+    cells = [(5, 6), (13, 8), (9, 15)]
+    truth = make_face_image(cells, identities=[1, 2, 3], seed=3)[0]
+    refs = [reference_photo(11 + k, 21 + k) for k in range(3)]
+    # person 1 is a copy of its reference, person 2 its ground truth, person 3 got lost
+    output = make_face_image(cells[:2], identities=[11, 2], seed=3)[0]
+    folder = write_sample(tmp_path / "pack", "mixed", output, truth, refs)
+    cli = _cli_scores(tmp_path / "pack", folder, models)
     assert cli["cp"] is None and cli["missing"] == [3]  # 2 faces for 3 people: CP undefined, as the authors'
 
     analyzer = nodes["WithAnyoneFaceAnalyzerLoader"].execute("CPU", 0.4, 640).result[0]
@@ -74,21 +79,7 @@ def test_node_matches_cli_for_the_same_images_and_face_model(nodes, tmp_path):
 
     # with every face present the node's CP is the CLI's too
     Image.fromarray(truth).save(folder / "out.png")
-    bench_eval.main(
-        [
-            str(tmp_path / "pack"),
-            "--insightface",
-            str(models / "insightface"),
-            "--face-model",
-            "antelopev2",
-            "--det-thresh",
-            "0.4",
-            "--providers",
-            "cpu",
-            "--no-progress",
-        ]
-    )
-    cli = json.loads((folder / "metrics.json").read_text())["face_models"]["arcface"]
+    cli = _cli_scores(tmp_path / "pack", folder, models)
     node = json.loads(
         nodes["WithAnyoneIdentityMetrics"].execute(_tensor(truth), analyzer, identities, _tensor(truth)).result[0]
     )

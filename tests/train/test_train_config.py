@@ -206,21 +206,11 @@ def test_memory_arithmetic_and_measured_activations():
     all but the bf16 weights. Activations are measured on the meta device: checkpointing keeps less, a larger
     image keeps more, and the VAE decode of the ID losses is counted."""
     from train.memory import decoder_activations, optimizer_memory, transformer_activations
+    from withanyone_core.testing.tiny_train import flux_transformer_config
 
     assert optimizer_memory(10**9) == (4e9, 4e9, 8e9)
     assert optimizer_memory(10**9, zero_stage=2, num_processes=8) == (2e9 + 0.5e9, 0.5e9, 1e9)
-    flux = dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=64,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24),
-    )
+    flux = flux_transformer_config(num_layers=2, num_single_layers=2, num_heads=2, text_dim=32)
     kept = {ckpt: transformer_activations(flux, 1, 256, 256, 32, torch.bfloat16, ckpt) for ckpt in (True, False)}
     assert 0 < kept[True] < kept[False]
     assert transformer_activations(flux, 1, 512, 512, 32, torch.bfloat16, False) > 3 * kept[False]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import os
 import sys
 import weakref
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from support.needs import missing
 from train.config import ConfigError, load_config
 from train.smoke_data import build_smoke_set
 
@@ -299,7 +299,7 @@ def test_static_memory_estimate_equals_the_real_tensors_after_one_step(smoke_set
     """Weights, gradients and optimizer states the trainer estimates (train/memory.py, the accounting the
     bench's memory line uses) equal the bytes of the real tensors after one real optimizer step."""
     if "adamw8bit" in " ".join(MODES[mode]) and not HAS_BNB:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("bitsandbytes is not installed (requirements-train.txt)")
+        missing("bitsandbytes is not installed (requirements-train.txt)")
     from train.run import Trainer
 
     trainer = Trainer(_config(tmp_path, *MODES[mode]))
@@ -475,19 +475,9 @@ def test_adapter_activations_under_checkpointing_are_one_blocks_worth():
     checkpointing only the block being recomputed holds its adapter activations (without it, every block does)."""
     from train.memory import _adapter_block_activations, transformer_activations
     from withanyone_core.adapter import AdapterConfig
+    from withanyone_core.testing.tiny_train import flux_transformer_config
 
-    flux = dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=64,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24),
-    )
+    flux = flux_transformer_config(num_layers=2, num_single_layers=2, num_heads=2, text_dim=32)
     adapter = AdapterConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2, siglip_dim=32)
     one_block = _adapter_block_activations(adapter, ("arc",), 1, 256, 2, torch.bfloat16)
     assert one_block > 0

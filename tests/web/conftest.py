@@ -10,16 +10,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from support.comfy_env import ROOT, import_comfyui, import_pack
+from support.needs import missing, pip_install_into
 from tools.common.comfy_server import ComfyServer
 
 from .pages import CHROMIUM, CHROMIUM_ARGS, FRONTENDS, LATEST_FRONTEND, PHOTO_COLORS, PINNED_FRONTEND
@@ -44,26 +42,9 @@ def _frontend_root(version: str) -> Path | None:
     if not (static / "index.html").is_file():
         shutil.rmtree(target, ignore_errors=True)
         # a folder of its own: the venv keeps the frontend ComfyUI 0.3.75 pins
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--target",
-                str(target),
-                f"comfyui-frontend-package=={version}",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode or not (static / "index.html").is_file():
-            message = f"comfyui-frontend-package=={version} could not be installed: {done.stderr[-500:]}"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        error = pip_install_into(target, f"comfyui-frontend-package=={version}")
+        if error or not (static / "index.html").is_file():
+            missing(f"comfyui-frontend-package=={version} could not be installed: {error}")
     return static
 
 
@@ -130,10 +111,7 @@ def _write_photos(folder: Path) -> None:
 @pytest.fixture(scope="package")
 def browser():
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: apt-get install chromium"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{CHROMIUM} is missing: apt-get install chromium")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt)")
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

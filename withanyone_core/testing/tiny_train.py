@@ -50,6 +50,25 @@ def _word_tokenizer(max_length: int, bos: bool):
     return fast, len(vocab)
 
 
+def flux_transformer_config(
+    num_layers: int = 1, num_single_layers: int = 1, num_heads: int = TINY_HIDDEN // 64, text_dim: int = TINY_TEXT_DIM
+) -> dict:
+    """A diffusers ``FluxTransformer2DModel`` config of FLUX.1's shape at test size: 64 latent channels, heads
+    64 wide, RoPE axes 16 + 24 + 24, guidance embedding; ``text_dim`` for both the T5 and the pooled CLIP input."""
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=64,
+        num_attention_heads=num_heads,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    )
+
+
 def build_tiny_flux_folder(root: str | Path, seed: int = 0) -> Path:
     """Write the tiny diffusers FLUX folder under ``root`` once; returns its path."""
     settle_bitsandbytes()  # before diffusers, which imports peft and bitsandbytes
@@ -62,18 +81,7 @@ def build_tiny_flux_folder(root: str | Path, seed: int = 0) -> Path:
         return root
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=64,
-        num_attention_heads=TINY_HIDDEN // 64,
-        joint_attention_dim=TINY_TEXT_DIM,
-        pooled_projection_dim=TINY_TEXT_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24),
-    ).save_pretrained(root / "transformer")
+    FluxTransformer2DModel(**flux_transformer_config()).save_pretrained(root / "transformer")
     AutoencoderKL(
         in_channels=3,
         out_channels=3,
