@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from support.comfy_env import ROOT, import_comfyui, import_pack
+from support.comfy_env import ROOT, tiny_face_models
 from withanyone_core import identity_store as store
 
 
@@ -174,20 +174,9 @@ def test_wrong_or_damaged_files_are_refused_with_what_to_do(tmp_path):
 # --------------------------------------------------------------------------- the nodes
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    folder_paths = import_comfyui(models)
-    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))
-    import_pack()
+    models, analyzer, siglip = tiny_face_models(tmp_path_factory)
     from withanyone_pack.nodes import faces, identities, loaders
 
-    from withanyone_core.testing.faces import build_tiny_antelopev2
-    from withanyone_core.testing.siglip import build_tiny_siglip
-
-    loaders.register_model_folders()
-    build_tiny_antelopev2(models / "insightface")
-    build_tiny_siglip(models / "siglip" / "tiny-siglip", hidden_size=768)
-    analyzer = loaders.WithAnyoneFaceAnalyzerLoader.execute("CPU", 0.4, 640).result[0]
-    siglip = loaders.WithAnyoneSiglipLoader.execute("tiny-siglip").result[0]
     return faces, identities, loaders, analyzer, siglip, models
 
 

@@ -11,26 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from support.comfy_env import import_comfyui, import_pack
+from support.comfy_env import tiny_face_models
 from withanyone_core.layout import DROPPED_COLOR, parse_boxes, preset_boxes
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    folder_paths = import_comfyui(models)
-    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))  # the nodes' on-node previews
-    import_pack()
-    from withanyone_pack.nodes import faces, layout, loaders
+    _, analyzer, siglip = tiny_face_models(tmp_path_factory)
+    from withanyone_pack.nodes import faces, layout
 
-    from withanyone_core.testing.faces import build_tiny_antelopev2
-    from withanyone_core.testing.siglip import build_tiny_siglip
-
-    loaders.register_model_folders()
-    build_tiny_antelopev2(models / "insightface")
-    build_tiny_siglip(models / "siglip" / "tiny-siglip", hidden_size=768)
-    analyzer = loaders.WithAnyoneFaceAnalyzerLoader.execute("CPU", 0.4, 640).result[0]
-    siglip = loaders.WithAnyoneSiglipLoader.execute("tiny-siglip").result[0]
     return faces, layout, analyzer, siglip
 
 

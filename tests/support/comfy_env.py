@@ -84,6 +84,25 @@ def import_pack():
     return module
 
 
+def tiny_face_models(tmp_path_factory):
+    """ComfyUI and the pack imported, tiny antelopev2 and SigLIP (768 wide, as the adapter expects) in a fresh
+    models folder, loaded by the pack's own loader nodes. Returns ``(models_dir, face_analyzer, siglip)``."""
+    from withanyone_core.testing.faces import build_tiny_antelopev2
+    from withanyone_core.testing.siglip import build_tiny_siglip
+
+    models = tmp_path_factory.mktemp("models")
+    folder_paths = import_comfyui(models)
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))  # the nodes' on-node previews
+    import_pack()
+    loaders = importlib.import_module("withanyone_pack.nodes.loaders")
+    loaders.register_model_folders()
+    build_tiny_antelopev2(models / "insightface")
+    build_tiny_siglip(models / "siglip" / "tiny-siglip", hidden_size=768)
+    analyzer = loaders.WithAnyoneFaceAnalyzerLoader.execute("CPU", 0.4, 640).result[0]
+    siglip = loaders.WithAnyoneSiglipLoader.execute("tiny-siglip").result[0]
+    return models, analyzer, siglip
+
+
 def release_comfy_models() -> list[str]:
     """Unload every model ComfyUI holds and collect what nothing references any more, while ComfyUI's modules are
     still alive (conftest.py calls it at session end). A ModelPatcher first collected at interpreter exit runs
