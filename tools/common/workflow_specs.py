@@ -440,6 +440,28 @@ def _faces_inpaint(
     return pasted
 
 
+def _faces_of_image(g: Graph, image, analyzer, noun: str, preview_title: str):
+    """The two faces of ``image`` as the layout (left to right = person 1, 2) at the image's own size, and their
+    preview. Framing 'fill' at the image's own size maps every face box onto itself: the boxes are where the
+    faces are."""
+    size = g.add("GetImageSize", (4 * COL, 1380), image=image.out())
+    layout = g.add(
+        "WithAnyoneLayout",
+        (5 * COL, 880),
+        title=f"Faces of the {noun} (left to right = person 1, 2)",
+        width=size.out("width"),
+        height=size.out("height"),
+        source="image",
+        people=2,
+        boxes="",
+        layout_image=image.out(),
+        face_analyzer=analyzer.out(),
+        image_framing="fill",
+    )
+    g.add("PreviewImage", (6 * COL, 880), title=preview_title, images=layout.out("preview"))
+    return layout
+
+
 def edit_group_photo(info: dict) -> dict:
     g = Graph(info)
     unet, positive, negative, vae, adapter, analyzer, siglip = _models(
@@ -455,22 +477,7 @@ def edit_group_photo(info: dict) -> dict:
         upscale_method="lanczos",
         largest_size=1024,
     )
-    size = g.add("GetImageSize", (4 * COL, 1380), image=scaled.out())
-    # framing 'fill' at the photo's own size maps every face box onto itself: the boxes are where the faces are
-    layout = g.add(
-        "WithAnyoneLayout",
-        (5 * COL, 880),
-        title="Faces of the photo (left to right = person 1, 2)",
-        width=size.out("width"),
-        height=size.out("height"),
-        source="image",
-        people=2,
-        boxes="",
-        layout_image=scaled.out(),
-        face_analyzer=analyzer.out(),
-        image_framing="fill",
-    )
-    g.add("PreviewImage", (6 * COL, 880), title="Faces that will be replaced", images=layout.out("preview"))
+    layout = _faces_of_image(g, scaled, analyzer, "photo", "Faces that will be replaced")
     pasted = _faces_inpaint(
         g, unet, positive, vae, adapter, identities, scaled, layout, 2 * COL, 1700, denoise=0.85, grow=24, seed=11
     )
@@ -502,21 +509,7 @@ def refine_small_faces(info: dict) -> dict:
         upscale_method="lanczos",
         scale_by=2.0,
     )
-    size = g.add("GetImageSize", (4 * COL, 1380), image=larger.out())
-    layout = g.add(
-        "WithAnyoneLayout",
-        (5 * COL, 880),
-        title="Faces of the image (left to right = person 1, 2)",
-        width=size.out("width"),
-        height=size.out("height"),
-        source="image",
-        people=2,
-        boxes="",
-        layout_image=larger.out(),
-        face_analyzer=analyzer.out(),
-        image_framing="fill",
-    )
-    g.add("PreviewImage", (6 * COL, 880), title="Faces that will be refined", images=layout.out("preview"))
+    layout = _faces_of_image(g, larger, analyzer, "image", "Faces that will be refined")
     pasted = _faces_inpaint(
         g, unet, positive, vae, adapter, identities, larger, layout, 2 * COL, 1700, denoise=0.45, grow=16, seed=5
     )
