@@ -21,17 +21,21 @@ from support.make_golden import UNSEEN_CASES, UNSEEN_CONFIG, UNSEEN_MASKS, write
 TESTS = Path(__file__).resolve().parent
 
 
-def test_golden_test_passes_on_unseen_data(tmp_path):
-    write_golden_set(tmp_path, "withanyone_unseen", UNSEEN_CONFIG, UNSEEN_CASES, UNSEEN_MASKS, seed=7)
-    env = {**os.environ, "WITHANYONE_GOLDEN_DIR": str(tmp_path)}
-    result = subprocess.run(
+def _run_golden_test(golden_dir):
+    """tests/core/test_golden.py in its own pytest process, discovering the sets in ``golden_dir``."""
+    return subprocess.run(
         [sys.executable, "-m", "pytest", str(TESTS / "test_golden.py"), "-q", "-p", "no:cacheprovider"],
         cwd=TESTS.parents[1],
-        env=env,
+        env={**os.environ, "WITHANYONE_GOLDEN_DIR": str(golden_dir)},
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_golden_test_passes_on_unseen_data(tmp_path):
+    write_golden_set(tmp_path, "withanyone_unseen", UNSEEN_CONFIG, UNSEEN_CASES, UNSEEN_MASKS, seed=7)
+    result = _run_golden_test(tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     expected = len(UNSEEN_CASES) + len(UNSEEN_MASKS) + 1
     assert re.search(rf"\b{expected} passed\b", result.stdout), result.stdout[-2000:]
@@ -49,14 +53,6 @@ def test_golden_test_fails_on_wrong_outputs(tmp_path):
     tensors[key] = tensors[key].clone()
     tensors[key][0, 5, 3] += 1e-3
     save_file(tensors, str(path))
-    env = {**os.environ, "WITHANYONE_GOLDEN_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(TESTS / "test_golden.py"), "-q", "-p", "no:cacheprovider"],
-        cwd=TESTS.parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _run_golden_test(tmp_path)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "1 failed" in result.stdout
