@@ -78,13 +78,12 @@ def _models(g: Graph, prompt: str, x: float = 0):
     return unet, positive, negative, vae, adapter, analyzer, siglip
 
 
-def _people(g: Graph, count: int, analyzer, siglip, x: float, y: float = 880):
-    """One Load Image + Face Extract per person, then Identity Encode (person k -> layout box k)."""
+def _person_faces(g: Graph, count: int, analyzer, x: float, y: float, photo_title: str, preview: bool):
+    """Per person one Load Image + Face Extract (and a crop preview when ``preview``): the FACES inputs
+    ``person_1..person_count`` of an identity node, and the nodes to group."""
     faces, nodes = {}, []
     for k in range(count):
-        photo = g.add(
-            "LoadImage", (x, y + 380 * k), title=f"Person {k + 1}: photo(s) of one person", image=PERSON_PHOTOS[k]
-        )
+        photo = g.add("LoadImage", (x, y + 380 * k), title=photo_title.format(k + 1), image=PERSON_PHOTOS[k])
         extract = g.add(
             "WithAnyoneFaceExtract",
             (x + COL, y + 380 * k),
@@ -95,9 +94,18 @@ def _people(g: Graph, count: int, analyzer, siglip, x: float, y: float = 880):
             min_face_size=64,
             face_choice="highest score",
         )
-        g.add("PreviewImage", (x + 2 * COL, y + 380 * k), title=f"Person {k + 1}: crop", images=extract.out("preview"))
+        if preview:
+            g.add(
+                "PreviewImage", (x + 2 * COL, y + 380 * k), title=f"Person {k + 1}: crop", images=extract.out("preview")
+            )
         faces[f"person_{k + 1}"] = extract.out("faces")
         nodes += [photo, extract]
+    return faces, nodes
+
+
+def _people(g: Graph, count: int, analyzer, siglip, x: float, y: float = 880):
+    """One Load Image + Face Extract per person, then Identity Encode (person k -> layout box k)."""
+    faces, nodes = _person_faces(g, count, analyzer, x, y, "Person {}: photo(s) of one person", preview=True)
     identities = g.add("WithAnyoneIdentityEncode", (x + 3 * COL, y), siglip=siglip.out(), **faces)
     g.group(f"{count} {'person' if count == 1 else 'people'}, in layout order", nodes, color="#3f789e")
     return identities
@@ -708,23 +716,7 @@ def k_text_to_image(info: dict) -> dict:
 
 
 def _arcface_people(g: Graph, count: int, analyzer, x: float, y: float = 880):
-    faces, nodes = {}, []
-    for k in range(count):
-        photo = g.add(
-            "LoadImage", (x, y + 380 * k), title=f"Person {k + 1}: who goes into face {k + 1}", image=PERSON_PHOTOS[k]
-        )
-        extract = g.add(
-            "WithAnyoneFaceExtract",
-            (x + COL, y + 380 * k),
-            title=f"Person {k + 1}: face",
-            image=photo.out("IMAGE"),
-            face_analyzer=analyzer.out(),
-            face_index=0,
-            min_face_size=64,
-            face_choice="highest score",
-        )
-        faces[f"person_{k + 1}"] = extract.out("faces")
-        nodes += [photo, extract]
+    faces, nodes = _person_faces(g, count, analyzer, x, y, "Person {0}: who goes into face {0}", preview=False)
     identities = g.add("WithAnyoneArcFaceIdentities", (x + 2 * COL, y), **faces)
     g.group(f"{count} people, in the order of the numbered faces", nodes, color="#3f789e")
     return identities
